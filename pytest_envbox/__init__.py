@@ -1,0 +1,34 @@
+"""pytest-envbox: the services a test needs, each in its own Linux namespaces, without a daemon.
+
+Declare services in ``pyproject.toml`` (``[tool.envbox.services.NAME]``), in ``envbox.toml`` or
+from a ``pytest_envbox_services`` hook, ask for them with ``@pytest.mark.envbox("name")``, and use
+them through the ``envbox`` fixture. Outside pytest, :class:`Environment` does the same::
+
+    from pytest_envbox import Environment, Service, probe
+
+    web = Service("web", "python -m http.server 8000", ports=[8000], ready=probe.http(8000))
+    with Environment([web]) as env:
+        print(env["web"].http.get("/").status_code)
+"""
+
+from __future__ import annotations
+
+from . import probe
+from .environment import Environment, ServiceHandle
+from .errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
+from .spec import Limits, Mount, Service
+
+__all__ = [
+    "ConfigError",
+    "EnvboxError",
+    "Environment",
+    "HostUnsupported",
+    "Limits",
+    "Mount",
+    "NotReady",
+    "Service",
+    "ServiceFailed",
+    "ServiceHandle",
+    "probe",
+]
+__version__ = "0.1.0"

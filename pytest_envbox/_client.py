@@ -1,0 +1,158 @@
+"""The test process's side of the supervisor: start it on first use, call it, hear its events."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._protocol import FrameReader, encode, recv_messages
+from .errors import EnvboxError, HostUnsupported
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+class SupervisorError(EnvboxError):
+    """The supervisor refused an operation or died; ``setup`` marks a sandbox setup failure."""
+
+    def __init__(self, message: str, *, setup: bool = False) -> None:
+        super().__init__(message)
+        self.setup = setup
+
+
+class SupervisorClient:
+    """Calls into one supervisor process. Thread-safe: calls may come from several threads."""
+
+    def __init__(self) -> None:
+        if not sys.platform.startswith("linux"):
+            raise HostUnsupported(
+                f"pytest-envbox needs Linux namespaces and cgroups; this is {sys.platform}. "
+                "Run the tests on a Linux machine, VM or container."
+            )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pkg_parent = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
+        code = "from pytest_envbox.supervisor import main; main()"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # the terminal's Ctrl-C is for pytest, which tears down
+            env=env,
+        )
+        theirs.close()
+        self._sock = ours
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[threading.Event, list[dict[str, Any]]]] = {}
+        self._handlers: dict[str, EventHandler] = {}
+        self._lock = threading.Lock()
+        self.dead = False
+        self.owner_pid = os.getpid()
+        self._reader = threading.Thread(target=self._read_loop, name="envbox-supervisor", daemon=True)
+        self._reader.start()
+        self.pid: int = self.call("hello")["pid"]
+
+    def _read_loop(self) -> None:
+        reader = FrameReader()
+        while True:
+            try:
+                msgs = recv_messages(self._sock, reader)
+            except OSError:
+                msgs = None
+            if msgs is None:
+                break
+            for msg in msgs:
+                if "event" in msg:
+                    handler = self._handlers.get(msg.get("slot", ""))
+                    if handler is not None:
+                        handler(msg)
+                    continue
+                with self._lock:
+                    waiter = self._waiting.pop(msg["id"], None)
+                if waiter is not None:
+                    waiter[1].append(msg)
+                    waiter[0].set()
+        with self._lock:
+            self.dead = True
+            waiting = list(self._waiting.values())
+            self._waiting.clear()
+            handlers = list(self._handlers.items())
+        for ev, _ in waiting:
+            ev.set()
+        for slot, handler in handlers:
+            handler({"event": "supervisor_died", "slot": slot})
+
+    def call(self, op: str, **kw: Any) -> dict[str, Any]:
+        """Send one request and wait for its answer; raise :class:`SupervisorError` on failure."""
+        req_id = next(self._ids)
+        done = threading.Event()
+        box: list[dict[str, Any]] = []
+        with self._lock:
+            if self.dead:
+                raise SupervisorError("the envbox supervisor process has died")
+            self._waiting[req_id] = (done, box)
+        with self._send_lock:
+            self._sock.sendall(encode({"id": req_id, "op": op, **kw}))
+        done.wait()
+        if not box:
+            raise SupervisorError("the envbox supervisor process has died")
+        msg = box[0]
+        if msg.get("error"):
+            raise SupervisorError(msg["error"], setup=bool(msg.get("setup")))
+        return msg
+
+    def on_event(self, slot: str, handler: EventHandler | None) -> None:
+        with self._lock:
+            if handler is None:
+                self._handlers.pop(slot, None)
+            else:
+                self._handlers[slot] = handler
+
+    def close(self) -> None:
+        """Ask the supervisor to tear everything down and wait until it has exited."""
+        if not self.dead:
+            with contextlib.suppress(EnvboxError, OSError):
+                self.call("shutdown")
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._sock.close()
+
+
+_lock = threading.Lock()
+_client: SupervisorClient | None = None
+
+
+def get_supervisor() -> SupervisorClient:
+    """This process's supervisor, started on first use (again after a fork or its death)."""
+    global _client
+    with _lock:
+        if _client is None or _client.dead or _client.owner_pid != os.getpid():
+            _client = SupervisorClient()
+        return _client
+
+
+def shutdown_supervisor() -> None:
+    """Tear down this process's supervisor, if it has one (at exit, or at pytest's end)."""
+    global _client
+    with _lock:
+        client, _client = _client, None
+    if client is not None and client.owner_pid == os.getpid():
+        client.close()
+
+
+atexit.register(shutdown_supervisor)

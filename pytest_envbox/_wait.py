@@ -1,0 +1,64 @@
+"""The one place where pytest-envbox waits: a deadline on the monotonic clock.
+
+Every wait in the package (readiness, ``wait_for_log``, ``stop``) goes through :func:`wait_until`,
+which checks a condition, then sleeps on an event that any state change sets (a service exiting),
+so a wait ends as soon as its answer is known rather than at the next poll.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: First and largest pause between two checks of a condition that has no event of its own.
+FIRST_INTERVAL = 0.001
+MAX_INTERVAL = 0.02
+
+
+class Deadline:
+    """A point in time on the monotonic clock; ``None`` seconds means never."""
+
+    __slots__ = ("_at",)
+
+    def __init__(self, seconds: float | None) -> None:
+        self._at = None if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float | None:
+        return None if self._at is None else max(0.0, self._at - time.monotonic())
+
+    def expired(self) -> bool:
+        return self._at is not None and time.monotonic() >= self._at
+
+
+def wait_until(
+    check: Callable[[], T | None],
+    deadline: Deadline,
+    *,
+    wake: threading.Event | None = None,
+    interval: float | None = None,
+) -> T | None:
+    """Call ``check`` until it returns something other than None, or the deadline passes.
+
+    Between checks, sleep on ``wake`` (set by whoever changes the state being waited for) for
+    ``interval`` seconds, or, when no interval is given, for a pause that starts at 1 ms and grows
+    to 20 ms: quick answers are seen at once, long waits stay cheap. Returns None on timeout.
+    """
+    pause = interval if interval is not None else FIRST_INTERVAL
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        left = deadline.remaining()
+        if left is not None and left <= 0:
+            return None
+        step = pause if left is None else min(pause, left)
+        if wake is not None:
+            wake.wait(step)
+        else:
+            time.sleep(step)
+        if interval is None:
+            pause = min(pause * 2, MAX_INTERVAL)

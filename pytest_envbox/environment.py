@@ -1,0 +1,536 @@
+"""``Environment`` and ``ServiceHandle``: the engine's public face, usable without pytest.
+
+An :class:`Environment` is a set of services started together (in dependency order, independent
+ones in parallel) and torn down together. Each running service is a :class:`ServiceHandle`, which
+refers to its :class:`~pytest_envbox.spec.Service` (the frozen declaration) but never is one.
+
+Everything is checked before anything is started: users, commands, working directories and mount
+sources are resolved when the environment is built, so bad input is a ``ConfigError`` with nothing
+to clean up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import itertools
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from . import probes
+from ._client import SupervisorClient, SupervisorError, get_supervisor
+from ._wait import Deadline, wait_until
+from .config import Catalog, select, start_levels
+from .errors import ConfigError, EnvboxError, NotReady, ServiceFailed
+from .sandbox import HOME, SandboxPlan
+from .spec import HttpProbe, Service
+
+if TYPE_CHECKING:
+    import requests
+
+__all__ = ["Environment", "ServiceHandle"]
+
+_env_ids = itertools.count(1)
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _resolve_user(spec: Service) -> tuple[int, int, list[int]]:
+    """(uid, gid, supplementary groups) for the service's ``user`` (default: the caller's)."""
+    user = spec.user
+    if user is None:
+        return os.getuid(), os.getgid(), sorted(set(os.getgroups()) | {os.getgid()})
+    if ":" in user:
+        uid_s, gid_s = user.split(":", 1)
+        return int(uid_s), int(gid_s), [int(gid_s)]
+    if user.isdigit():
+        uid = int(user)
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            return uid, uid, [uid]  # no passwd entry: its own group, nothing else
+        return uid, pw.pw_gid, sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(
+            f"there is no user {user!r} on this host; use a name from /etc/passwd, "
+            "a numeric uid, or 'uid:gid'", service=spec.name, key="user",
+        ) from None
+    return pw.pw_uid, pw.pw_gid, sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
+
+
+def _base_env(spec: Service) -> dict[str, str]:
+    """API 1.1: a fixed base, ``pass_env`` matches from the host, then the service's ``env``."""
+    env = {
+        "PATH": os.environ.get("PATH", _DEFAULT_PATH),
+        "HOME": HOME,
+        "HOSTNAME": spec.name,
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+    }
+    for pattern in spec.pass_env:
+        for key, value in os.environ.items():
+            if fnmatch.fnmatchcase(key, pattern):
+                env[key] = value
+    env.update(spec.env)
+    return env
+
+
+def plan_for(spec: Service, rootdir: Path) -> SandboxPlan:
+    """Check a declaration against this host and turn it into a sandbox plan. Starts nothing."""
+    uid, gid, groups = _resolve_user(spec)
+    env = _base_env(spec)
+    cwd = Path(spec.cwd) if spec.cwd else rootdir
+    if not cwd.is_absolute():
+        cwd = rootdir / cwd
+    if not cwd.is_dir():
+        raise ConfigError(f"working directory {str(cwd)!r} does not exist on this host; "
+                          "give an existing directory (relative paths start at the rootdir)",
+                          service=spec.name, key="cwd")  # fmt: skip
+    mounts: list[tuple[str, str, bool]] = []
+    for i, m in enumerate(spec.mounts):
+        src = Path(m.source) if os.path.isabs(m.source) else rootdir / m.source
+        if not src.exists():
+            raise ConfigError(f"mount source {str(src)!r} does not exist; give an existing file "
+                              "or directory (relative paths start at the rootdir)",
+                              service=spec.name, key=f"mounts[{i}].source")  # fmt: skip
+        mounts.append((str(src.resolve()), m.target, m.readonly))
+    argv0 = spec.command[0]
+    if "/" in argv0:
+        exe = argv0 if os.path.isabs(argv0) else str(cwd / argv0)
+        inside_mount = any(exe == t or exe.startswith(t.rstrip("/") + "/") for _, t, _ in mounts)
+        if not inside_mount and not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+            raise ConfigError(f"{argv0!r} is not an executable file on this host",
+                              service=spec.name, key="command")  # fmt: skip
+        executable = exe if not inside_mount else ""
+    else:
+        found = shutil.which(argv0, path=env["PATH"])
+        if found is None:
+            raise ConfigError(f"{argv0!r} was not found on PATH ({env['PATH']}); install it or "
+                              "give its full path", service=spec.name, key="command")  # fmt: skip
+        executable = found
+    return SandboxPlan(name=spec.name, argv=list(spec.command), executable=executable, env=env,
+                       cwd=str(cwd), uid=uid, gid=gid, groups=groups, mounts=mounts)  # fmt: skip
+
+
+class Environment:
+    """A set of sandboxed services, started together and torn down together.
+
+    Example::
+
+        with Environment([Service("web", "python -m http.server 8000", ports=[8000],
+                                  ready=probe.http(8000))]) as env:
+            assert env["web"].http.get("/").status_code == 200
+
+    ``services`` are :class:`Service` objects or names from ``catalog`` (the project's
+    declarations); every dependency is added. ``rootdir`` anchors relative paths (default: the
+    current directory). Logs and generated files go to ``workdir`` (default: a temporary directory
+    removed on exit, which also holds the logs: pass a directory to keep them).
+    """
+
+    def __init__(
+        self,
+        services: Iterable[Service | str] = (),
+        *,
+        topology: str | None = None,
+        catalog: Catalog | None = None,
+        rootdir: str | os.PathLike[str] | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.catalog = catalog if catalog is not None else Catalog({}, {}, {})
+        self.rootdir = Path(rootdir if rootdir is not None else os.getcwd()).resolve()
+        specs = select(self.catalog, list(services), topology)
+        self._levels = start_levels(specs)
+        self._plans = {s.name: plan_for(s, self.rootdir) for s in specs}
+        self._specs = {s.name: s for s in specs}
+        self.id = f"{os.getpid()}-{next(_env_ids)}"
+        self._given_workdir = Path(workdir) if workdir is not None else None
+        self.workdir: Path | None = None
+        self._handles: dict[str, ServiceHandle] = {}
+        self._order: list[str] = []  # start order, for teardown in reverse
+        self._sup: SupervisorClient | None = None
+        self._closed = False
+
+    # --- mapping of running services ------------------------------------------------------
+
+    @property
+    def services(self) -> Mapping[str, ServiceHandle]:
+        """The services of this environment by name (a read-only view)."""
+        from types import MappingProxyType
+
+        return MappingProxyType(self._handles)
+
+    def __getitem__(self, name: str) -> ServiceHandle:
+        try:
+            return self._handles[name]
+        except KeyError:
+            known = ", ".join(sorted(self._handles)) or "none"
+            raise KeyError(f"no service {name!r} in this environment; it has: {known}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._handles
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handles)
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Environment:
+        self.open()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        self.close()
+
+    def open(self) -> None:
+        """Start every declared service; on any failure, tear down what started and raise."""
+        if self._sup is not None:
+            return
+        self._sup = get_supervisor()
+        if self._given_workdir is not None:
+            self._given_workdir.mkdir(parents=True, exist_ok=True)
+            self.workdir = self._given_workdir
+        else:
+            self.workdir = Path(tempfile.mkdtemp(prefix="envbox-"))
+            self._sup.call("own_dir", path=str(self.workdir), own=True)
+        try:
+            self._start_levels(self._levels)
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, service: Service | str) -> ServiceHandle:
+        """Start one more service (and whatever it depends on that is not here yet)."""
+        if self._sup is None:
+            self.open()
+        if isinstance(service, str) and service in self._handles:
+            h = self._handles[service]
+            if not h.running:
+                h.start()
+            return h
+        specs = select(self.catalog, [service, *self._specs.values()], None)
+        new = [s for s in specs if s.name not in self._handles]
+        levels = start_levels([*self._specs.values(), *(s for s in new if s.name not in self._specs)])
+        for s in new:
+            if s.name not in self._plans:
+                self._plans[s.name] = plan_for(s, self.rootdir)
+            self._specs[s.name] = s
+        wanted = {s.name for s in new}
+        self._start_levels([[s for s in lvl if s.name in wanted] for lvl in levels])
+        name = service if isinstance(service, str) else service.name
+        return self._handles[name]
+
+    def _start_levels(self, levels: Sequence[Sequence[Service]]) -> None:
+        assert self._sup is not None and self.workdir is not None
+        for level in levels:
+            handles = []
+            for spec in level:
+                h = ServiceHandle(self, spec, self._plans[spec.name], self._sup, self.workdir)
+                self._handles[spec.name] = h
+                self._order.append(spec.name)
+                h._create()
+                h._spawn()
+                handles.append(h)
+            if len(handles) == 1:
+                handles[0]._wait_ready()
+                continue
+            with ThreadPoolExecutor(max_workers=len(handles)) as pool:
+                errors = [e for e in pool.map(_ready_error, handles) if e is not None]
+            if errors:
+                raise errors[0]
+
+    def close(self) -> None:
+        """Stop every service (reverse start order) and release everything. Idempotent."""
+        if self._closed or self._sup is None:
+            self._closed = True
+            return
+        self._closed = True
+        handles = [self._handles[n] for n in reversed(self._order)]
+        for h in handles:
+            with contextlib.suppress(EnvboxError, OSError):
+                h._signal(signal.SIGTERM, "init")
+        for h in handles:
+            with contextlib.suppress(EnvboxError, OSError):
+                h.stop()
+        for h in handles:
+            with contextlib.suppress(EnvboxError, OSError):
+                h._destroy()
+        if self._given_workdir is None and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            with contextlib.suppress(EnvboxError, OSError):
+                self._sup.call("own_dir", path=str(self.workdir), own=False)
+
+
+def _ready_error(h: ServiceHandle) -> BaseException | None:
+    try:
+        h._wait_ready()
+    except BaseException as e:
+        return e
+    return None
+
+
+def _make_session(base: str) -> requests.Session:
+    import requests
+
+    class BaseUrlSession(requests.Session):
+        """A ``requests.Session`` whose relative URLs resolve against the service's URL."""
+
+        def request(self, method: str | bytes, url: Any, *a: Any, **kw: Any) -> Any:
+            if isinstance(url, str) and not url.startswith(("http://", "https://")):
+                url = base.rstrip("/") + "/" + url.lstrip("/")
+            return super().request(method, url, *a, **kw)
+
+    return BaseUrlSession()
+
+
+class ServiceHandle:
+    """A running (or stopped) service of an :class:`Environment`."""
+
+    def __init__(self, env: Environment, spec: Service, plan: SandboxPlan,
+                 sup: SupervisorClient, workdir: Path) -> None:  # fmt: skip
+        self.spec = spec
+        self.name = spec.name
+        self._env = env
+        self._plan = plan
+        self._sup = sup
+        self._slot = f"{env.id}/{spec.name}"
+        self._dir = workdir / spec.name
+        self.log_path = workdir / f"{spec.name}.log"
+        self._log_start = 0
+        self._ports: dict[int, int] = {}
+        self._pid: int | None = None
+        self._returncode: int | None = None
+        self._generation = 0
+        self._exited = threading.Event()
+        self._exited.set()
+        self._lock = threading.Lock()
+        self._session: requests.Session | None = None
+        self._reason = ""
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else f"exited {self._returncode}"
+        return f"<ServiceHandle {self.name} pid={self._pid} {state}>"
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """Host pid of the service's main process (None when it is not running)."""
+        return self._pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        return not self._exited.is_set()
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running; the exit code, or 128 + signal number, once it has exited."""
+        return None if self.running else self._returncode
+
+    @property
+    def ip(self) -> str | None:
+        """The service's address on the environment's private network (None: not yet wired)."""
+        return None
+
+    # --- ports and HTTP -----------------------------------------------------------------------
+
+    def port(self, p: int) -> int:
+        """The host port on 127.0.0.1 where the service's port ``p`` is published."""
+        try:
+            return self._ports[p]
+        except KeyError:
+            ports = list(self.spec.ports) or "none"
+            raise KeyError(f"service {self.name!r} publishes no port {p}; its ports are {ports} "
+                           "(declare it in 'ports')") from None  # fmt: skip
+
+    def url(self, path: str = "/", port: int | None = None, scheme: str = "http") -> str:
+        """A URL on 127.0.0.1 reaching ``port`` (default: the first declared) of the service."""
+        if port is None:
+            if not self.spec.ports:
+                raise KeyError(f"service {self.name!r} declares no ports; add 'ports' to use url()")
+            port = self.spec.ports[0]
+        return f"{scheme}://127.0.0.1:{self.port(port)}/{path.lstrip('/')}"
+
+    @property
+    def http(self) -> requests.Session:
+        """A ``requests.Session`` whose relative URLs resolve against :meth:`url`."""
+        if self._session is None:
+            self._session = _make_session(self.url("/"))
+        return self._session
+
+    # --- logs ---------------------------------------------------------------------------------
+
+    def logs(self) -> str:
+        """Everything the service wrote to stdout and stderr so far (all its runs)."""
+        try:
+            return self.log_path.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> Any:
+        """Wait until a line of the log matches ``pattern`` (``re.search``); return the match."""
+        import re
+
+        regex = re.compile(pattern)
+        follower = probes.LogFollower(self.log_path)
+        deadline = Deadline(timeout)
+
+        def check() -> re.Match[str] | None:
+            m = follower.search(regex)
+            if m is None and not self.running:
+                m = follower.search(regex)  # what it wrote before exiting
+                if m is None:
+                    raise NotReady(self.name, f"log line matching {pattern!r} (the service "
+                                   f"exited with {self._returncode})", timeout,
+                                   probes.log_tail(self.log_path))  # fmt: skip
+            return m
+
+        m = wait_until(check, deadline, wake=None)
+        if m is None:
+            raise NotReady(self.name, f"log line matching {pattern!r}", timeout,
+                           probes.log_tail(self.log_path))  # fmt: skip
+        return m
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the service again after ``stop()`` (same ports, same name) and wait until ready."""
+        if self.running:
+            return
+        self._spawn()
+        self._wait_ready()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` (default: the service's ``stop_timeout``)."""
+        if not self.running:
+            return
+        self._signal(signal.SIGTERM, "init")
+        grace = self.spec.stop_timeout if timeout is None else timeout
+        if wait_until(lambda: True if not self.running else None, Deadline(grace),
+                      wake=None) is None:  # fmt: skip
+            self._signal(signal.SIGKILL, "init")
+            wait_until(lambda: True if not self.running else None, Deadline(10.0))
+
+    def restart(self) -> None:
+        """Stop, then start again: a new process (new pid), the same published ports."""
+        self.stop()
+        self.start()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the service's main process; for SIGKILL, wait until it is gone."""
+        if not self.running:
+            return
+        self._signal(sig, "main")
+        if sig == signal.SIGKILL:
+            wait_until(lambda: True if not self.running else None, Deadline(10.0))
+
+    def exec(self, argv: Sequence[str] | str, *, timeout: float | None = 60.0,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """Run a command inside the service: its namespaces, its user, its environment.
+
+        Like ``subprocess.run(..., capture_output=True, text=True)``: a ``CompletedProcess`` with
+        the exit code and output; ``subprocess.TimeoutExpired`` after ``timeout`` seconds. A
+        command that cannot be run at all gives exit code 127 and says why on stderr, as a shell
+        would.
+        """
+        args = shlex.split(argv) if isinstance(argv, str) else list(argv)
+        if not args:
+            raise ValueError("exec() needs a command")
+        if not self.running:
+            raise ServiceFailed(self.name, self._returncode, probes.log_tail(self.log_path),
+                                reason=f"is not running (return code {self._returncode}): "
+                                "cannot exec in it")  # fmt: skip
+        r = self._sup.call("exec", slot=self._slot, plan=self._plan.to_dict(), argv=args,
+                           input=input, timeout=timeout)  # fmt: skip
+        stdout, stderr = r["stdout"], r["stderr"]
+        if r.get("exec_error"):
+            stderr += f"envbox: {r['exec_error']}\n"
+        if r["timed_out"]:
+            raise subprocess.TimeoutExpired(args, timeout or 0.0, stdout, stderr)
+        return subprocess.CompletedProcess(args, r["returncode"], stdout, stderr)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _signal(self, sig: int, target: str) -> None:
+        self._sup.call("signal", slot=self._slot, sig=int(sig), target=target)
+
+    def _on_event(self, msg: dict[str, Any]) -> None:
+        if msg["event"] == "supervisor_died":
+            self._reason = "was lost: the envbox supervisor process died"
+            self._exited.set()
+            return
+        with self._lock:
+            if msg.get("generation") != self._generation:
+                return
+            self._returncode = int(msg["returncode"])
+        self._exited.set()
+
+    def _create(self) -> None:
+        """Claim the service's network namespace and ports (they outlive restarts)."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        hosts = self._dir / "hosts"
+        names = " ".join([self.name, *self.spec.aliases])
+        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                         f"127.0.1.1\t{names}\n")  # fmt: skip
+        (self._dir / "hostname").write_text(self.name + "\n")
+        self._plan.etc_files = {"/etc/hosts": str(hosts), "/etc/hostname": str(self._dir / "hostname")}
+        self._sup.on_event(self._slot, self._on_event)
+        self._sup.call("slot_create", slot=self._slot)
+        ports = list(self.spec.ports)
+        ready = self.spec.ready
+        if isinstance(ready, HttpProbe) and ready.port not in ports:
+            ports.append(ready.port)  # the HTTP probe goes through a relay like the test does
+        for p in ports:
+            self._ports[p] = self._sup.call("publish", slot=self._slot, port=p)["host_port"]
+
+    def _spawn(self) -> None:
+        """Fork the sandbox; return once the service's command has been exec'd."""
+        try:
+            self._log_start = self.log_path.stat().st_size
+        except FileNotFoundError:
+            self._log_start = 0
+        with self._lock:
+            self._generation += 1
+            self._returncode = None
+            self._exited.clear()
+        try:
+            r = self._sup.call("start", slot=self._slot, plan=self._plan.to_dict(),
+                               log_path=str(self.log_path))  # fmt: skip
+        except SupervisorError as e:
+            self._exited.set()
+            raise ServiceFailed(self.name, None, probes.log_tail(self.log_path),
+                                reason=f"could not be started: {e}") from None  # fmt: skip
+        self._pid = r["pid"]
+        self._generation = r["generation"]
+
+    def _wait_ready(self) -> None:
+        probes.wait_ready(self, self.spec.ready)
+
+    def _raise_if_exited(self) -> None:
+        if not self.running:
+            raise ServiceFailed(self.name, self._returncode, probes.log_tail(self.log_path),
+                                reason=self._reason)  # fmt: skip
+
+    def _tcp_check(self, port: int) -> bool:
+        return bool(self._sup.call("tcp_check", slot=self._slot, port=port)["ok"])
+
+    def _destroy(self) -> None:
+        self._sup.call("slot_remove", slot=self._slot)
+        self._sup.on_event(self._slot, None)
+        self._exited.set()
+        self._pid = None

@@ -1,0 +1,67 @@
+"""The error tree of pytest-envbox.
+
+Every error a user can meet derives from :class:`EnvboxError`, so ``except EnvboxError`` catches
+them all. Each message is written to be read in a test report without the traceback: it names the
+service, what went wrong, and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "EnvboxError", "HostUnsupported", "NotReady", "ServiceFailed"]
+
+
+class EnvboxError(Exception):
+    """Base class of every error raised by pytest-envbox."""
+
+
+class ConfigError(EnvboxError):
+    """A declaration is invalid: raised before anything is started.
+
+    ``service`` and ``key`` name what is wrong (either may be None when the error is not about one
+    service or key); the message always says what is accepted instead.
+    """
+
+    def __init__(self, message: str, *, service: str | None = None, key: str | None = None) -> None:
+        parts = []
+        if service is not None:
+            parts.append(f"service {service!r}")
+        if key is not None:
+            parts.append(f"key {key!r}")
+        prefix = ", ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.service = service
+        self.key = key
+
+
+class ServiceFailed(EnvboxError):
+    """A service exited before it was ready (or could not be started at all)."""
+
+    def __init__(self, service: str, returncode: int | None, log_tail: str, reason: str = "") -> None:
+        what = reason or f"exited with return code {returncode} before it was ready"
+        msg = f"service {service!r} {what}"
+        if log_tail:
+            msg += f"\n--- last lines of its log ---\n{log_tail}"
+        super().__init__(msg)
+        self.service = service
+        self.returncode = returncode
+        self.log_tail = log_tail
+
+
+class NotReady(EnvboxError):
+    """A readiness probe (or ``wait_for_log``) timed out."""
+
+    def __init__(self, service: str, probe: str, timeout: float, log_tail: str) -> None:
+        msg = f"service {service!r} was not ready after {timeout:g}s: {probe}"
+        if log_tail:
+            msg += f"\n--- last lines of its log ---\n{log_tail}"
+        else:
+            msg += "\n(its log is empty)"
+        super().__init__(msg)
+        self.service = service
+        self.probe = probe
+        self.timeout = timeout
+        self.log_tail = log_tail
+
+
+class HostUnsupported(EnvboxError):
+    """This host lacks a kernel feature pytest-envbox needs: says which, why, and how to enable it."""

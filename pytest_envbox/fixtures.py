@@ -1,0 +1,171 @@
+"""The ``envbox`` fixture and the ``envbox`` marker it reads.
+
+The marker is parsed into a frozen :class:`EnvboxMarker` by binding its arguments to a signature
+(as pytest-django does for ``django_db``), so a typo is a clear error naming the test. Environments
+of a wider scope are cached on the session and torn down by a finalizer on the scope's own node, so
+they end exactly when pytest ends that scope, in order with the user's fixtures.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .config import Catalog, load_project_config, merge_services
+from .environment import Environment
+from .errors import ConfigError
+from .probes import log_tail
+from .spec import Service
+
+SCOPES = ("function", "class", "module", "package", "session")
+BAD_MARKER = pytest.StashKey[str]()
+_USED = pytest.StashKey[list[Environment]]()
+_CATALOG = pytest.StashKey[Catalog]()
+_SHARED = pytest.StashKey[dict[tuple[object, ...], "Environment | BaseException"]]()
+
+
+@dataclass(frozen=True)
+class EnvboxMarker:
+    """What ``@pytest.mark.envbox(...)`` asks for."""
+
+    services: tuple[str | Service, ...]
+    topology: str | None
+    scope: str
+
+
+def _signature(
+    *services: str | Service, topology: str | None = None, scope: str = "function"
+) -> EnvboxMarker:
+    for s in services:
+        if not isinstance(s, str | Service):
+            raise TypeError(f"services are names or Service objects, not {type(s).__name__}")
+    if topology is not None and not isinstance(topology, str):
+        raise TypeError(f"topology must be a name, not {type(topology).__name__}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    return EnvboxMarker(tuple(services), topology, scope)
+
+
+def parse_marker(marker: pytest.Mark) -> EnvboxMarker:
+    """Bind a marker's arguments; ``TypeError``/``ValueError`` say what is wrong."""
+    return _signature(*marker.args, **marker.kwargs)
+
+
+def project_catalog(config: pytest.Config) -> Catalog:
+    """The project's services: config files plus every ``pytest_envbox_services`` hook result."""
+    cached = config.stash.get(_CATALOG, None)
+    if cached is not None:
+        return cached
+    catalog = load_project_config(Path(config.rootpath))
+    extra: list[tuple[Service, str]] = []
+    for impl in config.pluginmanager.hook.pytest_envbox_services.get_hookimpls():
+        args = {"config": config}
+        result: object = impl.function(*[args[a] for a in impl.argnames])
+        if result is not None and not isinstance(result, list | tuple):
+            raise ConfigError(f"pytest_envbox_services must return a list of Service objects, "
+                              f"not {type(result).__name__} (in {impl.plugin_name})")
+        origin = f"pytest_envbox_services in {getattr(impl.plugin, '__file__', impl.plugin_name)}"
+        for svc in result or ():
+            if not isinstance(svc, Service):
+                raise ConfigError(f"{origin} returned {svc!r}; return Service objects")
+            extra.append((svc, origin))
+    catalog = merge_services(catalog, extra)
+    config.stash[_CATALOG] = catalog
+    return catalog
+
+
+def _workdir(factory: pytest.TempPathFactory, name: str) -> Path:
+    return factory.mktemp("envbox-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40], numbered=True)
+
+
+def _scope_node(request: pytest.FixtureRequest, scope: str) -> pytest.Item | pytest.Collector:
+    node: pytest.Item | pytest.Collector | None = None
+    if scope == "class":
+        node = request.node.getparent(pytest.Class)
+        scope = "module" if node is None else scope
+    if scope == "module":
+        node = request.node.getparent(pytest.Module)
+    if scope == "package":
+        node = request.node.getparent(pytest.Package)
+    return node if node is not None else request.session
+
+
+@pytest.fixture
+def envbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Environment]:  # fmt: skip
+    """The test's :class:`~pytest_envbox.Environment`, with the marker's services started.
+
+    Without a marker it is empty: ``envbox.start(...)`` starts services on demand.
+    """
+    config = request.config
+    catalog = project_catalog(config)
+    marker = request.node.get_closest_marker("envbox")
+    m = parse_marker(marker) if marker is not None else EnvboxMarker((), None, "function")
+    if m.scope != "function":
+        env = _shared_env(request, m, catalog, tmp_path_factory)
+        request.node.stash.setdefault(_USED, []).append(env)
+        yield env
+        return
+    env = Environment(m.services, topology=m.topology, catalog=catalog, rootdir=config.rootpath,
+                      workdir=_workdir(tmp_path_factory, request.node.name))  # fmt: skip
+    request.node.stash.setdefault(_USED, []).append(env)
+    try:
+        if m.services or m.topology:
+            env.open()
+        yield env
+    finally:
+        env.close()
+
+
+def _shared_env(request: pytest.FixtureRequest, m: EnvboxMarker, catalog: Catalog,
+                factory: pytest.TempPathFactory) -> Environment:  # fmt: skip
+    node = _scope_node(request, m.scope)
+    key = (m.scope, node.nodeid, tuple(repr(s) for s in m.services), m.topology)
+    cache = request.config.stash.setdefault(_SHARED, {})
+    found = cache.get(key)
+    if isinstance(found, BaseException):
+        raise found  # start-up failed for an earlier test of this scope: fail fast, same error
+    if found is not None:
+        return found
+    env = Environment(m.services, topology=m.topology, catalog=catalog,
+                      rootdir=request.config.rootpath,
+                      workdir=_workdir(factory, node.name or "session"))  # fmt: skip
+
+    def finish() -> None:
+        cache.pop(key, None)
+        env.close()
+
+    node.addfinalizer(finish)
+    try:
+        env.open()
+    except BaseException as e:
+        cache[key] = e
+        raise
+    cache[key] = env
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _envbox_auto(request: pytest.FixtureRequest) -> None:
+    """Start a marked test's services even when it does not ask for ``envbox`` by name."""
+    node = request.node
+    bad = node.stash.get(BAD_MARKER, None)
+    if bad is not None:
+        raise ConfigError(bad)
+    if node.get_closest_marker("envbox") is not None and "envbox" not in request.fixturenames:
+        request.getfixturevalue("envbox")
+
+
+def log_sections(item: pytest.Item) -> list[tuple[str, str]]:
+    """(service name, text) for each service the item used: its log tail and where the rest is."""
+    out = []
+    for env in item.stash.get(_USED, []):
+        for name, h in env.services.items():
+            state = ("running" if h.running else f"exited with return code {h.returncode}")
+            text = log_tail(h.log_path, 50)
+            out.append((name, f"[{name}: {state}; full log: {h.log_path}]\n{text}"))
+    return out

@@ -1,0 +1,73 @@
+"""The pytest front end: options, the marker, hooks. Thin by design: the work is in the engine.
+
+The ``envbox`` fixture lives in :mod:`pytest_envbox.fixtures`; report sections are added here from
+what the fixture recorded in the item's stash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import pytest
+
+from . import fixtures, hookspecs
+from ._client import shutdown_supervisor
+from .fixtures import _envbox_auto, envbox  # noqa: F401  (fixtures registered with the plugin)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("envbox", "sandboxed services (pytest-envbox)")
+    group.addoption("--envbox-logs", choices=("on-failure", "always", "never"),
+                    default="on-failure",
+                    help="attach service logs to test reports (default: on-failure)")  # fmt: skip
+    group.addoption("--envbox-report", metavar="PATH", default=None,
+                    help="write a JSON report of every environment to PATH")  # fmt: skip
+    group.addoption("--envbox-keep", action="store_true", default=False,
+                    help="on failure, keep the environment and print how to enter it")  # fmt: skip
+    group.addoption("--envbox-rootless", choices=("auto", "yes", "no"), default="auto",
+                    help="run services in a user namespace (default auto: when not root)")  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "envbox(*services, topology=None, scope='function'): start these services (names from "
+        "the project config, or Service objects) in sandboxes for the test; see pytest-envbox.",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Check every envbox marker's arguments once, at collection.
+
+    A bad marker fails its test at setup (from the ``_envbox_auto`` fixture) with a message that
+    names the test, rather than stopping the whole collection.
+    """
+    for item in items:
+        marker = item.get_closest_marker("envbox")
+        if marker is None:
+            continue
+        try:
+            fixtures.parse_marker(marker)
+        except (TypeError, ValueError) as e:
+            item.stash[fixtures.BAD_MARKER] = f"{item.nodeid}: bad envbox marker: {e}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    mode = item.config.getoption("envbox_logs")
+    if mode == "never" or (mode == "on-failure" and not report.failed):
+        return report
+    for name, text in fixtures.log_sections(item):
+        report.sections.append((f"envbox: {name}", text))
+    return report
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutdown_supervisor()

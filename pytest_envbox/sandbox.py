@@ -1,0 +1,384 @@
+"""Turning a freshly forked process into a sandboxed service.
+
+The supervisor forks a child into a new PID namespace; that child runs :func:`run_init`, which
+becomes PID 1 of the sandbox: it joins the service's network namespace, takes new mount, UTS and IPC
+namespaces, builds the sandbox's root, forks the service and then acts as its init (forwarding
+signals, reaping zombies, exiting with the service's status). :func:`exec_in_sandbox` is the same
+last step for ``ServiceHandle.exec``, from a helper that joined a running sandbox's namespaces.
+
+As in bubblewrap, the work is planned first (:class:`SandboxPlan`, plain data built by the engine)
+and carried out here in one place, in the child, in a fixed order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import stat
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, NoReturn
+
+from . import _linux as L
+
+#: Where each service finds its private, writable home directory.
+HOME = "/home/envbox"
+#: Signals the init passes on to the service (as tini does).
+FORWARDED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGWINCH, signal.SIGCONT,
+)  # fmt: skip
+_DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+@dataclass
+class SandboxPlan:
+    """Everything the child needs to set up one service, as plain data (it crosses a socket)."""
+
+    name: str
+    argv: list[str]
+    executable: str
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    groups: list[int]
+    #: (host source, target inside, readonly)
+    mounts: list[tuple[str, str, bool]] = field(default_factory=list)
+    #: target inside -> host file, bound read-only (``/etc/hosts``, ``/etc/hostname``)
+    etc_files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SandboxPlan:
+        d = dict(d)
+        d["mounts"] = [tuple(m) for m in d.get("mounts", [])]
+        return cls(**d)
+
+
+class SetupError(Exception):
+    """A step of the sandbox setup failed; the message says which."""
+
+
+# --- filesystem -------------------------------------------------------------------------------
+
+_OLD = "/old"  # the host's root, while the new root is assembled
+_NEW = "/new"  # the new root
+
+
+class _RootBuilder:
+    """Assembles the new root under ``/new`` from the host's root at ``/old``.
+
+    The host tree is bound read-only as a whole. A path that must exist but does not (a mount
+    target, ``HOME``) is created without touching the host: its nearest host directory is
+    "shadowed" by a tmpfs holding read-only binds of that directory's entries, and the new entry is
+    made in the tmpfs. Directories we created (tmpfs mounts and what we made inside them) are
+    tracked in ``ours``: only there may anything be created.
+    """
+
+    def __init__(self) -> None:
+        self.ours: set[str] = set()
+        self.shadows: list[str] = []
+
+    def resolve(self, path: str) -> str:
+        """``path`` inside the new root with symlinks followed as the service would see them."""
+        parts = [p for p in path.split("/") if p]
+        out: list[str] = []
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part == ".":
+                continue
+            if part == "..":
+                if out:
+                    out.pop()
+                continue
+            cand = "/" + "/".join([*out, part])
+            try:
+                link = os.readlink(_NEW + cand)
+            except OSError:
+                out.append(part)
+                continue
+            hops += 1
+            if hops > 40:
+                raise SetupError(f"too many symbolic links resolving {path}")
+            parts = [p for p in link.split("/") if p] + parts
+            if link.startswith("/"):
+                out = []
+        return "/" + "/".join(out)
+
+    def tmpfs(self, path: str, options: str = "mode=0755") -> None:
+        L.mount("tmpfs", _NEW + path, "tmpfs", L.MS_NOSUID | L.MS_NODEV, options)
+        self.ours.add(path)
+
+    def shadow(self, d: str) -> None:
+        """Replace directory ``d`` of the new root by a tmpfs mirroring it read-only."""
+        st = os.stat(_OLD + d)
+        self.tmpfs(d, f"mode={stat.S_IMODE(st.st_mode):o},uid={st.st_uid},gid={st.st_gid}")
+        self.shadows.append(d)
+        for entry in os.scandir(_OLD + d):
+            src, dst = entry.path, _NEW + d.rstrip("/") + "/" + entry.name
+            if entry.is_symlink():
+                os.symlink(os.readlink(src), dst)
+            elif entry.is_dir(follow_symlinks=False):
+                os.mkdir(dst)
+                if d == "/" and entry.name in ("proc", "dev", "tmp", "run"):
+                    continue  # mounted over below anyway
+                self.bind(src, dst, readonly=True)
+            else:
+                _touch(dst)
+                self.bind(src, dst, readonly=True)
+
+    def bind(self, src: str, dst: str, *, readonly: bool) -> None:
+        L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
+        if readonly:
+            L.mount_setattr(dst, L.MOUNT_ATTR_RDONLY | L.MOUNT_ATTR_NOSUID)
+
+    def ensure(self, path: str, *, is_dir: bool) -> str:
+        """Make ``path`` exist in the new root (as a dir or a file); return it resolved."""
+        path = self.resolve(path)
+        if os.path.lexists(_NEW + path):
+            return path
+        parent = os.path.dirname(path)
+        parent = self.ensure(parent, is_dir=True)
+        if parent not in self.ours:
+            self.shadow(parent)
+        full = _NEW + parent.rstrip("/") + "/" + os.path.basename(path)
+        if is_dir:
+            os.mkdir(full, 0o755)
+            self.ours.add(full[len(_NEW):])
+        else:
+            _touch(full)
+        return full[len(_NEW):]
+
+
+def _touch(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+
+def _run_skeleton(b: _RootBuilder) -> None:
+    """Recreate the host's ``/run`` subdirectories, empty, as a fresh boot would have them.
+
+    Servers expect their runtime directory (``/run/postgresql``...) to exist and be writable by
+    their user; it does, with the host's owner and mode, but nothing of the host's is in it.
+    """
+    try:
+        entries = list(os.scandir(_OLD + "/run"))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        st = entry.stat(follow_symlinks=False)
+        dst = _NEW + "/run/" + entry.name
+        try:
+            os.mkdir(dst, stat.S_IMODE(st.st_mode))
+            os.chmod(dst, stat.S_IMODE(st.st_mode))
+            os.chown(dst, st.st_uid, st.st_gid)
+        except OSError:
+            pass  # e.g. an id unmapped in a user namespace: the directory stays root's
+        b.ours.add("/run/" + entry.name)
+
+
+def build_root(plan: SandboxPlan) -> None:
+    """Build the sandbox's filesystem and pivot into it. Needs a private mount namespace."""
+    L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
+    # bubblewrap's trick: a tmpfs over /tmp becomes the new root of this mount namespace, the
+    # host's root moves below it to /old, with the host's /tmp visible again at /old/tmp.
+    L.mount("tmpfs", "/tmp", "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=0755")
+    os.mkdir("/tmp/old")
+    os.mkdir("/tmp/new")
+    L.pivot_root("/tmp", "/tmp/old")
+    os.chdir("/")
+    b = _RootBuilder()
+    b.bind(_OLD, _NEW, readonly=True)
+
+    L.mount("proc", _NEW + "/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    b.tmpfs("/dev")
+    for node in _DEV_NODES:
+        _touch(f"{_NEW}/dev/{node}")
+        L.mount(f"{_OLD}/dev/{node}", f"{_NEW}/dev/{node}", None, L.MS_BIND)
+    os.mkdir(_NEW + "/dev/pts")
+    L.mount("devpts", _NEW + "/dev/pts", "devpts", L.MS_NOSUID | L.MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=620")  # fmt: skip
+    os.symlink("pts/ptmx", _NEW + "/dev/ptmx")
+    os.mkdir(_NEW + "/dev/shm")
+    b.tmpfs("/dev/shm", "mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, f"{_NEW}/dev/{name}")
+    b.tmpfs("/tmp", "mode=1777")
+    b.tmpfs("/run")
+    _run_skeleton(b)
+
+    home = b.ensure(HOME, is_dir=True)
+    L.mount("tmpfs", _NEW + home, "tmpfs", L.MS_NOSUID | L.MS_NODEV,
+            f"mode=0700,uid={plan.uid},gid={plan.gid}")  # fmt: skip
+    for target, host_file in plan.etc_files.items():
+        t = b.ensure(target, is_dir=False)
+        b.bind(_OLD + host_file, _NEW + t, readonly=True)
+    for source, target, readonly in plan.mounts:
+        try:
+            is_dir = os.path.isdir(_OLD + source)
+            t = b.ensure(target, is_dir=is_dir)
+            b.bind(_OLD + source, _NEW + t, readonly=readonly)
+        except OSError as e:
+            raise SetupError(f"mount {source} -> {target}: {e.strerror}") from e
+    for d in b.shadows:
+        L.mount(None, _NEW + d, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | L.MS_NOSUID
+                | L.MS_NODEV)  # fmt: skip
+
+    os.chdir(_NEW)
+    L.pivot_root(".", ".")
+    L.umount2(".", L.MNT_DETACH)
+    os.chdir("/")
+
+
+# --- process ----------------------------------------------------------------------------------
+
+
+def close_fds_except(keep: Iterable[int]) -> None:
+    keep = sorted(set(keep))
+    lo = 3
+    for fd in keep:
+        if fd >= lo:
+            os.closerange(lo, fd)
+            lo = fd + 1
+    os.closerange(lo, 1 << 20)
+
+
+def _report(sync: socket.socket, msg: str) -> None:
+    try:
+        sync.send(msg.encode()[:4000])
+    except OSError:
+        pass
+
+
+def drop_privileges(plan: SandboxPlan) -> None:
+    """Become the service's user with at most Docker's default capabilities and no new privileges.
+
+    Order matters: the bounding set can only be cut while CAP_SETPCAP is held (before setuid);
+    the inheritable and ambient sets are emptied so no capability survives the exec but what the
+    kernel grants root from the bounding set.
+    """
+    if L.capbset_has(21):  # CAP_SYS_ADMIN still there: cut the bounding set
+        L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
+    os.setgroups(plan.groups)
+    os.setresgid(plan.gid, plan.gid, plan.gid)
+    os.setresuid(plan.uid, plan.uid, plan.uid)
+    mask = sum(1 << c for c in L.DOCKER_DEFAULT_CAPS)
+    eff, perm, _inh = L.capget()
+    L.capset(eff & mask, perm & mask, 0)
+    L.clear_ambient_caps()
+    L.set_no_new_privs()
+
+
+def _chdir_inside(cwd: str) -> None:
+    try:
+        os.chdir(cwd)
+    except OSError as e:
+        raise SetupError(f"cwd {cwd!r}: {e.strerror}") from e
+    here = os.getcwd()
+    # Outside the root, getcwd(2) answers "(unreachable)/...": refuse to run there.
+    if not here.startswith("/") or not os.path.samefile(here, cwd):
+        raise SetupError(f"cwd {cwd!r} is not inside the sandbox")
+
+
+def exec_service(plan: SandboxPlan, argv: list[str], executable: str, sync: socket.socket,
+                 stdio: tuple[int, int, int]) -> NoReturn:  # fmt: skip
+    """The last steps before the service (or an exec) runs, in the final process. Never returns.
+
+    On success the sync socket, close-on-exec, simply closes; on failure it carries the reason.
+    """
+    try:
+        for i, fd in enumerate(stdio):
+            os.dup2(fd, i)
+        os.setsid()
+        _chdir_inside(plan.cwd)
+        drop_privileges(plan)
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        L.close_range_cloexec(3)
+        sync.send(b"exec")  # carries our pid (SO_PASSCRED) to the supervisor
+        if executable:
+            os.execve(executable, argv, plan.env)
+        os.execvpe(argv[0], argv, plan.env)  # exec: PATH lookup inside the sandbox
+    except SetupError as e:
+        _report(sync, f"error:{e}")
+    except OSError as e:
+        what = "exec " + executable if e.filename is None else str(e.filename)
+        _report(sync, f"error:{what}: {e.strerror}")
+    except BaseException as e:
+        _report(sync, f"error:{type(e).__name__}: {e}")
+    os._exit(127)
+
+
+def run_init(plan: SandboxPlan, netns_fd: int, log_fd: int, sync: socket.socket) -> NoReturn:
+    """PID 1 of a new sandbox: set everything up, start the service, be its init. Never returns."""
+    code = 125
+    try:
+        L.set_pdeathsig(signal.SIGKILL)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        close_fds_except([netns_fd, log_fd, sync.fileno(), devnull])
+        os.dup2(devnull, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        L.setns(netns_fd, L.CLONE_NEWNET)
+        os.close(netns_fd)
+        L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC)
+        socket.sethostname(plan.name)
+        build_root(plan)
+        L.set_dumpable(False)
+        pid = os.fork()
+        if pid == 0:
+            exec_service(plan, plan.argv, plan.executable, sync, (devnull, log_fd, log_fd))
+        os.close(log_fd)
+        os.close(devnull)
+        sync.close()
+        _be_init(pid)
+    except SetupError as e:
+        _report(sync, f"error:{e}")
+    except OSError as e:
+        _report(sync, f"error:sandbox setup failed: {e}")
+    except BaseException as e:
+        _report(sync, f"error:sandbox setup failed: {type(e).__name__}: {e}")
+    os._exit(code)
+
+
+def _be_init(child: int) -> NoReturn:
+    """Forward signals to ``child`` and reap every process; exit with the child's status.
+
+    The kernel drops signals without a handler sent to a namespace's PID 1, so every forwarded
+    signal gets one. When the service exits, init exits with its code (or 128 + signal), and the
+    kernel then kills whatever else is left in the namespace, as with tini.
+    """
+
+    def forward(sig: int, _frame: object) -> None:
+        try:
+            os.kill(child, sig)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        except OSError as e:  # pragma: no cover - EINTR is retried by Python itself
+            if e.errno != errno.EINTR:
+                os._exit(125)
+            continue
+        if pid == child:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(128 - code if code < 0 else code)

@@ -1,0 +1,488 @@
+"""The supervisor: one helper process per test process that owns every sandbox resource.
+
+It is started once per pytest process (and per xdist worker) by :mod:`pytest_envbox._client`, from
+a fresh interpreter so that nothing of the test process (threads, locks, open files) leaks into it.
+It then forks every sandbox from itself, a warm process, which costs far less than a new interpreter
+per service.
+
+Why a separate process: teardown must happen even when the test process is SIGKILLed. The test
+process holds the only other end of the supervisor's socket; its death is an EOF here, at once, and
+the supervisor tears everything down and exits. If the supervisor itself is SIGKILLed, every
+sandbox's init has PR_SET_PDEATHSIG=SIGKILL pointed at it, and an init's death ends its whole PID
+namespace: nothing survives either way.
+
+Nothing here assumes real root beyond what a user namespace grants (namespaces, mounts, setns on
+namespaces we created), so the same code can run inside a user namespace of its own (rootless).
+
+Concurrency: one thread runs the event loop and does every fork (``PR_SET_PDEATHSIG`` is tied to the
+forking thread, which must live as long as the supervisor). Relays run in threads of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _linux as L
+from ._protocol import FrameReader, encode
+from .relay import Relay
+from .sandbox import SandboxPlan, close_fds_except, exec_service, run_init
+
+_NS_FOR_EXEC = (("ipc", L.CLONE_NEWIPC), ("uts", L.CLONE_NEWUTS), ("net", L.CLONE_NEWNET),
+                ("pid", L.CLONE_NEWPID), ("mnt", L.CLONE_NEWNS))  # fmt: skip
+
+
+@dataclass
+class _Slot:
+    """A service's place: its network namespace and published ports outlive restarts."""
+
+    netns_fd: int
+    relays: dict[int, Relay] = field(default_factory=dict)
+    init_pid: int | None = None
+    main_pid: int | None = None
+    generation: int = 0
+
+
+@dataclass
+class _Pending:
+    """A start (or an exec) waiting for its sync socket to say exec happened, or why not."""
+
+    kind: str  # "start" | "exec"
+    req_id: int
+    slot: str
+    sock: socket.socket
+    pid: int  # init (start) or helper (exec)
+    main_pid: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Exec:
+    req_id: int
+    pid: int
+    deadline: float | None
+    stdin: bytes
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    fds: dict[int, str] = field(default_factory=dict)  # open pipe fd -> "out" | "err" | "in"
+    status: int | None = None
+    timed_out: bool = False
+    error: str | None = None
+
+
+class Supervisor:
+    """The event loop and the resources it owns."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sel = selectors.DefaultSelector()
+        self.reader = FrameReader()
+        self.slots: dict[str, _Slot] = {}
+        self.inits: dict[int, str] = {}  # init pid -> slot
+        self.pending: dict[int, _Pending] = {}  # sync socket fd -> pending
+        self.execs: dict[int, _Exec] = {}  # helper pid -> exec
+        self.dirs: set[str] = set()
+        self.running = True
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.own_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.sigchld_r = r
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: self._stop())
+        self.sel.register(sock, selectors.EVENT_READ, "control")
+        self.sel.register(r, selectors.EVENT_READ, "sigchld")
+
+    def _stop(self) -> None:
+        self.running = False
+
+    # --- main loop ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        try:
+            while self.running:
+                timeout = self._next_deadline()
+                for key, _ in self.sel.select(timeout):
+                    tag = key.data
+                    if tag == "control":
+                        self._on_control()
+                    elif tag == "sigchld":
+                        with contextlib.suppress(OSError):
+                            os.read(self.sigchld_r, 4096)
+                        self._reap()
+                    elif isinstance(tag, _Pending):
+                        self._on_sync(tag)
+                    elif isinstance(tag, tuple):
+                        self._on_exec_pipe(*tag)
+                self._check_deadlines()
+                self._reap()  # a SIGCHLD racing with a select() timeout must not be lost
+        finally:
+            self.teardown()
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.sock.sendall(encode(msg))
+        except OSError:
+            self.running = False
+
+    def _reply(self, req_id: int, **kw: Any) -> None:
+        self._send({"id": req_id, **kw})
+
+    def _on_control(self) -> None:
+        try:
+            data = self.sock.recv(1 << 16)
+        except OSError:
+            data = b""
+        if not data:  # the test process is gone: tear down now
+            self.running = False
+            return
+        for msg in self.reader.feed(data):
+            req_id = msg.pop("id")
+            op = msg.pop("op")
+            handler = _OPS.get(op)
+            try:
+                if handler is None:
+                    raise ValueError(f"unknown operation {op!r}")
+                result = handler(self, req_id, **msg)
+            except Exception as e:  # reported to the caller, who raises it
+                self._reply(req_id, error=f"{type(e).__name__}: {e}", errno=getattr(e, "errno", None))
+                continue
+            if result is not None:
+                self._reply(req_id, **result)
+
+    # --- operations --------------------------------------------------------------------------
+
+    def op_hello(self, req_id: int) -> dict[str, Any]:
+        L.set_child_subreaper()
+        return {"pid": os.getpid()}
+
+    def op_slot_create(self, req_id: int, slot: str) -> dict[str, Any]:
+        """A new network namespace, held by an fd: no process needs to live in it."""
+        if slot in self.slots:
+            raise ValueError(f"slot {slot} exists")
+        L.unshare(L.CLONE_NEWNET)
+        try:
+            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            L.loopback_up()
+        finally:
+            L.setns(self.own_netns, L.CLONE_NEWNET)
+        self.slots[slot] = _Slot(netns_fd=fd)
+        return {}
+
+    def op_publish(self, req_id: int, slot: str, port: int) -> dict[str, Any]:
+        s = self.slots[slot]
+        if port not in s.relays:
+            s.relays[port] = Relay(s.netns_fd, port)
+        return {"host_port": s.relays[port].host_port}
+
+    def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str) -> None:
+        s = self.slots[slot]
+        if s.init_pid is not None:
+            raise ValueError(f"{slot} is already running")
+        p = SandboxPlan.from_dict(plan)
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        try:
+            # The child is PID 1 of a new PID namespace; reset our pid_for_children right after.
+            L.unshare(L.CLONE_NEWPID)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                try:
+                    parent.close()
+                    run_init(p, s.netns_fd, log_fd, child)
+                finally:
+                    os._exit(125)
+            L.setns(self.own_pidns, L.CLONE_NEWPID)
+        finally:
+            os.close(log_fd)
+            child.close()
+        s.init_pid = pid
+        s.main_pid = None
+        s.generation += 1
+        self.inits[pid] = slot
+        pend = _Pending("start", req_id, slot, parent, pid)
+        self.pending[parent.fileno()] = pend
+        self.sel.register(parent, selectors.EVENT_READ, pend)
+        return None
+
+    def _on_sync(self, pend: _Pending) -> None:
+        try:
+            msg, anc, _flags, _addr = pend.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        except OSError:
+            msg, anc = b"", []
+        if msg:
+            for level, typ, data in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
+                    pend.main_pid = int.from_bytes(data[:4], sys.byteorder)
+            if msg.startswith(b"error:"):
+                pend.error = msg[6:].decode(errors="replace")
+            return
+        # EOF: every copy of the child's end is closed; the exec happened unless an error came.
+        self.sel.unregister(pend.sock)
+        del self.pending[pend.sock.fileno()]
+        pend.sock.close()
+        if pend.kind == "start":
+            s = self.slots.get(pend.slot)
+            if pend.error is None and s is not None and s.init_pid == pend.pid:
+                s.main_pid = pend.main_pid
+                self._reply(pend.req_id, pid=pend.main_pid, init_pid=pend.pid,
+                            generation=s.generation)  # fmt: skip
+            else:
+                self._reply(pend.req_id, error=pend.error or "the sandbox exited during setup",
+                            setup=True)  # fmt: skip
+        else:
+            ex = self.execs.get(pend.pid)
+            if ex is not None:
+                ex.error = pend.error
+
+    def op_signal(self, req_id: int, slot: str, sig: int, target: str = "init") -> dict[str, Any]:
+        s = self.slots[slot]
+        pid = s.init_pid if target == "init" else (s.main_pid or s.init_pid)
+        if pid is None:
+            return {"sent": False}
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return {"sent": False}
+        return {"sent": True}
+
+    def op_tcp_check(self, req_id: int, slot: str, port: int) -> dict[str, Any]:
+        """Does ``port`` accept a connection on the service's loopback, in its namespace?"""
+        s = self.slots[slot]
+        L.setns(s.netns_fd, L.CLONE_NEWNET)
+        try:
+            socks = [socket.socket(socket.AF_INET), socket.socket(socket.AF_INET6)]
+        finally:
+            L.setns(self.own_netns, L.CLONE_NEWNET)
+        ok = False
+        for sk, addr in zip(socks, ("127.0.0.1", "::1"), strict=True):
+            with sk:
+                sk.settimeout(1.0)
+                if not ok:
+                    with contextlib.suppress(OSError):
+                        sk.connect((addr, port))
+                        ok = True
+        return {"ok": ok}
+
+    def op_exec(self, req_id: int, slot: str, plan: dict[str, Any], argv: list[str],
+                input: str | None, timeout: float | None) -> None:  # fmt: skip
+        s = self.slots[slot]
+        if s.init_pid is None:
+            raise ValueError("the service is not running")
+        p = SandboxPlan.from_dict(plan)
+        ns_fds = [(os.open(f"/proc/{s.init_pid}/ns/{n}", os.O_RDONLY | os.O_CLOEXEC), t)
+                  for n, t in _NS_FOR_EXEC]  # fmt: skip
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                try:
+                    parent.close()
+                    _exec_helper(p, argv, ns_fds, (pipes[0][0], pipes[1][1], pipes[2][1]), child)
+                finally:
+                    os._exit(126)
+        finally:
+            for fd, _ in ns_fds:
+                os.close(fd)
+            os.close(pipes[0][0])
+            os.close(pipes[1][1])
+            os.close(pipes[2][1])
+            child.close()
+        ex = _Exec(req_id, pid, time.monotonic() + timeout if timeout else None,
+                   (input or "").encode())  # fmt: skip
+        self.execs[pid] = ex
+        for fd, kind, ev in ((pipes[0][1], "in", selectors.EVENT_WRITE),
+                             (pipes[1][0], "out", selectors.EVENT_READ),
+                             (pipes[2][0], "err", selectors.EVENT_READ)):  # fmt: skip
+            os.set_blocking(fd, False)
+            ex.fds[fd] = kind
+            self.sel.register(fd, ev, (ex, fd))
+        pend = _Pending("exec", req_id, slot, parent, pid)
+        self.pending[parent.fileno()] = pend
+        self.sel.register(parent, selectors.EVENT_READ, pend)
+        return None
+
+    def _on_exec_pipe(self, ex: _Exec, fd: int) -> None:
+        kind = ex.fds[fd]
+        try:
+            if kind == "in":
+                n = os.write(fd, ex.stdin[:65536])
+                ex.stdin = ex.stdin[n:]
+                if not ex.stdin:
+                    self._close_exec_fd(ex, fd)
+                return
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_exec_fd(ex, fd)
+            return
+        (ex.out if kind == "out" else ex.err).extend(data)
+
+    def _close_exec_fd(self, ex: _Exec, fd: int) -> None:
+        self.sel.unregister(fd)
+        os.close(fd)
+        del ex.fds[fd]
+        self._maybe_finish_exec(ex)
+
+    def _maybe_finish_exec(self, ex: _Exec) -> None:
+        readers_open = any(k != "in" for k in ex.fds.values())
+        if ex.status is None or (readers_open and not ex.timed_out):
+            return
+        for fd in list(ex.fds):
+            self.sel.unregister(fd)
+            os.close(fd)
+        ex.fds.clear()
+        del self.execs[ex.pid]
+        self._reply(ex.req_id, returncode=ex.status, stdout=ex.out.decode(errors="replace"),
+                    stderr=ex.err.decode(errors="replace"), timed_out=ex.timed_out,
+                    exec_error=ex.error)  # fmt: skip
+
+    def op_slot_remove(self, req_id: int, slot: str) -> dict[str, Any]:
+        s = self.slots.pop(slot, None)
+        if s is None:
+            return {}
+        self._release(s)
+        return {}
+
+    def op_own_dir(self, req_id: int, path: str, own: bool) -> dict[str, Any]:
+        """Directories to delete if the test process dies before it can."""
+        (self.dirs.add if own else self.dirs.discard)(path)
+        return {}
+
+    def op_shutdown(self, req_id: int) -> dict[str, Any]:
+        self.running = False
+        return {}
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            if code < 0:
+                code = 128 - code
+            slot = self.inits.pop(pid, None)
+            if slot is not None:
+                s = self.slots.get(slot)
+                if s is not None and s.init_pid == pid:
+                    s.init_pid = None
+                    s.main_pid = None
+                    self._send({"event": "exited", "slot": slot, "returncode": code,
+                                "generation": s.generation})  # fmt: skip
+            ex = self.execs.get(pid)
+            if ex is not None:
+                ex.status = code
+                self._maybe_finish_exec(ex)
+
+    def _next_deadline(self) -> float | None:
+        deadlines = [e.deadline for e in self.execs.values() if e.deadline and not e.timed_out]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for ex in list(self.execs.values()):
+            if ex.deadline is not None and not ex.timed_out and now >= ex.deadline:
+                ex.timed_out = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(ex.pid, signal.SIGKILL)
+
+    def _release(self, s: _Slot, wait: float = 5.0) -> None:
+        for r in s.relays.values():
+            r.close()
+        s.relays.clear()
+        if s.init_pid is not None:
+            pid = s.init_pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            # Reaping the init means its whole PID namespace is gone (the kernel empties it first).
+            deadline = time.monotonic() + wait
+            while pid in self.inits and time.monotonic() < deadline:
+                try:
+                    got, _ = os.waitpid(pid, 0)
+                except ChildProcessError:
+                    break
+                if got == pid:
+                    break
+            self.inits.pop(pid, None)
+            s.init_pid = None
+        os.close(s.netns_fd)
+
+    def teardown(self) -> None:
+        for slot in list(self.slots):
+            self._release(self.slots.pop(slot))
+        for ex in list(self.execs.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(ex.pid, signal.SIGKILL)
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self.dirs.clear()
+
+
+_OPS = {name[3:]: fn for name, fn in vars(Supervisor).items() if name.startswith("op_")}
+
+
+def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int]],
+                 stdio: tuple[int, int, int], sync: socket.socket) -> None:  # fmt: skip
+    """Join a running sandbox's namespaces and run ``argv`` there as the service would.
+
+    Not dumpable: while it still holds the supervisor's privileges, nothing inside the sandbox may
+    ptrace it. It forks once more because joining a PID namespace only applies to children.
+    """
+    code = 126
+    try:
+        L.set_pdeathsig(signal.SIGKILL)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        L.set_dumpable(False)
+        close_fds_except([fd for fd, _ in ns_fds] + [*stdio, sync.fileno()])
+        for fd, nstype in ns_fds:
+            L.setns(fd, nstype)
+        pid = os.fork()
+        if pid == 0:
+            L.set_pdeathsig(signal.SIGKILL)
+            exec_service(plan, argv, "", sync, stdio)
+        sync.close()
+        for fd in stdio:
+            os.close(fd)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        code = 128 - code if code < 0 else code
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            sync.send(f"error:exec setup failed: {e}".encode())
+    os._exit(code)
+
+
+def main(fd: int | None = None) -> None:
+    """Entry point of the supervisor process (``python -c``): serve on the inherited socket."""
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork() with relay threads running
+    if fd is None:
+        fd = int(sys.argv[1])
+    sock = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    Supervisor(sock).serve()
+    os._exit(0)
