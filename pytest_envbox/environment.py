@@ -120,8 +120,14 @@ def plan_for(spec: Service, rootdir: Path) -> SandboxPlan:
             raise ConfigError(f"{argv0!r} was not found on PATH ({env['PATH']}); install it or "
                               "give its full path", service=spec.name, key="command")  # fmt: skip
         executable = found
+    # The cwd and the program's prefix (a virtualenv, say) stay visible even under /tmp, which is
+    # otherwise private: a checkout or a tox env living there must still run.
+    expose = [str(cwd)]
+    if executable:
+        expose.append(os.path.dirname(os.path.dirname(executable)))
     return SandboxPlan(name=spec.name, argv=list(spec.command), executable=executable, env=env,
-                       cwd=str(cwd), uid=uid, gid=gid, groups=groups, mounts=mounts)  # fmt: skip
+                       cwd=str(cwd), uid=uid, gid=gid, groups=groups, mounts=mounts,
+                       expose=expose)  # fmt: skip
 
 
 class Environment:

@@ -11,7 +11,6 @@ from collections.abc import Generator
 import pytest
 
 from . import fixtures, hookspecs
-from ._client import shutdown_supervisor
 from .fixtures import _envbox_auto, envbox  # noqa: F401  (fixtures registered with the plugin)
 
 
@@ -68,6 +67,3 @@ def pytest_runtest_makereport(
         report.sections.append((f"envbox: {name}", text))
     return report
 
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    shutdown_supervisor()

@@ -49,6 +49,9 @@ class SandboxPlan:
     mounts: list[tuple[str, str, bool]] = field(default_factory=list)
     #: target inside -> host file, bound read-only (``/etc/hosts``, ``/etc/hostname``)
     etc_files: dict[str, str] = field(default_factory=dict)
+    #: host paths the service needs (its cwd, its interpreter's prefix) that must stay visible,
+    #: read-only at the same path, even where the sandbox puts a private tmpfs (``/tmp``...)
+    expose: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +159,11 @@ class _RootBuilder:
         return full[len(_NEW):]
 
 
+def _hidden(path: str) -> bool:
+    """Whether a host path lies under one of the sandbox's private filesystems."""
+    return any(path == d or path.startswith(d + "/") for d in ("/tmp", "/run", "/dev", HOME))
+
+
 def _touch(path: str) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
 
@@ -218,6 +226,9 @@ def build_root(plan: SandboxPlan) -> None:
     home = b.ensure(HOME, is_dir=True)
     L.mount("tmpfs", _NEW + home, "tmpfs", L.MS_NOSUID | L.MS_NODEV,
             f"mode=0700,uid={plan.uid},gid={plan.gid}")  # fmt: skip
+    for path in plan.expose:
+        if _hidden(path) and os.path.exists(_OLD + path):
+            b.bind(_OLD + path, _NEW + b.ensure(path, is_dir=os.path.isdir(_OLD + path)), readonly=True)
     for target, host_file in plan.etc_files.items():
         t = b.ensure(target, is_dir=False)
         b.bind(_OLD + host_file, _NEW + t, readonly=True)

@@ -1,0 +1,77 @@
+"""Nothing survives a pytest run that is SIGKILLed mid-test, nor a SIGKILLed supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from pytest_envbox import Environment, Service
+from pytest_envbox._client import SupervisorClient
+from pytest_envbox._wait import Deadline, wait_until
+from tests.conftest import PLUGIN_ARGS
+from tests.kernel import alive, holders
+
+INNER = """
+    import os, threading
+    from pytest_envbox import Service
+    from pytest_envbox._client import get_supervisor
+
+    def test_hangs(envbox):
+        h = envbox.start(Service("victim", ["sleep", "1000"]))
+        pidns = os.readlink(f"/proc/{h.pid}/ns/pid")
+        with open(os.environ["REPORT"] + ".tmp", "w") as f:
+            f.write(f"{h.pid} {get_supervisor().pid} {pidns} {envbox.workdir}")
+        os.rename(os.environ["REPORT"] + ".tmp", os.environ["REPORT"])
+        threading.Event().wait(120)  # hangs here until the outer test kills this pytest
+"""
+
+
+def _until(cond: object, timeout: float) -> bool:
+    return wait_until(lambda: True if cond() else None, Deadline(timeout)) is True  # type: ignore[operator]
+
+
+def test_sigkill_of_pytest_leaves_no_service_alive(tmp_path: Path) -> None:
+    (tmp_path / "test_inner.py").write_text(textwrap.dedent(INNER))
+    report = tmp_path / "report"
+    env = {**os.environ, "REPORT": str(report), "PYTHONPATH": str(Path(__file__).parents[2])}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *PLUGIN_ARGS, "-q", "-p", "no:cacheprovider",
+         "-p", "no:xdist", str(tmp_path / "test_inner.py")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert _until(lambda: report.exists() or child.poll() is not None, 60)
+        assert report.exists(), "the inner test never started its service"
+        pid_s, sup_s, pidns, _workdir = report.read_text().split()
+        pid, sup = int(pid_s), int(sup_s)
+        assert alive(pid) and alive(sup)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert _until(lambda: not alive(pid) and not alive(sup) and not holders(pidns), 5)
+
+
+def test_sigkill_of_the_supervisor_kills_every_service() -> None:
+    sup = SupervisorClient()  # a private one, so killing it does not disturb other tests
+    try:
+        env = Environment([Service("orphan", ["sleep", "1000"])])
+        import pytest_envbox.environment as environment
+
+        original = environment.get_supervisor
+        environment.get_supervisor = lambda: sup
+        try:
+            env.open()
+        finally:
+            environment.get_supervisor = original
+        pid = env["orphan"].pid
+        assert pid is not None
+        pidns = os.readlink(f"/proc/{pid}/ns/pid")
+        os.kill(sup.pid, signal.SIGKILL)
+        assert _until(lambda: not alive(pid) and not holders(pidns), 5)
+        assert _until(lambda: not env["orphan"].running, 5)
+    finally:
+        sup.close()

@@ -1,0 +1,225 @@
+"""Starting, reaching, stopping and entering services; readiness; nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pytest_envbox import Environment, NotReady, Service, ServiceFailed, probe
+from pytest_envbox._client import get_supervisor
+from pytest_envbox._wait import Deadline, wait_until
+from tests.kernel import alive, children, holders, ns_inode
+
+PY = sys.executable
+HTTP = [PY, "-m", "http.server", "8000", "--bind", "127.0.0.1"]
+
+
+def py(code: str) -> list[str]:
+    return [PY, "-c", textwrap.dedent(code)]
+
+
+def eventually(cond: object, timeout: float = 10.0) -> bool:
+    return wait_until(lambda: True if cond() else None, Deadline(timeout)) is True  # type: ignore[operator]
+
+
+def test_published_port_answers_on_127_0_0_1_only() -> None:
+    with Environment([Service("web", HTTP, ports=[8000], ready=probe.http(8000))]) as env:
+        web = env["web"]
+        assert web.http.get("/").status_code == 200
+        assert web.url("/x").startswith(f"http://127.0.0.1:{web.port(8000)}/")
+        s = socket.socket()
+        with pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.2", web.port(8000)))  # still loopback, another address
+        s.close()
+
+
+def test_restart_gives_a_new_pid_and_the_port_answers_again() -> None:
+    with Environment([Service("web", HTTP, ports=[8000], ready=probe.tcp(8000))]) as env:
+        web = env["web"]
+        old_pid, port = web.pid, web.port(8000)
+        web.restart()
+        assert web.running and web.pid != old_pid and web.pid is not None
+        assert not alive(old_pid)  # type: ignore[arg-type]
+        assert web.port(8000) == port
+        assert web.http.get("/").status_code == 200
+
+
+def test_exec_runs_inside_the_service() -> None:
+    with Environment([Service("box", ["sleep", "1000"])]) as env:
+        box = env["box"]
+        r = box.exec(["sh", "-c", "hostname; readlink /proc/self/ns/pid; echo $HOME; cat"],
+                     input="from stdin")  # fmt: skip
+        hostname, pidns, home, stdin = r.stdout.splitlines()
+        assert r.returncode == 0
+        assert hostname == "box"
+        assert pidns == ns_inode(box.pid, "pid")  # type: ignore[arg-type]
+        assert home == "/home/envbox"
+        assert stdin == "from stdin"
+        assert box.exec(["sh", "-c", "exit 3"]).returncode == 3
+        missing = box.exec(["no-such-command-xyz"])
+        assert missing.returncode == 127 and "no-such-command-xyz" in missing.stderr
+        with pytest.raises(subprocess.TimeoutExpired):
+            box.exec(["sleep", "30"], timeout=0.3)
+
+
+def test_sigterm_reaches_the_service_through_init() -> None:
+    code = """
+        import signal, sys
+        def bye(*_):
+            print("got SIGTERM", flush=True)
+            sys.exit(7)
+        signal.signal(signal.SIGTERM, bye)
+        print("ready", flush=True)
+        while True:
+            signal.pause()
+    """
+    with Environment([Service("term", py(code), ready=probe.log("^ready$"))]) as env:
+        term = env["term"]
+        term.stop(timeout=5)
+        assert term.returncode == 7
+        assert "got SIGTERM" in term.logs()
+
+
+def test_returncode_is_128_plus_signal_and_kill_waits() -> None:
+    with Environment([Service("victim", ["sleep", "1000"])]) as env:
+        v = env["victim"]
+        pid = v.pid
+        v.kill()
+        assert not v.running and v.returncode == 128 + signal.SIGKILL
+        assert not alive(pid)  # type: ignore[arg-type]
+        v.start()
+        assert v.running
+
+
+def test_orphans_are_reaped_no_zombies() -> None:
+    code = """
+        import os, signal, time
+        for i in range(3):
+            pid = os.fork()
+            if pid == 0:
+                if os.fork() == 0:          # orphaned at once: its parent exits below
+                    time.sleep(0.2)
+                    print("orphan", os.getpid(), "exits", flush=True)
+                    os._exit(0)
+                os._exit(0)
+            os.waitpid(pid, 0)
+        print("ready", flush=True)
+        signal.pause()
+    """
+    with Environment([Service("forker", py(code), ready=probe.log("^ready$"))]) as env:
+        f = env["forker"]
+        pidns = ns_inode(f.pid, "pid")  # type: ignore[arg-type]
+        assert eventually(lambda: f.logs().count("exits") == 3)
+
+        def zombies() -> list[int]:
+            out = []
+            for pid in holders(pidns):
+                with open(f"/proc/{pid}/stat") as st:
+                    if st.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        out.append(pid)
+            return out
+
+        assert eventually(lambda: zombies() == [] and len(holders(pidns)) == 2), zombies()
+
+
+def test_readiness_probes_of_each_kind() -> None:
+    services = [
+        Service("t", HTTP, ready=probe.tcp(8000)),
+        Service("h", HTTP, ports=[8000], ready=probe.http(8000, "/", status=200)),
+        Service("l", py("print('hello there', flush=True); import time; time.sleep(100)"),
+                ready=probe.log(r"hello \w+")),  # fmt: skip
+        Service("e", ["sleep", "1000"], ready=probe.exec(["true"])),
+    ]
+    with Environment(services) as env:
+        assert all(env[n].running for n in "thle")
+        # Ready means ready: the tcp-probed server answers at once.
+        connect = "import socket; socket.create_connection(('127.0.0.1', 8000), timeout=1)"
+        assert env["t"].exec([PY, "-c", connect]).returncode == 0
+        assert env["h"].http.get("/").status_code == 200
+
+
+def test_exit_before_ready_fails_at_once_with_code_and_log() -> None:
+    svc = Service("crash", ["sh", "-c", "echo starting up; echo fatal: no config >&2; exit 3"],
+                  ready=probe.tcp(9, timeout="30s"))  # fmt: skip
+    env = Environment([svc])
+    with pytest.raises(ServiceFailed) as info:
+        env.open()
+    msg = str(info.value)
+    assert info.value.returncode == 3
+    assert "crash" in msg and "3" in msg and "fatal: no config" in msg
+
+
+def test_probe_timeout_raises_not_ready_with_probe_and_log() -> None:
+    svc = Service("slow", ["sh", "-c", "echo still warming up; exec sleep 100"],
+                  ready=probe.tcp(8123, timeout=0.5))  # fmt: skip
+    with pytest.raises(NotReady) as info, Environment([svc]):
+        pass
+    assert "slow" in str(info.value) and "8123" in str(info.value)
+    assert "still warming up" in str(info.value)
+
+
+def test_wait_for_log_returns_the_match() -> None:
+    with Environment([Service("talk", py("print('port=4242', flush=True); import time; time.sleep(100)"))]) as env:
+        m = env["talk"].wait_for_log(r"port=(\d+)", timeout=10)
+        assert m.group(1) == "4242"
+        with pytest.raises(NotReady):
+            env["talk"].wait_for_log("never printed", timeout=0.2)
+
+
+def test_teardown_leaves_no_process_namespace_or_temp_dir() -> None:
+    code = """
+        import os, signal
+        for _ in range(2):
+            if os.fork() == 0:
+                signal.pause()
+        print("ready", flush=True)
+        signal.pause()
+    """
+    sup = get_supervisor()
+    before = set(children(sup.pid))
+    env = Environment([Service("family", py(code), ports=[8000], ready=probe.log("^ready$"))])
+    with env:
+        f = env["family"]
+        namespaces = [ns_inode(f.pid, k) for k in ("pid", "net", "mnt", "uts", "ipc")]  # type: ignore[arg-type]
+        assert len(holders(namespaces[0])) == 4  # init, service and its two children
+        workdir = env.workdir
+        assert workdir is not None and workdir.exists()
+        mounts_before = Path("/proc/self/mountinfo").read_text()
+    for ns in namespaces:
+        assert holders(ns) == [], ns
+    assert set(children(sup.pid)) <= before
+    assert not workdir.exists()
+    assert Path("/proc/self/mountinfo").read_text() == mounts_before
+
+
+def test_services_start_in_dependency_order() -> None:
+    a = Service("a", py("import time; print('a up', time.monotonic(), flush=True); time.sleep(100)"),
+                ready=probe.log("a up"))  # fmt: skip
+    b = Service("b", ["sleep", "1000"], depends_on=["a"])
+    with Environment([b, a]) as env:
+        assert list(env.services) == ["a", "b"]
+
+
+def test_start_adds_a_service_to_a_running_environment() -> None:
+    with Environment() as env:
+        h = env.start(Service("late", HTTP, ports=[8000], ready=probe.http(8000)))
+        assert env["late"] is h and h.http.get("/").status_code == 200
+        with pytest.raises(KeyError, match="late"):
+            env["missing"]
+
+
+def test_environment_start_failure_leaves_nothing() -> None:
+    good = Service("good", ["sleep", "1000"])
+    bad = Service("bad", ["sh", "-c", "exit 1"], depends_on=["good"], ready=probe.tcp(1))
+    env = Environment([good, bad])
+    with pytest.raises(ServiceFailed):
+        env.open()
+    assert not env["good"].running
+    assert os.path.exists(str(env.workdir)) is False

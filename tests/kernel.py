@@ -1,0 +1,61 @@
+"""What the kernel says about processes and namespaces: the ground truth for leak checks."""
+
+from __future__ import annotations
+
+import os
+
+
+def ns_inode(pid: int, kind: str) -> str:
+    """``/proc/PID/ns/KIND`` as the kernel names it, e.g. ``pid:[4026532001]``."""
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def holders(ns: str) -> list[int]:
+    """Every pid that is in, or holds an fd to, the namespace named ``ns`` (e.g. ``net:[...]``)."""
+    kind = ns.split(":", 1)[0]
+    kind = {"mnt": "mnt", "net": "net", "pid": "pid", "uts": "uts", "ipc": "ipc"}[kind]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            if os.readlink(f"/proc/{pid}/ns/{kind}") == ns:
+                found.append(pid)
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == ns:
+                        found.append(pid)
+                        break
+                except OSError:
+                    pass
+        except OSError:
+            pass  # exited meanwhile
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``, from every process's parent field (no CONFIG_PROC_CHILDREN needed)."""
+    out: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out

@@ -1,0 +1,169 @@
+"""The plugin as users run it: pytester projects with real services."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conftest import PLUGIN_ARGS
+
+pytest_plugins = ["pytester"]
+
+PYPROJECT = f"""
+[tool.envbox.services.web]
+command = ["{sys.executable}", "-m", "http.server", "8000", "--bind", "127.0.0.1"]
+ports = [8000]
+ready = {{ http = 8000 }}
+
+[tool.envbox.services.worker]
+command = ["sleep", "1000"]
+depends_on = ["web"]
+
+[tool.envbox.topologies]
+shop = ["web", "worker"]
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makefile(".toml", pyproject=PYPROJECT)
+    return pytester
+
+
+def run(p: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return p.runpytest(*PLUGIN_ARGS, "-p", "no:cacheprovider", *args)
+
+
+def test_marker_by_name_starts_the_service_and_its_dependencies(project: pytest.Pytester) -> None:
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.envbox("worker")
+        def test_it(envbox):
+            assert set(envbox.services) == {"web", "worker"}
+            assert envbox["web"].http.get("/").status_code == 200
+            assert envbox["worker"].exec(["hostname"]).stdout.strip() == "worker"
+    """)
+    run(project).assert_outcomes(passed=1)
+
+
+def test_unknown_name_fails_at_setup_listing_known_names(project: pytest.Pytester) -> None:
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.envbox("nope")
+        def test_it(envbox):
+            pass
+    """)
+    result = run(project)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*ConfigError*nope*web*worker*"])
+
+
+def test_topology_and_inline_service(project: pytest.Pytester) -> None:
+    project.makepyfile(f"""
+        import pytest
+        from pytest_envbox import Service, probe
+
+        @pytest.mark.envbox(topology="shop")
+        def test_topology(envbox):
+            assert set(envbox.services) == {{"web", "worker"}}
+
+        @pytest.mark.envbox(Service("tmp", ["{sys.executable}", "-m", "http.server", "9000"],
+                                    ports=[9000], ready=probe.tcp(9000)))
+        def test_inline(envbox):
+            assert envbox["tmp"].http.get("/").status_code == 200
+    """)
+    run(project).assert_outcomes(passed=2)
+
+
+def test_hook_declares_services_and_duplicates_name_both_places(project: pytest.Pytester) -> None:
+    project.makeconftest("""
+        from pytest_envbox import Service
+
+        def pytest_envbox_services(config):
+            return [Service("extra", ["sleep", "1000"]), Service("web", ["true"])]
+    """)
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.envbox("extra")
+        def test_it(envbox):
+            assert envbox["extra"].running
+    """)
+    result = run(project)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*ConfigError*web*pyproject.toml*conftest.py*"])
+
+
+def test_failing_test_gets_the_service_log_as_a_report_section(project: pytest.Pytester) -> None:
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.envbox("web")
+        def test_it(envbox):
+            envbox["web"].http.get("/marker-path-xyz")
+            assert False
+    """)
+    result = run(project)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*envbox: web*", "*full log:*web.log*", "*marker-path-xyz*"])
+    result = run(project, "--envbox-logs=never")
+    assert "envbox: web" not in result.stdout.str()
+
+
+def test_without_marker_the_environment_is_empty_and_starts_on_demand(project: pytest.Pytester) -> None:
+    project.makepyfile("""
+        def test_it(envbox):
+            assert len(envbox) == 0
+            web = envbox.start("web")
+            assert web.http.get("/").status_code == 200
+    """)
+    run(project).assert_outcomes(passed=1)
+
+
+def test_module_scope_shares_one_environment(project: pytest.Pytester) -> None:
+    project.makepyfile("""
+        import pytest
+        pytestmark = pytest.mark.envbox("web", scope="module")
+        pids = set()
+
+        def test_one(envbox):
+            pids.add(envbox["web"].pid)
+
+        def test_two(envbox):
+            pids.add(envbox["web"].pid)
+            assert len(pids) == 1
+
+        @pytest.mark.envbox("worker")
+        def test_closest_marker_wins(envbox):
+            assert "worker" in envbox.services
+    """)
+    run(project).assert_outcomes(passed=3)
+
+
+def test_bad_marker_arguments_name_the_test(project: pytest.Pytester) -> None:
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.envbox("web", scope="forever")
+        def test_it(envbox):
+            pass
+    """)
+    result = run(project)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*test_bad_marker_arguments_name_the_test.py::test_it*scope*forever*"])
+
+
+def test_marker_alone_starts_services_without_the_fixture_argument(project: pytest.Pytester) -> None:
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.envbox("web")
+        def test_it():
+            pass
+    """)
+    result = run(project, "--envbox-logs=always", "-rP")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*envbox: web*", "*web: running*"])
