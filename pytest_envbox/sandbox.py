@@ -136,6 +136,24 @@ class _RootBuilder:
                 _touch(dst)
                 self.bind(src, dst, readonly=True)
 
+    def shadow_for(self, paths: list[str]) -> None:
+        """Shadow, shallowest first, every directory where one of ``paths`` must be created.
+
+        Shallowest first, because a shadow hides whatever was shadowed or mounted below it.
+        """
+        points = set()
+        for path in paths:
+            p = self.resolve(path)
+            if os.path.lexists(_NEW + p):
+                continue
+            d = os.path.dirname(p)
+            while not os.path.lexists(_NEW + d):
+                d = os.path.dirname(d)
+            points.add(d)
+        for d in sorted(points, key=lambda x: x.rstrip("/").count("/")):
+            if d not in self.ours:
+                self.shadow(d)
+
     def bind(self, src: str, dst: str, *, readonly: bool) -> None:
         L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
         if readonly:
@@ -159,9 +177,12 @@ class _RootBuilder:
         return full[len(_NEW):]
 
 
-def _hidden(path: str) -> bool:
-    """Whether a host path lies under one of the sandbox's private filesystems."""
-    return any(path == d or path.startswith(d + "/") for d in ("/tmp", "/run", "/dev", HOME))
+#: The sandbox's own filesystems, which hide the host's directories of the same name.
+_PRIVATE = ("/tmp", "/run", "/dev")
+
+
+def _under(path: str, dirs: tuple[str, ...]) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in dirs)
 
 
 def _touch(path: str) -> None:
@@ -205,6 +226,19 @@ def build_root(plan: SandboxPlan) -> None:
     b = _RootBuilder()
     b.bind(_OLD, _NEW, readonly=True)
 
+    # Mount points outside the private filesystems first: a shadow hides whatever is mounted
+    # below it, so every shadow must come before the mounts.
+    mounts = sorted(plan.mounts, key=lambda m: m[1].count("/"))
+    wanted = [(HOME, True), *((t, False) for t in plan.etc_files),
+              *((t, os.path.isdir(_OLD + src)) for src, t, _ in mounts)]  # fmt: skip
+    try:
+        b.shadow_for([p for p, _ in wanted if not _under(p, _PRIVATE)])
+        for path, is_dir in wanted:
+            if not _under(path, _PRIVATE):
+                b.ensure(path, is_dir=is_dir)
+    except OSError as e:
+        raise SetupError(f"cannot create mount points: {e}") from e
+
     L.mount("proc", _NEW + "/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
     b.tmpfs("/dev")
     for node in _DEV_NODES:
@@ -227,12 +261,12 @@ def build_root(plan: SandboxPlan) -> None:
     L.mount("tmpfs", _NEW + home, "tmpfs", L.MS_NOSUID | L.MS_NODEV,
             f"mode=0700,uid={plan.uid},gid={plan.gid}")  # fmt: skip
     for path in plan.expose:
-        if _hidden(path) and os.path.exists(_OLD + path):
+        if _under(path, (*_PRIVATE, HOME)) and os.path.exists(_OLD + path):
             b.bind(_OLD + path, _NEW + b.ensure(path, is_dir=os.path.isdir(_OLD + path)), readonly=True)
     for target, host_file in plan.etc_files.items():
         t = b.ensure(target, is_dir=False)
         b.bind(_OLD + host_file, _NEW + t, readonly=True)
-    for source, target, readonly in plan.mounts:
+    for source, target, readonly in mounts:
         try:
             is_dir = os.path.isdir(_OLD + source)
             t = b.ensure(target, is_dir=is_dir)

@@ -236,8 +236,11 @@ class Supervisor:
         pend.sock.close()
         if pend.kind == "start":
             s = self.slots.get(pend.slot)
-            if pend.error is None and s is not None and s.init_pid == pend.pid:
-                s.main_pid = pend.main_pid
+            # Success is the "exec" message without an error after it; the service may have
+            # exited (and been reaped) already, which its own event reports.
+            if pend.error is None and pend.main_pid is not None and s is not None:
+                if s.init_pid == pend.pid:
+                    s.main_pid = pend.main_pid
                 self._reply(pend.req_id, pid=pend.main_pid, init_pid=pend.pid,
                             generation=s.generation)  # fmt: skip
             else:

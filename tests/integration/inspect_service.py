@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 # First thing: the fds this process was exec'd with (the listdir fd itself is closed again
 # before readlink, so it drops out).
@@ -52,15 +53,15 @@ with open("/proc/self/status") as f:
 with open("/proc/net/route") as f:
     routes = f.read().splitlines()[1:]
 with open("/proc/net/ipv6_route") as f:
-    routes6 = [r for r in f.read().splitlines() if not r.split()[-1] == "lo"]
+    routes6 = [r for r in f.read().splitlines() if r.split()[-1] != "lo"]
 
 report = {
     "fds": fds,
     "pid": os.getpid(),
     "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
     "hostname": socket.gethostname(),
-    "etc_hostname": open("/etc/hostname").read().strip(),
-    "etc_hosts": open("/etc/hosts").read(),
+    "etc_hostname": Path("/etc/hostname").read_text().strip(),
+    "etc_hosts": Path("/etc/hosts").read_text(),
     "writable": {p: writable(p) for p in ("/", "/usr", "/etc", "/tmp", os.environ.get("HOME", "/"),
                                            os.getcwd(), "/dev/shm", "/run")},
     "host_file_visible": os.path.exists(sys.argv[1]),

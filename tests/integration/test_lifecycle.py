@@ -134,7 +134,7 @@ def test_readiness_probes_of_each_kind() -> None:
         Service("t", HTTP, ready=probe.tcp(8000)),
         Service("h", HTTP, ports=[8000], ready=probe.http(8000, "/", status=200)),
         Service("l", py("print('hello there', flush=True); import time; time.sleep(100)"),
-                ready=probe.log(r"hello \w+")),  # fmt: skip
+                ready=probe.log(r"hello \w+")),
         Service("e", ["sleep", "1000"], ready=probe.exec(["true"])),
     ]
     with Environment(services) as env:
@@ -166,7 +166,8 @@ def test_probe_timeout_raises_not_ready_with_probe_and_log() -> None:
 
 
 def test_wait_for_log_returns_the_match() -> None:
-    with Environment([Service("talk", py("print('port=4242', flush=True); import time; time.sleep(100)"))]) as env:
+    talk = Service("talk", py("print('port=4242', flush=True); import time; time.sleep(100)"))
+    with Environment([talk]) as env:
         m = env["talk"].wait_for_log(r"port=(\d+)", timeout=10)
         assert m.group(1) == "4242"
         with pytest.raises(NotReady):
@@ -223,3 +224,38 @@ def test_environment_start_failure_leaves_nothing() -> None:
         env.open()
     assert not env["good"].running
     assert os.path.exists(str(env.workdir)) is False
+
+
+def test_rootdir_under_host_tmp_stays_visible_read_only(tmp_path: Path) -> None:
+    (tmp_path / "data.txt").write_text("from the checkout\n")
+    svc = Service("reader", ["sleep", "1000"])
+    with Environment([svc], rootdir=tmp_path) as env:
+        r = env["reader"].exec(["sh", "-c", "pwd; cat data.txt; touch x 2>&1 || true; ls /tmp"])
+        lines = r.stdout.splitlines()
+        assert lines[0] == str(tmp_path)
+        assert lines[1] == "from the checkout"
+        assert "Read-only file system" in r.stdout
+        assert tmp_path.name not in lines[3:]  # the rest of the host's /tmp stays hidden
+
+
+def test_mounts_bind_host_paths_at_targets_that_do_not_exist_on_the_host(tmp_path: Path) -> None:
+    (tmp_path / "fixtures").mkdir()
+    (tmp_path / "fixtures" / "a.json").write_text("{}\n")
+    (tmp_path / "out").mkdir()
+    svc = Service("m", ["sleep", "1000"], mounts=[
+        {"source": "./fixtures", "target": "/data/in"},
+        {"source": str(tmp_path / "out"), "target": "/srv/envbox-out", "readonly": False},
+    ])  # fmt: skip
+    with Environment([svc], rootdir=tmp_path) as env:
+        r = env["m"].exec(["sh", "-c", "cat /data/in/a.json && touch /srv/envbox-out/made && "
+                                       "(touch /data/in/x 2>/dev/null && echo writable || echo ro)"])
+        assert r.stdout.split() == ["{}", "ro"], r
+    assert (tmp_path / "out" / "made").exists()
+    assert not Path("/data/in").exists() and not Path("/srv/envbox-out").exists()
+
+
+def test_envbox_doctor_says_the_host_can_run_services() -> None:
+    r = subprocess.run([PY, "-m", "pytest_envbox.cli", "doctor"], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sandbox" in r.stdout and "MISSING" not in r.stdout

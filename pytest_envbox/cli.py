@@ -1,0 +1,113 @@
+"""The ``envbox`` command: the engine without pytest (``doctor``, ``up``).
+
+It imports nothing from pytest: it reads the project's declarations with :mod:`.config` and runs
+them with :class:`~pytest_envbox.Environment`, as the plugin does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import load_project_config
+from .environment import Environment
+from .errors import EnvboxError
+from .spec import Service
+
+
+def _cgroup_summary() -> str:
+    try:
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return "unknown (no /proc/self/mountinfo)"
+    v1 = sorted({m.split(" - ")[1].split()[2].split(",")[-1] for m in mounts
+                 if " - cgroup " in m})  # fmt: skip
+    v2 = any(" - cgroup2 " in m for m in mounts)
+    if v1 and v2:
+        return "v1 (hybrid: v1 controllers and a cgroup2 mount)"
+    if v2:
+        return "v2 (unified)"
+    return "v1" if v1 else "none mounted"
+
+
+def doctor() -> int:
+    """Print what this host supports, one line each; 0 when services can run here."""
+    ok = True
+
+    def line(name: str, good: bool, text: str) -> None:
+        nonlocal ok
+        ok = ok and good
+        print(f"{name:<18} {'OK  ' if good else 'MISSING'} {text}")
+
+    linux = sys.platform.startswith("linux")
+    line("linux", linux, platform.platform() if linux else f"this is {sys.platform}: use Linux")
+    if not linux:
+        return 1
+    release = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+    line("kernel", release >= (5, 12), platform.release() if release >= (5, 12)
+         else f"{platform.release()}: kernel 5.12 or newer is needed (mount_setattr)")  # fmt: skip
+    root = os.geteuid() == 0
+    line("privileges", root, "root" if root else
+         "not root: run as root (rootless mode is planned)")  # fmt: skip
+    try:
+        users = int(Path("/proc/sys/user/max_user_namespaces").read_text())
+    except OSError:
+        users = 0
+    print(f"{'user namespaces':<18} {'OK  ' if users else 'NOTE'} "
+          f"{'available' if users else 'disabled (user.max_user_namespaces = 0)'}")  # fmt: skip
+    print(f"{'cgroups':<18} INFO {_cgroup_summary()}")
+    if root:
+        try:
+            with Environment([Service("doctor", ["true"])], rootdir="/"):
+                pass
+            line("sandbox", True, "a service started in new pid/mount/uts/ipc/net namespaces")
+        except EnvboxError as e:
+            line("sandbox", False, f"could not start a sandboxed service: {e}")
+    return 0 if ok else 1
+
+
+def up(names: Sequence[str], topology: str | None, rootdir: Path) -> int:
+    """Start services from the project's declarations and keep them until Ctrl-C."""
+    catalog = load_project_config(rootdir)
+    if not names and topology is None:
+        names = catalog.names()
+    env = Environment(list(names), topology=topology, catalog=catalog, rootdir=rootdir)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with env:
+        for name, h in env.services.items():
+            ports = ", ".join(f"{p} -> 127.0.0.1:{h.port(p)}" for p in h.spec.ports) or "no ports"
+            print(f"{name}: pid {h.pid}, {ports}, log {h.log_path}", flush=True)
+        print("envbox: services are up; Ctrl-C tears them down", flush=True)
+        stop.wait()
+    print("envbox: torn down", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="envbox", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="check what this host supports")
+    p_up = sub.add_parser("up", help="start services in the foreground")
+    p_up.add_argument("names", nargs="*", help="services (default: all)")
+    p_up.add_argument("--topology", default=None)
+    p_up.add_argument("--rootdir", type=Path, default=Path.cwd())
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "doctor":
+            return doctor()
+        return up(args.names, args.topology, args.rootdir.resolve())
+    except EnvboxError as e:
+        print(f"envbox: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
