@@ -111,6 +111,14 @@ class SupervisorClient:
             raise SupervisorError(msg["error"], setup=bool(msg.get("setup")))
         return msg
 
+    def send(self, op: str, **kw: Any) -> None:
+        """Send a request without waiting for its answer (errors are then ignored)."""
+        with self._lock:
+            if self.dead:
+                raise SupervisorError("the envbox supervisor process has died")
+        with self._send_lock:
+            self._sock.sendall(encode({"id": next(self._ids), "op": op, **kw}))
+
     def on_event(self, slot: str, handler: EventHandler | None) -> None:
         with self._lock:
             if handler is None:

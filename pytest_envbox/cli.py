@@ -64,7 +64,7 @@ def doctor() -> int:
     print(f"{'cgroups':<18} INFO {_cgroup_summary()}")
     if root:
         try:
-            with Environment([Service("doctor", ["true"])], rootdir="/"):
+            with Environment([Service("doctor", ["sleep", "60"])], rootdir="/"):
                 pass
             line("sandbox", True, "a service started in new pid/mount/uts/ipc/net namespaces")
         except EnvboxError as e:

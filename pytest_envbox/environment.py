@@ -213,7 +213,7 @@ class Environment:
             self.workdir = self._given_workdir
         else:
             self.workdir = Path(tempfile.mkdtemp(prefix="envbox-"))
-            self._sup.call("own_dir", path=str(self.workdir), own=True)
+            self._sup.send("own_dir", path=str(self.workdir), own=True)
         try:
             self._start_levels(self._levels)
         except BaseException:
@@ -267,19 +267,23 @@ class Environment:
             return
         self._closed = True
         handles = [self._handles[n] for n in reversed(self._order)]
+        # SIGTERM to all at once, then wait for each: teardown takes the slowest service's
+        # time, not the sum.
         for h in handles:
             with contextlib.suppress(EnvboxError, OSError):
-                h._signal(signal.SIGTERM, "init")
+                if h.running:
+                    h._signal(signal.SIGTERM, "init", wait=False)
         for h in handles:
             with contextlib.suppress(EnvboxError, OSError):
-                h.stop()
+                h._await_exit(h.spec.stop_timeout)
+        owned = self._given_workdir is None and self.workdir is not None
+        with contextlib.suppress(EnvboxError, OSError):
+            self._sup.call("release", slots=[h._slot for h in handles],
+                           disown=str(self.workdir) if owned else None)  # fmt: skip
         for h in handles:
-            with contextlib.suppress(EnvboxError, OSError):
-                h._destroy()
-        if self._given_workdir is None and self.workdir is not None:
+            h._forget()
+        if owned and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-            with contextlib.suppress(EnvboxError, OSError):
-                self._sup.call("own_dir", path=str(self.workdir), own=False)
 
 
 def _ready_error(h: ServiceHandle) -> BaseException | None:
@@ -425,12 +429,15 @@ class ServiceHandle:
         """SIGTERM, then SIGKILL after ``timeout`` (default: the service's ``stop_timeout``)."""
         if not self.running:
             return
-        self._signal(signal.SIGTERM, "init")
-        grace = self.spec.stop_timeout if timeout is None else timeout
-        if wait_until(lambda: True if not self.running else None, Deadline(grace),
-                      wake=None) is None:  # fmt: skip
-            self._signal(signal.SIGKILL, "init")
-            wait_until(lambda: True if not self.running else None, Deadline(10.0))
+        self._signal(signal.SIGTERM, "init", wait=False)
+        self._await_exit(self.spec.stop_timeout if timeout is None else timeout)
+
+    def _await_exit(self, grace: float) -> None:
+        """Wait ``grace`` seconds for the service to exit, then SIGKILL its whole sandbox."""
+        if self._exited.wait(grace):
+            return
+        self._signal(signal.SIGKILL, "init")
+        self._exited.wait(10.0)
 
     def restart(self) -> None:
         """Stop, then start again: a new process (new pid), the same published ports."""
@@ -443,7 +450,7 @@ class ServiceHandle:
             return
         self._signal(sig, "main")
         if sig == signal.SIGKILL:
-            wait_until(lambda: True if not self.running else None, Deadline(10.0))
+            self._exited.wait(10.0)
 
     def exec(self, argv: Sequence[str] | str, *, timeout: float | None = 60.0,
              input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
@@ -472,8 +479,9 @@ class ServiceHandle:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _signal(self, sig: int, target: str) -> None:
-        self._sup.call("signal", slot=self._slot, sig=int(sig), target=target)
+    def _signal(self, sig: int, target: str, *, wait: bool = True) -> None:
+        (self._sup.call if wait else self._sup.send)("signal", slot=self._slot, sig=int(sig),
+                                                       target=target)  # fmt: skip
 
     def _on_event(self, msg: dict[str, Any]) -> None:
         if msg["event"] == "supervisor_died":
@@ -487,7 +495,7 @@ class ServiceHandle:
         self._exited.set()
 
     def _create(self) -> None:
-        """Claim the service's network namespace and ports (they outlive restarts)."""
+        """Write the service's generated files and listen for its events."""
         self._dir.mkdir(parents=True, exist_ok=True)
         hosts = self._dir / "hosts"
         names = " ".join([self.name, *self.spec.aliases])
@@ -496,13 +504,6 @@ class ServiceHandle:
         (self._dir / "hostname").write_text(self.name + "\n")
         self._plan.etc_files = {"/etc/hosts": str(hosts), "/etc/hostname": str(self._dir / "hostname")}
         self._sup.on_event(self._slot, self._on_event)
-        self._sup.call("slot_create", slot=self._slot)
-        ports = list(self.spec.ports)
-        ready = self.spec.ready
-        if isinstance(ready, HttpProbe) and ready.port not in ports:
-            ports.append(ready.port)  # the HTTP probe goes through a relay like the test does
-        for p in ports:
-            self._ports[p] = self._sup.call("publish", slot=self._slot, port=p)["host_port"]
 
     def _spawn(self) -> None:
         """Fork the sandbox; return once the service's command has been exec'd."""
@@ -514,15 +515,21 @@ class ServiceHandle:
             self._generation += 1
             self._returncode = None
             self._exited.clear()
+        ports = list(self.spec.ports)
+        ready = self.spec.ready
+        if isinstance(ready, HttpProbe) and ready.port not in ports:
+            ports.append(ready.port)  # the HTTP probe goes through a relay like the test does
         try:
+            # The first start also creates the service's network namespace and publishes its
+            # ports; both outlive restarts, so a restarted service keeps its host ports.
             r = self._sup.call("start", slot=self._slot, plan=self._plan.to_dict(),
-                               log_path=str(self.log_path))  # fmt: skip
+                               log_path=str(self.log_path), ports=ports)  # fmt: skip
         except SupervisorError as e:
             self._exited.set()
             raise ServiceFailed(self.name, None, probes.log_tail(self.log_path),
                                 reason=f"could not be started: {e}") from None  # fmt: skip
         self._pid = r["pid"]
-        self._generation = r["generation"]
+        self._ports = {int(p): hp for p, hp in r["ports"].items()}
 
     def _wait_ready(self) -> None:
         probes.wait_ready(self, self.spec.ready)
@@ -535,8 +542,7 @@ class ServiceHandle:
     def _tcp_check(self, port: int) -> bool:
         return bool(self._sup.call("tcp_check", slot=self._slot, port=port)["ok"])
 
-    def _destroy(self) -> None:
-        self._sup.call("slot_remove", slot=self._slot)
+    def _forget(self) -> None:
         self._sup.on_event(self._slot, None)
         self._exited.set()
         self._pid = None

@@ -13,6 +13,7 @@ and carried out here in one place, in the child, in a fixed order.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -119,40 +120,29 @@ class _RootBuilder:
         self.ours.add(path)
 
     def shadow(self, d: str) -> None:
-        """Replace directory ``d`` of the new root by a tmpfs mirroring it read-only."""
-        st = os.stat(_OLD + d)
+        """Replace directory ``d`` of the new root by a tmpfs mirroring what was there.
+
+        The current view of ``d`` (host binds and whatever we mounted below it already) is first
+        bound aside, recursively, and its entries bound back into the tmpfs, so a shadow hides
+        nothing and the order of shadows does not matter. Binds keep their source's read-only
+        flag.
+        """
+        stage = f"/stage{len(self.shadows)}"
+        os.mkdir(stage)
+        L.mount(_NEW + d, stage, None, L.MS_BIND | L.MS_REC)
+        st = os.stat(stage)
         self.tmpfs(d, f"mode={stat.S_IMODE(st.st_mode):o},uid={st.st_uid},gid={st.st_gid}")
         self.shadows.append(d)
-        for entry in os.scandir(_OLD + d):
+        for entry in os.scandir(stage):
             src, dst = entry.path, _NEW + d.rstrip("/") + "/" + entry.name
             if entry.is_symlink():
                 os.symlink(os.readlink(src), dst)
-            elif entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.is_dir(follow_symlinks=False):
                 os.mkdir(dst)
-                if d == "/" and entry.name in ("proc", "dev", "tmp", "run"):
-                    continue  # mounted over below anyway
-                self.bind(src, dst, readonly=True)
             else:
                 _touch(dst)
-                self.bind(src, dst, readonly=True)
-
-    def shadow_for(self, paths: list[str]) -> None:
-        """Shadow, shallowest first, every directory where one of ``paths`` must be created.
-
-        Shallowest first, because a shadow hides whatever was shadowed or mounted below it.
-        """
-        points = set()
-        for path in paths:
-            p = self.resolve(path)
-            if os.path.lexists(_NEW + p):
-                continue
-            d = os.path.dirname(p)
-            while not os.path.lexists(_NEW + d):
-                d = os.path.dirname(d)
-            points.add(d)
-        for d in sorted(points, key=lambda x: x.rstrip("/").count("/")):
-            if d not in self.ours:
-                self.shadow(d)
+            L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
 
     def bind(self, src: str, dst: str, *, readonly: bool) -> None:
         L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
@@ -213,8 +203,12 @@ def _run_skeleton(b: _RootBuilder) -> None:
         b.ours.add("/run/" + entry.name)
 
 
-def build_root(plan: SandboxPlan) -> None:
-    """Build the sandbox's filesystem and pivot into it. Needs a private mount namespace."""
+def build_base() -> _RootBuilder:
+    """The part of the sandbox's filesystem every service shares; done ahead of time.
+
+    Needs a private mount namespace. Leaves the host's root at ``/old`` and the new root, not yet
+    pivoted into, at ``/new``.
+    """
     L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
     # bubblewrap's trick: a tmpfs over /tmp becomes the new root of this mount namespace, the
     # host's root moves below it to /old, with the host's /tmp visible again at /old/tmp.
@@ -225,20 +219,6 @@ def build_root(plan: SandboxPlan) -> None:
     os.chdir("/")
     b = _RootBuilder()
     b.bind(_OLD, _NEW, readonly=True)
-
-    # Mount points outside the private filesystems first: a shadow hides whatever is mounted
-    # below it, so every shadow must come before the mounts.
-    mounts = sorted(plan.mounts, key=lambda m: m[1].count("/"))
-    wanted = [(HOME, True), *((t, False) for t in plan.etc_files),
-              *((t, os.path.isdir(_OLD + src)) for src, t, _ in mounts)]  # fmt: skip
-    try:
-        b.shadow_for([p for p, _ in wanted if not _under(p, _PRIVATE)])
-        for path, is_dir in wanted:
-            if not _under(path, _PRIVATE):
-                b.ensure(path, is_dir=is_dir)
-    except OSError as e:
-        raise SetupError(f"cannot create mount points: {e}") from e
-
     L.mount("proc", _NEW + "/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
     b.tmpfs("/dev")
     for node in _DEV_NODES:
@@ -256,7 +236,11 @@ def build_root(plan: SandboxPlan) -> None:
     b.tmpfs("/tmp", "mode=1777")
     b.tmpfs("/run")
     _run_skeleton(b)
+    return b
 
+
+def finish_root(b: _RootBuilder, plan: SandboxPlan) -> None:
+    """The service's own part of the filesystem (HOME, its mounts, /etc files); pivot into it."""
     home = b.ensure(HOME, is_dir=True)
     L.mount("tmpfs", _NEW + home, "tmpfs", L.MS_NOSUID | L.MS_NODEV,
             f"mode=0700,uid={plan.uid},gid={plan.gid}")  # fmt: skip
@@ -264,19 +248,16 @@ def build_root(plan: SandboxPlan) -> None:
         if _under(path, (*_PRIVATE, HOME)) and os.path.exists(_OLD + path):
             b.bind(_OLD + path, _NEW + b.ensure(path, is_dir=os.path.isdir(_OLD + path)), readonly=True)
     for target, host_file in plan.etc_files.items():
-        t = b.ensure(target, is_dir=False)
-        b.bind(_OLD + host_file, _NEW + t, readonly=True)
-    for source, target, readonly in mounts:
+        b.bind(_OLD + host_file, _NEW + b.ensure(target, is_dir=False), readonly=True)
+    for source, target, readonly in sorted(plan.mounts, key=lambda m: m[1].count("/")):
         try:
             is_dir = os.path.isdir(_OLD + source)
-            t = b.ensure(target, is_dir=is_dir)
-            b.bind(_OLD + source, _NEW + t, readonly=readonly)
+            b.bind(_OLD + source, _NEW + b.ensure(target, is_dir=is_dir), readonly=readonly)
         except OSError as e:
             raise SetupError(f"mount {source} -> {target}: {e.strerror}") from e
     for d in b.shadows:
         L.mount(None, _NEW + d, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | L.MS_NOSUID
                 | L.MS_NODEV)  # fmt: skip
-
     os.chdir(_NEW)
     L.pivot_root(".", ".")
     L.umount2(".", L.MNT_DETACH)
@@ -364,38 +345,70 @@ def exec_service(plan: SandboxPlan, argv: list[str], executable: str, sync: sock
     os._exit(127)
 
 
-def run_init(plan: SandboxPlan, netns_fd: int, log_fd: int, sync: socket.socket) -> NoReturn:
-    """PID 1 of a new sandbox: set everything up, start the service, be its init. Never returns."""
+_ALL_SIGNALS = [sig for sig in signal.valid_signals() if sig not in (signal.SIGKILL, signal.SIGSTOP)]
+
+
+def run_spare(ctl: socket.socket) -> NoReturn:
+    """PID 1 of a new sandbox, prepared before it is needed. Never returns.
+
+    Forked ahead of time into new PID, mount, UTS and IPC namespaces with the shared part of the
+    filesystem built, it waits on ``ctl`` for a plan and two fds (the service's network namespace
+    and its log). Then it finishes the filesystem, becomes the service's user with the service's
+    limits, spawns the service and stays as its init. ``ctl`` carries back ``exec`` with a pidfd
+    of the service (how the supervisor learns its host pid), or ``error:<why>``.
+    """
     code = 125
     try:
         L.set_pdeathsig(signal.SIGKILL)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
-        devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        close_fds_except([netns_fd, log_fd, sync.fileno(), devnull])
+        devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        close_fds_except([ctl.fileno(), devnull])
+        L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC)
+        builder = build_base()
+        msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 2)
+        if not msg or len(fds) != 2:
+            os._exit(0)  # the supervisor is done with us
+        plan = SandboxPlan.from_dict(json.loads(msg))
+        netns_fd, log_fd = fds
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         L.setns(netns_fd, L.CLONE_NEWNET)
         os.close(netns_fd)
-        L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC)
         socket.sethostname(plan.name)
-        build_root(plan)
+        finish_root(builder, plan)
+        _chdir_inside(plan.cwd)
+        # Init drops to the service's user and limits first, so that the service can be started
+        # with posix_spawn (vfork): forking this Python process would cost milliseconds.
+        drop_privileges(plan)
         L.set_dumpable(False)
-        pid = os.fork()
-        if pid == 0:
-            exec_service(plan, plan.argv, plan.executable, sync, (devnull, log_fd, log_fd))
+        L.close_range_cloexec(3)
+        actions = [(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                   (os.POSIX_SPAWN_DUP2, log_fd, 2)]  # fmt: skip
+        common: dict[str, Any] = {"file_actions": actions, "setsid": True,
+                                  "setsigdef": _ALL_SIGNALS, "setsigmask": []}  # fmt: skip
+        try:
+            if plan.executable:
+                pid = os.posix_spawn(plan.executable, plan.argv, plan.env, **common)
+            else:
+                os.environ["PATH"] = plan.env.get("PATH", os.defpath)
+                pid = os.posix_spawnp(plan.argv[0], plan.argv, plan.env, **common)
+        except OSError as e:
+            raise SetupError(f"{plan.executable or plan.argv[0]}: {e.strerror}") from e
+        pidfd = os.pidfd_open(pid)
+        socket.send_fds(ctl, [b"exec"], [pidfd])
+        os.close(pidfd)
         os.close(log_fd)
-        os.close(devnull)
-        sync.close()
+        ctl.close()
         _be_init(pid)
     except SetupError as e:
-        _report(sync, f"error:{e}")
+        _report(ctl, f"error:{e}")
     except OSError as e:
-        _report(sync, f"error:sandbox setup failed: {e}")
+        _report(ctl, f"error:sandbox setup failed: {e}")
     except BaseException as e:
-        _report(sync, f"error:sandbox setup failed: {type(e).__name__}: {e}")
+        _report(ctl, f"error:sandbox setup failed: {type(e).__name__}: {e}")
     os._exit(code)
 
 

@@ -20,7 +20,9 @@ forking thread, which must live as long as the supervisor). Relays run in thread
 
 from __future__ import annotations
 
+import array
 import contextlib
+import json
 import os
 import selectors
 import shutil
@@ -35,7 +37,7 @@ from typing import Any
 from . import _linux as L
 from ._protocol import FrameReader, encode
 from .relay import Relay
-from .sandbox import SandboxPlan, close_fds_except, exec_service, run_init
+from .sandbox import SandboxPlan, close_fds_except, exec_service, run_spare
 
 _NS_FOR_EXEC = (("ipc", L.CLONE_NEWIPC), ("uts", L.CLONE_NEWUTS), ("net", L.CLONE_NEWNET),
                 ("pid", L.CLONE_NEWPID), ("mnt", L.CLONE_NEWNS))  # fmt: skip
@@ -91,6 +93,8 @@ class Supervisor:
         self.pending: dict[int, _Pending] = {}  # sync socket fd -> pending
         self.execs: dict[int, _Exec] = {}  # helper pid -> exec
         self.dirs: set[str] = set()
+        self.spares: list[tuple[int, socket.socket]] = []  # prepared inits, see _spawn_spare
+        self.spare_netns: list[int] = []  # prepared network namespaces
         self.running = True
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.own_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -128,6 +132,11 @@ class Supervisor:
                         self._on_exec_pipe(*tag)
                 self._check_deadlines()
                 self._reap()  # a SIGCHLD racing with a select() timeout must not be lost
+                # Prepare the next sandbox off the critical path, once replies have gone out.
+                if self.running and not self.spares:
+                    self._spawn_spare()
+                if self.running and not self.spare_netns:
+                    self.spare_netns.append(self._new_netns())
         finally:
             self.teardown()
 
@@ -168,81 +177,94 @@ class Supervisor:
         L.set_child_subreaper()
         return {"pid": os.getpid()}
 
-    def op_slot_create(self, req_id: int, slot: str) -> dict[str, Any]:
+    def _create_slot(self, slot: str) -> None:
         """A new network namespace, held by an fd: no process needs to live in it."""
         if slot in self.slots:
             raise ValueError(f"slot {slot} exists")
+        fd = self.spare_netns.pop() if self.spare_netns else self._new_netns()
+        self.slots[slot] = _Slot(netns_fd=fd)
+
+    def _new_netns(self) -> int:
+        """A fresh network namespace with loopback up (about a millisecond: made ahead)."""
         L.unshare(L.CLONE_NEWNET)
         try:
             fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             L.loopback_up()
         finally:
             L.setns(self.own_netns, L.CLONE_NEWNET)
-        self.slots[slot] = _Slot(netns_fd=fd)
-        return {}
+        return fd
 
-    def op_publish(self, req_id: int, slot: str, port: int) -> dict[str, Any]:
-        s = self.slots[slot]
-        if port not in s.relays:
-            s.relays[port] = Relay(s.netns_fd, port)
-        return {"host_port": s.relays[port].host_port}
+    def _spawn_spare(self) -> None:
+        """Fork the next sandbox's init ahead of time (see :func:`sandbox.run_spare`)."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The child is PID 1 of a new PID namespace; reset our pid_for_children right after.
+        L.unshare(L.CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                parent.close()
+                run_spare(child)
+            finally:
+                os._exit(125)
+        L.setns(self.own_pidns, L.CLONE_NEWPID)
+        child.close()
+        self.spares.append((pid, parent))
 
-    def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str) -> None:
+    def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
+                 ports: list[int]) -> dict[str, Any] | None:  # fmt: skip
+        """Start a service in ``slot`` (created on first use, with its published ports)."""
+        if slot not in self.slots:
+            self._create_slot(slot)
         s = self.slots[slot]
+        for port in ports:
+            if port not in s.relays:
+                s.relays[port] = Relay(s.netns_fd, port)
         if s.init_pid is not None:
             raise ValueError(f"{slot} is already running")
-        p = SandboxPlan.from_dict(plan)
+        if not self.spares:
+            self._spawn_spare()
+        pid, ctl = self.spares.pop(0)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
-            # The child is PID 1 of a new PID namespace; reset our pid_for_children right after.
-            L.unshare(L.CLONE_NEWPID)
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child
-                try:
-                    parent.close()
-                    run_init(p, s.netns_fd, log_fd, child)
-                finally:
-                    os._exit(125)
-            L.setns(self.own_pidns, L.CLONE_NEWPID)
+            socket.send_fds(ctl, [json.dumps(plan).encode()], [s.netns_fd, log_fd])
         finally:
             os.close(log_fd)
-            child.close()
         s.init_pid = pid
         s.main_pid = None
         s.generation += 1
         self.inits[pid] = slot
-        pend = _Pending("start", req_id, slot, parent, pid)
-        self.pending[parent.fileno()] = pend
-        self.sel.register(parent, selectors.EVENT_READ, pend)
+        pend = _Pending("start", req_id, slot, ctl, pid)
+        self.pending[ctl.fileno()] = pend
+        self.sel.register(ctl, selectors.EVENT_READ, pend)
         return None
 
     def _on_sync(self, pend: _Pending) -> None:
         try:
-            msg, anc, _flags, _addr = pend.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            msg, anc, _flags, _addr = pend.sock.recvmsg(4096, socket.CMSG_SPACE(16))
         except OSError:
             msg, anc = b"", []
+        for level, typ, data in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                for fd in array.array("i", data[: len(data) - len(data) % 4]):
+                    pend.main_pid = pend.main_pid or _pidfd_pid(fd)
+                    os.close(fd)
+        if msg.startswith(b"error:"):
+            pend.error = msg[6:].decode(errors="replace")
         if msg:
-            for level, typ, data in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
-                    pend.main_pid = int.from_bytes(data[:4], sys.byteorder)
-            if msg.startswith(b"error:"):
-                pend.error = msg[6:].decode(errors="replace")
             return
-        # EOF: every copy of the child's end is closed; the exec happened unless an error came.
+        # EOF: the init has spawned the service and closed its end, or failed.
         self.sel.unregister(pend.sock)
         del self.pending[pend.sock.fileno()]
         pend.sock.close()
         if pend.kind == "start":
             s = self.slots.get(pend.slot)
-            # Success is the "exec" message without an error after it; the service may have
-            # exited (and been reaped) already, which its own event reports.
+            # The service may have exited (and been reaped) already: its own event says so.
             if pend.error is None and pend.main_pid is not None and s is not None:
                 if s.init_pid == pend.pid:
                     s.main_pid = pend.main_pid
                 self._reply(pend.req_id, pid=pend.main_pid, init_pid=pend.pid,
-                            generation=s.generation)  # fmt: skip
+                            generation=s.generation,
+                            ports={str(p): r.host_port for p, r in s.relays.items()})  # fmt: skip
             else:
                 self._reply(pend.req_id, error=pend.error or "the sandbox exited during setup",
                             setup=True)  # fmt: skip
@@ -265,13 +287,16 @@ class Supervisor:
     def op_tcp_check(self, req_id: int, slot: str, port: int) -> dict[str, Any]:
         """Does ``port`` accept a connection on the service's loopback, in its namespace?"""
         s = self.slots[slot]
+        socks: list[tuple[socket.socket, str]] = []
         L.setns(s.netns_fd, L.CLONE_NEWNET)
         try:
-            socks = [socket.socket(socket.AF_INET), socket.socket(socket.AF_INET6)]
+            for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                with contextlib.suppress(OSError):  # no IPv6 on this host: IPv4 only
+                    socks.append((socket.socket(family, socket.SOCK_STREAM), addr))
         finally:
             L.setns(self.own_netns, L.CLONE_NEWNET)
         ok = False
-        for sk, addr in zip(socks, ("127.0.0.1", "::1"), strict=True):
+        for sk, addr in socks:
             with sk:
                 sk.settimeout(1.0)
                 if not ok:
@@ -357,11 +382,14 @@ class Supervisor:
                     stderr=ex.err.decode(errors="replace"), timed_out=ex.timed_out,
                     exec_error=ex.error)  # fmt: skip
 
-    def op_slot_remove(self, req_id: int, slot: str) -> dict[str, Any]:
-        s = self.slots.pop(slot, None)
-        if s is None:
-            return {}
-        self._release(s)
+    def op_release(self, req_id: int, slots: list[str], disown: str | None = None) -> dict[str, Any]:
+        """Free the slots (killing anything still running there); forget a directory."""
+        for slot in slots:
+            s = self.slots.pop(slot, None)
+            if s is not None:
+                self._release(s)
+        if disown is not None:
+            self.dirs.discard(disown)
         return {}
 
     def op_own_dir(self, req_id: int, path: str, own: bool) -> dict[str, Any]:
@@ -386,6 +414,11 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             if code < 0:
                 code = 128 - code
+            for i, (spare, ctl) in enumerate(self.spares):
+                if spare == pid:  # a spare that died (it could not set itself up)
+                    ctl.close()
+                    del self.spares[i]
+                    break
             slot = self.inits.pop(pid, None)
             if slot is not None:
                 s = self.slots.get(slot)
@@ -435,6 +468,16 @@ class Supervisor:
         os.close(s.netns_fd)
 
     def teardown(self) -> None:
+        for pid, ctl in self.spares:
+            ctl.close()  # EOF: the spare exits by itself
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.spares.clear()
+        for fd in self.spare_netns:
+            os.close(fd)
+        self.spare_netns.clear()
         for slot in list(self.slots):
             self._release(self.slots.pop(slot))
         for ex in list(self.execs.values()):
@@ -446,6 +489,18 @@ class Supervisor:
 
 
 _OPS = {name[3:]: fn for name, fn in vars(Supervisor).items() if name.startswith("op_")}
+
+
+def _pidfd_pid(fd: int) -> int | None:
+    """The pid (in our PID namespace) of the process a pidfd refers to, from its fdinfo."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int]],

@@ -59,3 +59,19 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             out.append(int(entry))
     return out
+
+
+def started_sandboxes(supervisor: int) -> set[int]:
+    """Children of the supervisor that run a service: they left its network namespace.
+
+    (Its other children are prepared inits still waiting, in the supervisor's namespace.)
+    """
+    own = ns_inode(os.getpid(), "net")  # the supervisor's own, except for an instant now and then
+    out = set()
+    for pid in children(supervisor):
+        try:
+            if ns_inode(pid, "net") != own:
+                out.add(pid)
+        except OSError:
+            pass
+    return out

@@ -9,7 +9,7 @@ import pytest
 from pytest_envbox import ConfigError, Environment, Mount, Service
 from pytest_envbox._client import get_supervisor
 from pytest_envbox.config import load_project_config
-from tests.kernel import children
+from tests.kernel import started_sandboxes
 
 CASES = {
     "unknown-user": (lambda: Service("svc", ["true"], user="no-such-user-xyz"), "user"),
@@ -29,12 +29,12 @@ CASES = {
 def test_host_dependent_errors_name_the_key_and_start_nothing(case: str, tmp_path: Path) -> None:
     make, key = CASES[case]
     sup = get_supervisor()
-    before = set(children(sup.pid))
+    before = started_sandboxes(sup.pid)
     with pytest.raises(ConfigError) as info:
         Environment([make()], rootdir=tmp_path).open()
     assert key in str(info.value)
     assert "svc" in str(info.value)
-    assert set(children(sup.pid)) == before
+    assert started_sandboxes(sup.pid) == before
 
 
 def test_bad_project_file_is_a_config_error_naming_the_key(tmp_path: Path) -> None:

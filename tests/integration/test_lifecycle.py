@@ -15,7 +15,7 @@ import pytest
 from pytest_envbox import Environment, NotReady, Service, ServiceFailed, probe
 from pytest_envbox._client import get_supervisor
 from pytest_envbox._wait import Deadline, wait_until
-from tests.kernel import alive, children, holders, ns_inode
+from tests.kernel import alive, holders, ns_inode, started_sandboxes
 
 PY = sys.executable
 HTTP = [PY, "-m", "http.server", "8000", "--bind", "127.0.0.1"]
@@ -184,7 +184,7 @@ def test_teardown_leaves_no_process_namespace_or_temp_dir() -> None:
         signal.pause()
     """
     sup = get_supervisor()
-    before = set(children(sup.pid))
+    before = started_sandboxes(sup.pid)
     env = Environment([Service("family", py(code), ports=[8000], ready=probe.log("^ready$"))])
     with env:
         f = env["family"]
@@ -195,7 +195,7 @@ def test_teardown_leaves_no_process_namespace_or_temp_dir() -> None:
         mounts_before = Path("/proc/self/mountinfo").read_text()
     for ns in namespaces:
         assert holders(ns) == [], ns
-    assert set(children(sup.pid)) <= before
+    assert started_sandboxes(sup.pid) <= before
     assert not workdir.exists()
     assert Path("/proc/self/mountinfo").read_text() == mounts_before
 
