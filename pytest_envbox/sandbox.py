@@ -87,6 +87,7 @@ class _RootBuilder:
     def __init__(self) -> None:
         self.ours: set[str] = set()
         self.shadows: list[str] = []
+        self.home = HOME
 
     def resolve(self, path: str) -> str:
         """``path`` inside the new root with symlinks followed as the service would see them."""
@@ -236,14 +237,14 @@ def build_base() -> _RootBuilder:
     b.tmpfs("/tmp", "mode=1777")
     b.tmpfs("/run")
     _run_skeleton(b)
+    b.home = b.ensure(HOME, is_dir=True)
+    L.mount("tmpfs", _NEW + b.home, "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=0700")
     return b
 
 
 def finish_root(b: _RootBuilder, plan: SandboxPlan) -> None:
-    """The service's own part of the filesystem (HOME, its mounts, /etc files); pivot into it."""
-    home = b.ensure(HOME, is_dir=True)
-    L.mount("tmpfs", _NEW + home, "tmpfs", L.MS_NOSUID | L.MS_NODEV,
-            f"mode=0700,uid={plan.uid},gid={plan.gid}")  # fmt: skip
+    """The service's own part of the filesystem (its mounts, /etc files); pivot into it."""
+    os.chown(_NEW + b.home, plan.uid, plan.gid)
     for path in plan.expose:
         if _under(path, (*_PRIVATE, HOME)) and os.path.exists(_OLD + path):
             b.bind(_OLD + path, _NEW + b.ensure(path, is_dir=os.path.isdir(_OLD + path)), readonly=True)
@@ -367,6 +368,8 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         close_fds_except([ctl.fileno(), devnull])
         L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC)
         builder = build_base()
+        # The bounding set limits only what later execs get: cut it now, ahead of time.
+        L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
         msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 2)
         if not msg or len(fds) != 2:
             os._exit(0)  # the supervisor is done with us

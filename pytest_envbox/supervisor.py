@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import json
 import os
 import selectors
@@ -65,6 +66,7 @@ class _Pending:
     pid: int  # init (start) or helper (exec)
     main_pid: int | None = None
     error: str | None = None
+    replied: bool = False
 
 
 @dataclass
@@ -197,11 +199,15 @@ class Supervisor:
     def _spawn_spare(self) -> None:
         """Fork the next sandbox's init ahead of time (see :func:`sandbox.run_spare`)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Frozen objects are never scanned by the collector, so neither process copies the
+        # pages of the other's objects just to walk them (copy-on-write after fork).
+        gc.freeze()
         # The child is PID 1 of a new PID namespace; reset our pid_for_children right after.
         L.unshare(L.CLONE_NEWPID)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             try:
+                gc.disable()
                 parent.close()
                 run_spare(child)
             finally:
@@ -250,6 +256,8 @@ class Supervisor:
                     os.close(fd)
         if msg.startswith(b"error:"):
             pend.error = msg[6:].decode(errors="replace")
+        elif msg == b"exec" and pend.kind == "start" and pend.main_pid is not None:
+            self._start_done(pend)  # at once: the init's EOF follows in a moment
         if msg:
             return
         # EOF: the init has spawned the service and closed its end, or failed.
@@ -257,21 +265,26 @@ class Supervisor:
         del self.pending[pend.sock.fileno()]
         pend.sock.close()
         if pend.kind == "start":
-            s = self.slots.get(pend.slot)
-            # The service may have exited (and been reaped) already: its own event says so.
-            if pend.error is None and pend.main_pid is not None and s is not None:
-                if s.init_pid == pend.pid:
-                    s.main_pid = pend.main_pid
-                self._reply(pend.req_id, pid=pend.main_pid, init_pid=pend.pid,
-                            generation=s.generation,
-                            ports={str(p): r.host_port for p, r in s.relays.items()})  # fmt: skip
-            else:
-                self._reply(pend.req_id, error=pend.error or "the sandbox exited during setup",
-                            setup=True)  # fmt: skip
+            if not pend.replied:
+                self._start_done(pend)
         else:
             ex = self.execs.get(pend.pid)
             if ex is not None:
                 ex.error = pend.error
+
+    def _start_done(self, pend: _Pending) -> None:
+        pend.replied = True
+        s = self.slots.get(pend.slot)
+        # The service may have exited (and been reaped) already: its own event says so.
+        if pend.error is None and pend.main_pid is not None and s is not None:
+            if s.init_pid == pend.pid:
+                s.main_pid = pend.main_pid
+            self._reply(pend.req_id, pid=pend.main_pid, init_pid=pend.pid,
+                        generation=s.generation,
+                        ports={str(p): r.host_port for p, r in s.relays.items()})  # fmt: skip
+        else:
+            self._reply(pend.req_id, error=pend.error or "the sandbox exited during setup",
+                        setup=True)  # fmt: skip
 
     def op_signal(self, req_id: int, slot: str, sig: int, target: str = "init") -> dict[str, Any]:
         s = self.slots[slot]
