@@ -534,7 +534,7 @@ def print_breakdown(r: dict[str, Any]) -> None:
         print(f"    {op:<22} x{d['calls']:<4.0f} {d['median_ms']:8.3f} ms each")
     print(f"  {'handle.stop()':<40} {r['stop_median_ms']:8.2f} ms: exit known after "
           f"{r['stop_exit_known_median_ms']:.2f} ms, stop() returns "
-          f"{r['stop_returns_after_exit_known_median_ms']:.2f} ms later (polling)")
+          f"{r['stop_returns_after_exit_known_median_ms']:.2f} ms later")
 
 
 def print_relay(r: dict[str, Any]) -> None:

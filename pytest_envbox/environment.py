@@ -32,7 +32,7 @@ from . import probes
 from ._client import SupervisorClient, SupervisorError, get_supervisor
 from ._wait import Deadline, wait_until
 from .config import Catalog, select, start_levels
-from .errors import ConfigError, EnvboxError, NotReady, ServiceFailed
+from .errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
 from .sandbox import HOME, SandboxPlan
 from .spec import HttpProbe, Service
 
@@ -168,6 +168,10 @@ class Environment:
         self._sup: SupervisorClient | None = None
         self._closed = False
 
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._sup is not None else "not started")
+        return f"<Environment {self.id} {state}: {', '.join(self._handles) or 'no services'}>"
+
     # --- mapping of running services ------------------------------------------------------
 
     @property
@@ -207,6 +211,12 @@ class Environment:
         """Start every declared service; on any failure, tear down what started and raise."""
         if self._sup is not None:
             return
+        if os.geteuid() != 0:
+            raise HostUnsupported(
+                "pytest-envbox needs root for now: namespaces, mounts and network setup are done "
+                "as root (rootless mode, with user namespaces, is planned). Run the tests as root, "
+                "e.g. in CI or a container, or with sudo."
+            )
         self._sup = get_supervisor()
         if self._given_workdir is not None:
             self._given_workdir.mkdir(parents=True, exist_ok=True)

@@ -246,7 +246,9 @@ def finish_root(b: _RootBuilder, plan: SandboxPlan) -> None:
     """The service's own part of the filesystem (its mounts, /etc files); pivot into it."""
     os.chown(_NEW + b.home, plan.uid, plan.gid)
     for path in plan.expose:
-        if _under(path, (*_PRIVATE, HOME)) and os.path.exists(_OLD + path):
+        # /tmp itself (say) cannot be exposed: the service's own /tmp is there.
+        if (_under(path, (*_PRIVATE, HOME)) and path not in (*_PRIVATE, HOME)
+                and os.path.exists(_OLD + path)):  # fmt: skip
             b.bind(_OLD + path, _NEW + b.ensure(path, is_dir=os.path.isdir(_OLD + path)), readonly=True)
     for target, host_file in plan.etc_files.items():
         b.bind(_OLD + host_file, _NEW + b.ensure(target, is_dir=False), readonly=True)
@@ -339,7 +341,7 @@ def exec_service(plan: SandboxPlan, argv: list[str], executable: str, sync: sock
     except SetupError as e:
         _report(sync, f"error:{e}")
     except OSError as e:
-        what = "exec " + executable if e.filename is None else str(e.filename)
+        what = executable or argv[0] if e.filename is None else os.fsdecode(e.filename)
         _report(sync, f"error:{what}: {e.strerror}")
     except BaseException as e:
         _report(sync, f"error:{type(e).__name__}: {e}")
@@ -347,6 +349,21 @@ def exec_service(plan: SandboxPlan, argv: list[str], executable: str, sync: sock
 
 
 _ALL_SIGNALS = [sig for sig in signal.valid_signals() if sig not in (signal.SIGKILL, signal.SIGSTOP)]
+
+
+def _rehearse() -> None:
+    """Touch now, while waiting, the memory the start will need.
+
+    After fork, the first write to each page of the parent's heap costs a page fault and a copy.
+    Allocating and freeing a few thousand objects (and decoding a plan-sized JSON document) takes
+    those faults here, ahead of time, instead of on the start's critical path.
+    """
+    junk = [str(i) * 3 for i in range(20000)]
+    junk += [{"k": i, "v": [i, i]} for i in range(5000)]
+    del junk
+    SandboxPlan.from_dict(json.loads(json.dumps(SandboxPlan(
+        name="x", argv=["x"] * 8, executable="/x", env={f"K{i}": "v" * 40 for i in range(40)},
+        cwd="/", uid=0, gid=0, groups=[0]).to_dict())))
 
 
 def run_spare(ctl: socket.socket) -> NoReturn:
@@ -370,6 +387,7 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         builder = build_base()
         # The bounding set limits only what later execs get: cut it now, ahead of time.
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
+        _rehearse()
         msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 2)
         if not msg or len(fds) != 2:
             os._exit(0)  # the supervisor is done with us

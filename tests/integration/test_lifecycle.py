@@ -259,3 +259,18 @@ def test_envbox_doctor_says_the_host_can_run_services() -> None:
                        timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sandbox" in r.stdout and "MISSING" not in r.stdout
+
+
+def test_cwd_that_is_tmp_itself_keeps_the_private_tmp() -> None:
+    with Environment([Service("w", ["sleep", "1000"])], rootdir="/tmp") as env:
+        r = env["w"].exec(["sh", "-c", "pwd && touch /tmp/x && ls /tmp"])
+        assert r.returncode == 0, r
+        assert r.stdout.split() == ["/tmp", "x"]
+
+
+def test_not_root_is_host_unsupported_before_anything_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_envbox import HostUnsupported
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(HostUnsupported, match="root"):
+        Environment([Service("w", ["sleep", "1000"])]).open()

@@ -1,6 +1,6 @@
 """catalog: a small HTTP API over the products in a data directory. Standard library only.
 
-    python3 services/catalog.py --port 8000 --data /srv/catalog
+    python3 services/catalog.py --port 8000 --data /data
 
 GET /health          {"status": "ok"}
 GET /products        every product of <data>/products.json
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")  # loopback is enough: envbox publishes it
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--data", type=Path, default=Path("/srv/catalog"))
+    parser.add_argument("--data", type=Path, default=Path("/data"))
     args = parser.parse_args()
 
     Handler.products = load_products(args.data)

@@ -157,7 +157,7 @@ class TestIsolation:
 
     def test_the_host_filesystem_is_read_only(self, envbox: Environment) -> None:
         catalog = envbox["catalog"]
-        for path in ("/etc/envbox-was-here", "/srv/catalog/new.json"):
+        for path in ("/etc/envbox-was-here", "/data/new.json"):
             result = catalog.exec(["touch", path])
             assert result.returncode != 0
             assert "Read-only file system" in result.stderr
