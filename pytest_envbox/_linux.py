@@ -14,6 +14,7 @@ import ctypes.util
 import os
 import platform
 import struct
+import sys
 
 # Namespace flags (linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -78,12 +79,13 @@ DOCKER_DEFAULT_CAPS = frozenset(
 )
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_void_p]  # fmt: skip
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                        ctypes.c_ulong]  # fmt: skip
+if sys.platform.startswith("linux"):  # elsewhere, importing must work; calling is refused later
+    _libc.syscall.restype = ctypes.c_long
+    _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                            ctypes.c_void_p]  # fmt: skip
+    _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                            ctypes.c_ulong]  # fmt: skip
 
 
 def _check(result: int, what: str) -> int:

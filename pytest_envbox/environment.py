@@ -20,6 +20,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -211,6 +212,11 @@ class Environment:
         """Start every declared service; on any failure, tear down what started and raise."""
         if self._sup is not None:
             return
+        if not sys.platform.startswith("linux"):
+            raise HostUnsupported(
+                f"pytest-envbox runs services in Linux namespaces; this is {sys.platform}. "
+                "Run the tests on Linux (a VM or a container will do)."
+            )
         if os.geteuid() != 0:
             raise HostUnsupported(
                 "pytest-envbox needs root for now: namespaces, mounts and network setup are done "

@@ -351,21 +351,6 @@ def exec_service(plan: SandboxPlan, argv: list[str], executable: str, sync: sock
 _ALL_SIGNALS = [sig for sig in signal.valid_signals() if sig not in (signal.SIGKILL, signal.SIGSTOP)]
 
 
-def _rehearse() -> None:
-    """Touch now, while waiting, the memory the start will need.
-
-    After fork, the first write to each page of the parent's heap costs a page fault and a copy.
-    Allocating and freeing a few thousand objects (and decoding a plan-sized JSON document) takes
-    those faults here, ahead of time, instead of on the start's critical path.
-    """
-    junk = [str(i) * 3 for i in range(20000)]
-    junk += [{"k": i, "v": [i, i]} for i in range(5000)]
-    del junk
-    SandboxPlan.from_dict(json.loads(json.dumps(SandboxPlan(
-        name="x", argv=["x"] * 8, executable="/x", env={f"K{i}": "v" * 40 for i in range(40)},
-        cwd="/", uid=0, gid=0, groups=[0]).to_dict())))
-
-
 def run_spare(ctl: socket.socket) -> NoReturn:
     """PID 1 of a new sandbox, prepared before it is needed. Never returns.
 
@@ -387,7 +372,6 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         builder = build_base()
         # The bounding set limits only what later execs get: cut it now, ahead of time.
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
-        _rehearse()
         msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 2)
         if not msg or len(fds) != 2:
             os._exit(0)  # the supervisor is done with us
