@@ -372,7 +372,7 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         builder = build_base()
         # The bounding set limits only what later execs get: cut it now, ahead of time.
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
-        msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 2)
+        msg, fds, _flags, _addr = socket.recv_fds(ctl, 256 << 10, 2)
         if not msg or len(fds) != 2:
             os._exit(0)  # the supervisor is done with us
         plan = SandboxPlan.from_dict(json.loads(msg))
