@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -210,6 +210,8 @@ class Environment:
 
     def open(self) -> None:
         """Start every declared service; on any failure, tear down what started and raise."""
+        if self._closed:
+            raise EnvboxError("this environment is closed; create a new Environment to start services")
         if self._sup is not None:
             return
         if not sys.platform.startswith("linux"):
@@ -238,6 +240,8 @@ class Environment:
 
     def start(self, service: Service | str) -> ServiceHandle:
         """Start one more service (and whatever it depends on that is not here yet)."""
+        if self._closed:
+            raise EnvboxError("this environment is closed; create a new Environment to start services")
         if self._sup is None:
             self.open()
         if isinstance(service, str) and service in self._handles:
@@ -272,9 +276,18 @@ class Environment:
                 handles[0]._wait_ready()
                 continue
             with ThreadPoolExecutor(max_workers=len(handles)) as pool:
-                errors = [e for e in pool.map(_ready_error, handles) if e is not None]
-            if errors:
-                raise errors[0]
+                futures = [pool.submit(h._wait_ready) for h in handles]
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f for f in futures if f in done and f.exception() is not None]
+                if failed:
+                    # Fail at once: stop the siblings, whose probes then end without waiting out
+                    # their own timeouts, and report the first failure.
+                    for h in handles:
+                        with contextlib.suppress(EnvboxError, OSError):
+                            h._signal(signal.SIGKILL, "init", wait=False)
+                    error = failed[0].exception()
+                    assert error is not None
+                    raise error
 
     def close(self) -> None:
         """Stop every service (reverse start order) and release everything. Idempotent."""
@@ -300,14 +313,6 @@ class Environment:
             h._forget()
         if owned and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _ready_error(h: ServiceHandle) -> BaseException | None:
-    try:
-        h._wait_ready()
-    except BaseException as e:
-        return e
-    return None
 
 
 def _make_session(base: str) -> requests.Session:
@@ -409,11 +414,15 @@ class ServiceHandle:
             return ""
 
     def wait_for_log(self, pattern: str, timeout: float = 30.0) -> Any:
-        """Wait until a line of the log matches ``pattern`` (``re.search``); return the match."""
+        """Wait until a line of the log matches ``pattern`` (``re.search``); return the match.
+
+        Lines of the current run are searched, from its start (after ``restart()``, the new
+        run's), including those written before the call.
+        """
         import re
 
         regex = re.compile(pattern)
-        follower = probes.LogFollower(self.log_path)
+        follower = probes.LogFollower(self.log_path, self._log_start)  # this run's output
         deadline = Deadline(timeout)
 
         def check() -> re.Match[str] | None:
@@ -539,9 +548,12 @@ class ServiceHandle:
             # The first start also creates the service's network namespace and publishes its
             # ports; both outlive restarts, so a restarted service keeps its host ports.
             r = self._sup.call("start", slot=self._slot, plan=self._plan.to_dict(),
-                               log_path=str(self.log_path), ports=ports)  # fmt: skip
+                               log_path=str(self.log_path), ports=ports,
+                               generation=self._generation)  # fmt: skip
         except SupervisorError as e:
             self._exited.set()
+            if "unsupported:" in str(e):
+                raise HostUnsupported(str(e).split("unsupported:", 1)[1]) from None
             raise ServiceFailed(self.name, None, probes.log_tail(self.log_path),
                                 reason=f"could not be started: {e}") from None  # fmt: skip
         self._pid = r["pid"]

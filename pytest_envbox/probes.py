@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,7 +98,11 @@ def _check_for(handle: ServiceHandle, probe: Probe, deadline: Deadline) -> Calla
     if isinstance(probe, ExecProbe):
         def exec_ok() -> bool:
             left = deadline.remaining()
-            return handle.exec(list(probe.argv), timeout=max(1.0, left or 1.0)).returncode == 0
+            try:
+                r = handle.exec(list(probe.argv), timeout=max(0.01, left if left is not None else 30.0))
+            except subprocess.TimeoutExpired:
+                return False  # a hung check is "not ready yet"; the deadline decides
+            return r.returncode == 0
 
         return exec_ok
     raise TypeError(f"unknown probe {probe!r}")

@@ -15,7 +15,6 @@ once, and every upstream socket it creates lands there.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import socket
@@ -55,22 +54,31 @@ class Relay:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            try:
-                upstream = self._connect_upstream()
-            except OSError:
-                _reset(client)
-                continue
-            for s in (client, upstream):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 if self._closed:
                     client.close()
-                    upstream.close()
                     return
-                self._conns.update((client, upstream))
-            pair = _Pair(self, client, upstream)
-            threading.Thread(target=pair.pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=pair.pump, args=(upstream, client), daemon=True).start()
+                self._conns.add(client)
+            # Threads made here start in the service's namespace too (they copy this thread's).
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        """Connect upstream (a slow service holds up this client only), then pump both ways."""
+        try:
+            upstream = self._connect_upstream()
+        except OSError:
+            self._forget(client, reset=True)
+            return
+        with self._lock:
+            if self._closed:
+                upstream.close()
+                return
+            self._conns.add(upstream)
+        for s in (client, upstream):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pair = _Pair(self, client, upstream)
+        threading.Thread(target=pair.pump, args=(upstream, client), daemon=True).start()
+        pair.pump(client, upstream)
 
     def _connect_upstream(self) -> socket.socket:
         last: OSError | None = None
@@ -85,11 +93,14 @@ class Relay:
         assert last is not None
         raise last
 
-    def _forget(self, *socks: socket.socket) -> None:
+    def _forget(self, *socks: socket.socket, reset: bool = False) -> None:
         with self._lock:
             for s in socks:
                 self._conns.discard(s)
-                s.close()
+                if reset:
+                    _reset(s)
+                else:
+                    s.close()
 
     def close(self) -> None:
         """Stop accepting and cut every open connection."""
@@ -128,10 +139,8 @@ class _Pair:
                     n -= os.splice(r, dfd, n)
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            if e.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN):
-                pass
-            for s in self._socks:  # an error on one side ends the whole connection
+        except OSError:
+            for s in self._socks:  # an error on one side (a reset, say) ends the connection
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
         finally:

@@ -146,9 +146,14 @@ class _RootBuilder:
             L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
 
     def bind(self, src: str, dst: str, *, readonly: bool) -> None:
+        """Bind ``src`` (recursively) at ``dst``: never devices or setuid, read-only if asked.
+
+        ``nodev`` and ``nosuid`` even on writable binds: root inside must not be able to leave a
+        device node or a setuid binary on the host through a writable mount.
+        """
         L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
-        if readonly:
-            L.mount_setattr(dst, L.MOUNT_ATTR_RDONLY | L.MOUNT_ATTR_NOSUID)
+        attrs = L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
+        L.mount_setattr(dst, attrs | L.MOUNT_ATTR_RDONLY if readonly else attrs)
 
     def ensure(self, path: str, *, is_dir: bool) -> str:
         """Make ``path`` exist in the new root (as a dir or a file); return it resolved."""
@@ -169,7 +174,7 @@ class _RootBuilder:
 
 
 #: The sandbox's own filesystems, which hide the host's directories of the same name.
-_PRIVATE = ("/tmp", "/run", "/dev")
+_PRIVATE = ("/tmp", "/var/tmp", "/run", "/dev")
 
 
 def _under(path: str, dirs: tuple[str, ...]) -> bool:
@@ -178,6 +183,30 @@ def _under(path: str, dirs: tuple[str, ...]) -> bool:
 
 def _touch(path: str) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+
+# What runc makes read-only and masks by default: writing /proc/sys (kernel.core_pattern, say)
+# would change the host kernel itself, and these files tell the host's secrets.
+_READONLY_PATHS = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
+_MASKED_PATHS = (
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+    "/sys/firmware", "/sys/devices/virtual/powercap",
+)  # fmt: skip
+
+
+def _protect_kernel_files() -> None:
+    for path in _READONLY_PATHS:
+        p = _NEW + path
+        if os.path.exists(p):
+            L.mount(p, p, None, L.MS_BIND | L.MS_REC)
+            L.mount_setattr(p, L.MOUNT_ATTR_RDONLY | L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV)
+    for path in _MASKED_PATHS:
+        p = _NEW + path
+        if os.path.isdir(p):
+            L.mount("tmpfs", p, "tmpfs", L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV, "size=0")
+        elif os.path.exists(p):
+            L.mount(_OLD + "/dev/null", p, None, L.MS_BIND)
 
 
 def _run_skeleton(b: _RootBuilder) -> None:
@@ -221,6 +250,7 @@ def build_base() -> _RootBuilder:
     b = _RootBuilder()
     b.bind(_OLD, _NEW, readonly=True)
     L.mount("proc", _NEW + "/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    _protect_kernel_files()
     b.tmpfs("/dev")
     for node in _DEV_NODES:
         _touch(f"{_NEW}/dev/{node}")
@@ -235,6 +265,8 @@ def build_base() -> _RootBuilder:
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
         os.symlink(target, f"{_NEW}/dev/{name}")
     b.tmpfs("/tmp", "mode=1777")
+    if os.path.isdir(_NEW + "/var/tmp"):
+        b.tmpfs("/var/tmp", "mode=1777")  # the other shared temporary directory (and its sockets)
     b.tmpfs("/run")
     _run_skeleton(b)
     b.home = b.ensure(HOME, is_dir=True)
@@ -329,6 +361,7 @@ def exec_service(plan: SandboxPlan, argv: list[str], executable: str, sync: sock
         os.setsid()
         _chdir_inside(plan.cwd)
         drop_privileges(plan)
+        L.set_pdeathsig(signal.SIGKILL)  # exec's helper: cleared by the uid change
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -388,6 +421,7 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         # Init drops to the service's user and limits first, so that the service can be started
         # with posix_spawn (vfork): forking this Python process would cost milliseconds.
         drop_privileges(plan)
+        L.set_pdeathsig(signal.SIGKILL)  # cleared by the kernel when the uid changed
         L.set_dumpable(False)
         L.close_range_cloexec(3)
         actions = [(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, log_fd, 1),
@@ -403,7 +437,11 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         except OSError as e:
             raise SetupError(f"{plan.executable or plan.argv[0]}: {e.strerror}") from e
         pidfd = os.pidfd_open(pid)
-        socket.send_fds(ctl, [b"exec"], [pidfd])
+        try:
+            socket.send_fds(ctl, [b"exec"], [pidfd])
+        except OSError:  # the supervisor died before the death signal was set again
+            os.kill(pid, signal.SIGKILL)
+            raise
         os.close(pidfd)
         os.close(log_fd)
         ctl.close()
@@ -411,7 +449,11 @@ def run_spare(ctl: socket.socket) -> NoReturn:
     except SetupError as e:
         _report(ctl, f"error:{e}")
     except OSError as e:
-        _report(ctl, f"error:sandbox setup failed: {e}")
+        if e.errno == errno.ENOSYS:
+            _report(ctl, f"unsupported:this kernel lacks a system call pytest-envbox needs ({e}); "
+                    "use Linux 5.12 or newer")  # fmt: skip
+        else:
+            _report(ctl, f"error:sandbox setup failed: {e}")
     except BaseException as e:
         _report(ctl, f"error:sandbox setup failed: {type(e).__name__}: {e}")
     os._exit(code)

@@ -25,6 +25,7 @@ import contextlib
 import gc
 import json
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -81,6 +82,7 @@ class _Exec:
     status: int | None = None
     timed_out: bool = False
     error: str | None = None
+    command_pid: int | None = None  # host pid of the command itself (the helper's child)
 
 
 class Supervisor:
@@ -97,6 +99,7 @@ class Supervisor:
         self.dirs: set[str] = set()
         self.spares: list[tuple[int, socket.socket]] = []  # prepared inits, see _spawn_spare
         self.spare_netns: list[int] = []  # prepared network namespaces
+        self.want_spare = True  # False after a spare died unused: then prepare on demand only
         self.running = True
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.own_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -135,7 +138,7 @@ class Supervisor:
                 self._check_deadlines()
                 self._reap()  # a SIGCHLD racing with a select() timeout must not be lost
                 # Prepare the next sandbox off the critical path, once replies have gone out.
-                if self.running and not self.spares:
+                if self.running and self.want_spare and not self.spares:
                     self._spawn_spare()
                 if self.running and not self.spare_netns:
                     self.spare_netns.append(self._new_netns())
@@ -217,8 +220,12 @@ class Supervisor:
         self.spares.append((pid, parent))
 
     def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
-                 ports: list[int]) -> dict[str, Any] | None:  # fmt: skip
-        """Start a service in ``slot`` (created on first use, with its published ports)."""
+                 ports: list[int], generation: int) -> dict[str, Any] | None:  # fmt: skip
+        """Start a service in ``slot`` (created on first use, with its published ports).
+
+        ``generation`` numbers the starts of a slot; the client chooses it, so that an exit event
+        is never matched to the wrong run, even after a start that failed half-way.
+        """
         if slot not in self.slots:
             self._create_slot(slot)
         s = self.slots[slot]
@@ -227,17 +234,24 @@ class Supervisor:
                 s.relays[port] = Relay(s.netns_fd, port)
         if s.init_pid is not None:
             raise ValueError(f"{slot} is already running")
-        if not self.spares:
-            self._spawn_spare()
-        pid, ctl = self.spares.pop(0)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            socket.send_fds(ctl, [json.dumps(plan).encode()], [s.netns_fd, log_fd])
+            if not self.spares:
+                self._spawn_spare()
+            pid, ctl = self.spares.pop(0)
+            self.want_spare = True
+            try:
+                socket.send_fds(ctl, [json.dumps(plan).encode()], [s.netns_fd, log_fd])
+            except OSError:
+                # The spare died preparing itself; it said why before it went.
+                why = _drain(ctl) or "the sandbox could not be prepared"
+                ctl.close()
+                raise SpareFailed(why) from None
         finally:
             os.close(log_fd)
         s.init_pid = pid
         s.main_pid = None
-        s.generation += 1
+        s.generation = generation
         self.inits[pid] = slot
         pend = _Pending("start", req_id, slot, ctl, pid)
         self.pending[ctl.fileno()] = pend
@@ -254,8 +268,12 @@ class Supervisor:
                 for fd in array.array("i", data[: len(data) - len(data) % 4]):
                     pend.main_pid = pend.main_pid or _pidfd_pid(fd)
                     os.close(fd)
+            elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
+                pend.main_pid = pend.main_pid or int.from_bytes(data[:4], sys.byteorder)
         if msg.startswith(b"error:"):
             pend.error = msg[6:].decode(errors="replace")
+        elif msg.startswith(b"unsupported:"):
+            pend.error = msg.decode(errors="replace")
         elif msg == b"exec" and pend.kind == "start" and pend.main_pid is not None:
             self._start_done(pend)  # at once: the init's EOF follows in a moment
         if msg:
@@ -271,6 +289,7 @@ class Supervisor:
             ex = self.execs.get(pend.pid)
             if ex is not None:
                 ex.error = pend.error
+                ex.command_pid = pend.main_pid
 
     def _start_done(self, pend: _Pending) -> None:
         pend.replied = True
@@ -311,7 +330,7 @@ class Supervisor:
         ok = False
         for sk, addr in socks:
             with sk:
-                sk.settimeout(1.0)
+                sk.settimeout(0.2)  # loopback answers at once; a full backlog is "not yet"
                 if not ok:
                     with contextlib.suppress(OSError):
                         sk.connect((addr, port))
@@ -328,6 +347,7 @@ class Supervisor:
                   for n, t in _NS_FOR_EXEC]  # fmt: skip
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the command's host pid
         try:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
@@ -343,7 +363,7 @@ class Supervisor:
             os.close(pipes[1][1])
             os.close(pipes[2][1])
             child.close()
-        ex = _Exec(req_id, pid, time.monotonic() + timeout if timeout else None,
+        ex = _Exec(req_id, pid, time.monotonic() + timeout if timeout is not None else None,
                    (input or "").encode())  # fmt: skip
         self.execs[pid] = ex
         for fd, kind, ev in ((pipes[0][1], "in", selectors.EVENT_WRITE),
@@ -428,9 +448,10 @@ class Supervisor:
             if code < 0:
                 code = 128 - code
             for i, (spare, ctl) in enumerate(self.spares):
-                if spare == pid:  # a spare that died (it could not set itself up)
+                if spare == pid:  # died unused: it could not set itself up. No busy refork.
                     ctl.close()
                     del self.spares[i]
+                    self.want_spare = False
                     break
             slot = self.inits.pop(pid, None)
             if slot is not None:
@@ -456,8 +477,10 @@ class Supervisor:
         for ex in list(self.execs.values()):
             if ex.deadline is not None and not ex.timed_out and now >= ex.deadline:
                 ex.timed_out = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(ex.pid, signal.SIGKILL)
+                for pid in (ex.command_pid, ex.pid):  # the command, then its helper
+                    if pid is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
 
     def _release(self, s: _Slot, wait: float = 5.0) -> None:
         for r in s.relays.values():
@@ -468,14 +491,14 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             # Reaping the init means its whole PID namespace is gone (the kernel empties it first).
-            deadline = time.monotonic() + wait
-            while pid in self.inits and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)
                 try:
-                    got, _ = os.waitpid(pid, 0)
-                except ChildProcessError:
-                    break
-                if got == pid:
-                    break
+                    select.select([pidfd], [], [], wait)
+                finally:
+                    os.close(pidfd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
             self.inits.pop(pid, None)
             s.init_pid = None
         os.close(s.netns_fd)
@@ -502,6 +525,21 @@ class Supervisor:
 
 
 _OPS = {name[3:]: fn for name, fn in vars(Supervisor).items() if name.startswith("op_")}
+
+
+class SpareFailed(Exception):
+    """A prepared sandbox died before it could be used; the message says why."""
+
+
+def _drain(sock: socket.socket) -> str:
+    """What a dead spare left in its socket: its ``error:``/``unsupported:`` report, if any."""
+    sock.setblocking(False)
+    try:
+        msg = sock.recv(4096)
+    except OSError:
+        return ""
+    text = msg.decode(errors="replace")
+    return text[6:] if text.startswith("error:") else text
 
 
 def _pidfd_pid(fd: int) -> int | None:

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from pytest_envbox import Environment, Service
 from pytest_envbox._client import SupervisorClient
 from pytest_envbox._wait import Deadline, wait_until
@@ -55,10 +57,12 @@ def test_sigkill_of_pytest_leaves_no_service_alive(tmp_path: Path) -> None:
     assert _until(lambda: not alive(pid) and not alive(sup) and not holders(pidns), 5)
 
 
-def test_sigkill_of_the_supervisor_kills_every_service() -> None:
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_sigkill_of_the_supervisor_kills_every_service(user: str | None) -> None:
+    """Also for a service of another user: changing uid clears the death signal, set anew."""
     sup = SupervisorClient()  # a private one, so killing it does not disturb other tests
     try:
-        env = Environment([Service("orphan", ["sleep", "1000"])])
+        env = Environment([Service("orphan", ["sleep", "1000"], user=user)])
         import pytest_envbox.environment as environment
 
         original = environment.get_supervisor
@@ -73,5 +77,7 @@ def test_sigkill_of_the_supervisor_kills_every_service() -> None:
         os.kill(sup.pid, signal.SIGKILL)
         assert _until(lambda: not alive(pid) and not holders(pidns), 5)
         assert _until(lambda: not env["orphan"].running, 5)
+        env.close()  # the supervisor is gone: the environment still removes its own files
+        assert env.workdir is not None and not env.workdir.exists()
     finally:
         sup.close()

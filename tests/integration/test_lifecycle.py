@@ -274,3 +274,79 @@ def test_not_root_is_host_unsupported_before_anything_starts(monkeypatch: pytest
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(HostUnsupported, match="root"):
         Environment([Service("w", ["sleep", "1000"])]).open()
+
+
+def test_kernel_settings_are_read_only_and_secrets_masked() -> None:
+    masked = [p for p in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug")
+              if os.path.exists(p)]  # fmt: skip
+    with Environment([Service("root-svc", ["sleep", "1000"])]) as env:
+        r = env["root-svc"].exec(["sh", "-c",
+            "cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/core_pattern && echo WROTE; "
+            "echo 1 > /proc/sys/vm/drop_caches && echo DROPPED; "
+            "touch /var/tmp/mine && echo vartmp-ok; ls /sys/firmware | wc -l"])  # fmt: skip
+        assert "WROTE" not in r.stdout and "DROPPED" not in r.stdout
+        assert "Read-only file system" in r.stderr
+        assert r.stdout.split() == ["vartmp-ok", "0"], r
+        for path in masked:
+            assert env["root-svc"].exec(["sh", "-c", f"wc -c < {path}"]).stdout.strip() == "0", path
+
+
+def test_writable_mounts_get_no_devices_and_no_setuid(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    svc = Service("m", ["sleep", "1000"], mounts=[{"source": str(out), "target": "/out",
+                                                   "readonly": False}])  # fmt: skip
+    with Environment([svc], rootdir=tmp_path) as env:
+        r = env["m"].exec(["sh", "-c", "grep ' /out ' /proc/self/mountinfo; "
+                                       "mknod /out/disk b 254 0 && echo MKNOD; touch /out/ok"])
+        opts = r.stdout.split()[5].split(",")
+        assert "rw" in opts and "nodev" in opts and "nosuid" in opts, r.stdout
+    assert (out / "ok").exists()
+
+
+def test_exec_timeout_kills_the_command() -> None:
+    with Environment([Service("box", ["sleep", "1000"])]) as env:
+        box = env["box"]
+        pidns = ns_inode(box.pid, "pid")  # type: ignore[arg-type]
+        with pytest.raises(subprocess.TimeoutExpired):
+            box.exec(["sleep", "77"], timeout=0.3)
+        assert eventually(lambda: len(holders(pidns)) == 2)  # init and the service, no sleep 77
+
+
+def test_exec_probe_that_hangs_is_not_ready() -> None:
+    svc = Service("hang", ["sleep", "1000"], ready=probe.exec(["sleep", "100"], timeout=0.5))
+    with pytest.raises(NotReady, match="hang"), Environment([svc]):
+        pass
+
+
+def test_a_failing_service_fails_its_parallel_siblings_at_once() -> None:
+    import time
+
+    quick = Service("quick", ["sh", "-c", "exit 3"], ready=probe.tcp(1))
+    slow = Service("slow", ["sleep", "1000"], ready=probe.tcp(1, timeout=60))
+    t0 = time.monotonic()
+    env = Environment([quick, slow])
+    with pytest.raises(ServiceFailed, match="quick"):
+        env.open()
+    assert time.monotonic() - t0 < 30  # far below the sibling's 60 s probe timeout
+    assert not env["slow"].running
+
+
+def test_closed_environment_refuses_to_start() -> None:
+    from pytest_envbox import EnvboxError
+
+    env = Environment([Service("w", ["sleep", "1000"])])
+    with env:
+        pass
+    with pytest.raises(EnvboxError, match="closed"):
+        env.start(Service("late", ["sleep", "1000"]))
+
+
+def test_wait_for_log_after_restart_sees_only_the_new_run() -> None:
+    code = "import os; print('run', os.getpid(), flush=True); import time; time.sleep(100)"
+    with Environment([Service("r", py(code), ready=probe.log("^run"))]) as env:
+        r = env["r"]
+        r.restart()
+        m = r.wait_for_log(r"^run (\d+)", timeout=10)
+        assert m.group(1) == "2"  # pid 2 in every run: it is the new run's line...
+        assert r.logs().count("run 2") == 2  # ...and both runs are in the log
