@@ -178,10 +178,9 @@ class TestIsolation:
         assert env["HOSTNAME"] == "catalog"
 
     def test_there_is_no_route_out(self, envbox: Environment) -> None:
-        code = "import socket; socket.create_connection(('192.0.2.1', 80), timeout=2)"
-        result = envbox["catalog"].exec(["python3", "-c", code])
-        assert result.returncode == 1
-        assert "Network is unreachable" in result.stderr
+        # Inspect the routing tables rather than send anything anywhere.
+        routes = envbox["catalog"].exec(["cat", "/proc/net/route", "/proc/net/ipv6_route"]).stdout
+        assert [line for line in routes.splitlines()[1:] if not line.rstrip().endswith("lo")] == []
 
     def test_loopback_is_its_own_not_the_hosts(self, envbox: Environment) -> None:
         with socket.create_server(("127.0.0.1", 0)) as host_server:  # listening on the host
