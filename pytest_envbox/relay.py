@@ -76,6 +76,8 @@ class Relay:
             self._conns.add(upstream)
         for s in (client, upstream):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         pair = _Pair(self, client, upstream)
         threading.Thread(target=pair.pump, args=(upstream, client), daemon=True).start()
         pair.pump(client, upstream)
