@@ -301,7 +301,7 @@ class Environment:
         for h in handles:
             with contextlib.suppress(EnvboxError, OSError):
                 if h.running:
-                    h._signal(signal.SIGTERM, "init", wait=False)
+                    h._signal(signal.SIGTERM, "main", wait=False)
         for h in handles:
             with contextlib.suppress(EnvboxError, OSError):
                 h._await_exit(h.spec.stop_timeout)
@@ -454,7 +454,7 @@ class ServiceHandle:
         """SIGTERM, then SIGKILL after ``timeout`` (default: the service's ``stop_timeout``)."""
         if not self.running:
             return
-        self._signal(signal.SIGTERM, "init", wait=False)
+        self._signal(signal.SIGTERM, "main", wait=False)
         self._await_exit(self.spec.stop_timeout if timeout is None else timeout)
 
     def _await_exit(self, grace: float) -> None:

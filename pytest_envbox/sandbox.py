@@ -207,6 +207,7 @@ def _protect_kernel_files() -> None:
             L.mount("tmpfs", p, "tmpfs", L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV, "size=0")
         elif os.path.exists(p):
             L.mount(_OLD + "/dev/null", p, None, L.MS_BIND)
+            L.mount_setattr(p, L.MOUNT_ATTR_RDONLY | L.MOUNT_ATTR_NOSUID, recursive=False)
 
 
 def _run_skeleton(b: _RootBuilder) -> None:
@@ -249,6 +250,11 @@ def build_base() -> _RootBuilder:
     os.chdir("/")
     b = _RootBuilder()
     b.bind(_OLD, _NEW, readonly=True)
+    # The host's /proc and /dev (with their submounts) are replaced, not covered: fewer mounts to
+    # copy now and to tear down when the service ends.
+    for path in ("/proc", "/dev"):
+        if os.path.ismount(_NEW + path):
+            L.umount2(_NEW + path, L.MNT_DETACH)
     L.mount("proc", _NEW + "/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
     _protect_kernel_files()
     b.tmpfs("/dev")
@@ -387,10 +393,11 @@ _ALL_SIGNALS = [sig for sig in signal.valid_signals() if sig not in (signal.SIGK
 def run_spare(ctl: socket.socket) -> NoReturn:
     """PID 1 of a new sandbox, prepared before it is needed. Never returns.
 
-    Forked ahead of time into new PID, mount, UTS and IPC namespaces with the shared part of the
-    filesystem built, it waits on ``ctl`` for a plan and two fds (the service's network namespace
-    and its log). Then it finishes the filesystem, becomes the service's user with the service's
-    limits, spawns the service and stays as its init. ``ctl`` carries back ``exec`` with a pidfd
+    Forked ahead of time into new PID, mount, UTS, IPC and network namespaces with the shared part
+    of the filesystem built, it sends ``ready`` with its network namespace, then waits on ``ctl``
+    for a plan and the service's log (and, for a restart, the network namespace to join). Then it
+    finishes the filesystem, becomes the service's user with the service's limits, spawns the
+    service and stays as its init. ``ctl`` carries back ``exec`` with a pidfd
     of the service (how the supervisor learns its host pid), or ``error:<why>``.
     """
     code = 125
@@ -401,20 +408,27 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         os.setsid()
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         close_fds_except([ctl.fileno(), devnull])
-        L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC)
+        # A network namespace of its own too: a new service takes it (made here, in parallel,
+        # rather than in the supervisor's loop); a restarted one joins its old one instead.
+        L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET)
+        L.loopback_up()
+        netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         builder = build_base()
         # The bounding set limits only what later execs get: cut it now, ahead of time.
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
+        socket.send_fds(ctl, [b"ready"], [netns])
+        os.close(netns)
         msg, fds, _flags, _addr = socket.recv_fds(ctl, 256 << 10, 2)
-        if not msg or len(fds) != 2:
+        if not msg or not fds:
             os._exit(0)  # the supervisor is done with us
         plan = SandboxPlan.from_dict(json.loads(msg))
-        netns_fd, log_fd = fds
+        log_fd = fds[0]
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        L.setns(netns_fd, L.CLONE_NEWNET)
-        os.close(netns_fd)
+        if len(fds) == 2:  # a restart: back into the slot's network namespace
+            L.setns(fds[1], L.CLONE_NEWNET)
+            os.close(fds[1])
         socket.sethostname(plan.name)
         finish_root(builder, plan)
         _chdir_inside(plan.cwd)

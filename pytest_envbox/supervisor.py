@@ -98,7 +98,6 @@ class Supervisor:
         self.execs: dict[int, _Exec] = {}  # helper pid -> exec
         self.dirs: set[str] = set()
         self.spares: list[tuple[int, socket.socket]] = []  # prepared inits, see _spawn_spare
-        self.spare_netns: list[int] = []  # prepared network namespaces
         self.want_spare = True  # False after a spare died unused: then prepare on demand only
         self.running = True
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -137,11 +136,11 @@ class Supervisor:
                         self._on_exec_pipe(*tag)
                 self._check_deadlines()
                 self._reap()  # a SIGCHLD racing with a select() timeout must not be lost
-                # Prepare the next sandbox off the critical path, once replies have gone out.
-                if self.running and self.want_spare and not self.spares:
+                # Prepare the next sandbox off the critical path: only while no start is in
+                # flight (forking and making a namespace take this thread a millisecond or two,
+                # which a waiting start would otherwise pay).
+                if self.running and not self.pending and self.want_spare and not self.spares:
                     self._spawn_spare()
-                if self.running and not self.spare_netns:
-                    self.spare_netns.append(self._new_netns())
         finally:
             self.teardown()
 
@@ -182,23 +181,6 @@ class Supervisor:
         L.set_child_subreaper()
         return {"pid": os.getpid()}
 
-    def _create_slot(self, slot: str) -> None:
-        """A new network namespace, held by an fd: no process needs to live in it."""
-        if slot in self.slots:
-            raise ValueError(f"slot {slot} exists")
-        fd = self.spare_netns.pop() if self.spare_netns else self._new_netns()
-        self.slots[slot] = _Slot(netns_fd=fd)
-
-    def _new_netns(self) -> int:
-        """A fresh network namespace with loopback up (about a millisecond: made ahead)."""
-        L.unshare(L.CLONE_NEWNET)
-        try:
-            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            L.loopback_up()
-        finally:
-            L.setns(self.own_netns, L.CLONE_NEWNET)
-        return fd
-
     def _spawn_spare(self) -> None:
         """Fork the next sandbox's init ahead of time (see :func:`sandbox.run_spare`)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -223,16 +205,13 @@ class Supervisor:
                  ports: list[int], generation: int) -> dict[str, Any] | None:  # fmt: skip
         """Start a service in ``slot`` (created on first use, with its published ports).
 
-        ``generation`` numbers the starts of a slot; the client chooses it, so that an exit event
-        is never matched to the wrong run, even after a start that failed half-way.
+        A new slot takes the spare's own network namespace; a restarted service goes back into its
+        slot's, so that its address and published ports stay. ``generation`` numbers the starts
+        of a slot; the client chooses it, so that an exit event is never matched to the wrong
+        run, even after a start that failed half-way.
         """
-        if slot not in self.slots:
-            self._create_slot(slot)
-        s = self.slots[slot]
-        for port in ports:
-            if port not in s.relays:
-                s.relays[port] = Relay(s.netns_fd, port)
-        if s.init_pid is not None:
+        old = self.slots.get(slot)
+        if old is not None and old.init_pid is not None:
             raise ValueError(f"{slot} is already running")
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -241,14 +220,25 @@ class Supervisor:
             pid, ctl = self.spares.pop(0)
             self.want_spare = True
             try:
-                socket.send_fds(ctl, [json.dumps(plan).encode()], [s.netns_fd, log_fd])
-            except OSError:
-                # The spare died preparing itself; it said why before it went.
-                why = _drain(ctl) or "the sandbox could not be prepared"
+                netns = _await_ready(ctl)
+                if old is None:
+                    self.slots[slot] = _Slot(netns_fd=netns)
+                    fds = [log_fd]
+                else:
+                    os.close(netns)
+                    fds = [log_fd, old.netns_fd]
+                socket.send_fds(ctl, [json.dumps(plan).encode()], fds)
+            except (OSError, SpareFailed) as e:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
                 ctl.close()
-                raise SpareFailed(why) from None
+                raise SpareFailed(str(e) or "the sandbox could not be prepared") from None
         finally:
             os.close(log_fd)
+        s = self.slots[slot]
+        for port in ports:
+            if port not in s.relays:
+                s.relays[port] = Relay(s.netns_fd, port)
         s.init_pid = pid
         s.main_pid = None
         s.generation = generation
@@ -511,9 +501,6 @@ class Supervisor:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         self.spares.clear()
-        for fd in self.spare_netns:
-            os.close(fd)
-        self.spare_netns.clear()
         for slot in list(self.slots):
             self._release(self.slots.pop(slot))
         for ex in list(self.execs.values()):
@@ -531,15 +518,24 @@ class SpareFailed(Exception):
     """A prepared sandbox died before it could be used; the message says why."""
 
 
-def _drain(sock: socket.socket) -> str:
-    """What a dead spare left in its socket: its ``error:``/``unsupported:`` report, if any."""
-    sock.setblocking(False)
+def _await_ready(ctl: socket.socket) -> int:
+    """Wait for a spare to be ready; return the fd of its network namespace.
+
+    A spare that could not prepare itself says why (``error:``/``unsupported:``) and exits.
+    """
+    ctl.settimeout(30.0)
     try:
-        msg = sock.recv(4096)
-    except OSError:
-        return ""
+        msg, fds, _flags, _addr = socket.recv_fds(ctl, 4096, 1)
+    except TimeoutError:
+        raise SpareFailed("the sandbox was not prepared within 30 s") from None
+    finally:
+        ctl.settimeout(None)
+    if msg == b"ready" and len(fds) == 1:
+        return fds[0]
+    for fd in fds:
+        os.close(fd)
     text = msg.decode(errors="replace")
-    return text[6:] if text.startswith("error:") else text
+    raise SpareFailed(text[6:] if text.startswith("error:") else text or "the sandbox died")
 
 
 def _pidfd_pid(fd: int) -> int | None:

@@ -62,16 +62,8 @@ def children(pid: int) -> list[int]:
 
 
 def started_sandboxes(supervisor: int) -> set[int]:
-    """Children of the supervisor that run a service: they left its network namespace.
+    """Children of the supervisor that run a service: inits with a child of their own.
 
-    (Its other children are prepared inits still waiting, in the supervisor's namespace.)
+    (Its other children are prepared inits still waiting for a service, with no child yet.)
     """
-    own = ns_inode(os.getpid(), "net")  # the supervisor's own, except for an instant now and then
-    out = set()
-    for pid in children(supervisor):
-        try:
-            if ns_inode(pid, "net") != own:
-                out.add(pid)
-        except OSError:
-            pass
-    return out
+    return {pid for pid in children(supervisor) if children(pid)}

@@ -85,6 +85,12 @@ def test_sigterm_reaches_the_service_through_init() -> None:
         term.stop(timeout=5)
         assert term.returncode == 7
         assert "got SIGTERM" in term.logs()
+        # From inside: PID 1 is the init, which has a handler and passes SIGTERM on (without
+        # one, the kernel would drop a signal sent to a namespace's PID 1).
+        term.start()
+        term.exec(["kill", "-TERM", "1"])
+        assert eventually(lambda: not term.running) and term.returncode == 7
+        assert term.logs().count("got SIGTERM") == 2
 
 
 def test_returncode_is_128_plus_signal_and_kill_waits() -> None:
