@@ -340,7 +340,6 @@ class ServiceHandle:
         self._plan = plan
         self._sup = sup
         self._slot = f"{env.id}/{spec.name}"
-        self._dir = workdir / spec.name
         self.log_path = workdir / f"{spec.name}.log"
         self._log_start = 0
         self._ports: dict[int, int] = {}
@@ -520,14 +519,13 @@ class ServiceHandle:
         self._exited.set()
 
     def _create(self) -> None:
-        """Write the service's generated files and listen for its events."""
-        self._dir.mkdir(parents=True, exist_ok=True)
-        hosts = self._dir / "hosts"
+        """Generate the service's ``/etc`` files and listen for its events."""
         names = " ".join([self.name, *self.spec.aliases])
-        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                         f"127.0.1.1\t{names}\n")  # fmt: skip
-        (self._dir / "hostname").write_text(self.name + "\n")
-        self._plan.etc_files = {"/etc/hosts": str(hosts), "/etc/hostname": str(self._dir / "hostname")}
+        self._plan.etc_files = {
+            "/etc/hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                          f"127.0.1.1\t{names}\n",
+            "/etc/hostname": self.name + "\n",
+        }  # fmt: skip
         self._sup.on_event(self._slot, self._on_event)
 
     def _spawn(self) -> None:

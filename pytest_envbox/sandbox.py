@@ -48,7 +48,7 @@ class SandboxPlan:
     groups: list[int]
     #: (host source, target inside, readonly)
     mounts: list[tuple[str, str, bool]] = field(default_factory=list)
-    #: target inside -> host file, bound read-only (``/etc/hosts``, ``/etc/hostname``)
+    #: target inside -> content of a generated file, bound read-only (``/etc/hosts``...)
     etc_files: dict[str, str] = field(default_factory=dict)
     #: host paths the service needs (its cwd, its interpreter's prefix) that must stay visible,
     #: read-only at the same path, even where the sandbox puts a private tmpfs (``/tmp``...)
@@ -288,8 +288,12 @@ def finish_root(b: _RootBuilder, plan: SandboxPlan) -> None:
         if (_under(path, (*_PRIVATE, HOME)) and path not in (*_PRIVATE, HOME)
                 and os.path.exists(_OLD + path)):  # fmt: skip
             b.bind(_OLD + path, _NEW + b.ensure(path, is_dir=os.path.isdir(_OLD + path)), readonly=True)
-    for target, host_file in plan.etc_files.items():
-        b.bind(_OLD + host_file, _NEW + b.ensure(target, is_dir=False), readonly=True)
+    # Generated files live on the sandbox's own tmpfs, never on the host's disk: nothing to clean.
+    for i, (target, content) in enumerate(plan.etc_files.items()):
+        source = f"/generated{i}"
+        with open(source, "w") as f:
+            f.write(content)
+        b.bind(source, _NEW + b.ensure(target, is_dir=False), readonly=True)
     for source, target, readonly in sorted(plan.mounts, key=lambda m: m[1].count("/")):
         try:
             is_dir = os.path.isdir(_OLD + source)
