@@ -406,9 +406,11 @@ def run_spare(ctl: socket.socket) -> NoReturn:
     """
     code = 125
     try:
-        L.set_pdeathsig(signal.SIGKILL)
+        # No death signal yet: the parent may be a middle process that exits at once (see the
+        # supervisor's zygote). Until the plan comes, the supervisor's death is an EOF on ctl.
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
         os.setsid()
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         close_fds_except([ctl.fileno(), devnull])
@@ -425,6 +427,8 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         msg, fds, _flags, _addr = socket.recv_fds(ctl, 256 << 10, 2)
         if not msg or not fds:
             os._exit(0)  # the supervisor is done with us
+        # Adopted by the supervisor long since (it answered our "ready"): die with it from now.
+        L.set_pdeathsig(signal.SIGKILL)
         plan = SandboxPlan.from_dict(json.loads(msg))
         log_fd = fds[0]
         os.dup2(devnull, 0)
@@ -446,6 +450,7 @@ def run_spare(ctl: socket.socket) -> NoReturn:
                    (os.POSIX_SPAWN_DUP2, log_fd, 2)]  # fmt: skip
         common: dict[str, Any] = {"file_actions": actions, "setsid": True,
                                   "setsigdef": _ALL_SIGNALS, "setsigmask": []}  # fmt: skip
+        forwarder = _Forwarder()
         try:
             if plan.executable:
                 pid = os.posix_spawn(plan.executable, plan.argv, plan.env, **common)
@@ -454,6 +459,7 @@ def run_spare(ctl: socket.socket) -> NoReturn:
                 pid = os.posix_spawnp(plan.argv[0], plan.argv, plan.env, **common)
         except OSError as e:
             raise SetupError(f"{plan.executable or plan.argv[0]}: {e.strerror}") from e
+        forwarder.started(pid)
         pidfd = os.pidfd_open(pid)
         try:
             socket.send_fds(ctl, [b"exec"], [pidfd])
@@ -477,22 +483,42 @@ def run_spare(ctl: socket.socket) -> NoReturn:
     os._exit(code)
 
 
-def _be_init(child: int) -> NoReturn:
-    """Forward signals to ``child`` and reap every process; exit with the child's status.
+class _Forwarder:
+    """The init's signal handlers, installed before the service exists.
 
-    The kernel drops signals without a handler sent to a namespace's PID 1, so every forwarded
-    signal gets one. When the service exits, init exits with its code (or 128 + signal), and the
-    kernel then kills whatever else is left in the namespace, as with tini.
+    The kernel drops a signal sent to a namespace's PID 1 unless PID 1 has a handler for it, so
+    the handlers must be in place before anyone can know the service has started (the supervisor
+    may send SIGTERM the moment it hears ``exec``). A signal that comes before the service does
+    is passed on as soon as it exists.
     """
 
-    def forward(sig: int, _frame: object) -> None:
+    def __init__(self) -> None:
+        self.child: int | None = None
+        self.early: list[int] = []
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, self._forward)
+
+    def _forward(self, sig: int, _frame: object) -> None:
+        if self.child is None:
+            self.early.append(sig)
+            return
         try:
-            os.kill(child, sig)
+            os.kill(self.child, sig)
         except ProcessLookupError:
             pass
 
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
+    def started(self, child: int) -> None:
+        self.child = child
+        for sig in self.early:
+            self._forward(sig, None)
+
+
+def _be_init(child: int) -> NoReturn:
+    """Reap every process; exit with the service's status when it exits.
+
+    When the service exits, init exits with its code (or 128 + signal), and the kernel then kills
+    whatever else is left in the namespace, as with tini.
+    """
     while True:
         try:
             pid, status = os.waitpid(-1, 0)

@@ -97,7 +97,8 @@ class Supervisor:
         self.pending: dict[int, _Pending] = {}  # sync socket fd -> pending
         self.execs: dict[int, _Exec] = {}  # helper pid -> exec
         self.dirs: set[str] = set()
-        self.spares: list[tuple[int, socket.socket]] = []  # prepared inits, see _spawn_spare
+        # Prepared inits: (control socket, already our child?), see _spawn_spare.
+        self.spares: list[tuple[socket.socket, bool]] = []
         self.want_spare = True  # False after a spare died unused: then prepare on demand only
         self.running = True
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -112,6 +113,9 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: self._stop())
         self.sel.register(sock, selectors.EVENT_READ, "control")
         self.sel.register(r, selectors.EVENT_READ, "sigchld")
+        # Orphans of our sandboxes (and the spares, see _start_zygote) are reaped here.
+        L.set_child_subreaper()
+        self._start_zygote()
 
     def _stop(self) -> None:
         self.running = False
@@ -178,28 +182,52 @@ class Supervisor:
     # --- operations --------------------------------------------------------------------------
 
     def op_hello(self, req_id: int) -> dict[str, Any]:
-        L.set_child_subreaper()
         return {"pid": os.getpid()}
 
-    def _spawn_spare(self) -> None:
-        """Fork the next sandbox's init ahead of time (see :func:`sandbox.run_spare`)."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # Frozen objects are never scanned by the collector, so neither process copies the
-        # pages of the other's objects just to walk them (copy-on-write after fork).
-        gc.freeze()
-        # The child is PID 1 of a new PID namespace; reset our pid_for_children right after.
-        L.unshare(L.CLONE_NEWPID)
+    def _start_zygote(self) -> None:
+        """Fork the process that forks spares, while this one is still small and single-threaded.
+
+        Forking the supervisor itself takes its loop thread about a millisecond, which a request
+        would wait for; asking the zygote takes a few microseconds. The zygote's grandchildren
+        (the spares) are adopted by the supervisor, a child subreaper, so their exits are reaped
+        here as if it had forked them.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        gc.freeze()  # objects the collector never walks: fewer pages copied after fork
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             try:
-                gc.disable()
-                parent.close()
-                run_spare(child)
+                ours.close()
+                _zygote(theirs)
             finally:
-                os._exit(125)
-        L.setns(self.own_pidns, L.CLONE_NEWPID)
+                os._exit(0)
+        theirs.close()
+        self.zygote: socket.socket | None = ours
+        self.zygote_pid = pid
+
+    def _spawn_spare(self) -> None:
+        """Have the next sandbox's init prepared (see :func:`sandbox.run_spare`)."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the spare's pid, on ready
+        try:
+            if self.zygote is None:
+                raise OSError("no zygote")
+            socket.send_fds(self.zygote, [b"spare"], [child.fileno()])
+            adopted = False
+        except OSError:
+            self.zygote = None  # it died: fork the spare here, the slow way
+            adopted = True
+            L.unshare(L.CLONE_NEWPID)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                try:
+                    parent.close()
+                    run_spare(child)
+                finally:
+                    os._exit(125)
+            L.setns(self.own_pidns, L.CLONE_NEWPID)
         child.close()
-        self.spares.append((pid, parent))
+        self.spares.append((parent, adopted))
 
     def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
                  ports: list[int], generation: int) -> dict[str, Any] | None:  # fmt: skip
@@ -217,10 +245,10 @@ class Supervisor:
         try:
             if not self.spares:
                 self._spawn_spare()
-            pid, ctl = self.spares.pop(0)
+            ctl, adopted = self.spares.pop(0)
             self.want_spare = True
             try:
-                netns = _await_ready(ctl)
+                netns, pid = _await_ready(ctl, adopted)
                 if old is None:
                     self.slots[slot] = _Slot(netns_fd=netns)
                     fds = [log_fd]
@@ -229,9 +257,8 @@ class Supervisor:
                     fds = [log_fd, old.netns_fd]
                 socket.send_fds(ctl, [json.dumps(plan).encode()], fds)
             except (OSError, SpareFailed) as e:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                ctl.close()
+                ctl.close()  # the spare, if alive, exits on this end-of-file
+                self.want_spare = False  # no background preparing until a start succeeds
                 raise SpareFailed(str(e) or "the sandbox could not be prepared") from None
         finally:
             os.close(log_fd)
@@ -250,7 +277,8 @@ class Supervisor:
 
     def _on_sync(self, pend: _Pending) -> None:
         try:
-            msg, anc, _flags, _addr = pend.sock.recvmsg(4096, socket.CMSG_SPACE(16))
+            msg, anc, _flags, _addr = pend.sock.recvmsg(
+                4096, socket.CMSG_SPACE(16) + socket.CMSG_SPACE(12))  # fds and credentials
         except OSError:
             msg, anc = b"", []
         for level, typ, data in anc:
@@ -258,7 +286,8 @@ class Supervisor:
                 for fd in array.array("i", data[: len(data) - len(data) % 4]):
                     pend.main_pid = pend.main_pid or _pidfd_pid(fd)
                     os.close(fd)
-            elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
+            elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS and pend.kind == "exec":
+                # exec's command reports itself; a start's init sends a pidfd of the service.
                 pend.main_pid = pend.main_pid or int.from_bytes(data[:4], sys.byteorder)
         if msg.startswith(b"error:"):
             pend.error = msg[6:].decode(errors="replace")
@@ -437,12 +466,6 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             if code < 0:
                 code = 128 - code
-            for i, (spare, ctl) in enumerate(self.spares):
-                if spare == pid:  # died unused: it could not set itself up. No busy refork.
-                    ctl.close()
-                    del self.spares[i]
-                    self.want_spare = False
-                    break
             slot = self.inits.pop(pid, None)
             if slot is not None:
                 s = self.slots.get(slot)
@@ -494,13 +517,11 @@ class Supervisor:
         os.close(s.netns_fd)
 
     def teardown(self) -> None:
-        for pid, ctl in self.spares:
-            ctl.close()  # EOF: the spare exits by itself
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+        for ctl, _ in self.spares:
+            ctl.close()  # end-of-file: a spare exits by itself
         self.spares.clear()
+        if self.zygote is not None:
+            self.zygote.close()  # and so does the zygote
         for slot in list(self.slots):
             self._release(self.slots.pop(slot))
         for ex in list(self.execs.values()):
@@ -518,24 +539,78 @@ class SpareFailed(Exception):
     """A prepared sandbox died before it could be used; the message says why."""
 
 
-def _await_ready(ctl: socket.socket) -> int:
-    """Wait for a spare to be ready; return the fd of its network namespace.
+def _await_ready(ctl: socket.socket, adopted: bool) -> tuple[int, int]:
+    """Wait for a spare to be ready (and adopted); return its network namespace fd and pid.
 
     A spare that could not prepare itself says why (``error:``/``unsupported:``) and exits.
     """
     ctl.settimeout(30.0)
+    netns = pid = None
     try:
-        msg, fds, _flags, _addr = socket.recv_fds(ctl, 4096, 1)
-    except TimeoutError:
-        raise SpareFailed("the sandbox was not prepared within 30 s") from None
+        while netns is None or not adopted:
+            try:
+                msg, anc, _flags, _addr = ctl.recvmsg(
+                    4096, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(12))
+            except TimeoutError:
+                raise SpareFailed("the sandbox was not prepared within 30 s") from None
+            fds: list[int] = []
+            for level, typ, data in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    fds += array.array("i", data[: len(data) - len(data) % 4])
+                elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS and msg == b"ready":
+                    pid = int.from_bytes(data[:4], sys.byteorder)
+            if msg == b"adopted":
+                adopted = True
+            elif msg == b"ready" and len(fds) == 1:
+                netns = fds[0]
+            else:
+                for fd in fds:
+                    os.close(fd)
+                text = msg.decode(errors="replace")
+                raise SpareFailed(text[6:] if text.startswith("error:") else text or "the sandbox died")
+    except BaseException:
+        if netns is not None:
+            os.close(netns)
+        raise
     finally:
         ctl.settimeout(None)
-    if msg == b"ready" and len(fds) == 1:
-        return fds[0]
-    for fd in fds:
-        os.close(fd)
-    text = msg.decode(errors="replace")
-    raise SpareFailed(text[6:] if text.startswith("error:") else text or "the sandbox died")
+    if pid is None:  # the kernel attaches credentials when we asked (SO_PASSCRED): cannot happen
+        os.close(netns)
+        raise SpareFailed("the sandbox did not say who it is")
+    return netns, pid
+
+
+def _zygote(sock: socket.socket) -> None:
+    """Fork spares on request, each through a short-lived middle process. Returns at EOF.
+
+    The middle process takes a new PID namespace for its child (the spare, its PID 1) and exits
+    at once, so the spare is adopted by the supervisor, the nearest child subreaper.
+    """
+    L.set_pdeathsig(signal.SIGKILL)
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    close_fds_except([sock.fileno()])
+    gc.disable()
+    while True:
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 1)
+        if not msg or not fds:
+            return
+        middle = os.fork()
+        if middle == 0:
+            try:
+                L.unshare(L.CLONE_NEWPID)
+                if os.fork() == 0:
+                    sock.close()
+                    run_spare(socket.socket(fileno=fds[0]))
+            finally:
+                os._exit(0)
+        os.waitpid(middle, 0)
+        # The middle process is gone, so the spare's parent is the supervisor now: say so (the
+        # spare must not set its death signal before that, or the middle's exit would fire it).
+        with contextlib.suppress(OSError):
+            os.write(fds[0], b"adopted")
+        os.close(fds[0])
 
 
 def _pidfd_pid(fd: int) -> int | None:

@@ -356,3 +356,13 @@ def test_wait_for_log_after_restart_sees_only_the_new_run() -> None:
         m = r.wait_for_log(r"^run (\d+)", timeout=10)
         assert m.group(1) == "2"  # pid 2 in every run: it is the new run's line...
         assert r.logs().count("run 2") == 2  # ...and both runs are in the log
+
+
+def test_pid_is_the_service_and_an_immediate_stop_is_graceful() -> None:
+    for _ in range(20):  # the race this guards against (SIGTERM before init's handlers) is narrow
+        with Environment([Service("quick", ["sleep", "1000"])]) as env:
+            h = env["quick"]
+            with open(f"/proc/{h.pid}/cmdline", "rb") as f:
+                assert f.read().split(b"\0")[0].endswith(b"sleep")
+            h.stop(timeout=30)
+            assert h.returncode == 128 + signal.SIGTERM  # not 137: no SIGKILL after the grace
