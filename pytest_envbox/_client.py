@@ -38,16 +38,20 @@ class SupervisorClient:
                 "Run the tests on a Linux machine, VM or container."
             )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pkg_parent = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
-        code = "from pytest_envbox.supervisor import main; main()"
+        # A lean interpreter: no site-packages (-S), and the package's __init__ (the whole engine)
+        # not run, only the supervisor's few modules. Every sandbox is forked from it, and forking
+        # and exiting cost in proportion to its memory (2.6 ms of CPU at 21 MB, 0.5 ms at 9 MB).
+        code = (
+            "import sys, types; p = types.ModuleType('pytest_envbox'); "
+            f"p.__path__ = [{str(Path(__file__).resolve().parent)!r}]; "
+            "sys.modules['pytest_envbox'] = p; "
+            "from pytest_envbox.supervisor import main; main()"
+        )
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(theirs.fileno())],
+            [sys.executable, "-S", "-c", code, str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # the terminal's Ctrl-C is for pytest, which tears down
-            env=env,
         )
         theirs.close()
         self._sock = ours

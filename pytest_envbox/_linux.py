@@ -10,13 +10,13 @@ wrapper is a single C call.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import errno
 import os
-import platform
 import struct
 import sys
 
 # Namespace flags (linux/sched.h).
+CLONE_PARENT = 0x00008000
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -58,6 +58,7 @@ CLOSE_RANGE_CLOEXEC = 1 << 2
 # Syscalls without a glibc wrapper everywhere. Numbers of the newer calls are shared by all
 # architectures; pivot_root differs.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "ppc64le": 203, "s390x": 217}
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "ppc64le": 120, "s390x": 120}
 _SYS_CLOSE_RANGE = 436
 _SYS_MOUNT_SETATTR = 442
 
@@ -78,7 +79,10 @@ DOCKER_DEFAULT_CAPS = frozenset(
     )
 )
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library is already loaded in this process: no need for ctypes.util.find_library, which
+# would run ldconfig in a subprocess.
+_libc = ctypes.CDLL(None, use_errno=True)
+_MACHINE = os.uname().machine
 if sys.platform.startswith("linux"):  # elsewhere, importing must work; calling is refused later
     _libc.syscall.restype = ctypes.c_long
     _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -122,11 +126,36 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_b(target), ctypes.c_int(flags)), f"umount {target}")
 
 
+def fork_with(flags: int) -> int:
+    """``fork()`` with extra ``clone(2)`` flags; returns 0 in the child, its pid in the parent.
+
+    For ``CLONE_PARENT | CLONE_NEWPID``: a child that is PID 1 of a new PID namespace and the
+    *caller's parent's* child, in one call (``os.fork`` has no flags). Python's own fork
+    bookkeeping runs around it, as ``os.fork`` does. Only for single-threaded callers.
+    """
+    nr = _SYS_CLONE.get(_MACHINE)
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"clone: unknown syscall number on {_MACHINE}")
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    # All other arguments zero: the same stack (copy-on-write, as fork), no tids, no tls. Their
+    # order differs between architectures; zeros make that moot.
+    pid = _libc.syscall(ctypes.c_long(nr), ctypes.c_ulong(flags | 17), None, None, None, None)
+    err = ctypes.get_errno()
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+    else:
+        api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone({flags:#x}): {os.strerror(err)}")
+    return int(pid)
+
+
 def pivot_root(new_root: str, put_old: str) -> None:
     """``pivot_root(2)``: make ``new_root`` the root mount, the old root going to ``put_old``."""
-    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    nr = _SYS_PIVOT_ROOT.get(_MACHINE)
     if nr is None:
-        raise OSError(0, f"pivot_root: unknown syscall number on {platform.machine()}")
+        raise OSError(0, f"pivot_root: unknown syscall number on {_MACHINE}")
     res = _libc.syscall(ctypes.c_long(nr), ctypes.c_char_p(_b(new_root)),
                         ctypes.c_char_p(_b(put_old)))  # fmt: skip
     _check(res, f"pivot_root({new_root}, {put_old})")

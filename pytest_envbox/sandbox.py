@@ -406,8 +406,7 @@ def run_spare(ctl: socket.socket) -> NoReturn:
     """
     code = 125
     try:
-        # No death signal yet: the parent may be a middle process that exits at once (see the
-        # supervisor's zygote). Until the plan comes, the supervisor's death is an EOF on ctl.
+        L.set_pdeathsig(signal.SIGKILL)  # our parent is the supervisor (see its zygote)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
@@ -427,8 +426,6 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         msg, fds, _flags, _addr = socket.recv_fds(ctl, 256 << 10, 2)
         if not msg or not fds:
             os._exit(0)  # the supervisor is done with us
-        # Adopted by the supervisor long since (it answered our "ready"): die with it from now.
-        L.set_pdeathsig(signal.SIGKILL)
         plan = SandboxPlan.from_dict(json.loads(msg))
         log_fd = fds[0]
         os.dup2(devnull, 0)

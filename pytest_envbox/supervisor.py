@@ -27,7 +27,6 @@ import json
 import os
 import select
 import selectors
-import shutil
 import signal
 import socket
 import sys
@@ -97,8 +96,7 @@ class Supervisor:
         self.pending: dict[int, _Pending] = {}  # sync socket fd -> pending
         self.execs: dict[int, _Exec] = {}  # helper pid -> exec
         self.dirs: set[str] = set()
-        # Prepared inits: (control socket, already our child?), see _spawn_spare.
-        self.spares: list[tuple[socket.socket, bool]] = []
+        self.spares: list[socket.socket] = []  # control sockets of prepared inits (_spawn_spare)
         self.want_spare = True  # False after a spare died unused: then prepare on demand only
         self.running = True
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -188,9 +186,9 @@ class Supervisor:
         """Fork the process that forks spares, while this one is still small and single-threaded.
 
         Forking the supervisor itself takes its loop thread about a millisecond, which a request
-        would wait for; asking the zygote takes a few microseconds. The zygote's grandchildren
-        (the spares) are adopted by the supervisor, a child subreaper, so their exits are reaped
-        here as if it had forked them.
+        would wait for; asking the zygote takes a few microseconds. The zygote's children
+        (the spares) are made children of the supervisor (``CLONE_PARENT``), so their exits are
+        reaped here as if it had forked them.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gc.freeze()  # objects the collector never walks: fewer pages copied after fork
@@ -213,10 +211,8 @@ class Supervisor:
             if self.zygote is None:
                 raise OSError("no zygote")
             socket.send_fds(self.zygote, [b"spare"], [child.fileno()])
-            adopted = False
         except OSError:
             self.zygote = None  # it died: fork the spare here, the slow way
-            adopted = True
             L.unshare(L.CLONE_NEWPID)
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
@@ -227,7 +223,7 @@ class Supervisor:
                     os._exit(125)
             L.setns(self.own_pidns, L.CLONE_NEWPID)
         child.close()
-        self.spares.append((parent, adopted))
+        self.spares.append(parent)
 
     def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
                  ports: list[int], generation: int) -> dict[str, Any] | None:  # fmt: skip
@@ -245,10 +241,10 @@ class Supervisor:
         try:
             if not self.spares:
                 self._spawn_spare()
-            ctl, adopted = self.spares.pop(0)
+            ctl = self.spares.pop(0)
             self.want_spare = True
             try:
-                netns, pid = _await_ready(ctl, adopted)
+                netns, pid = _await_ready(ctl)
                 if old is None:
                     self.slots[slot] = _Slot(netns_fd=netns)
                     fds = [log_fd]
@@ -517,7 +513,7 @@ class Supervisor:
         os.close(s.netns_fd)
 
     def teardown(self) -> None:
-        for ctl, _ in self.spares:
+        for ctl in self.spares:
             ctl.close()  # end-of-file: a spare exits by itself
         self.spares.clear()
         if self.zygote is not None:
@@ -527,6 +523,8 @@ class Supervisor:
         for ex in list(self.execs.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(ex.pid, signal.SIGKILL)
+        import shutil  # only here: the supervisor stays small, and so do its forks
+
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.dirs.clear()
@@ -539,52 +537,38 @@ class SpareFailed(Exception):
     """A prepared sandbox died before it could be used; the message says why."""
 
 
-def _await_ready(ctl: socket.socket, adopted: bool) -> tuple[int, int]:
-    """Wait for a spare to be ready (and adopted); return its network namespace fd and pid.
+def _await_ready(ctl: socket.socket) -> tuple[int, int]:
+    """Wait for a spare to be ready; return the fd of its network namespace, and its pid.
 
     A spare that could not prepare itself says why (``error:``/``unsupported:``) and exits.
     """
     ctl.settimeout(30.0)
-    netns = pid = None
     try:
-        while netns is None or not adopted:
-            try:
-                msg, anc, _flags, _addr = ctl.recvmsg(
-                    4096, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(12))
-            except TimeoutError:
-                raise SpareFailed("the sandbox was not prepared within 30 s") from None
-            fds: list[int] = []
-            for level, typ, data in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    fds += array.array("i", data[: len(data) - len(data) % 4])
-                elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS and msg == b"ready":
-                    pid = int.from_bytes(data[:4], sys.byteorder)
-            if msg == b"adopted":
-                adopted = True
-            elif msg == b"ready" and len(fds) == 1:
-                netns = fds[0]
-            else:
-                for fd in fds:
-                    os.close(fd)
-                text = msg.decode(errors="replace")
-                raise SpareFailed(text[6:] if text.startswith("error:") else text or "the sandbox died")
-    except BaseException:
-        if netns is not None:
-            os.close(netns)
-        raise
+        msg, anc, _flags, _addr = ctl.recvmsg(4096, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(12))
+    except TimeoutError:
+        raise SpareFailed("the sandbox was not prepared within 30 s") from None
     finally:
         ctl.settimeout(None)
-    if pid is None:  # the kernel attaches credentials when we asked (SO_PASSCRED): cannot happen
-        os.close(netns)
-        raise SpareFailed("the sandbox did not say who it is")
-    return netns, pid
+    fds: list[int] = []
+    pid = None
+    for level, typ, data in anc:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            fds += array.array("i", data[: len(data) - len(data) % 4])
+        elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
+            pid = int.from_bytes(data[:4], sys.byteorder)
+    if msg == b"ready" and len(fds) == 1 and pid is not None:
+        return fds[0], pid
+    for fd in fds:
+        os.close(fd)
+    text = msg.decode(errors="replace")
+    raise SpareFailed(text[6:] if text.startswith("error:") else text or "the sandbox died")
 
 
 def _zygote(sock: socket.socket) -> None:
-    """Fork spares on request, each through a short-lived middle process. Returns at EOF.
+    """Fork spares on request; returns at EOF.
 
-    The middle process takes a new PID namespace for its child (the spare, its PID 1) and exits
-    at once, so the spare is adopted by the supervisor, the nearest child subreaper.
+    ``clone(CLONE_PARENT | CLONE_NEWPID)``: each spare is PID 1 of a new PID namespace and a
+    child of the supervisor (our parent), which reaps it like any child of its own.
     """
     L.set_pdeathsig(signal.SIGKILL)
     signal.set_wakeup_fd(-1)
@@ -596,20 +580,16 @@ def _zygote(sock: socket.socket) -> None:
         msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 1)
         if not msg or not fds:
             return
-        middle = os.fork()
-        if middle == 0:
+        try:
+            pid = L.fork_with(L.CLONE_PARENT | L.CLONE_NEWPID)
+        except OSError:
+            pid = -1  # the supervisor sees the spare's socket close, and forks one itself
+        if pid == 0:
             try:
-                L.unshare(L.CLONE_NEWPID)
-                if os.fork() == 0:
-                    sock.close()
-                    run_spare(socket.socket(fileno=fds[0]))
+                sock.close()
+                run_spare(socket.socket(fileno=fds[0]))
             finally:
-                os._exit(0)
-        os.waitpid(middle, 0)
-        # The middle process is gone, so the spare's parent is the supervisor now: say so (the
-        # spare must not set its death signal before that, or the middle's exit would fire it).
-        with contextlib.suppress(OSError):
-            os.write(fds[0], b"adopted")
+                os._exit(125)
         os.close(fds[0])
 
 

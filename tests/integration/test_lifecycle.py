@@ -362,7 +362,8 @@ def test_pid_is_the_service_and_an_immediate_stop_is_graceful() -> None:
     for _ in range(20):  # the race this guards against (SIGTERM before init's handlers) is narrow
         with Environment([Service("quick", ["sleep", "1000"])]) as env:
             h = env["quick"]
-            with open(f"/proc/{h.pid}/cmdline", "rb") as f:
-                assert f.read().split(b"\0")[0].endswith(b"sleep")
+            cmdline = Path(f"/proc/{h.pid}/cmdline")
+            # (right after the exec, the kernel may still be filling in the new command line)
+            assert eventually(lambda: cmdline.read_bytes().split(b"\0")[0].endswith(b"sleep"))
             h.stop(timeout=30)
             assert h.returncode == 128 + signal.SIGTERM  # not 137: no SIGKILL after the grace
