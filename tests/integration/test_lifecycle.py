@@ -364,6 +364,6 @@ def test_pid_is_the_service_and_an_immediate_stop_is_graceful() -> None:
             h = env["quick"]
             cmdline = Path(f"/proc/{h.pid}/cmdline")
             # (right after the exec, the kernel may still be filling in the new command line)
-            assert eventually(lambda: cmdline.read_bytes().split(b"\0")[0].endswith(b"sleep"))
+            assert eventually(lambda c=cmdline: c.read_bytes().split(b"\0")[0].endswith(b"sleep"))
             h.stop(timeout=30)
             assert h.returncode == 128 + signal.SIGTERM  # not 137: no SIGKILL after the grace
