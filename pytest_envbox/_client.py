@@ -48,7 +48,9 @@ class SupervisorClient:
             "from pytest_envbox.supervisor import main; main()"
         )
         self._proc = subprocess.Popen(
-            [sys.executable, "-S", "-c", code, str(theirs.fileno())],
+            # -P: not the working directory first on sys.path (a project's json.py, say).
+            [sys.executable, "-S", *(["-P"] if sys.version_info >= (3, 11) else []), "-c", code,
+             str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # the terminal's Ctrl-C is for pytest, which tears down

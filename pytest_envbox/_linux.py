@@ -58,7 +58,10 @@ CLOSE_RANGE_CLOEXEC = 1 << 2
 # Syscalls without a glibc wrapper everywhere. Numbers of the newer calls are shared by all
 # architectures; pivot_root differs.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "ppc64le": 203, "s390x": 217}
-_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "ppc64le": 120, "s390x": 120}
+# clone's arguments other than flags are all zero here, so the argument orders that differ
+# between architectures do not matter, except on s390x (flags second): not listed, it falls back
+# to os.fork.
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "loongarch64": 220, "ppc64le": 120}
 _SYS_CLOSE_RANGE = 436
 _SYS_MOUNT_SETATTR = 442
 
@@ -206,20 +209,33 @@ def set_dumpable(flag: bool) -> None:
     prctl(PR_SET_DUMPABLE, int(flag))
 
 
-def last_cap() -> int:
-    """The highest capability number the running kernel knows."""
+def _read_last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             return int(f.read())
-    except OSError:
-        return len(CAP_NAMES) - 1
+    except (OSError, ValueError):
+        return 63  # unknown: try every possible one (dropping an unknown capability is harmless)
+
+
+# Read once, at import: sandboxes drop capabilities after their /proc is gone.
+_LAST_CAP = _read_last_cap()
+
+
+def last_cap() -> int:
+    """The highest capability number the running kernel knows."""
+    return _LAST_CAP
 
 
 def capbset_drop_except(keep: frozenset[int]) -> None:
     """Drop every capability not in ``keep`` from the bounding set (needs CAP_SETPCAP)."""
     for cap in range(last_cap() + 1):
         if cap not in keep:
-            prctl(PR_CAPBSET_DROP, cap)
+            try:
+                prctl(PR_CAPBSET_DROP, cap)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    break  # past the kernel's last capability
+                raise
 
 
 def capbset_has(cap: int) -> bool:

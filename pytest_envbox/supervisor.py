@@ -52,6 +52,8 @@ class _Slot:
     relays: dict[int, Relay] = field(default_factory=dict)
     init_pid: int | None = None
     main_pid: int | None = None
+    #: a pidfd of the service: signals go through it, never to a pid that may have been reused
+    main_pidfd: int | None = None
     generation: int = 0
 
 
@@ -65,6 +67,8 @@ class _Pending:
     sock: socket.socket
     pid: int  # init (start) or helper (exec)
     main_pid: int | None = None
+    pidfd: int | None = None
+    got_exec: bool = False
     error: str | None = None
     replied: bool = False
 
@@ -203,25 +207,31 @@ class Supervisor:
         self.zygote: socket.socket | None = ours
         self.zygote_pid = pid
 
-    def _spawn_spare(self) -> None:
-        """Have the next sandbox's init prepared (see :func:`sandbox.run_spare`)."""
+    def _spawn_spare(self, direct: bool = False) -> None:
+        """Have the next sandbox's init prepared (see :func:`sandbox.run_spare`).
+
+        By the zygote; by a fork of our own (slower) when it is gone or ``direct`` is asked.
+        """
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the spare's pid, on ready
         try:
-            if self.zygote is None:
+            if self.zygote is None or direct:
                 raise OSError("no zygote")
             socket.send_fds(self.zygote, [b"spare"], [child.fileno()])
         except OSError:
-            self.zygote = None  # it died: fork the spare here, the slow way
+            if not direct:
+                self.zygote = None  # it died
             L.unshare(L.CLONE_NEWPID)
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child
-                try:
-                    parent.close()
-                    run_spare(child)
-                finally:
-                    os._exit(125)
-            L.setns(self.own_pidns, L.CLONE_NEWPID)
+            try:
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - runs in the child
+                    try:
+                        parent.close()
+                        run_spare(child)
+                    finally:
+                        os._exit(125)
+            finally:
+                L.setns(self.own_pidns, L.CLONE_NEWPID)
         child.close()
         self.spares.append(parent)
 
@@ -239,23 +249,30 @@ class Supervisor:
             raise ValueError(f"{slot} is already running")
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            if not self.spares:
-                self._spawn_spare()
-            ctl = self.spares.pop(0)
-            self.want_spare = True
-            try:
-                netns, pid = _await_ready(ctl)
-                if old is None:
+            for attempt in (1, 2):  # a spare may have died while it waited: then one fresh try
+                if not self.spares:
+                    self._spawn_spare(direct=attempt == 2)
+                ctl = self.spares.pop(0)
+                self.want_spare = True
+                netns = None
+                try:
+                    netns, pid = _await_ready(ctl)
+                    new = old is None and slot not in self.slots
+                    fds = [log_fd] if new else [log_fd, self.slots[slot].netns_fd]
+                    socket.send_fds(ctl, [json.dumps(plan).encode()], fds)
+                except (OSError, SpareFailed) as e:
+                    ctl.close()  # the spare, if alive, exits on this end-of-file
+                    if netns is not None:
+                        os.close(netns)
+                    self.want_spare = False  # no background preparing until a start succeeds
+                    if attempt == 2 or str(e).startswith("unsupported:"):
+                        raise SpareFailed(str(e) or "the sandbox could not be prepared") from None
+                    continue
+                if new:
                     self.slots[slot] = _Slot(netns_fd=netns)
-                    fds = [log_fd]
                 else:
                     os.close(netns)
-                    fds = [log_fd, old.netns_fd]
-                socket.send_fds(ctl, [json.dumps(plan).encode()], fds)
-            except (OSError, SpareFailed) as e:
-                ctl.close()  # the spare, if alive, exits on this end-of-file
-                self.want_spare = False  # no background preparing until a start succeeds
-                raise SpareFailed(str(e) or "the sandbox could not be prepared") from None
+                break
         finally:
             os.close(log_fd)
         s = self.slots[slot]
@@ -280,16 +297,21 @@ class Supervisor:
         for level, typ, data in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                 for fd in array.array("i", data[: len(data) - len(data) % 4]):
-                    pend.main_pid = pend.main_pid or _pidfd_pid(fd)
-                    os.close(fd)
+                    if pend.kind == "start" and pend.pidfd is None:
+                        pend.pidfd = fd  # the service: kept, to signal it safely
+                        pend.main_pid = _pidfd_pid(fd)  # None if it is already gone
+                    else:
+                        os.close(fd)
             elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS and pend.kind == "exec":
                 # exec's command reports itself; a start's init sends a pidfd of the service.
-                pend.main_pid = pend.main_pid or int.from_bytes(data[:4], sys.byteorder)
+                pid = int.from_bytes(data[:4], sys.byteorder, signed=True)
+                pend.main_pid = pend.main_pid or (pid if pid > 0 else None)
         if msg.startswith(b"error:"):
             pend.error = msg[6:].decode(errors="replace")
         elif msg.startswith(b"unsupported:"):
             pend.error = msg.decode(errors="replace")
-        elif msg == b"exec" and pend.kind == "start" and pend.main_pid is not None:
+        elif msg == b"exec" and pend.kind == "start":
+            pend.got_exec = True
             self._start_done(pend)  # at once: the init's EOF follows in a moment
         if msg:
             return
@@ -309,24 +331,34 @@ class Supervisor:
     def _start_done(self, pend: _Pending) -> None:
         pend.replied = True
         s = self.slots.get(pend.slot)
-        # The service may have exited (and been reaped) already: its own event says so.
-        if pend.error is None and pend.main_pid is not None and s is not None:
+        pidfd, pend.pidfd = pend.pidfd, None
+        # The service may have exited (and been reaped) already: its own event says so, and its
+        # pid is then unknown (None).
+        if pend.error is None and pend.got_exec and s is not None:
             if s.init_pid == pend.pid:
                 s.main_pid = pend.main_pid
+                s.main_pidfd, pidfd = pidfd, None
+            if pidfd is not None:
+                os.close(pidfd)
             self._reply(pend.req_id, pid=pend.main_pid, init_pid=pend.pid,
                         generation=s.generation,
                         ports={str(p): r.host_port for p, r in s.relays.items()})  # fmt: skip
         else:
+            if pidfd is not None:
+                os.close(pidfd)
             self._reply(pend.req_id, error=pend.error or "the sandbox exited during setup",
                         setup=True)  # fmt: skip
 
     def op_signal(self, req_id: int, slot: str, sig: int, target: str = "init") -> dict[str, Any]:
+        """Signal the service (through its pidfd) or its init. Never a pid that is not ours."""
         s = self.slots[slot]
-        pid = s.init_pid if target == "init" else (s.main_pid or s.init_pid)
-        if pid is None:
-            return {"sent": False}
         try:
-            os.kill(pid, sig)
+            if target == "main" and s.main_pidfd is not None:
+                signal.pidfd_send_signal(s.main_pidfd, sig)
+            elif s.init_pid is not None and s.init_pid > 0:
+                os.kill(s.init_pid, sig)
+            else:
+                return {"sent": False}
         except ProcessLookupError:
             return {"sent": False}
         return {"sent": True}
@@ -468,6 +500,7 @@ class Supervisor:
                 if s is not None and s.init_pid == pid:
                     s.init_pid = None
                     s.main_pid = None
+                    _close(s, "main_pidfd")
                     self._send({"event": "exited", "slot": slot, "returncode": code,
                                 "generation": s.generation})  # fmt: skip
             ex = self.execs.get(pid)
@@ -492,6 +525,7 @@ class Supervisor:
                             os.kill(pid, signal.SIGKILL)
 
     def _release(self, s: _Slot, wait: float = 5.0) -> None:
+        _close(s, "main_pidfd")
         for r in s.relays.values():
             r.close()
         s.relays.clear()
@@ -582,8 +616,11 @@ def _zygote(sock: socket.socket) -> None:
             return
         try:
             pid = L.fork_with(L.CLONE_PARENT | L.CLONE_NEWPID)
-        except OSError:
-            pid = -1  # the supervisor sees the spare's socket close, and forks one itself
+        except OSError as e:
+            # Say why; the supervisor then forks a spare itself (see op_start's second try).
+            with contextlib.suppress(OSError):
+                os.write(fds[0], f"error:clone: {e.strerror}".encode())
+            pid = -1
         if pid == 0:
             try:
                 sock.close()
@@ -594,15 +631,27 @@ def _zygote(sock: socket.socket) -> None:
 
 
 def _pidfd_pid(fd: int) -> int | None:
-    """The pid (in our PID namespace) of the process a pidfd refers to, from its fdinfo."""
+    """The pid (in our PID namespace) of the process a pidfd refers to, from its fdinfo.
+
+    None when it has been reaped already (the kernel then says -1) or cannot be told.
+    """
     try:
         with open(f"/proc/self/fdinfo/{fd}") as f:
             for line in f:
                 if line.startswith("Pid:"):
-                    return int(line.split()[1])
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
     except (OSError, ValueError):
         pass
     return None
+
+
+def _close(obj: Any, attr: str) -> None:
+    fd = getattr(obj, attr)
+    if fd is not None:
+        setattr(obj, attr, None)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int]],

@@ -367,3 +367,31 @@ def test_pid_is_the_service_and_an_immediate_stop_is_graceful() -> None:
             assert eventually(lambda c=cmdline: c.read_bytes().split(b"\0")[0].endswith(b"sleep"))
             h.stop(timeout=30)
             assert h.returncode == 128 + signal.SIGTERM  # not 137: no SIGKILL after the grace
+
+
+def test_a_reaped_service_has_no_pid_to_signal() -> None:
+    """The kernel reports a reaped process's pidfd as pid -1: never use it as a pid."""
+    from pytest_envbox.supervisor import _pidfd_pid
+
+    child = subprocess.Popen(["true"])
+    fd = os.pidfd_open(child.pid)
+    try:
+        assert _pidfd_pid(fd) == child.pid
+        child.wait()
+        assert _pidfd_pid(fd) is None
+    finally:
+        os.close(fd)
+
+
+def test_services_that_exit_at_once_never_report_a_bogus_pid() -> None:
+    for _ in range(30):
+        env = Environment([Service("job", ["true"])])
+        try:
+            env.open()
+        except ServiceFailed:
+            pass  # it exited before it could be called ready: fine
+        job = env["job"]
+        assert job.pid is None or job.pid > 0
+        job.kill(signal.SIGTERM)  # a no-op on an exited service, never a stray signal
+        env.close()
+        assert job.returncode in (0, 128 + signal.SIGTERM)  # ended by itself, or by our kill
