@@ -32,6 +32,7 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,16 +197,9 @@ class Supervisor:
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gc.freeze()  # objects the collector never walks: fewer pages copied after fork
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            try:
-                ours.close()
-                _zygote(theirs)
-            finally:
-                os._exit(0)
+        _fork_running(_zygote, theirs, close=ours, code=0)
         theirs.close()
         self.zygote: socket.socket | None = ours
-        self.zygote_pid = pid
 
     def _spawn_spare(self, direct: bool = False) -> None:
         """Have the next sandbox's init prepared (see :func:`sandbox.run_spare`).
@@ -221,15 +215,9 @@ class Supervisor:
         except OSError:
             if not direct:
                 self.zygote = None  # it died
-            L.unshare(L.CLONE_NEWPID)
+            L.unshare(L.CLONE_NEWPID)  # the child is PID 1 of a new PID namespace
             try:
-                pid = os.fork()
-                if pid == 0:  # pragma: no cover - runs in the child
-                    try:
-                        parent.close()
-                        run_spare(child)
-                    finally:
-                        os._exit(125)
+                _fork_running(run_spare, child, close=parent)
             finally:
                 L.setns(self.own_pidns, L.CLONE_NEWPID)
         child.close()
@@ -396,13 +384,9 @@ class Supervisor:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the command's host pid
         try:
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child
-                try:
-                    parent.close()
-                    _exec_helper(p, argv, ns_fds, (pipes[0][0], pipes[1][1], pipes[2][1]), child)
-                finally:
-                    os._exit(126)
+            pid = _fork_running(_exec_helper, p, argv, ns_fds,
+                                (pipes[0][0], pipes[1][1], pipes[2][1]), child, close=parent,
+                                code=126)  # fmt: skip
         finally:
             for fd, _ in ns_fds:
                 os.close(fd)
@@ -628,6 +612,19 @@ def _zygote(sock: socket.socket) -> None:
             finally:
                 os._exit(125)
         os.close(fds[0])
+
+
+def _fork_running(target: Callable[..., object], *args: Any, close: socket.socket,
+                  code: int = 125) -> int:  # fmt: skip
+    """Fork; the child closes ``close`` (the parent's end), runs ``target(*args)``, and exits."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            close.close()
+            target(*args)
+        finally:
+            os._exit(code)
+    return pid
 
 
 def _pidfd_pid(fd: int) -> int | None:
