@@ -146,10 +146,11 @@ class _RootBuilder:
             L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
 
     def bind(self, src: str, dst: str, *, readonly: bool) -> None:
-        """Bind ``src`` (recursively) at ``dst``: never devices or setuid, read-only if asked.
+        """Bind ``src`` (recursively) at ``dst``: ``nodev``, ``nosuid``, read-only if asked.
 
-        ``nodev`` and ``nosuid`` even on writable binds: root inside must not be able to leave a
-        device node or a setuid binary on the host through a writable mount.
+        ``nodev`` and ``nosuid`` even on writable binds, so nothing inside can use a device node
+        or a setuid binary through them. (They do not stop root inside from *creating* such files
+        in a writable host directory; only a user namespace does: the rootless mode.)
         """
         L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
         attrs = L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
