@@ -19,7 +19,7 @@ import signal
 import socket
 import stat
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from . import _linux as L
@@ -55,7 +55,8 @@ class SandboxPlan:
     expose: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow: dataclasses.asdict deep-copies every list and dict, on the start path.
+        return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SandboxPlan:
