@@ -30,9 +30,6 @@ class Deadline:
     def remaining(self) -> float | None:
         return None if self._at is None else max(0.0, self._at - time.monotonic())
 
-    def expired(self) -> bool:
-        return self._at is not None and time.monotonic() >= self._at
-
 
 def wait_until(
     check: Callable[[], T | None],
