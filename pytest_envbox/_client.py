@@ -66,7 +66,7 @@ class SupervisorClient:
         self.owner_pid = os.getpid()
         self._reader = threading.Thread(target=self._read_loop, name="envbox-supervisor", daemon=True)
         self._reader.start()
-        self.pid: int = self.call("hello")["pid"]
+        self.pid: int = self.call("hello", watch=_processes_to_outlive())["pid"]
 
     def _read_loop(self) -> None:
         reader = FrameReader()
@@ -145,6 +145,18 @@ class SupervisorClient:
             self._proc.kill()
             self._proc.wait()
         self._sock.close()
+
+
+def _processes_to_outlive() -> list[int]:
+    """Processes besides this one whose death must also end every sandbox.
+
+    A pytest-xdist worker blocked in a test does not notice at once that its controller was
+    killed; its services must not wait for it. (Its parent is the controller: execnet starts
+    workers as children.)
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return [os.getppid()]
+    return []
 
 
 _lock = threading.Lock()

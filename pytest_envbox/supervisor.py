@@ -133,6 +133,8 @@ class Supervisor:
                     tag = key.data
                     if tag == "control":
                         self._on_control()
+                    elif tag == "watched":  # a process we must not outlive has died
+                        self.running = False
                     elif tag == "sigchld":
                         with contextlib.suppress(OSError):
                             os.read(self.sigchld_r, 4096)
@@ -184,7 +186,13 @@ class Supervisor:
 
     # --- operations --------------------------------------------------------------------------
 
-    def op_hello(self, req_id: int) -> dict[str, Any]:
+    def op_hello(self, req_id: int, watch: list[int] | None = None) -> dict[str, Any]:
+        """Greet; also tear down when any of ``watch`` dies (as when the test process does)."""
+        for pid in watch or ():
+            try:
+                self.sel.register(os.pidfd_open(pid), selectors.EVENT_READ, "watched")
+            except OSError:  # already gone
+                self.running = False
         return {"pid": os.getpid()}
 
     def _start_zygote(self) -> None:
