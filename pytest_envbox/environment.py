@@ -336,7 +336,6 @@ class ServiceHandle:
                  sup: SupervisorClient, workdir: Path) -> None:  # fmt: skip
         self.spec = spec
         self.name = spec.name
-        self._env = env
         self._plan = plan
         self._sup = sup
         self._slot = f"{env.id}/{spec.name}"

@@ -361,9 +361,12 @@ def _chdir_inside(cwd: str) -> None:
         raise SetupError(f"cwd {cwd!r} is not inside the sandbox")
 
 
-def exec_service(plan: SandboxPlan, argv: list[str], executable: str, sync: socket.socket,
+def exec_command(plan: SandboxPlan, argv: list[str], sync: socket.socket,
                  stdio: tuple[int, int, int]) -> NoReturn:  # fmt: skip
-    """The last steps before the service (or an exec) runs, in the final process. Never returns.
+    """The last steps before an ``exec`` command runs inside a service. Never returns.
+
+    As the service would be: its cwd, user, limits and environment; ``argv[0]`` is looked up on
+    the service's ``PATH`` inside the sandbox.
 
     On success the sync socket, close-on-exec, simply closes; on failure it carries the reason.
     """
@@ -380,13 +383,11 @@ def exec_service(plan: SandboxPlan, argv: list[str], executable: str, sync: sock
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         L.close_range_cloexec(3)
         sync.send(b"exec")  # carries our pid (SO_PASSCRED) to the supervisor
-        if executable:
-            os.execve(executable, argv, plan.env)
-        os.execvpe(argv[0], argv, plan.env)  # exec: PATH lookup inside the sandbox
+        os.execvpe(argv[0], argv, plan.env)
     except SetupError as e:
         _report(sync, f"error:{e}")
     except OSError as e:
-        what = executable or argv[0] if e.filename is None else os.fsdecode(e.filename)
+        what = argv[0] if e.filename is None else os.fsdecode(e.filename)
         _report(sync, f"error:{what}: {e.strerror}")
     except BaseException as e:
         _report(sync, f"error:{type(e).__name__}: {e}")

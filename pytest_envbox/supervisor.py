@@ -39,7 +39,7 @@ from typing import Any
 from . import _linux as L
 from ._protocol import FrameReader, encode
 from .relay import Relay
-from .sandbox import SandboxPlan, close_fds_except, exec_service, run_spare
+from .sandbox import SandboxPlan, close_fds_except, exec_command, run_spare
 
 _NS_FOR_EXEC = (("ipc", L.CLONE_NEWIPC), ("uts", L.CLONE_NEWUTS), ("net", L.CLONE_NEWNET),
                 ("pid", L.CLONE_NEWPID), ("mnt", L.CLONE_NEWNS))  # fmt: skip
@@ -336,8 +336,7 @@ class Supervisor:
                 s.main_pidfd, pidfd = pidfd, None
             if pidfd is not None:
                 os.close(pidfd)
-            self._reply(pend.req_id, pid=pend.main_pid, init_pid=pend.pid,
-                        generation=s.generation,
+            self._reply(pend.req_id, pid=pend.main_pid,
                         ports={str(p): r.host_port for p, r in s.relays.items()})  # fmt: skip
         else:
             if pidfd is not None:
@@ -678,7 +677,7 @@ def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int
         pid = os.fork()
         if pid == 0:
             L.set_pdeathsig(signal.SIGKILL)
-            exec_service(plan, argv, "", sync, stdio)
+            exec_command(plan, argv, sync, stdio)
         sync.close()
         for fd in stdio:
             os.close(fd)
