@@ -606,7 +606,8 @@ def _zygote(sock: socket.socket) -> None:
         if not msg or not fds:
             return
         try:
-            pid = L.fork_with(L.CLONE_PARENT | L.CLONE_NEWPID)
+            # No Python at-fork hooks: this process has no threads and no locks to reset.
+            pid = L.fork_with(L.CLONE_PARENT | L.CLONE_NEWPID, python_fixups=False)
         except OSError as e:
             # Say why; the supervisor then forks a spare itself (see op_start's second try).
             with contextlib.suppress(OSError):
