@@ -14,7 +14,7 @@ them through the ``envbox`` fixture. Outside pytest, :class:`Environment` does t
 from __future__ import annotations
 
 from . import probe
-from .environment import Environment, ServiceHandle
+from .environment import Environment, ServiceHandle, Stats
 from .errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
 from .spec import Limits, Mount, Service
 
@@ -29,6 +29,7 @@ __all__ = [
     "Service",
     "ServiceFailed",
     "ServiceHandle",
+    "Stats",
     "probe",
 ]
 __version__ = "0.1.0"

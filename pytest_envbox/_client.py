@@ -66,7 +66,10 @@ class SupervisorClient:
         self.owner_pid = os.getpid()
         self._reader = threading.Thread(target=self._read_loop, name="envbox-supervisor", daemon=True)
         self._reader.start()
-        self.pid: int = self.call("hello", watch=_processes_to_outlive())["pid"]
+        hello = self.call("hello", watch=_processes_to_outlive())
+        self.pid: int = hello["pid"]
+        #: ``{"version": "v1"|"v2"|"hybrid"|"none", "problem": None or why cgroups are unusable}``
+        self.cgroups: dict[str, Any] = hello.get("cgroups") or {"version": "none", "problem": None}
 
     def _read_loop(self) -> None:
         reader = FrameReader()

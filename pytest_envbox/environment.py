@@ -23,8 +23,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from . import probes
 from ._client import SupervisorClient, SupervisorError, get_supervisor
 from ._wait import Deadline, wait_until
+from .cgroups import format_memory
 from .config import Catalog, select, start_levels
 from .errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
 from .sandbox import HOME, SandboxPlan
@@ -40,7 +43,7 @@ from .spec import HttpProbe, Service
 if TYPE_CHECKING:
     import requests
 
-__all__ = ["Environment", "ServiceHandle"]
+__all__ = ["Environment", "ServiceHandle", "Stats"]
 
 _env_ids = itertools.count(1)
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -225,7 +228,9 @@ class Environment:
                 "as root (rootless mode, with user namespaces, is planned). Run the tests as root, "
                 "e.g. in CI or a container, or with sudo."
             )
-        self._sup = get_supervisor()
+        sup = get_supervisor()
+        _check_cgroups(sup, self._specs.values())
+        self._sup = sup
         if self._given_workdir is not None:
             self._given_workdir.mkdir(parents=True, exist_ok=True)
             self.workdir = self._given_workdir
@@ -251,6 +256,8 @@ class Environment:
             return h
         specs = select(self.catalog, [service, *self._specs.values()], None)
         new = [s for s in specs if s.name not in self._handles]
+        assert self._sup is not None
+        _check_cgroups(self._sup, new)
         levels = start_levels([*self._specs.values(), *(s for s in new if s.name not in self._specs)])
         for s in new:
             if s.name not in self._plans:
@@ -315,6 +322,40 @@ class Environment:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Stats:
+    """A service's resource use, from its cgroup (see :meth:`ServiceHandle.stats`).
+
+    ``memory_peak_bytes`` is the kernel's high-water mark where it keeps one (cgroup v1, and v2
+    from Linux 5.19), otherwise the highest value seen by ``stats()`` calls. ``oom_kills`` counts
+    processes of the service killed for exceeding its memory limit.
+    """
+
+    memory_bytes: int
+    memory_peak_bytes: int
+    cpu_seconds: float
+    pids: int
+    oom_kills: int
+
+
+_warned_no_cgroups = False
+
+
+def _check_cgroups(sup: SupervisorClient, specs: Iterable[Service]) -> None:
+    """Refuse limits where cgroups cannot be written, before anything starts; else warn once."""
+    global _warned_no_cgroups
+    problem = sup.cgroups.get("problem")
+    if not problem:
+        return
+    limited = [s.name for s in specs if any(v is not None for v in astuple(s.limits))]
+    if limited:
+        raise HostUnsupported(f"service {limited[0]!r} declares limits, but {problem}")
+    if not _warned_no_cgroups:
+        _warned_no_cgroups = True
+        warnings.warn(f"pytest-envbox runs services without cgroups (no limits, no stats(), no "
+                      f"pause()): {problem}", RuntimeWarning, stacklevel=3)  # fmt: skip
+
+
 def _make_session(base: str) -> requests.Session:
     import requests
 
@@ -350,6 +391,7 @@ class ServiceHandle:
         self._lock = threading.Lock()
         self._session: requests.Session | None = None
         self._reason = ""
+        self._oom_kills = 0
 
     def __repr__(self) -> str:
         state = "running" if self.running else f"exited {self._returncode}"
@@ -475,6 +517,43 @@ class ServiceHandle:
         if sig == signal.SIGKILL:
             self._exited.wait(10.0)
 
+    def stats(self) -> Stats:
+        """Memory (now and peak), cpu seconds, process count and OOM kills, from the cgroup.
+
+        The figures of the current run: a restarted service starts from zero.
+        """
+        try:
+            r = self._sup.call("stats", slot=self._slot)
+        except SupervisorError as e:
+            raise self._cgroup_error(e, "stats()") from None
+        return Stats(int(r["memory_bytes"]), int(r["memory_peak_bytes"]), float(r["cpu_seconds"]),
+                     int(r["pids"]), int(r["oom_kills"]))  # fmt: skip
+
+    def pause(self) -> None:
+        """Freeze every process of the service (cgroup freezer): no cpu, no progress, until resume()."""
+        self._freeze(True)
+
+    def resume(self) -> None:
+        """Let a paused service run again."""
+        self._freeze(False)
+
+    def _freeze(self, frozen: bool) -> None:
+        if not self.running:
+            raise ServiceFailed(self.name, self._returncode, probes.log_tail(self.log_path),
+                                reason=f"is not running (return code {self._returncode}): cannot "
+                                f"{'pause' if frozen else 'resume'} it")  # fmt: skip
+        try:
+            self._sup.call("freeze", slot=self._slot, frozen=frozen)
+        except SupervisorError as e:
+            raise self._cgroup_error(e, "pause()" if frozen else "resume()") from None
+
+    def _cgroup_error(self, e: SupervisorError, what: str) -> EnvboxError:
+        text = str(e)
+        if "unsupported:" in text:
+            return HostUnsupported(f"service {self.name!r}: {what} needs cgroups; "
+                                   + text.split("unsupported:", 1)[1])  # fmt: skip
+        return EnvboxError(f"service {self.name!r}: {what} failed: {text}")
+
     def exec(self, argv: Sequence[str] | str, *, timeout: float | None = 60.0,
              input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
         """Run a command inside the service: its namespaces, its user, its environment.
@@ -515,6 +594,12 @@ class ServiceHandle:
             if msg.get("generation") != self._generation:
                 return
             self._returncode = int(msg["returncode"])
+            self._oom_kills = int(msg.get("oom_kills") or 0)
+            if self._oom_kills:
+                limit = self.spec.limits.memory
+                self._reason = ("was OOM-killed (memory limit "
+                                f"{format_memory(limit) if limit else 'of a parent cgroup'}), "
+                                f"return code {self._returncode}")  # fmt: skip
         self._exited.set()
 
     def _create(self) -> None:
@@ -536,6 +621,8 @@ class ServiceHandle:
         with self._lock:
             self._generation += 1
             self._returncode = None
+            self._oom_kills = 0
+            self._reason = ""
             self._exited.clear()
         ports = list(self.spec.ports)
         ready = self.spec.ready
@@ -544,9 +631,11 @@ class ServiceHandle:
         try:
             # The first start also creates the service's network namespace and publishes its
             # ports; both outlive restarts, so a restarted service keeps its host ports.
+            lim = self.spec.limits
             r = self._sup.call("start", slot=self._slot, plan=self._plan.to_dict(),
                                log_path=str(self.log_path), ports=ports,
-                               generation=self._generation)  # fmt: skip
+                               generation=self._generation,
+                               limits={"memory": lim.memory, "cpu": lim.cpu, "pids": lim.pids})  # fmt: skip
         except SupervisorError as e:
             self._exited.set()
             if "unsupported:" in str(e):

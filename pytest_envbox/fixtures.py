@@ -8,6 +8,7 @@ they end exactly when pytest ends that scope, in order with the user's fixtures.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from .cgroups import format_memory
 from .config import Catalog, load_project_config, merge_services
 from .environment import Environment
-from .errors import ConfigError
+from .errors import ConfigError, EnvboxError
 from .probes import log_tail
 from .spec import Service
 
@@ -165,7 +167,26 @@ def log_sections(item: pytest.Item) -> list[tuple[str, str]]:
     out = []
     for env in item.stash.get(_USED, []):
         for name, h in env.services.items():
-            state = ("running" if h.running else f"exited with return code {h.returncode}")
+            state = ("running" if h.running else
+                     h._reason or f"exited with return code {h.returncode}")  # fmt: skip
             text = log_tail(h.log_path, 50)
             out.append((name, f"[{name}: {state}; full log: {h.log_path}]\n{text}"))
     return out
+
+
+def oom_notes(item: pytest.Item) -> list[str]:
+    """One line per service of the item that lost a process to its memory limit."""
+    notes = []
+    for env in item.stash.get(_USED, []):
+        for name, h in env.services.items():
+            if not h.running:
+                if h._oom_kills:
+                    notes.append(f"service {name!r} {h._reason}")
+                continue
+            with contextlib.suppress(EnvboxError):
+                kills = h.stats().oom_kills
+                if kills:
+                    limit = h.spec.limits.memory
+                    notes.append(f"service {name!r} had {kills} process(es) OOM-killed (memory limit "
+                                 f"{format_memory(limit) if limit else 'of a parent cgroup'})")  # fmt: skip
+    return notes

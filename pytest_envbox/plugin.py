@@ -60,6 +60,11 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    if report.failed:
+        # An OOM kill is usually the real cause of a failure that shows as a refused connection.
+        notes = fixtures.oom_notes(item)
+        if notes:
+            report.sections.append(("envbox: OOM", "\n".join(notes)))
     mode = item.config.getoption("envbox_logs")
     if mode == "never" or (mode == "on-failure" and not report.failed):
         return report

@@ -437,6 +437,8 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         if len(fds) == 2:  # a restart: back into the slot's network namespace
             L.setns(fds[1], L.CLONE_NEWNET)
             os.close(fds[1])
+        # The supervisor has put us in the service's cgroup by now: that becomes its "/".
+        L.unshare(L.CLONE_NEWCGROUP)
         socket.sethostname(plan.name)
         finish_root(builder, plan)
         _chdir_inside(plan.cwd)

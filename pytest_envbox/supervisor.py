@@ -37,12 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _linux as L
+from . import cgroups
 from ._protocol import FrameReader, encode
 from .relay import Relay
 from .sandbox import SandboxPlan, close_fds_except, exec_command, run_spare
 
 _NS_FOR_EXEC = (("ipc", L.CLONE_NEWIPC), ("uts", L.CLONE_NEWUTS), ("net", L.CLONE_NEWNET),
-                ("pid", L.CLONE_NEWPID), ("mnt", L.CLONE_NEWNS))  # fmt: skip
+                ("cgroup", L.CLONE_NEWCGROUP), ("pid", L.CLONE_NEWPID),
+                ("mnt", L.CLONE_NEWNS))  # fmt: skip
 
 
 @dataclass
@@ -118,6 +120,11 @@ class Supervisor:
         self.sel.register(r, selectors.EVENT_READ, "sigchld")
         # Orphans of our sandboxes (and the spares, see _start_zygote) are reaped here.
         L.set_child_subreaper()
+        # Every service gets a cgroup below ours (see cgroups.py); runs SIGKILLed earlier left
+        # theirs behind, empty: remove them first.
+        host = cgroups.detect()
+        cgroups.clean_stale(host)
+        self.cgroups = cgroups.CgroupTree(host, cgroups.run_name(os.getpid()))
         self._start_zygote()
 
     def _stop(self) -> None:
@@ -193,7 +200,8 @@ class Supervisor:
                 self.sel.register(os.pidfd_open(pid), selectors.EVENT_READ, "watched")
             except OSError:  # already gone
                 self.running = False
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "cgroups": {"version": self.cgroups.host.version,
+                                                "problem": self.cgroups.problem}}
 
     def _start_zygote(self) -> None:
         """Fork the process that forks spares, while this one is still small and single-threaded.
@@ -232,7 +240,8 @@ class Supervisor:
         self.spares.append(parent)
 
     def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
-                 ports: list[int], generation: int) -> dict[str, Any] | None:  # fmt: skip
+                 ports: list[int], generation: int,
+                 limits: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
         """Start a service in ``slot`` (created on first use, with its published ports).
 
         A new slot takes the spare's own network namespace; a restarted service goes back into its
@@ -243,6 +252,17 @@ class Supervisor:
         old = self.slots.get(slot)
         if old is not None and old.init_pid is not None:
             raise ValueError(f"{slot} is already running")
+        cg = None
+        if self.cgroups.usable:
+            # A fresh cgroup per run, limits in place before the service's first instruction.
+            cg = self.cgroups.service(slot)
+            try:
+                cg.set_limits(**(limits or {}))
+            except OSError as e:
+                self.cgroups.release(slot)
+                raise ValueError(f"the kernel refused the limits {limits}: {e.strerror}") from None
+        elif limits and any(v is not None for v in limits.values()):
+            raise ValueError(f"unsupported:{self.cgroups.problem}")
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             for attempt in (1, 2):  # a spare may have died while it waited: then one fresh try
@@ -253,6 +273,8 @@ class Supervisor:
                 netns = None
                 try:
                     netns, pid = _await_ready(ctl)
+                    if cg is not None:
+                        cg.add(pid)  # the init, so every process of the service, from the start
                     new = old is None and slot not in self.slots
                     fds = [log_fd] if new else [log_fd, self.slots[slot].netns_fd]
                     socket.send_fds(ctl, [json.dumps(plan).encode()], fds)
@@ -390,8 +412,10 @@ class Supervisor:
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the command's host pid
+        cg = self.cgroups.services.get(slot)
+        procs = cg.procs_files() if cg is not None else []
         try:
-            pid = _fork_running(_exec_helper, p, argv, ns_fds,
+            pid = _fork_running(_exec_helper, p, argv, ns_fds, procs,
                                 (pipes[0][0], pipes[1][1], pipes[2][1]), child, close=parent,
                                 code=126)  # fmt: skip
         finally:
@@ -459,8 +483,25 @@ class Supervisor:
             s = self.slots.pop(slot, None)
             if s is not None:
                 self._release(s)
+            self.cgroups.release(slot)
         if disown is not None:
             self.dirs.discard(disown)
+        return {}
+
+    def _cgroup(self, slot: str) -> cgroups.ServiceCgroup:
+        cg = self.cgroups.services.get(slot)
+        if cg is None:
+            raise ValueError(f"unsupported:{self.cgroups.problem or 'the service has no cgroup'}")
+        return cg
+
+    def op_stats(self, req_id: int, slot: str) -> dict[str, Any]:
+        return self._cgroup(slot).stats()
+
+    def op_freeze(self, req_id: int, slot: str, frozen: bool) -> dict[str, Any]:
+        try:
+            self._cgroup(slot).freeze(frozen)
+        except (cgroups.CgroupError, OSError) as e:
+            raise ValueError(f"could not {'pause' if frozen else 'resume'} the service: {e}") from None
         return {}
 
     def op_own_dir(self, req_id: int, path: str, own: bool) -> dict[str, Any]:
@@ -492,8 +533,10 @@ class Supervisor:
                     s.init_pid = None
                     s.main_pid = None
                     _close(s, "main_pidfd")
+                    cg = self.cgroups.services.get(slot)
                     self._send({"event": "exited", "slot": slot, "returncode": code,
-                                "generation": s.generation})  # fmt: skip
+                                "generation": s.generation,
+                                "oom_kills": cg.oom_kills() if cg is not None else 0})  # fmt: skip
             ex = self.execs.get(pid)
             if ex is not None:
                 ex.status = code
@@ -553,6 +596,7 @@ class Supervisor:
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.dirs.clear()
+        self.cgroups.remove()
 
 
 _OPS = {name[3:]: fn for name, fn in vars(Supervisor).items() if name.startswith("op_")}
@@ -660,7 +704,8 @@ def _close(obj: Any, attr: str) -> None:
 
 
 def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int]],
-                 stdio: tuple[int, int, int], sync: socket.socket) -> None:  # fmt: skip
+                 cgroup_procs: list[str], stdio: tuple[int, int, int],
+                 sync: socket.socket) -> None:  # fmt: skip
     """Join a running sandbox's namespaces and run ``argv`` there as the service would.
 
     Not dumpable: while it still holds the supervisor's privileges, nothing inside the sandbox may
@@ -673,6 +718,9 @@ def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         L.set_dumpable(False)
         close_fds_except([fd for fd, _ in ns_fds] + [*stdio, sync.fileno()])
+        for path in cgroup_procs:  # into the service's cgroup: its limits count the command too
+            with open(path, "w") as f:
+                f.write("0")
         for fd, nstype in ns_fds:
             L.setns(fd, nstype)
         pid = os.fork()
