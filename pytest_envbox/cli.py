@@ -1,4 +1,4 @@
-"""The ``envbox`` command: the engine without pytest (``doctor``, ``up``).
+"""The ``envbox`` command: the engine without pytest (``doctor``, ``up``, ``clean``).
 
 It imports nothing from pytest: it reads the project's declarations with :mod:`.config` and runs
 them with :class:`~pytest_envbox.Environment`, as the plugin does.
@@ -15,25 +15,31 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import cgroups
 from .config import load_project_config
 from .environment import Environment
 from .errors import EnvboxError
 from .spec import Service
 
 
-def _cgroup_summary() -> str:
+def _cgroup_check(root: bool) -> tuple[bool, str]:
+    """Can services get cgroups here? Tries for real: makes this process's run directory, removes it."""
+    host = cgroups.detect()
+    if host.version == "none":
+        return False, "no cgroup filesystem mounted: limits, stats() and pause() are unavailable"
+    if not root:
+        return False, f"{host.describe()}; as non-root, cgroups are not writable (run as root)"
+    tree = cgroups.CgroupTree(host, cgroups.run_name(os.getpid()))
     try:
-        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return "unknown (no /proc/self/mountinfo)"
-    v1 = sorted({m.split(" - ")[1].split()[2].split(",")[-1] for m in mounts
-                 if " - cgroup " in m})  # fmt: skip
-    v2 = any(" - cgroup2 " in m for m in mounts)
-    if v1 and v2:
-        return "v1 (hybrid: v1 controllers and a cgroup2 mount)"
-    if v2:
-        return "v2 (unified)"
-    return "v1" if v1 else "none mounted"
+        if not tree.usable:
+            return False, tree.problem or "unusable"
+        where = tree.unified if host.version == "v2" else tree.v1.get("memory")
+        assert where is not None
+        usable = "memory cpu pids" + (" freezer" if "freezer" in tree.v1 or tree.unified else "")
+        return True, (f"{host.describe()}; usable: {usable}; services' cgroups go in "
+                      f"envbox-<pid>-<start>/ below each of these (e.g. {os.path.dirname(where)})")
+    finally:
+        tree.remove()
 
 
 def doctor() -> int:
@@ -61,7 +67,9 @@ def doctor() -> int:
         users = 0
     print(f"{'user namespaces':<18} {'OK  ' if users else 'NOTE'} "
           f"{'available' if users else 'disabled (user.max_user_namespaces = 0)'}")  # fmt: skip
-    print(f"{'cgroups':<18} INFO {_cgroup_summary()}")
+    good, text = _cgroup_check(root)
+    # Not fatal: services without limits run without cgroups (with a warning).
+    print(f"{'cgroups':<18} {'OK  ' if good else 'NOTE'} {text}")
     if root:
         try:
             with Environment([Service("doctor", ["sleep", "60"])], rootdir="/"):
@@ -91,10 +99,20 @@ def up(names: Sequence[str], topology: str | None, rootdir: Path) -> int:
     return 0
 
 
+def clean() -> int:
+    """Remove what runs killed with SIGKILL left behind: their cgroup directories."""
+    removed = cgroups.clean_stale()
+    for path in removed:
+        print(f"removed {path}")
+    print(f"envbox: {len(removed)} stale cgroup director{'y' if len(removed) == 1 else 'ies'} removed")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="envbox", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="check what this host supports")
+    sub.add_parser("clean", help="remove what killed runs left behind (cgroups)")
     p_up = sub.add_parser("up", help="start services in the foreground")
     p_up.add_argument("names", nargs="*", help="services (default: all)")
     p_up.add_argument("--topology", default=None)
@@ -103,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "doctor":
             return doctor()
+        if args.command == "clean":
+            return clean()
         return up(args.names, args.topology, args.rootdir.resolve())
     except EnvboxError as e:
         print(f"envbox: {e}", file=sys.stderr)

@@ -67,3 +67,35 @@ def started_sandboxes(supervisor: int) -> set[int]:
     (Its other children are prepared inits still waiting for a service, with no child yet.)
     """
     return {pid for pid in children(supervisor) if children(pid)}
+
+
+def cgroup_dirs(pid: int) -> dict[str, str]:
+    """The cgroup directories of ``pid`` as the host sees them: controller (or "unified") -> path.
+
+    Read straight from ``/proc/PID/cgroup`` and the host's cgroup mounts, independently of the
+    plugin's own detection code.
+    """
+    mounts: dict[str, str] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, _src, opts = right.split()[:3]
+            point = left.split()[4]
+            if fstype == "cgroup2":
+                mounts.setdefault("unified", point)
+            elif fstype == "cgroup":
+                for opt in opts.split(","):
+                    mounts.setdefault(opt, point)
+    out: dict[str, str] = {}
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _hid, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in ctrls.split(",") if ctrls else ["unified"]:
+                if c in mounts:
+                    out[c] = mounts[c].rstrip("/") + path
+    return out
+
+
+def read_cgroup_file(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()

@@ -1,0 +1,214 @@
+"""Limits, figures, the freezer and cleanup of services' cgroups, checked against the kernel's files.
+
+Runs on whatever this host has: cgroup v1 (hybrid here), and cgroup v2 in the ``cgroupv2`` tox lane
+(a real v2 kernel in a VM). Where the test reads a kernel file directly, it picks the v1 or v2 name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from pytest_envbox import Environment, Service, ServiceFailed, probe
+from pytest_envbox._client import SupervisorClient
+from pytest_envbox._wait import Deadline, wait_until
+from pytest_envbox.cgroups import clean_stale, detect
+from tests.kernel import cgroup_dirs, read_cgroup_file
+
+PY = sys.executable
+V2 = detect().version == "v2"
+
+pytestmark = pytest.mark.skipif(
+    detect().version == "none", reason="no cgroup filesystem mounted on this host"
+)
+
+HOG = "import time\nb = []\nprint('ready', flush=True)\nwhile True:\n    b.append(b'x' * (1 << 20))\n"
+BUSY = "print('ready', flush=True)\nwhile True: pass\n"
+
+
+def _until(cond: object, timeout: float) -> bool:
+    return wait_until(lambda: True if cond() else None, Deadline(timeout)) is True  # type: ignore[operator]
+
+
+def _limit_files(dirs: dict[str, str]) -> dict[str, str]:
+    if V2:
+        d = dirs["unified"]
+        return {"memory": read_cgroup_file(f"{d}/memory.max"), "cpu": read_cgroup_file(f"{d}/cpu.max"),
+                "pids": read_cgroup_file(f"{d}/pids.max")}  # fmt: skip
+    return {
+        "memory": read_cgroup_file(f"{dirs['memory']}/memory.limit_in_bytes"),
+        "cpu": read_cgroup_file(f"{dirs['cpu']}/cpu.cfs_quota_us") + " "
+        + read_cgroup_file(f"{dirs['cpu']}/cpu.cfs_period_us"),
+        "pids": read_cgroup_file(f"{dirs['pids']}/pids.max"),
+    }
+
+
+def test_limits_are_in_the_kernel_and_the_service_sees_its_cgroup_as_root() -> None:
+    svc = Service("lim", ["sleep", "1000"], limits={"memory": "48Mi", "cpu": "250m", "pids": 20})
+    with Environment([svc]) as env:
+        h = env["lim"]
+        assert h.pid is not None
+        dirs = cgroup_dirs(h.pid)
+        assert all("/envbox-" in d for c, d in dirs.items() if c in ("memory", "pids", "unified"))
+        assert _limit_files(dirs) == {"memory": str(48 << 20), "cpu": "25000 100000", "pids": "20"}
+        # Its own view (cgroup namespace): its cgroup is "/" in every hierarchy.
+        # An exec'd command is in the same cgroup (outside it, its paths would read "/..").
+        inside = h.exec(["cat", "/proc/self/cgroup"]).stdout.split()
+        assert inside and all(line.endswith(":/") for line in inside), inside
+        assert h.exec(["cat", "/proc/1/cgroup"]).stdout.split() == inside
+    for d in dirs.values():
+        if "/envbox-" in d:
+            assert not os.path.exists(d), f"{d} left behind"
+
+
+def test_oom_kill_before_ready_names_the_service_and_the_limit() -> None:
+    svc = Service("hog", [PY, "-c", HOG], limits={"memory": "48Mi"}, ready=probe.log("never"))
+    with pytest.raises(ServiceFailed) as info:
+        Environment([svc]).open()
+    assert "service 'hog' was OOM-killed (memory limit 48Mi)" in str(info.value)
+
+
+def test_oom_kill_while_running_is_counted() -> None:
+    go = "import os, time\nwhile not os.path.exists('/tmp/go'):\n    time.sleep(0.01)\n"
+    svc = Service("hog", [PY, "-c", go + HOG], limits={"memory": "48Mi"})
+    with Environment([svc]) as env:
+        h = env["hog"]
+        assert h.stats().oom_kills == 0
+        h.exec(["touch", "/tmp/go"])  # now it grows until the kernel kills it
+        assert _until(lambda: not h.running, 30)
+        assert h.returncode == 128 + signal.SIGKILL
+        st = h.stats()
+        assert st.oom_kills >= 1
+        assert 40 << 20 <= st.memory_peak_bytes <= (48 << 20) + (1 << 20)
+        assert "was OOM-killed (memory limit 48Mi)" in h._reason
+
+
+def test_cpu_limit_200m_gives_about_a_fifth_of_a_core() -> None:
+    svc = Service("busy", [PY, "-c", BUSY], limits={"cpu": "200m"}, ready=probe.log("ready"))
+    with Environment([svc]) as env:
+        h = env["busy"]
+        s0, t0 = h.stats().cpu_seconds, time.monotonic()
+        threading.Event().wait(2.0)  # the measurement window, not a synchronisation
+        s1, t1 = h.stats().cpu_seconds, time.monotonic()
+        share = (s1 - s0) / (t1 - t0)
+        assert 0.10 <= share <= 0.30, f"a 200m service used {share:.0%} of a core"
+
+
+FORKER = """
+import os, time
+n = 0
+for _ in range(100):
+    try:
+        if os.fork() == 0:
+            time.sleep(1000)
+            os._exit(0)
+        n += 1
+    except OSError:
+        pass
+print("forked", n, flush=True)
+time.sleep(1000)
+"""
+
+
+def test_pids_limit_caps_the_number_of_tasks() -> None:
+    svc = Service("forker", [PY, "-c", FORKER], limits={"pids": 16}, ready=probe.log("forked"))
+    with Environment([svc]) as env:
+        h = env["forker"]
+        m = re.search(r"forked (\d+)", h.logs())
+        assert m is not None
+        forked = int(m.group(1))
+        assert forked < 16  # the service itself and its init count too
+        st = h.stats()
+        assert st.pids <= 16
+        assert h.pid is not None
+        dirs = cgroup_dirs(h.pid)
+        current = read_cgroup_file(f"{dirs['unified' if V2 else 'pids']}/pids.current")
+        assert int(current) <= 16
+
+
+def test_pause_stops_cpu_time_and_resume_restarts_it() -> None:
+    svc = Service("spin", [PY, "-c", BUSY], ready=probe.log("ready"))
+    with Environment([svc]) as env:
+        h = env["spin"]
+        h.pause()
+        a = h.stats().cpu_seconds
+        threading.Event().wait(0.3)
+        b = h.stats().cpu_seconds
+        assert b - a < 0.01, f"a paused service used {b - a:.3f} s of cpu"
+        h.resume()
+        assert _until(lambda: h.stats().cpu_seconds - b > 0.05, 5)
+        # A paused service is still torn down: pause it again and leave it paused.
+        h.pause()
+    assert not h.running
+
+
+def test_stats_of_a_service_without_limits() -> None:
+    with Environment([Service("plain", ["sleep", "1000"])]) as env:
+        st = env["plain"].stats()
+        assert st.pids == 2  # its init and sleep
+        assert st.memory_bytes > 0
+        assert st.oom_kills == 0
+
+
+def test_a_killed_supervisor_leaves_cgroups_that_the_next_one_removes() -> None:
+    sup = SupervisorClient()
+    try:
+        import pytest_envbox.environment as environment
+
+        original = environment.get_supervisor
+        environment.get_supervisor = lambda: sup
+        try:
+            env = Environment([Service("stale", ["sleep", "1000"], limits={"pids": 8})])
+            env.open()
+        finally:
+            environment.get_supervisor = original
+        pid = env["stale"].pid
+        assert pid is not None
+        dirs = [d for d in cgroup_dirs(pid).values() if "/envbox-" in d]
+        runs = {os.path.dirname(d) for d in dirs}
+        assert runs
+        os.kill(sup.pid, signal.SIGKILL)
+        assert _until(lambda: not env["stale"].running, 5)
+        env.close()
+        assert all(os.path.isdir(r) for r in runs), "a SIGKILLed supervisor cannot clean up"
+    finally:
+        sup.close()
+    # What `envbox clean` and every new supervisor do first:
+    removed = clean_stale()
+    assert runs <= set(removed)
+    assert not any(os.path.exists(r) for r in runs)
+
+
+def test_envbox_doctor_reports_cgroups_and_clean_removes_stale_runs() -> None:
+    import subprocess
+
+    r = subprocess.run([PY, "-m", "pytest_envbox.cli", "doctor"], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("cgroups"))
+    assert "OK" in line and detect().version in line and "memory cpu pids" in line, line
+    # A run directory whose supervisor is gone (no such pid and start time): stale.
+    host = detect()
+    own = host.unified if host.version == "v2" else host.v1["pids"]
+    assert own is not None
+    stale = os.path.join(own, "envbox-999999999-1")
+    os.mkdir(stale)
+    os.mkdir(os.path.join(stale, "1.svc"))
+    sibling = os.path.join(own, "not-envbox")  # never touched
+    os.mkdir(sibling)
+    try:
+        r = subprocess.run([PY, "-m", "pytest_envbox.cli", "clean"], capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"removed {stale}" in r.stdout
+        assert not os.path.exists(stale)
+        assert os.path.isdir(sibling)
+    finally:
+        for d in (os.path.join(stale, "1.svc"), stale, sibling):
+            if os.path.isdir(d):
+                os.rmdir(d)
