@@ -263,9 +263,9 @@ class CgroupTree:
         elif e.errno in (errno.EACCES, errno.EPERM):
             why = "this user may not create cgroups there"
         elif e.errno == errno.EBUSY and self.v2:
-            why = ("the cgroup this test process is in also holds processes, and cgroup v2 does not "
-                   "give controllers to the children of such a cgroup (its 'no internal processes' "
-                   "rule)")  # fmt: skip
+            why = (f"the cgroup this test run is in ({self.host.unified}) also holds processes that "
+                   "are not the test run's, and cgroup v2 gives no controllers to the children of "
+                   "a cgroup with processes of its own (its 'no internal processes' rule)")  # fmt: skip
         else:
             why = f"{e.strerror or e} ({getattr(e, 'filename', None) or 'cgroupfs'})"
         return (f"cgroups cannot be used here: {why}; found {where}. Run the tests as root, or on "
@@ -283,7 +283,13 @@ class CgroupTree:
                               self.host.unified)  # fmt: skip
             own = self.host.unified
             # Our own cgroup passes the controllers down, then our run directory does too.
-            _enable(own)
+            try:
+                _enable(own)
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                _vacate(own)
+                _enable(own)
             self.unified = os.path.join(own, self.name)
             os.mkdir(self.unified)
             _enable(self.unified)
@@ -334,6 +340,69 @@ class CgroupTree:
         for d in {*self.v1.values(), *([self.unified] if self.unified else [])}:
             with contextlib.suppress(OSError):
                 _rmdir(d, deadline)
+
+
+LEAF = "envbox-tests"
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _vacate(own: str) -> None:
+    """Move every process of ``own`` to the leaf ``own/envbox-tests``, if they are all ours.
+
+    cgroup v2 gives controllers to the children of a non-root cgroup only when it holds no
+    processes itself. In a cgroup made for the test run (``systemd-run --scope -p Delegate=yes
+    pytest``, a CI job's container) every process descends from the one that entered it: the
+    highest of our ancestors still in it (pytest, tox, a container's init). They all move one level
+    down, as podman, crun and Docker-in-Docker do; the limits then apply below. A process that does
+    not descend from it (another job, a daemon) is not ours to move: EBUSY, and the caller
+    explains. Serialised with ``flock`` (stdlib: the lean supervisor cannot import ``filelock``)
+    because every xdist worker's supervisor may try at once.
+    """
+    import fcntl
+
+    lock_fd = os.open(own, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        leaf = os.path.join(own, LEAF)
+        for _ in range(10):  # processes may fork while we move them
+            procs = [int(p) for p in _read(f"{own}/cgroup.procs").split()]
+            if not procs:
+                return
+            inside = set(procs)
+            top, p = os.getpid(), os.getpid()
+            while p > 0:
+                if p in inside:
+                    top = p
+                p = _ppid(p) if p > 1 else 0
+            strangers = [p for p in procs if not _descends_from(p, top)]
+            if strangers:
+                raise OSError(errno.EBUSY, f"processes {strangers[:5]} there do not descend from "
+                              f"the test run's first process ({top})", own)  # fmt: skip
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(leaf)
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    _write(f"{leaf}/cgroup.procs", str(p))
+        raise OSError(errno.EBUSY, "processes keep appearing in the cgroup", own)
+    finally:
+        os.close(lock_fd)
+
+
+def _descends_from(pid: int, root: int) -> bool:
+    for _ in range(4096):
+        if pid == root:
+            return True
+        if pid <= 1:
+            return False
+        pid = _ppid(pid)
+    return False
 
 
 def _enable(d: str) -> None:

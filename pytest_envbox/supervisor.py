@@ -122,9 +122,9 @@ class Supervisor:
         L.set_child_subreaper()
         # Every service gets a cgroup below ours (see cgroups.py); runs SIGKILLed earlier left
         # theirs behind, empty: remove them first.
-        host = cgroups.detect()
-        cgroups.clean_stale(host)
-        self.cgroups = cgroups.CgroupTree(host, cgroups.run_name(os.getpid()))
+        self.cgroups_host = cgroups.detect()
+        cgroups.clean_stale(self.cgroups_host)
+        self.cgroups = cgroups.CgroupTree(cgroups.CgroupHost("none"), "")  # made at hello
         self._start_zygote()
 
     def _stop(self) -> None:
@@ -194,7 +194,12 @@ class Supervisor:
     # --- operations --------------------------------------------------------------------------
 
     def op_hello(self, req_id: int, watch: list[int] | None = None) -> dict[str, Any]:
-        """Greet; also tear down when any of ``watch`` dies (as when the test process does)."""
+        """Greet; also tear down when any of ``watch`` dies (as when the test process does).
+
+        The cgroups are made here, not in ``__init__``: the caller gets any problem with them in
+        the reply, before it starts a service.
+        """
+        self.cgroups = cgroups.CgroupTree(self.cgroups_host, cgroups.run_name(os.getpid()))
         for pid in watch or ():
             try:
                 self.sel.register(os.pidfd_open(pid), selectors.EVENT_READ, "watched")

@@ -212,3 +212,56 @@ def test_envbox_doctor_reports_cgroups_and_clean_removes_stale_runs() -> None:
         for d in (os.path.join(stale, "1.svc"), stale, sibling):
             if os.path.isdir(d):
                 os.rmdir(d)
+
+
+SCRIPT = """
+import sys
+from pytest_envbox import Environment, HostUnsupported, Service
+try:
+    with Environment([Service("inner", ["sleep", "1000"], limits={"pids": 9})]) as env:
+        print(open(f"/proc/{env['inner'].pid}/cgroup").read().strip().split("::")[1])
+        print(open(f"/proc/self/cgroup").read().strip().split("::")[1])
+except HostUnsupported as e:
+    print("unsupported:", e)
+"""
+
+
+@pytest.mark.skipif(not V2, reason="the 'no internal processes' rule is cgroup v2's")
+@pytest.mark.parametrize("stranger", [False, True], ids=["own-cgroup", "shared-with-a-stranger"])
+def test_v2_test_run_in_a_cgroup_with_processes(tmp_path: object, stranger: bool) -> None:
+    """A test run in a cgroup of its own moves itself to a leaf; one sharing it refuses, clearly."""
+    import subprocess
+
+    own = detect().unified
+    assert own is not None
+    cg = os.path.join(own, f"envbox-test-{os.getpid()}")
+    os.mkdir(cg)
+    other = None
+    try:
+        if stranger:
+            other = subprocess.Popen(["sleep", "1000"])
+            with open(f"{cg}/cgroup.procs", "w") as f:
+                f.write(str(other.pid))
+        r = subprocess.run(
+            ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" -c "$1"', PY, SCRIPT],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(__file__)))},
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rel = cg[len(detect().unified or ""):]
+        if stranger:
+            assert "unsupported:" in r.stdout and "no internal processes" in r.stdout, r.stdout
+            assert "inner" in r.stdout and "systemd-run" in r.stdout
+        else:
+            service_cg, runner_cg = r.stdout.split()
+            assert service_cg.startswith(rel + "/envbox-") and service_cg.endswith(".inner")
+            assert runner_cg == rel + "/envbox-tests"
+    finally:
+        if other is not None:
+            other.kill()
+            other.wait()
+        leaf = os.path.join(cg, "envbox-tests")
+        for d in (leaf, cg):
+            if os.path.isdir(d):
+                assert _until(lambda d=d: not read_cgroup_file(f"{d}/cgroup.procs"), 10)
+                os.rmdir(d)
