@@ -46,6 +46,8 @@ from pytest_envbox import Environment, Service, probe
 TARGET_START_RATIO = 2.0  # envbox start+stop <= 2x unshare
 TARGET_THROUGHPUT_RATIO = 0.65  # relay >= 0.65x direct loopback
 TARGET_ADDED_LATENCY_US = 50.0  # relay adds < 50 us per 1-byte round trip
+TARGET_LIMITS_EXTRA_MS = 3.0  # memory + cpu + pids limits add < 3 ms to start+stop
+LIMITS = {"memory": "256Mi", "cpu": "1", "pids": 256}
 
 SERVER_PORT = 9000  # inside the sandbox (its own network namespace: no clash possible)
 UNSHARE_FLAGS = ["--pid", "--fork", "--mount", "--uts", "--ipc", "--net"]
@@ -193,9 +195,10 @@ def run_unshare_true(unshare: str, true: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_envbox_open_close(cmd: list[str], i: int, phases: dict[str, list[float]] | None = None) -> float:
+def run_envbox_open_close(cmd: list[str], i: int, phases: dict[str, list[float]] | None = None,
+                          limits: dict[str, Any] | None = None) -> float:  # fmt: skip
     t0 = time.perf_counter()
-    env = Environment([Service(f"s{i}", cmd)])
+    env = Environment([Service(f"s{i}", cmd, limits=limits or {})])
     t1 = time.perf_counter()
     env.open()
     t2 = time.perf_counter()
@@ -232,6 +235,7 @@ def bench_start_stop(n: int, warmup: int) -> dict[str, Any]:
         ("unshare", lambda i: run_unshare(unshare, cmd, subreaper)),
         ("unshare_true", lambda i: run_unshare_true(unshare, true)),
         ("envbox_open_close", lambda i: run_envbox_open_close(cmd, i)),
+        ("envbox_limits", lambda i: run_envbox_open_close(cmd, i, limits=LIMITS)),
     ]
 
     def restart(i: int) -> float:
@@ -268,6 +272,7 @@ def bench_start_stop(n: int, warmup: int) -> dict[str, Any]:
         "median_ms": med,
         "min_ms": {k: ms(min(v)) for k, v in samples.items()},
         "restart_median_ms": {k: ms(median(v)) for k, v in restart_parts.items()},
+        "limits_extra_ms": med["envbox_limits"] - med["envbox_open_close"],
         "ratio": {
             "envbox_open_close/unshare": med["envbox_open_close"] / med["unshare"],
             "envbox_restart/unshare": med["envbox_restart"] / med["unshare"],
@@ -510,6 +515,7 @@ def print_start_stop(r: dict[str, Any]) -> None:
         "unshare": "unshare (exec'd, then SIGKILL + reap)",
         "unshare_true": "unshare /bin/true, to completion",
         "envbox_open_close": "envbox Environment open+close",
+        "envbox_limits": "  the same with memory+cpu+pids limits",
         "envbox_restart": "envbox handle.stop()+start()",
     }
     for key, label in labels.items():
@@ -523,6 +529,9 @@ def print_start_stop(r: dict[str, Any]) -> None:
         v = r["ratio"][k]
         print(f"  target {k} <= {TARGET_START_RATIO:.1f}x: {verdict(v <= TARGET_START_RATIO)}"
               f" ({v:.2f}x)")
+    extra = r["limits_extra_ms"]
+    print(f"  target limits add < {TARGET_LIMITS_EXTRA_MS:.0f} ms: "
+          f"{verdict(extra < TARGET_LIMITS_EXTRA_MS)} ({extra:+.2f} ms)")
 
 
 def print_breakdown(r: dict[str, Any]) -> None:
@@ -607,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "start_stop":
             verdicts["start_stop"] = r["ratio"]["envbox_open_close/unshare"] <= TARGET_START_RATIO
             verdicts["restart"] = r["ratio"]["envbox_restart/unshare"] <= TARGET_START_RATIO
+            verdicts["limits"] = r["limits_extra_ms"] < TARGET_LIMITS_EXTRA_MS
         elif name == "relay":
             verdicts["throughput"] = min(r["ratio"].values()) >= TARGET_THROUGHPUT_RATIO
             verdicts["latency"] = r["added_latency_us"] < TARGET_ADDED_LATENCY_US
