@@ -52,6 +52,30 @@ def test_cache_stores_and_returns_values(envbox: Environment) -> None:
     ]  # fmt: skip
 
 
+@pytest.mark.envbox("cache")
+def test_the_cache_stays_within_its_memory_limit(envbox: Environment) -> None:
+    cache = envbox["cache"]
+    kv(cache, *(f"SET key{i} {'x' * 1000}" for i in range(1000)))  # about 1 MB of values
+    stats = cache.stats()  # from its cgroup: limits = { memory = "64Mi", pids = 32 }
+    assert stats.oom_kills == 0
+    assert 0 < stats.memory_peak_bytes < 64 * 2**20
+    assert stats.pids <= 32
+
+
+@pytest.mark.envbox("cache")
+def test_a_paused_cache_does_not_answer_until_resumed(envbox: Environment) -> None:
+    cache = envbox["cache"]
+    cache.pause()  # every process of the service frozen: a hung dependency
+    with socket.create_connection(("127.0.0.1", cache.port(6379)), timeout=5) as conn:
+        conn.settimeout(0.3)
+        conn.sendall(b"PING\n")
+        with pytest.raises(TimeoutError):
+            conn.recv(64)
+        cache.resume()
+        conn.settimeout(5)
+        assert conn.recv(64) == b"PONG\n"
+
+
 @pytest.mark.envbox("files")
 def test_a_service_declared_by_the_conftest_hook(envbox: Environment) -> None:
     products = envbox["files"].http.get("/products.json").json()
