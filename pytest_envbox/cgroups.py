@@ -258,19 +258,27 @@ class CgroupTree:
 
     def _explain(self, e: OSError) -> str:
         where = self.host.describe()
-        if e.errno in (errno.EROFS,):
+        delegate = "`systemd-run --user --scope -p Delegate=yes pytest ...` (without --user as root)"
+        if e.errno == errno.EROFS:
             why = "the cgroup filesystem is mounted read-only (a container without cgroup access?)"
+            fix = ("make it writable: in Docker, `--privileged`, or `--cgroupns=private` with a "
+                   "writable /sys/fs/cgroup")  # fmt: skip
         elif e.errno in (errno.EACCES, errno.EPERM):
             why = "this user may not create cgroups there"
+            fix = f"run the tests as root, or on cgroup v2 in a delegated cgroup of their own: {delegate}"
         elif e.errno == errno.EBUSY and self.v2:
             why = (f"the cgroup this test run is in ({self.host.unified}) also holds processes that "
                    "are not the test run's, and cgroup v2 gives no controllers to the children of "
                    "a cgroup with processes of its own (its 'no internal processes' rule)")  # fmt: skip
+            fix = f"run pytest in a cgroup of its own: {delegate}"
+        elif e.errno == errno.ENOENT:
+            why = f"{e.strerror or e}"
+            fix = ("enable them: on cgroup v2 in the parent's cgroup.subtree_control (or let systemd "
+                   f"delegate them: {delegate}); on cgroup v1, mount their hierarchies")  # fmt: skip
         else:
             why = f"{e.strerror or e} ({getattr(e, 'filename', None) or 'cgroupfs'})"
-        return (f"cgroups cannot be used here: {why}; found {where}. Run the tests as root, or on "
-                "cgroup v2 in a delegated cgroup of their own, e.g. "
-                "`systemd-run --user --scope -p Delegate=yes pytest ...`")  # fmt: skip
+            fix = f"run the tests as root, or on cgroup v2 in a delegated cgroup of their own: {delegate}"
+        return f"cgroups cannot be used here: {why}; found {where}. To fix: {fix}"
 
     def _create(self) -> None:
         if self.host.version == "none":

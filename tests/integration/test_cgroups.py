@@ -265,3 +265,50 @@ def test_v2_test_run_in_a_cgroup_with_processes(tmp_path: object, stranger: bool
             if os.path.isdir(d):
                 assert _until(lambda d=d: not read_cgroup_file(f"{d}/cgroup.procs"), 10)
                 os.rmdir(d)
+
+
+READONLY_SCRIPT = """
+import warnings
+from pytest_envbox import Environment, HostUnsupported, Service
+try:
+    with Environment([Service("capped", ["sleep", "1000"], limits={"memory": "64Mi"})]):
+        print("started with limits")
+except HostUnsupported as e:
+    print("unsupported:", e)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        with Environment([Service("free", ["sleep", "1000"])]) as env:
+            print("started without limits", env["free"].running)
+            try:
+                env["free"].stats()
+            except HostUnsupported as e:
+                print("stats:", e)
+print("warnings:", len([w for w in caught if "without cgroups" in str(w.message)]))
+"""
+
+
+def test_a_read_only_cgroupfs_refuses_limits_but_runs_the_rest() -> None:
+    """As in a container whose /sys/fs/cgroup is read-only: a real read-only mount, in a private
+    mount namespace of the child only."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare")
+    remount = ("for m in $(awk '$9==\"cgroup\"||$9==\"cgroup2\"{print $5}' /proc/self/mountinfo); "
+               "do mount -o remount,bind,ro \"$m\"; done")  # fmt: skip
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'{remount} && exec "$0" -c "$1"', PY, READONLY_SCRIPT],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(__file__)))},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "started with limits" not in out, out
+    assert "unsupported: service 'capped' declares limits, but cgroups cannot be used here" in out
+    assert "read-only" in out and "--privileged" in out
+    assert out.count("started without limits True") == 2
+    assert "stats: service 'free': stats() needs cgroups" in out
+    assert "warnings: 1" in out  # said once, not per environment

@@ -15,7 +15,7 @@ from pytest_envbox import Environment, Service
 from pytest_envbox._client import SupervisorClient
 from pytest_envbox._wait import Deadline, wait_until
 from tests.conftest import PLUGIN_ARGS
-from tests.kernel import alive, holders
+from tests.kernel import alive, cgroup_dirs, holders
 
 INNER = """
     import os, threading
@@ -54,11 +54,14 @@ def test_sigkill_of_pytest_leaves_no_service_alive(tmp_path: Path, workers: list
         pid_s, sup_s, pidns, _workdir = report.read_text().split()
         pid, sup = int(pid_s), int(sup_s)
         assert alive(pid) and alive(sup)
+        cgroups = [d for d in cgroup_dirs(pid).values() if "/envbox-" in d]
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
     try:
         assert _until(lambda: not alive(pid) and not alive(sup) and not holders(pidns), 5)
+        # The supervisor saw its test process die and removed the service's cgroups too.
+        assert _until(lambda: not any(os.path.exists(d) for d in cgroups), 5), cgroups
     finally:
         _kill_processes_in(tmp_path)  # orphaned xdist workers, still waiting in the inner test
 
