@@ -175,7 +175,10 @@ def _write(path: str, value: str) -> None:
 def _read(path: str) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return os.read(fd, 65536).decode()
+        chunks = []
+        while chunk := os.read(fd, 65536):  # cgroup files give at most a page per read
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
     finally:
         os.close(fd)
 
