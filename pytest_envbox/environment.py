@@ -596,11 +596,13 @@ class ServiceHandle:
             self._returncode = int(msg["returncode"])
             self._oom_kills = int(msg.get("oom_kills") or 0)
             if self._oom_kills:
-                limit = self.spec.limits.memory
-                self._reason = ("was OOM-killed (memory limit "
-                                f"{format_memory(limit) if limit else 'of a parent cgroup'}), "
+                self._reason = (f"was OOM-killed ({self._memory_limit_text()}), "
                                 f"return code {self._returncode}")  # fmt: skip
         self._exited.set()
+
+    def _memory_limit_text(self) -> str:
+        limit = self.spec.limits.memory
+        return f"memory limit {format_memory(limit) if limit else 'of a parent cgroup'}"
 
     def _create(self) -> None:
         """Generate the service's ``/etc`` files and listen for its events."""

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from .cgroups import format_memory
 from .config import Catalog, load_project_config, merge_services
 from .environment import Environment
 from .errors import ConfigError, EnvboxError
@@ -186,7 +185,6 @@ def oom_notes(item: pytest.Item) -> list[str]:
             with contextlib.suppress(EnvboxError):
                 kills = h.stats().oom_kills
                 if kills:
-                    limit = h.spec.limits.memory
-                    notes.append(f"service {name!r} had {kills} process(es) OOM-killed (memory limit "
-                                 f"{format_memory(limit) if limit else 'of a parent cgroup'})")  # fmt: skip
+                    notes.append(f"service {name!r} had {kills} process(es) OOM-killed "
+                                 f"({h._memory_limit_text()})")
     return notes
