@@ -55,6 +55,9 @@ class CgroupHost:
     v1: dict[str, str] = field(default_factory=dict)
     unified: str | None = None
     v2_controllers: tuple[str, ...] = ()
+    #: the directory the cgroup2 mount shows at its top: everything a container (with a cgroup
+    #: namespace or a bind mount of its own cgroup) can see, so the test run's world.
+    unified_top: str | None = None
 
     def describe(self) -> str:
         if self.version == "v2":
@@ -94,6 +97,7 @@ def parse_host(mountinfo: str, proc_cgroup: str) -> CgroupHost:
                 own_v1[c] = path
     v1: dict[str, str] = {}
     unified: str | None = None
+    unified_top: str | None = None
     for line in mountinfo.splitlines():
         left, sep, right = line.partition(" - ")
         if not sep:
@@ -108,6 +112,7 @@ def parse_host(mountinfo: str, proc_cgroup: str) -> CgroupHost:
                     v1[c] = _join(point, root, own_v1[c])
         elif fstype == "cgroup2" and own_v2 is not None and unified is None:
             unified = _join(point, root, own_v2)
+            unified_top = point
     controllers: tuple[str, ...] = ()
     if unified is not None:
         with contextlib.suppress(OSError), open(os.path.join(unified, "cgroup.controllers")) as f:
@@ -118,7 +123,7 @@ def parse_host(mountinfo: str, proc_cgroup: str) -> CgroupHost:
         version = "v2"
     else:
         version = "none"
-    return CgroupHost(version, v1, unified, controllers)
+    return CgroupHost(version, v1, unified, controllers, unified_top)
 
 
 def _join(point: str, root: str, own: str) -> str:
@@ -245,9 +250,14 @@ def _is_stale(name: str) -> bool:
 class CgroupTree:
     """This supervisor's run directory in every hierarchy it uses, and the services below it."""
 
-    def __init__(self, host: CgroupHost, name: str) -> None:
+    def __init__(self, host: CgroupHost, name: str, *, may_move: bool = True) -> None:
         self.host = host
         self.name = name
+        #: False for a dry run (``envbox doctor``): never move the test run's processes; then
+        #: ``would_move`` says that a real run would have (see :func:`_vacate`).
+        self.may_move = may_move
+        self.would_move = False
+        self.leftover: list[ServiceCgroup] = []  # could not be removed yet: retried at the end
         self.v1: dict[str, str] = {}  # controller -> run directory
         self.unified: str | None = None  # run directory in cgroup2
         self.v2 = host.version == "v2"
@@ -270,9 +280,12 @@ class CgroupTree:
             why = "this user may not create cgroups there"
             fix = f"run the tests as root, or on cgroup v2 in a delegated cgroup of their own: {delegate}"
         elif e.errno == errno.EBUSY and self.v2:
-            why = (f"the cgroup this test run is in ({self.host.unified}) also holds processes that "
-                   "are not the test run's, and cgroup v2 gives no controllers to the children of "
-                   "a cgroup with processes of its own (its 'no internal processes' rule)")  # fmt: skip
+            why = (f"the cgroup this test run is in ({self.host.unified}) holds processes, and "
+                   "cgroup v2 gives no controllers to the children of a cgroup with processes of "
+                   "its own (its 'no internal processes' rule); envbox moves them into a leaf only "
+                   "when the cgroup is delegated to the test run (the trusted.delegate or "
+                   "user.delegate attribute systemd sets, or a cgroup namespace of its own) and "
+                   "they all descend from the test run's first process")  # fmt: skip
             fix = f"run pytest in a cgroup of its own: {delegate}"
         elif e.errno == errno.ENOENT:
             why = f"{e.strerror or e}"
@@ -292,13 +305,18 @@ class CgroupTree:
             if missing:
                 raise OSError(errno.ENOENT, f"controllers {' '.join(missing)} not available",
                               self.host.unified)  # fmt: skip
-            own = self.host.unified
+            own = v2_base(self.host.unified)
             # Our own cgroup passes the controllers down, then our run directory does too.
             try:
                 _enable(own)
             except OSError as e:
                 if e.errno != errno.EBUSY:
                     raise
+                if not _delegated(own, self.host.unified_top):
+                    raise OSError(errno.EBUSY, "not delegated to the test run", own) from None
+                if not self.may_move:
+                    self.would_move = True
+                    return
                 _vacate(own)
                 _enable(own)
             self.unified = os.path.join(own, self.name)
@@ -329,21 +347,34 @@ class CgroupTree:
         """A new cgroup for one run of a service (a restart gets a fresh one: fresh figures)."""
         if self.problem is not None:
             raise CgroupError(self.problem)
-        old = self.services.pop(slot, None)
-        if old is not None:
-            old.remove()
+        self.release(slot)
         cg = ServiceCgroup(self, slot)
         self.services[slot] = cg
         return cg
 
     def release(self, slot: str) -> None:
+        """Kill what is left of a service's cgroup and remove it; never raises.
+
+        A cgroup whose processes do not die at once (stuck in the kernel) is not waited for
+        here, where the supervisor would stall: it is retried at :meth:`remove`.
+        """
         cg = self.services.pop(slot, None)
-        if cg is not None:
-            cg.remove()
+        if cg is None:
+            return
+        try:
+            done = cg.remove(timeout=0.5)
+        except Exception:  # a cleanup step: the rest must still run
+            done = False
+        if not done:
+            self.leftover.append(cg)
 
     def remove(self) -> None:
         for slot in list(self.services):
             self.release(slot)
+        for cg in self.leftover:
+            with contextlib.suppress(Exception):
+                cg.remove(timeout=5.0)
+        self.leftover.clear()
         self._remove_dirs()
 
     def _remove_dirs(self) -> None:
@@ -354,6 +385,29 @@ class CgroupTree:
 
 
 LEAF = "envbox-tests"
+
+
+def v2_base(own: str) -> str:
+    """Where run directories go in cgroup v2: our cgroup, or its parent if we are in its leaf.
+
+    After :func:`_vacate` moved a shell and its pytest into ``<cgroup>/envbox-tests``, the next
+    run starts there; its runs belong next to the leaf (where the controllers are already
+    enabled), not in a leaf of the leaf.
+    """
+    return os.path.dirname(own) if os.path.basename(own) == LEAF else own
+
+
+def _delegated(own: str, top: str | None) -> bool:
+    """Is ``own`` the test run's to reorganise? Delegated by systemd, or all a container can see."""
+    if top is not None and own.rstrip("/") == top.rstrip("/"):
+        return True
+    for attr in ("trusted.delegate", "user.delegate"):  # systemd 251+ marks delegated units
+        try:
+            if os.getxattr(own, attr).strip() in (b"1", b"yes", b"true"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _ppid(pid: int) -> int:
@@ -452,7 +506,7 @@ class ServiceCgroup:
                 with contextlib.suppress(OSError):
                     os.rmdir(d)
             raise
-        self.limits: dict[str, float] = {}
+        self.frozen = False  # paused: signals wait until it is thawed, exec would hang
 
     # --- set up -----------------------------------------------------------------------------------
 
@@ -532,7 +586,21 @@ class ServiceCgroup:
         return None
 
     def freeze(self, frozen: bool, timeout: float = 5.0) -> None:
-        """Stop (or restart) every process of the cgroup; return once the kernel says it is done."""
+        """Stop (or restart) every process of the cgroup; return once the kernel says it is done.
+
+        A freeze that does not complete in time (a process stuck in the kernel) is undone before
+        the error is raised: a half-frozen service is worse than one that was never paused.
+        """
+        try:
+            self._set_frozen(frozen, timeout)
+        except (CgroupError, OSError):
+            if frozen:
+                with contextlib.suppress(CgroupError, OSError):
+                    self._set_frozen(False, 1.0)
+            raise
+        self.frozen = frozen
+
+    def _set_frozen(self, frozen: bool, timeout: float) -> None:
         f = self._freeze_file()
         deadline = time.monotonic() + timeout
         if f is not None:
@@ -540,7 +608,8 @@ class ServiceCgroup:
             events = f"{self.unified}/cgroup.events"
             while _keyed(events, "frozen") != (1 if frozen else 0):
                 if time.monotonic() > deadline:
-                    raise CgroupError("the cgroup did not " + ("freeze" if frozen else "thaw"))
+                    raise CgroupError("the cgroup did not " + ("freeze" if frozen else "thaw")
+                                      + f" within {timeout:g} s")  # fmt: skip
                 time.sleep(0.0005)
             return
         if "freezer" not in self.dirs:
@@ -551,50 +620,77 @@ class ServiceCgroup:
         _write(state, want)
         while _read(state).strip() != want:
             if time.monotonic() > deadline:
-                raise CgroupError(f"the cgroup did not reach {want}")
+                raise CgroupError(f"the cgroup did not reach {want} within {timeout:g} s")
             _write(state, want)
             time.sleep(0.0005)
 
+    def _dirs(self) -> list[str]:
+        return [*dict.fromkeys(self.dirs.values()), *([self.unified] if self.unified else [])]
+
+    def pids(self) -> list[int]:
+        """Every process in the cgroup and in any cgroup the service made below it."""
+        d = self.unified if self.unified is not None else next(iter(self.dirs.values()), None)
+        return _tree_pids(d) if d is not None else []
+
     def kill(self) -> None:
-        """SIGKILL every process in the cgroup, race-free (nothing can fork meanwhile)."""
+        """SIGKILL every process in the cgroup (and below), race-free: nothing can fork meanwhile."""
         if self.unified is not None and os.path.exists(f"{self.unified}/cgroup.kill"):
             with contextlib.suppress(OSError):
                 _write(f"{self.unified}/cgroup.kill", "1")
                 return
-        # v1: freeze, kill each task, thaw (a frozen task dies once thawed).
+        # Freeze, kill each task, thaw: a frozen task cannot fork, and dies once thawed.
         frozen = False
         with contextlib.suppress(CgroupError, OSError):
-            self.freeze(True, timeout=1.0)
+            self._set_frozen(True, 1.0)
             frozen = True
-        procs = self.procs_files()
-        for pid in _read(procs[0]).split() if procs else []:
+        for pid in self.pids():
             with contextlib.suppress(OSError):
-                os.kill(int(pid), 9)
-        if frozen:
+                os.kill(pid, 9)
+        if frozen or self.frozen:
             with contextlib.suppress(CgroupError, OSError):
-                self.freeze(False, timeout=1.0)
+                self._set_frozen(False, 1.0)
+        self.frozen = False
 
     def is_empty(self) -> bool:
         if self.unified is not None:
             populated = _keyed(f"{self.unified}/cgroup.events", "populated")
             if populated is not None:
                 return populated == 0
-        files = self.procs_files()
-        try:
-            return not _read(files[0]).split()
-        except OSError:
-            return True
+        return not self.pids()
 
-    def remove(self, timeout: float = 5.0) -> None:
-        """Kill what is left, then remove the directories (children of run dirs: ours only)."""
+    def remove(self, timeout: float = 5.0) -> bool:
+        """Kill what is left, then remove the directories, the service's own sub-cgroups first.
+
+        Return False (and leave them) when the processes did not die within ``timeout``.
+        """
         deadline = time.monotonic() + timeout
         if not self.is_empty():
             self.kill()
-            while not self.is_empty() and time.monotonic() < deadline:
+            while not self.is_empty():
+                if time.monotonic() > deadline:
+                    return False
                 time.sleep(0.001)
-        for d in [*dict.fromkeys(self.dirs.values()), *([self.unified] if self.unified else [])]:
-            with contextlib.suppress(OSError):
-                _rmdir(d, deadline)
+        ok = True
+        for d in self._dirs():
+            try:
+                _rmtree(d, deadline)
+            except OSError:
+                ok = False
+        return ok
+
+
+def _tree_pids(d: str) -> list[int]:
+    pids: list[int] = []
+    for sub, _dirs, _files in os.walk(d):
+        with contextlib.suppress(OSError, ValueError):
+            pids.extend(int(p) for p in _read(f"{sub}/cgroup.procs").split())
+    return pids
+
+
+def _rmtree(d: str, deadline: float) -> None:
+    """Remove a cgroup and the cgroups below it, deepest first (cgroupfs has no recursive rmdir)."""
+    for sub, _dirs, _files in os.walk(d, topdown=False):
+        _rmdir(sub, deadline)
 
 
 # --- stale runs -----------------------------------------------------------------------------------
@@ -608,7 +704,7 @@ def clean_stale(host: CgroupHost | None = None) -> list[str]:
     """
     host = host or detect()
     removed: list[str] = []
-    owns = [*dict.fromkeys(host.v1.values()), *([host.unified] if host.unified else [])]
+    owns = [*dict.fromkeys(host.v1.values()), *([v2_base(host.unified)] if host.unified else [])]
     for own in owns:
         try:
             names = [n for n in os.listdir(own) if n.startswith(RUN_PREFIX)]
@@ -619,23 +715,25 @@ def clean_stale(host: CgroupHost | None = None) -> list[str]:
                 continue
             run = os.path.join(own, name)
             with contextlib.suppress(OSError):
-                for child in os.listdir(run):
-                    p = os.path.join(run, child)
-                    if os.path.isdir(p):
-                        _kill_dir(p)
-                        with contextlib.suppress(OSError):
-                            _rmdir(p, time.monotonic() + 2.0)
-                _rmdir(run, time.monotonic() + 2.0)
+                _kill_dir(run)
+                _rmtree(run, time.monotonic() + 2.0)
                 removed.append(run)
     return removed
 
 
 def _kill_dir(d: str) -> None:
+    """SIGKILL everything in ``d`` and below, then wait (briefly) until it is gone."""
     if os.path.exists(f"{d}/cgroup.kill"):
         with contextlib.suppress(OSError):
             _write(f"{d}/cgroup.kill", "1")
-            return
-    with contextlib.suppress(OSError):
-        for pid in _read(f"{d}/cgroup.procs").split():
+    else:
+        for pid in _tree_pids(d):
             with contextlib.suppress(OSError):
-                os.kill(int(pid), 9)
+                os.kill(pid, 9)
+        for sub, _dirs, _files in os.walk(d):  # a v1-frozen task dies only once thawed
+            if os.path.exists(f"{sub}/freezer.state"):
+                with contextlib.suppress(OSError):
+                    _write(f"{sub}/freezer.state", "THAWED")
+    deadline = time.monotonic() + 2.0
+    while _tree_pids(d) and time.monotonic() < deadline:
+        time.sleep(0.001)

@@ -29,15 +29,23 @@ def _cgroup_check(root: bool) -> tuple[bool, str]:
         return False, "no cgroup filesystem mounted: limits, stats() and pause() are unavailable"
     if not root:
         return False, f"{host.describe()}; as non-root, cgroups are not writable (run as root)"
-    tree = cgroups.CgroupTree(host, cgroups.run_name(os.getpid()))
+    # A dry run: it never moves the test run's processes (cgroups._vacate), it says it would.
+    tree = cgroups.CgroupTree(host, cgroups.run_name(os.getpid()), may_move=False)
     try:
         if not tree.usable:
             return False, tree.problem or "unusable"
-        where = tree.unified if host.version == "v2" else tree.v1.get("memory")
-        assert where is not None
-        usable = "memory cpu pids" + (" freezer" if "freezer" in tree.v1 or tree.unified else "")
+        usable = "memory cpu pids" + (" freezer" if "freezer" in tree.v1 or tree.unified
+                                      or host.version == "v2" else "")  # fmt: skip
+        if host.version == "v2":
+            assert host.unified is not None
+            where = cgroups.v2_base(host.unified)
+            if tree.would_move:
+                where += (f" (a test run first moves the processes of {where} into "
+                          f"{where}/{cgroups.LEAF}: the cgroup is delegated to it)")  # fmt: skip
+        else:
+            where = os.path.dirname(tree.v1["memory"])
         return True, (f"{host.describe()}; usable: {usable}; services' cgroups go in "
-                      f"envbox-<pid>-<start>/ below each of these (e.g. {os.path.dirname(where)})")
+                      f"envbox-<pid>-<start>/ below {where}")
     finally:
         tree.remove()
 

@@ -491,10 +491,13 @@ class ServiceHandle:
         self._wait_ready()
 
     def stop(self, timeout: float | None = None) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` (default: the service's ``stop_timeout``)."""
+        """SIGTERM, then SIGKILL after ``timeout`` (default: the service's ``stop_timeout``).
+
+        A paused service is resumed first, so that it can shut down cleanly.
+        """
         if not self.running:
             return
-        self._signal(signal.SIGTERM, "main", wait=False)
+        self._signal(signal.SIGTERM, "main", wait=False, thaw=True)
         self._await_exit(self.spec.stop_timeout if timeout is None else timeout)
 
     def _await_exit(self, grace: float) -> None:
@@ -510,7 +513,11 @@ class ServiceHandle:
         self.start()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the service's main process; for SIGKILL, wait until it is gone."""
+        """Send ``sig`` to the service's main process; for SIGKILL, wait until it is gone.
+
+        SIGKILL resumes a paused service first; another signal sent to a paused service is
+        queued by the kernel and handled on ``resume()``.
+        """
         if not self.running:
             return
         self._signal(sig, "main")
@@ -570,8 +577,11 @@ class ServiceHandle:
             raise ServiceFailed(self.name, self._returncode, probes.log_tail(self.log_path),
                                 reason=f"is not running (return code {self._returncode}): "
                                 "cannot exec in it")  # fmt: skip
-        r = self._sup.call("exec", slot=self._slot, plan=self._plan.to_dict(), argv=args,
-                           input=input, timeout=timeout)  # fmt: skip
+        try:
+            r = self._sup.call("exec", slot=self._slot, plan=self._plan.to_dict(), argv=args,
+                               input=input, timeout=timeout)  # fmt: skip
+        except SupervisorError as e:
+            raise EnvboxError(f"service {self.name!r}: cannot exec {args[0]!r}: {e}") from None
         stdout, stderr = r["stdout"], r["stderr"]
         if r.get("exec_error"):
             stderr += f"envbox: {r['exec_error']}\n"
@@ -581,9 +591,9 @@ class ServiceHandle:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _signal(self, sig: int, target: str, *, wait: bool = True) -> None:
+    def _signal(self, sig: int, target: str, *, wait: bool = True, thaw: bool = False) -> None:
         (self._sup.call if wait else self._sup.send)("signal", slot=self._slot, sig=int(sig),
-                                                       target=target)  # fmt: skip
+                                                       target=target, thaw=thaw)  # fmt: skip
 
     def _on_event(self, msg: dict[str, Any]) -> None:
         if msg["event"] == "supervisor_died":
@@ -595,9 +605,13 @@ class ServiceHandle:
                 return
             self._returncode = int(msg["returncode"])
             self._oom_kills = int(msg.get("oom_kills") or 0)
-            if self._oom_kills:
+            if self._oom_kills and self._returncode == 128 + signal.SIGKILL:
                 self._reason = (f"was OOM-killed ({self._memory_limit_text()}), "
                                 f"return code {self._returncode}")  # fmt: skip
+            elif self._oom_kills:  # a child was killed; the main process exited by itself
+                self._reason = (f"exited with return code {self._returncode} after "
+                                f"{self._oom_kills} of its processes were OOM-killed "
+                                f"({self._memory_limit_text()})")  # fmt: skip
         self._exited.set()
 
     def _memory_limit_text(self) -> str:

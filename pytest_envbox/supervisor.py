@@ -247,6 +247,18 @@ class Supervisor:
     def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
                  ports: list[int], generation: int,
                  limits: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
+        """Start a service (see :meth:`_start`); a start that fails leaves no cgroup behind."""
+        try:
+            self._start(req_id, slot, plan, log_path, ports, generation, limits)
+        except BaseException:
+            s = self.slots.get(slot)
+            if s is None or s.init_pid is None:
+                self.cgroups.release(slot)
+            raise
+        return None  # the reply comes when the sandbox says it started (_start_done)
+
+    def _start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
+               ports: list[int], generation: int, limits: dict[str, Any] | None) -> None:
         """Start a service in ``slot`` (created on first use, with its published ports).
 
         A new slot takes the spare's own network namespace; a restarted service goes back into its
@@ -264,7 +276,6 @@ class Supervisor:
             try:
                 cg.set_limits(**(limits or {}))
             except OSError as e:
-                self.cgroups.release(slot)
                 raise ValueError(f"the kernel refused the limits {limits}: {e.strerror}") from None
         elif limits and any(v is not None for v in limits.values()):
             raise ValueError(f"unsupported:{self.cgroups.problem}")
@@ -371,9 +382,16 @@ class Supervisor:
             self._reply(pend.req_id, error=pend.error or "the sandbox exited during setup",
                         setup=True)  # fmt: skip
 
-    def op_signal(self, req_id: int, slot: str, sig: int, target: str = "init") -> dict[str, Any]:
-        """Signal the service (through its pidfd) or its init. Never a pid that is not ours."""
+    def op_signal(self, req_id: int, slot: str, sig: int, target: str = "init",
+                  thaw: bool = False) -> dict[str, Any]:  # fmt: skip
+        """Signal the service (through its pidfd) or its init. Never a pid that is not ours.
+
+        A paused service handles no signal until it is thawed: ``thaw`` (stop) and SIGKILL
+        resume it first; any other signal waits, queued by the kernel, until ``resume()``.
+        """
         s = self.slots[slot]
+        if thaw or sig == signal.SIGKILL:
+            self._thaw(slot)
         try:
             if target == "main" and s.main_pidfd is not None:
                 signal.pidfd_send_signal(s.main_pidfd, sig)
@@ -411,13 +429,16 @@ class Supervisor:
         s = self.slots[slot]
         if s.init_pid is None:
             raise ValueError("the service is not running")
+        cg = self.cgroups.services.get(slot)
+        if cg is not None and cg.frozen:
+            raise ValueError("the service is paused: its cgroup would freeze the command too; "
+                             "resume() it first")  # fmt: skip
         p = SandboxPlan.from_dict(plan)
         ns_fds = [(os.open(f"/proc/{s.init_pid}/ns/{n}", os.O_RDONLY | os.O_CLOEXEC), t)
                   for n, t in _NS_FOR_EXEC]  # fmt: skip
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the command's host pid
-        cg = self.cgroups.services.get(slot)
         procs = cg.procs_files() if cg is not None else []
         try:
             pid = _fork_running(_exec_helper, p, argv, ns_fds, procs,
@@ -485,6 +506,7 @@ class Supervisor:
     def op_release(self, req_id: int, slots: list[str], disown: str | None = None) -> dict[str, Any]:
         """Free the slots (killing anything still running there); forget a directory."""
         for slot in slots:
+            self._thaw(slot)
             s = self.slots.pop(slot, None)
             if s is not None:
                 self._release(s)
@@ -492,6 +514,14 @@ class Supervisor:
         if disown is not None:
             self.dirs.discard(disown)
         return {}
+
+    def _thaw(self, slot: str) -> None:
+        """Resume a paused service: a frozen process cannot act on a signal (on cgroup v1 it
+        cannot even die of SIGKILL)."""
+        cg = self.cgroups.services.get(slot)
+        if cg is not None and cg.frozen:
+            with contextlib.suppress(cgroups.CgroupError, OSError):
+                cg.freeze(False, timeout=1.0)
 
     def _cgroup(self, slot: str) -> cgroups.ServiceCgroup:
         cg = self.cgroups.services.get(slot)
@@ -592,7 +622,9 @@ class Supervisor:
         if self.zygote is not None:
             self.zygote.close()  # and so does the zygote
         for slot in list(self.slots):
-            self._release(self.slots.pop(slot))
+            self._thaw(slot)
+            with contextlib.suppress(Exception):  # one slot's trouble must not keep the rest
+                self._release(self.slots.pop(slot))
         for ex in list(self.execs.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(ex.pid, signal.SIGKILL)
@@ -601,7 +633,8 @@ class Supervisor:
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.dirs.clear()
-        self.cgroups.remove()
+        with contextlib.suppress(Exception):
+            self.cgroups.remove()
 
 
 _OPS = {name[3:]: fn for name, fn in vars(Supervisor).items() if name.startswith("op_")}
@@ -724,8 +757,7 @@ def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int
         L.set_dumpable(False)
         close_fds_except([fd for fd, _ in ns_fds] + [*stdio, sync.fileno()])
         for path in cgroup_procs:  # into the service's cgroup: its limits count the command too
-            with open(path, "w") as f:
-                f.write("0")
+            cgroups._write(path, "0")
         for fd, nstype in ns_fds:
             L.setns(fd, nstype)
         pid = os.fork()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from pytest_envbox import Environment, Service, ServiceFailed, probe
+from pytest_envbox import EnvboxError, Environment, Service, ServiceFailed, probe
 from pytest_envbox._client import SupervisorClient
 from pytest_envbox._wait import Deadline, wait_until
 from pytest_envbox.cgroups import clean_stale, detect
@@ -148,6 +149,45 @@ def test_pause_stops_cpu_time_and_resume_restarts_it() -> None:
     assert not h.running
 
 
+def test_a_paused_service_refuses_exec_and_still_stops_cleanly() -> None:
+    """stop() resumes it first, so SIGTERM is handled (143), not left pending until SIGKILL."""
+    with Environment([Service("nap", ["sleep", "1000"], stop_timeout="20s")]) as env:
+        h = env["nap"]
+        h.pause()
+        with pytest.raises(EnvboxError, match=r"service 'nap'.*paused.*resume\(\) it first"):
+            h.exec(["true"])
+        h.stop()
+        assert h.returncode == 128 + signal.SIGTERM
+
+
+def test_a_restarted_service_gets_a_fresh_cgroup() -> None:
+    with Environment([Service("idle", ["sleep", "1000"], limits={"pids": 8})]) as env:
+        h = env["idle"]
+        # A command run in the service counts in its cgroup: one second of busy loop.
+        h.exec(["timeout", "1", "sh", "-c", "while :; do :; done"])
+        used = h.stats().cpu_seconds
+        assert used >= 0.5
+        h.restart()
+        assert h.stats().cpu_seconds < used / 2  # the new run's figures, not the old run's
+
+
+def test_cgroups_a_service_made_below_its_own_are_removed_too() -> None:
+    """A service managing cgroups (a container runtime, systemd) nests its own: all are removed."""
+    with Environment([Service("nest", ["sleep", "1000"], limits={"pids": 8})]) as env:
+        h = env["nest"]
+        assert h.pid is not None
+        pid = h.pid
+        dirs = {d for d in cgroup_dirs(pid).values() if "/envbox-" in d}
+        assert dirs
+        for d in dirs:
+            os.makedirs(f"{d}/inner/deeper")
+            with open(f"{d}/inner/deeper/cgroup.procs", "w") as f:
+                f.write(str(pid))
+        assert all(d + "/inner/deeper" in cgroup_dirs(pid).values() for d in dirs)
+    assert not any(os.path.exists(d) for d in dirs), dirs
+    assert not os.path.exists(f"/proc/{pid}")
+
+
 def test_stats_of_a_service_without_limits() -> None:
     with Environment([Service("plain", ["sleep", "1000"])]) as env:
         st = env["plain"].stats()
@@ -186,8 +226,6 @@ def test_a_killed_supervisor_leaves_cgroups_that_the_next_one_removes() -> None:
 
 
 def test_envbox_doctor_reports_cgroups_and_clean_removes_stale_runs() -> None:
-    import subprocess
-
     r = subprocess.run([PY, "-m", "pytest_envbox.cli", "doctor"], capture_output=True, text=True,
                        timeout=60)  # fmt: skip
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("cgroups"))
@@ -226,36 +264,51 @@ except HostUnsupported as e:
 """
 
 
-@pytest.mark.skipif(not V2, reason="the 'no internal processes' rule is cgroup v2's")
-@pytest.mark.parametrize("stranger", [False, True], ids=["own-cgroup", "shared-with-a-stranger"])
-def test_v2_test_run_in_a_cgroup_with_processes(tmp_path: object, stranger: bool) -> None:
-    """A test run in a cgroup of its own moves itself to a leaf; one sharing it refuses, clearly."""
-    import subprocess
+def _run_script_in(cg: str, script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` with a new Python whose shell first moved itself into cgroup ``cg``."""
+    return subprocess.run(
+        ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" -c "$1"', PY, script],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(__file__)))},
+    )  # fmt: skip
 
+
+@pytest.mark.skipif(not V2, reason="the 'no internal processes' rule is cgroup v2's")
+@pytest.mark.parametrize("case", ["delegated", "not-delegated", "shared-with-a-stranger"])
+def test_v2_test_run_in_a_cgroup_with_processes(case: str) -> None:
+    """A test run in a delegated cgroup of its own moves itself to a leaf (once: a second run from
+    the leaf puts its runs next to it). Processes in a cgroup not delegated to the test run, or
+    shared with a stranger, are never moved: a clear refusal instead."""
     own = detect().unified
     assert own is not None
     cg = os.path.join(own, f"envbox-test-{os.getpid()}")
     os.mkdir(cg)
+    if case != "not-delegated":
+        os.setxattr(cg, "trusted.delegate", b"1")  # what systemd's Delegate=yes sets
     other = None
     try:
-        if stranger:
+        if case == "shared-with-a-stranger":
             other = subprocess.Popen(["sleep", "1000"])
             with open(f"{cg}/cgroup.procs", "w") as f:
                 f.write(str(other.pid))
-        r = subprocess.run(
-            ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" -c "$1"', PY, SCRIPT],
-            capture_output=True, text=True, timeout=120,
-            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(__file__)))},
-        )  # fmt: skip
+        r = _run_script_in(cg, SCRIPT)
         assert r.returncode == 0, r.stderr
-        rel = cg[len(detect().unified or ""):]
-        if stranger:
-            assert "unsupported:" in r.stdout and "no internal processes" in r.stdout, r.stdout
-            assert "inner" in r.stdout and "systemd-run" in r.stdout
-        else:
+        rel = cg[len(own):]
+        if case == "delegated":
             service_cg, runner_cg = r.stdout.split()
             assert service_cg.startswith(rel + "/envbox-") and service_cg.endswith(".inner")
             assert runner_cg == rel + "/envbox-tests"
+            # The next run starts in the leaf: its services go next to the leaf, not into it.
+            r = _run_script_in(os.path.join(cg, "envbox-tests"), SCRIPT)
+            assert r.returncode == 0, r.stderr
+            service_cg, runner_cg = r.stdout.split()
+            assert service_cg.startswith(rel + "/envbox-") and "envbox-tests/" not in service_cg
+            assert runner_cg == rel + "/envbox-tests"
+            assert not os.path.exists(os.path.join(cg, "envbox-tests", "envbox-tests"))
+        else:
+            assert "unsupported:" in r.stdout and "no internal processes" in r.stdout, r.stdout
+            assert "inner" in r.stdout and "systemd-run" in r.stdout and "delegate" in r.stdout
+            assert not os.path.exists(os.path.join(cg, "envbox-tests")), "moved processes"
     finally:
         if other is not None:
             other.kill()
@@ -264,6 +317,7 @@ def test_v2_test_run_in_a_cgroup_with_processes(tmp_path: object, stranger: bool
         for d in (leaf, cg):
             if os.path.isdir(d):
                 assert _until(lambda d=d: not read_cgroup_file(f"{d}/cgroup.procs"), 10)
+                assert not [n for n in os.listdir(d) if n.startswith("envbox-") and n != "envbox-tests"]
                 os.rmdir(d)
 
 
@@ -292,7 +346,6 @@ def test_a_read_only_cgroupfs_refuses_limits_but_runs_the_rest() -> None:
     """As in a container whose /sys/fs/cgroup is read-only: a real read-only mount, in a private
     mount namespace of the child only."""
     import shutil
-    import subprocess
 
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux unshare")

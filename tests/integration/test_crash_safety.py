@@ -14,6 +14,7 @@ import pytest
 from pytest_envbox import Environment, Service
 from pytest_envbox._client import SupervisorClient
 from pytest_envbox._wait import Deadline, wait_until
+from pytest_envbox.cgroups import detect
 from tests.conftest import PLUGIN_ARGS
 from tests.kernel import alive, cgroup_dirs, holders
 
@@ -55,6 +56,8 @@ def test_sigkill_of_pytest_leaves_no_service_alive(tmp_path: Path, workers: list
         pid, sup = int(pid_s), int(sup_s)
         assert alive(pid) and alive(sup)
         cgroups = [d for d in cgroup_dirs(pid).values() if "/envbox-" in d]
+        if detect().version != "none":
+            assert cgroups, "the service is in no envbox cgroup"
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()

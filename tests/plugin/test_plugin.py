@@ -167,3 +167,27 @@ def test_marker_alone_starts_services_without_the_fixture_argument(project: pyte
     result = run(project, "--envbox-logs=always", "-rP")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*envbox: web*", "*web: running*"])
+
+
+def test_a_service_oom_killed_during_the_test_is_named_in_its_failure(project: pytest.Pytester) -> None:
+    """The test fails for its own reason (the service stopped answering); the report says why."""
+    hog = ("import os, time\\nwhile not os.path.exists('/tmp/go'): time.sleep(0.01)\\n"
+           "b = []\\nwhile True: b.append(b'x' * (1 << 20))\\n")
+    project.makepyfile(f"""
+        import pytest
+        from pytest_envbox import Service
+
+        @pytest.mark.envbox(Service("hog", ["{sys.executable}", "-c", "{hog}"],
+                                    limits={{"memory": "48Mi"}}))
+        def test_it(envbox):
+            h = envbox["hog"]
+            h.exec(["touch", "/tmp/go"])
+            h._exited.wait(30)
+            assert h.running, "the cache went away"
+    """)
+    result = run(project)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*envbox: OOM*",
+        "*service 'hog' was OOM-killed (memory limit 48Mi), return code 137*",
+    ])

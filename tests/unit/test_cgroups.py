@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from pytest_envbox import ConfigError, Limits
+from pytest_envbox import ConfigError, Limits, cgroups
 from pytest_envbox.cgroups import cpu_quota, format_memory, parse_host
 
 HYBRID_MOUNTINFO = """\
@@ -106,3 +109,18 @@ def test_bad_memory_quantities(memory: object) -> None:
 )  # fmt: skip
 def test_format_memory_gives_what_a_user_wrote(n: int, text: str) -> None:
     assert format_memory(n) == text
+
+
+def test_runs_go_next_to_the_leaf_a_previous_run_moved_the_shell_into() -> None:
+    assert cgroups.v2_base("/sys/fs/cgroup/user.slice/run-1.scope") == "/sys/fs/cgroup/user.slice/run-1.scope"
+    assert cgroups.v2_base("/sys/fs/cgroup/run-1.scope/envbox-tests") == "/sys/fs/cgroup/run-1.scope"
+
+
+def test_only_a_delegated_cgroup_or_the_top_of_the_mount_is_ours_to_reorganise(tmp_path: Path) -> None:
+    d = str(tmp_path)
+    assert cgroups._delegated("/sys/fs/cgroup", "/sys/fs/cgroup")  # a container's whole view
+    assert not cgroups._delegated(d, "/sys/fs/cgroup")
+    if os.geteuid() != 0:
+        pytest.skip("trusted.* attributes need root")
+    os.setxattr(d, "trusted.delegate", b"1")  # as systemd marks a Delegate=yes unit
+    assert cgroups._delegated(d, "/sys/fs/cgroup")

@@ -55,11 +55,24 @@ def test_cache_stores_and_returns_values(envbox: Environment) -> None:
 @pytest.mark.envbox("cache")
 def test_the_cache_stays_within_its_memory_limit(envbox: Environment) -> None:
     cache = envbox["cache"]
+    before = cache.stats()  # from its cgroup: limits = { memory = "64Mi", pids = 32 }
     kv(cache, *(f"SET key{i} {'x' * 1000}" for i in range(1000)))  # about 1 MB of values
-    stats = cache.stats()  # from its cgroup: limits = { memory = "64Mi", pids = 32 }
+    stats = cache.stats()
+    assert stats.memory_bytes > before.memory_bytes + 2**19  # the values are counted
     assert stats.oom_kills == 0
-    assert 0 < stats.memory_peak_bytes < 64 * 2**20
+    assert stats.memory_peak_bytes < 64 * 2**20
     assert stats.pids <= 32
+
+
+@pytest.mark.envbox("cache")
+def test_a_cache_that_grows_past_its_limit_is_oom_killed(envbox: Environment) -> None:
+    """What production would do to a leaking cache, here in the test: the kernel kills it."""
+    cache = envbox["cache"]
+    megabyte = "x" * 2**20
+    for i in range(256):  # up to 256 MiB: far past its 64Mi limit
+        if kv(cache, f"SET big{i} {megabyte}") != ["OK"]:
+            break  # the connection closed without an answer: the cache is gone
+    assert cache.stats().oom_kills >= 1
 
 
 @pytest.mark.envbox("cache")
