@@ -307,8 +307,8 @@ class Environment:
         # time, not the sum.
         for h in handles:
             with contextlib.suppress(EnvboxError, OSError):
-                if h.running:
-                    h._signal(signal.SIGTERM, "main", wait=False)
+                if h.running:  # a paused service is resumed first, to handle it
+                    h._signal(signal.SIGTERM, "main", wait=False, thaw=True)
         for h in handles:
             with contextlib.suppress(EnvboxError, OSError):
                 h._await_exit(h.spec.stop_timeout)

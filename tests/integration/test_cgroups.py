@@ -144,9 +144,11 @@ def test_pause_stops_cpu_time_and_resume_restarts_it() -> None:
         assert b - a < 0.01, f"a paused service used {b - a:.3f} s of cpu"
         h.resume()
         assert _until(lambda: h.stats().cpu_seconds - b > 0.05, 5)
-        # A paused service is still torn down: pause it again and leave it paused.
+        # A paused service is still torn down, resumed first so that it handles SIGTERM (not
+        # left frozen until the stop timeout ends in SIGKILL): pause it again and leave it so.
         h.pause()
     assert not h.running
+    assert h.returncode == 128 + signal.SIGTERM
 
 
 def test_a_paused_service_refuses_exec_and_still_stops_cleanly() -> None:
