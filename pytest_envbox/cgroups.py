@@ -14,7 +14,7 @@ interfaces:
   (runc and crun do the same).
 
 Everything is nested under the cgroup the test process is already in, never at a hierarchy root
-it does not own and never next to it: ``<own cgroup>/envbox-<pid>-<start time>/<slot>``. The run
+it does not own and never next to it: ``<own cgroup>/envbox-<pid>-<start time>/<n>``. The run
 directory names its supervisor, so a later run (or ``envbox clean``) can tell a stale one (its
 supervisor is gone: SIGKILLed) from a live one and remove it.
 
@@ -258,6 +258,7 @@ class CgroupTree:
         self.may_move = may_move
         self.would_move = False
         self.leftover: list[ServiceCgroup] = []  # could not be removed yet: retried at the end
+        self.count = 0  # service cgroups made: their names
         self.v1: dict[str, str] = {}  # controller -> run directory
         self.unified: str | None = None  # run directory in cgroup2
         self.v2 = host.version == "v2"
@@ -343,14 +344,39 @@ class CgroupTree:
     def usable(self) -> bool:
         return self.problem is None
 
-    def service(self, slot: str) -> ServiceCgroup:
-        """A new cgroup for one run of a service (a restart gets a fresh one: fresh figures)."""
+    def new(self) -> ServiceCgroup:
+        """A new, empty cgroup for one run of a service: ``<run dir>/<n>``.
+
+        Made ahead of time, for a spare sandbox that moves itself in while it is prepared (see
+        ``sandbox.run_spare``): moving a process between cgroups waits for an RCU grace period
+        (cgroup_threadgroup_rwsem), about 6 ms after the kernel has been idle, which must not be
+        spent on a start. A number, not the service's name: a spare's service is not known yet,
+        and cgroup v2 cannot rename a cgroup.
+        """
         if self.problem is not None:
             raise CgroupError(self.problem)
+        self.count += 1
+        return ServiceCgroup(self, str(self.count))
+
+    def adopt(self, slot: str, cg: ServiceCgroup) -> None:
+        """``cg`` is now the cgroup of the service in ``slot`` (its previous run's is removed)."""
         self.release(slot)
-        cg = ServiceCgroup(self, slot)
         self.services[slot] = cg
+
+    def service(self, slot: str) -> ServiceCgroup:
+        """A new cgroup for one run of a service (a restart gets a fresh one: fresh figures)."""
+        cg = self.new()
+        self.adopt(slot, cg)
         return cg
+
+    def discard(self, cg: ServiceCgroup) -> None:
+        """Remove a cgroup that no service took (its spare died, or was never used)."""
+        try:
+            done = cg.remove(timeout=0.5)
+        except Exception:  # a cleanup step: the rest must still run
+            done = False
+        if not done:
+            self.leftover.append(cg)
 
     def release(self, slot: str) -> None:
         """Kill what is left of a service's cgroup and remove it; never raises.
@@ -359,14 +385,8 @@ class CgroupTree:
         here, where the supervisor would stall: it is retried at :meth:`remove`.
         """
         cg = self.services.pop(slot, None)
-        if cg is None:
-            return
-        try:
-            done = cg.remove(timeout=0.5)
-        except Exception:  # a cleanup step: the rest must still run
-            done = False
-        if not done:
-            self.leftover.append(cg)
+        if cg is not None:
+            self.discard(cg)
 
     def remove(self) -> None:
         for slot in list(self.services):
@@ -378,10 +398,13 @@ class CgroupTree:
         self._remove_dirs()
 
     def _remove_dirs(self) -> None:
+        """Remove the run directories, with anything still below them (ours alone)."""
         deadline = time.monotonic() + 2.0
         for d in {*self.v1.values(), *([self.unified] if self.unified else [])}:
             with contextlib.suppress(OSError):
-                _rmdir(d, deadline)
+                if any(os.path.isdir(os.path.join(d, n)) for n in os.listdir(d)):
+                    _kill_dir(d)
+                _rmtree(d, deadline)
 
 
 LEAF = "envbox-tests"
@@ -482,8 +505,8 @@ def _enable(d: str) -> None:
 class ServiceCgroup:
     """One service's cgroup, in every hierarchy in use."""
 
-    def __init__(self, tree: CgroupTree, slot: str) -> None:
-        slot = slot.replace("/", ".")  # "<environment>/<service>": one directory level
+    def __init__(self, tree: CgroupTree, name: str) -> None:
+        self.name = name
         self.tree = tree
         self.v2 = tree.v2
         self.dirs: dict[str, str] = {}  # v1 controller -> dir
@@ -492,13 +515,13 @@ class ServiceCgroup:
         made: list[str] = []
         try:
             for c, run in tree.v1.items():
-                d = os.path.join(run, slot)
+                d = os.path.join(run, name)
                 if d not in made:
                     os.mkdir(d)
                     made.append(d)
                 self.dirs[c] = d
             if tree.unified is not None:
-                self.unified = os.path.join(tree.unified, slot)
+                self.unified = os.path.join(tree.unified, name)
                 os.mkdir(self.unified)
                 made.append(self.unified)
         except OSError:

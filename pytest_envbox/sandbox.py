@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -397,7 +397,7 @@ def exec_command(plan: SandboxPlan, argv: list[str], sync: socket.socket,
 _ALL_SIGNALS = [sig for sig in signal.valid_signals() if sig not in (signal.SIGKILL, signal.SIGSTOP)]
 
 
-def run_spare(ctl: socket.socket) -> NoReturn:
+def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = ()) -> NoReturn:
     """PID 1 of a new sandbox, prepared before it is needed. Never returns.
 
     Forked ahead of time into new PID, mount, UTS, IPC and network namespaces with the shared part
@@ -406,6 +406,10 @@ def run_spare(ctl: socket.socket) -> NoReturn:
     finishes the filesystem, becomes the service's user with the service's limits, spawns the
     service and stays as its init. ``ctl`` carries back ``exec`` with a pidfd
     of the service (how the supervisor learns its host pid), or ``error:<why>``.
+
+    ``cgroup_procs`` are the ``cgroup.procs`` files of the service's cgroup, opened for writing:
+    the spare moves itself in (a wait of milliseconds, paid here rather than on the start's
+    path) and gets its cgroup namespace. Without them, the supervisor moves it once it is used.
     """
     code = 125
     try:
@@ -415,10 +419,14 @@ def run_spare(ctl: socket.socket) -> NoReturn:
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        close_fds_except([ctl.fileno(), devnull])
+        close_fds_except([ctl.fileno(), devnull, *cgroup_procs])
+        for fd in cgroup_procs:
+            os.write(fd, b"0")
+            os.close(fd)
         # A network namespace of its own too: a new service takes it (made here, in parallel,
         # rather than in the supervisor's loop); a restarted one joins its old one instead.
-        L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET)
+        L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET
+                  | (L.CLONE_NEWCGROUP if cgroup_procs else 0))
         L.loopback_up()
         netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         builder = build_base()
@@ -437,8 +445,9 @@ def run_spare(ctl: socket.socket) -> NoReturn:
         if len(fds) == 2:  # a restart: back into the slot's network namespace
             L.setns(fds[1], L.CLONE_NEWNET)
             os.close(fds[1])
-        # The supervisor has put us in the service's cgroup by now: that becomes its "/".
-        L.unshare(L.CLONE_NEWCGROUP)
+        if not cgroup_procs:
+            # The supervisor has put us in the service's cgroup by now: that becomes its "/".
+            L.unshare(L.CLONE_NEWCGROUP)
         socket.sethostname(plan.name)
         finish_root(builder, plan)
         _chdir_inside(plan.cwd)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import gc
 import json
 import os
@@ -103,7 +104,7 @@ class Supervisor:
         self.pending: dict[int, _Pending] = {}  # sync socket fd -> pending
         self.execs: dict[int, _Exec] = {}  # helper pid -> exec
         self.dirs: set[str] = set()
-        self.spares: list[socket.socket] = []  # control sockets of prepared inits (_spawn_spare)
+        self.spares: list[_Spare] = []  # prepared inits (_spawn_spare)
         self.want_spare = True  # False after a spare died unused: then prepare on demand only
         self.running = True
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -229,20 +230,43 @@ class Supervisor:
         """
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the spare's pid, on ready
+        cg, procs = self._spare_cgroup()
         try:
             if self.zygote is None or direct:
                 raise OSError("no zygote")
-            socket.send_fds(self.zygote, [b"spare"], [child.fileno()])
+            socket.send_fds(self.zygote, [b"spare"], [child.fileno(), *procs])
         except OSError:
             if not direct:
                 self.zygote = None  # it died
             L.unshare(L.CLONE_NEWPID)  # the child is PID 1 of a new PID namespace
             try:
-                _fork_running(run_spare, child, close=parent)
+                _fork_running(run_spare, child, procs, close=parent)
             finally:
                 L.setns(self.own_pidns, L.CLONE_NEWPID)
+        finally:
+            for fd in procs:
+                os.close(fd)
         child.close()
-        self.spares.append(parent)
+        self.spares.append(_Spare(parent, cg))
+
+    def _spare_cgroup(self) -> tuple[cgroups.ServiceCgroup | None, list[int]]:
+        """A new cgroup for the next spare, and its ``cgroup.procs`` files opened for writing:
+        the spare moves itself in while it is prepared, off the start's path."""
+        if not self.cgroups.usable:
+            return None, []
+        fds: list[int] = []
+        cg = None
+        try:
+            cg = self.cgroups.new()
+            for path in cg.procs_files():
+                fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        except (OSError, cgroups.CgroupError):
+            for fd in fds:
+                os.close(fd)
+            if cg is not None:
+                self.cgroups.discard(cg)
+            return None, []  # then the start moves it (see _give_cgroup)
+        return cg, fds
 
     def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
                  ports: list[int], generation: int,
@@ -269,35 +293,32 @@ class Supervisor:
         old = self.slots.get(slot)
         if old is not None and old.init_pid is not None:
             raise ValueError(f"{slot} is already running")
-        cg = None
-        if self.cgroups.usable:
-            # A fresh cgroup per run, limits in place before the service's first instruction.
-            cg = self.cgroups.service(slot)
-            try:
-                cg.set_limits(**(limits or {}))
-            except OSError as e:
-                raise ValueError(f"the kernel refused the limits {limits}: {e.strerror}") from None
-        elif limits and any(v is not None for v in limits.values()):
+        if not self.cgroups.usable and limits and any(v is not None for v in limits.values()):
             raise ValueError(f"unsupported:{self.cgroups.problem}")
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             for attempt in (1, 2):  # a spare may have died while it waited: then one fresh try
                 if not self.spares:
                     self._spawn_spare(direct=attempt == 2)
-                ctl = self.spares.pop(0)
+                spare = self.spares.pop(0)
+                ctl = spare.ctl
                 self.want_spare = True
                 netns = None
                 try:
                     netns, pid = _await_ready(ctl)
-                    if cg is not None:
-                        cg.add(pid)  # the init, so every process of the service, from the start
+                    if self.cgroups.usable:
+                        self._give_cgroup(slot, spare, pid, limits)
                     new = old is None and slot not in self.slots
                     fds = [log_fd] if new else [log_fd, self.slots[slot].netns_fd]
                     socket.send_fds(ctl, [json.dumps(plan).encode()], fds)
-                except (OSError, SpareFailed) as e:
+                except (OSError, SpareFailed, ValueError) as e:
                     ctl.close()  # the spare, if alive, exits on this end-of-file
+                    if spare.cgroup is not None:
+                        self.cgroups.discard(spare.cgroup)
                     if netns is not None:
                         os.close(netns)
+                    if isinstance(e, ValueError):
+                        raise
                     self.want_spare = False  # no background preparing until a start succeeds
                     if attempt == 2 or str(e).startswith("unsupported:"):
                         raise SpareFailed(str(e) or "the sandbox could not be prepared") from None
@@ -361,6 +382,29 @@ class Supervisor:
             if ex is not None:
                 ex.error = pend.error
                 ex.command_pid = pend.main_pid
+
+    def _give_cgroup(self, slot: str, spare: _Spare, pid: int, limits: dict[str, Any] | None) -> None:
+        """The service's cgroup for this run: the spare's own, with the limits in place before
+        the service's first instruction. A spare prepared before cgroups were set up (or without
+        one) is moved into a new cgroup here, on the start's path (see :meth:`CgroupTree.new`)."""
+        cg, spare.cgroup = spare.cgroup, None
+        if cg is None:
+            cg = self.cgroups.new()
+            try:
+                cg.add(pid)  # the init, so every process of the service, from the start
+            except OSError:
+                self.cgroups.discard(cg)
+                raise
+        self.cgroups.adopt(slot, cg)
+        try:
+            cg.set_limits(**(limits or {}))
+        except OSError as e:
+            why = e.strerror
+            if e.errno == errno.EBUSY:
+                used = cg.stats()["memory_bytes"]
+                why = (f"the sandbox's init already uses {cgroups.format_memory(int(used))} "
+                       "of memory; raise the memory limit")  # fmt: skip
+            raise ValueError(f"the kernel refused the limits {limits}: {why}") from None
 
     def _start_done(self, pend: _Pending) -> None:
         pend.replied = True
@@ -616,8 +660,10 @@ class Supervisor:
         os.close(s.netns_fd)
 
     def teardown(self) -> None:
-        for ctl in self.spares:
-            ctl.close()  # end-of-file: a spare exits by itself
+        for spare in self.spares:
+            spare.ctl.close()  # end-of-file: a spare exits by itself
+            if spare.cgroup is not None:
+                self.cgroups.discard(spare.cgroup)
         self.spares.clear()
         if self.zygote is not None:
             self.zygote.close()  # and so does the zygote
@@ -638,6 +684,14 @@ class Supervisor:
 
 
 _OPS = {name[3:]: fn for name, fn in vars(Supervisor).items() if name.startswith("op_")}
+
+
+@dataclass
+class _Spare:
+    """A sandbox's init being prepared ahead of a start, and the cgroup it moves itself into."""
+
+    ctl: socket.socket
+    cgroup: cgroups.ServiceCgroup | None
 
 
 class SpareFailed(Exception):
@@ -684,7 +738,7 @@ def _zygote(sock: socket.socket) -> None:
     close_fds_except([sock.fileno()])
     gc.disable()
     while True:
-        msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 1)
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 8)  # its socket, its cgroup's files
         if not msg or not fds:
             return
         try:
@@ -698,10 +752,11 @@ def _zygote(sock: socket.socket) -> None:
         if pid == 0:
             try:
                 sock.close()
-                run_spare(socket.socket(fileno=fds[0]))
+                run_spare(socket.socket(fileno=fds[0]), fds[1:])
             finally:
                 os._exit(125)
-        os.close(fds[0])
+        for fd in fds:
+            os.close(fd)
 
 
 def _fork_running(target: Callable[..., object], *args: Any, close: socket.socket,

@@ -298,13 +298,13 @@ def test_v2_test_run_in_a_cgroup_with_processes(case: str) -> None:
         rel = cg[len(own):]
         if case == "delegated":
             service_cg, runner_cg = r.stdout.split()
-            assert service_cg.startswith(rel + "/envbox-") and service_cg.endswith(".inner")
+            assert re.fullmatch(re.escape(rel) + r"/envbox-\d+-\d+/\d+", service_cg), service_cg
             assert runner_cg == rel + "/envbox-tests"
             # The next run starts in the leaf: its services go next to the leaf, not into it.
             r = _run_script_in(os.path.join(cg, "envbox-tests"), SCRIPT)
             assert r.returncode == 0, r.stderr
             service_cg, runner_cg = r.stdout.split()
-            assert service_cg.startswith(rel + "/envbox-") and "envbox-tests/" not in service_cg
+            assert re.fullmatch(re.escape(rel) + r"/envbox-\d+-\d+/\d+", service_cg), service_cg
             assert runner_cg == rel + "/envbox-tests"
             assert not os.path.exists(os.path.join(cg, "envbox-tests", "envbox-tests"))
         else:
