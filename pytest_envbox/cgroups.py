@@ -285,8 +285,9 @@ class CgroupTree:
                    "cgroup v2 gives no controllers to the children of a cgroup with processes of "
                    "its own (its 'no internal processes' rule); envbox moves them into a leaf only "
                    "when the cgroup is delegated to the test run (the trusted.delegate or "
-                   "user.delegate attribute systemd sets, or a cgroup namespace of its own) and "
-                   "they all descend from the test run's first process")  # fmt: skip
+                   "user.delegate attribute systemd sets, owned by the user running the tests, or "
+                   "all a container sees) and they all descend from the test run's first "
+                   "process")  # fmt: skip
             fix = f"run pytest in a cgroup of its own: {delegate}"
         elif e.errno == errno.ENOENT:
             why = f"{e.strerror or e}"
@@ -421,7 +422,12 @@ def v2_base(own: str) -> str:
 
 
 def _delegated(own: str, top: str | None) -> bool:
-    """Is ``own`` the test run's to reorganise? Delegated by systemd, or all a container can see."""
+    """Is ``own`` the test run's to reorganise? Delegated to it, or all a container can see.
+
+    Delegated: marked so by systemd (``trusted.delegate``, which only root can read, or
+    ``user.delegate`` for a user's own manager), or owned by the (non-root) user we run as, which
+    is what delegating a cgroup to a user means.
+    """
     if top is not None and own.rstrip("/") == top.rstrip("/"):
         return True
     for attr in ("trusted.delegate", "user.delegate"):  # systemd 251+ marks delegated units
@@ -430,7 +436,10 @@ def _delegated(own: str, top: str | None) -> bool:
                 return True
         except OSError:
             continue
-    return False
+    try:
+        return os.geteuid() != 0 and os.stat(own).st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def _ppid(pid: int) -> int:

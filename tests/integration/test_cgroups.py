@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -281,8 +282,11 @@ def test_v2_test_run_in_a_cgroup_with_processes(case: str) -> None:
     """A test run in a delegated cgroup of its own moves itself to a leaf (once: a second run from
     the leaf puts its runs next to it). Processes in a cgroup not delegated to the test run, or
     shared with a stranger, are never moved: a clear refusal instead."""
+    from pytest_envbox import cgroups
+
     own = detect().unified
     assert own is not None
+    cgroups._enable(own)  # the parent of a cgroup made for a test run passes the controllers on
     cg = os.path.join(own, f"envbox-test-{os.getpid()}")
     os.mkdir(cg)
     if case != "not-delegated":
@@ -367,3 +371,78 @@ def test_a_read_only_cgroupfs_refuses_limits_but_runs_the_rest() -> None:
     assert out.count("started without limits True") == 2
     assert "stats: service 'free': stats() needs cgroups" in out
     assert "warnings: 1" in out  # said once, not per environment
+
+
+def _as_user_in(cg: str, uid: int, work: Callable[[], str]) -> str:
+    """Fork; the child enters cgroup ``cg`` as root, becomes ``uid`` (no capabilities left) and
+    returns ``work()``'s text (or its error) through a pipe. The interpreter is already loaded:
+    the unprivileged child needs no access to where Python is installed."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        out = "child failed"
+        try:
+            os.close(r)
+            with open(f"{cg}/cgroup.procs", "w") as f:
+                f.write("0")
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            out = work()
+        except BaseException as e:
+            out = f"error: {type(e).__name__}: {e}"
+        finally:
+            os.write(w, out.encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return text
+
+
+@pytest.mark.skipif(not V2 or os.geteuid() != 0, reason="a cgroup v2 delegation, set up as root")
+def test_v2_an_unprivileged_user_uses_a_subtree_delegated_to_it() -> None:
+    """What ``systemd-run --user --scope -p Delegate=yes`` gives a user: its own cgroup, owned by
+    it, marked delegated. The cgroup layer then works without any privilege: its run moves to a
+    leaf, services get cgroups with limits, figures, the freezer, kill and removal."""
+    from pytest_envbox import cgroups
+
+    own = detect().unified
+    assert own is not None
+    cgroups._enable(own)  # what systemd does for a delegated unit's parent
+    cg = os.path.join(own, f"envbox-user-{os.getpid()}")
+    os.mkdir(cg)
+    uid = 4321
+    for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+        os.chown(os.path.join(cg, name), uid, uid)
+    os.setxattr(cg, "user.delegate", b"1")  # as a user's systemd marks it
+
+    def work() -> str:
+        tree = cgroups.CgroupTree(cgroups.detect(), cgroups.run_name(os.getpid()))
+        if tree.problem:
+            return "problem: " + tree.problem
+        svc = tree.new()
+        svc.set_limits(memory=32 << 20, cpu=0.5, pids=8)
+        child = subprocess.Popen(["sleep", "1000"])
+        svc.add(child.pid)
+        st = svc.stats()
+        assert svc.unified is not None
+        limit = cgroups._read(f"{svc.unified}/memory.max").strip()
+        svc.freeze(True)
+        svc.freeze(False)
+        svc.kill()
+        child.wait()
+        tree.remove()
+        return f"ok pids={st['pids']} memory.max={limit} empty={svc.is_empty()}"
+
+    try:
+        out = _as_user_in(cg, uid, work)
+        assert out == f"ok pids=1 memory.max={32 << 20} empty=True", out
+        assert not [n for n in os.listdir(cg) if n.startswith("envbox-") and n != "envbox-tests"]
+    finally:
+        leaf = os.path.join(cg, "envbox-tests")
+        for d in (leaf, cg):
+            if os.path.isdir(d):
+                assert _until(lambda d=d: not read_cgroup_file(f"{d}/cgroup.procs"), 10)
+                os.rmdir(d)
