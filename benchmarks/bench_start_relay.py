@@ -282,6 +282,65 @@ def bench_start_stop(n: int, warmup: int) -> dict[str, Any]:
     }
 
 
+# --- paced: as a test suite uses it (a test body between start and stop) ---------------------
+
+
+def bench_paced(n: int, body: float = 0.03, gap: float = 0.005) -> dict[str, Any]:
+    """start+stop with ``body`` seconds of "test" between them and ``gap`` between tests.
+
+    The back-to-back loop above is the worst case for work done in the background (the next
+    spare sandbox, its cgroup move): here that work has the test's time to finish, as in a real
+    suite, and the kernel is idle between tests, as it is there (some kernel paths, e.g. a cgroup
+    move's RCU grace period, cost more after idle). The body and the gap are not timed.
+    """
+    sleep = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise RuntimeError("need unshare on PATH")
+    subreaper = set_subreaper()
+    cmd = [sleep, "1000"]
+    out: dict[str, list[float]] = defaultdict(list)
+    for i in range(n + 3):
+        env = Environment([Service(f"p{i}", cmd)])
+        t0 = time.perf_counter()
+        env.open()
+        t1 = time.perf_counter()
+        time.sleep(body)
+        t2 = time.perf_counter()
+        env.close()
+        t3 = time.perf_counter()
+        time.sleep(gap)
+        u = run_unshare_paced(unshare, cmd, subreaper, body)
+        time.sleep(gap)
+        if i >= 3:
+            out["envbox_open"].append(t1 - t0)
+            out["envbox_close"].append(t3 - t2)
+            out["envbox"].append((t1 - t0) + (t3 - t2))
+            out["unshare"].append(u)
+    med = {k: ms(median(v)) for k, v in out.items()}
+    return {"n": n, "body_ms": body * 1000, "gap_ms": gap * 1000, "median_ms": med,
+            "ratio_envbox/unshare": med["envbox"] / med["unshare"]}  # fmt: skip
+
+
+def run_unshare_paced(unshare: str, cmd: list[str], subreaper: bool, body: float) -> float:
+    """Like :func:`run_unshare`, with ``body`` seconds (untimed) between start and kill."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([unshare, *UNSHARE_FLAGS, "--kill-child", *cmd])
+    child = wait_exec(p.pid, cmd[0])
+    t1 = time.perf_counter()
+    time.sleep(body)
+    t2 = time.perf_counter()
+    p.kill()
+    p.wait()
+    if subreaper:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child, 0)
+    else:
+        while os.path.exists(f"/proc/{child}"):
+            time.sleep(0.00005)
+    return (t1 - t0) + (time.perf_counter() - t2)
+
+
 # --- where envbox start+stop time goes (instrumented, separate pass) -----------------------
 
 
@@ -534,6 +593,16 @@ def print_start_stop(r: dict[str, Any]) -> None:
           f"{verdict(extra < TARGET_LIMITS_EXTRA_MS)} ({extra:+.2f} ms)")
 
 
+def print_paced(r: dict[str, Any]) -> None:
+    med = r["median_ms"]
+    print(f"\n== paced start+stop, as in a test suite: {r['body_ms']:.0f} ms test body, "
+          f"{r['gap_ms']:.0f} ms between tests, neither timed (n={r['n']}, medians)")
+    print(f"  {'unshare (until exec, and SIGKILL + reap)':<40} {med['unshare']:8.2f} ms")
+    print(f"  {'envbox open+close':<40} {med['envbox']:8.2f} ms  (open {med['envbox_open']:.2f}, "
+          f"close {med['envbox_close']:.2f})")
+    print(f"  ratio envbox/unshare (informative)       {r['ratio_envbox/unshare']:8.2f}x")
+
+
 def print_breakdown(r: dict[str, Any]) -> None:
     print("\n== where envbox open+close time goes (instrumented pass, medians)")
     for k, v in r["phases_median_ms"].items():
@@ -596,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts: dict[str, bool] = {}
     parts: list[tuple[str, bool, Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]]] = [
         ("start_stop", args.skip_start, lambda: bench_start_stop(args.n, args.warmup), print_start_stop),
+        ("paced", args.skip_start, lambda: bench_paced(args.n), print_paced),
         ("breakdown", args.skip_start or args.no_breakdown, lambda: bench_breakdown(args.n),
          print_breakdown),
         ("relay", args.skip_relay, lambda: bench_relay(args.trials, args.trial_seconds, args.rtts),
