@@ -43,9 +43,46 @@ from .spec import HttpProbe, Service
 if TYPE_CHECKING:
     import requests
 
-__all__ = ["Environment", "ServiceHandle", "Stats"]
+__all__ = ["Environment", "Link", "ServiceHandle", "Stats"]
 
 _env_ids = itertools.count(1)
+#: Each environment's private network. Any subnet works (it exists only inside the environment's
+#: own namespaces, never on the host), but a service's configuration may name real addresses;
+#: 198.18.0.0/15 is reserved for benchmarking (RFC 2544): never routed, seldom used by anyone.
+DEFAULT_SUBNET = "198.18.0.0/24"
+
+
+class _Subnet:
+    """An environment's IPv4 subnet: the hub (bridge) takes the first address, services the next."""
+
+    def __init__(self, subnet: str) -> None:
+        import ipaddress
+
+        try:
+            self.network = ipaddress.IPv4Network(subnet, strict=True)
+        except ValueError as e:
+            raise ConfigError(f"subnet {subnet!r} is not an IPv4 network ({e}); "
+                              "write it as an address and a prefix, e.g. '198.18.0.0/24'") from None
+        if self.network.prefixlen > 29:
+            raise ConfigError(f"subnet {subnet!r} is too small: use a /29 or larger, e.g. /24")
+        hosts = self.network.hosts()
+        self.gateway = str(next(hosts))
+        self._free = hosts
+        self.assigned: dict[str, str] = {}
+
+    def address(self, name: str) -> str:
+        """The service's address (the same one for the environment's lifetime)."""
+        if name not in self.assigned:
+            try:
+                self.assigned[name] = str(next(self._free))
+            except StopIteration:
+                raise ConfigError(f"subnet {self.network} has no address left for service "
+                                  f"{name!r}; choose a larger subnet") from None  # fmt: skip
+        return self.assigned[name]
+
+    def wire(self, name: str) -> dict[str, Any]:
+        return {"ip": self.address(name), "prefix": self.network.prefixlen, "gateway": self.gateway}
+
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -157,8 +194,10 @@ class Environment:
         catalog: Catalog | None = None,
         rootdir: str | os.PathLike[str] | None = None,
         workdir: str | os.PathLike[str] | None = None,
+        subnet: str = DEFAULT_SUBNET,
     ) -> None:
         self.catalog = catalog if catalog is not None else Catalog({}, {}, {})
+        self._net = _Subnet(subnet)
         self.rootdir = Path(rootdir if rootdir is not None else os.getcwd()).resolve()
         specs = select(self.catalog, list(services), topology)
         self._levels = start_levels(specs)
@@ -169,6 +208,7 @@ class Environment:
         self.workdir: Path | None = None
         self._handles: dict[str, ServiceHandle] = {}
         self._order: list[str] = []  # start order, for teardown in reverse
+        self._listed: set[str] = set()  # services in the environment's /etc/hosts
         self._sup: SupervisorClient | None = None
         self._closed = False
 
@@ -238,6 +278,7 @@ class Environment:
             self.workdir = Path(tempfile.mkdtemp(prefix="envbox-"))
             self._sup.send("own_dir", path=str(self.workdir), own=True)
         try:
+            self._list_hosts(self._specs.values(), fresh=True)
             self._start_levels(self._levels)
         except BaseException:
             self.close()
@@ -264,9 +305,27 @@ class Environment:
                 self._plans[s.name] = plan_for(s, self.rootdir)
             self._specs[s.name] = s
         wanted = {s.name for s in new}
+        self._list_hosts(new)
         self._start_levels([[s for s in lvl if s.name in wanted] for lvl in levels])
         name = service if isinstance(service, str) else service.name
         return self._handles[name]
+
+    def _list_hosts(self, specs: Iterable[Service], *, fresh: bool = False) -> None:
+        """Add services (name and aliases) to the environment's ``/etc/hosts``, in place.
+
+        One file, bound into every service: appending to it (same inode) is how running services
+        learn of one started later. Programs that cache lookups keep their old answers.
+        """
+        assert self.workdir is not None
+        lines = []
+        if fresh:
+            lines.append("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+        for spec in specs:
+            if spec.name not in self._listed:
+                self._listed.add(spec.name)
+                lines.append(f"{self._net.address(spec.name)}\t{' '.join([spec.name, *spec.aliases])}\n")
+        with open(self.workdir / "hosts", "w" if fresh else "a") as f:
+            f.write("".join(lines))  # one write: a reader sees the old file or the new one
 
     def _start_levels(self, levels: Sequence[Sequence[Service]]) -> None:
         assert self._sup is not None and self.workdir is not None
@@ -320,6 +379,54 @@ class Environment:
             h._forget()
         if owned and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Link:
+    """Faults on one service's network link (``handle.link``), for testing how others cope.
+
+    Applied on the environment's side of the service's veth pair, so they hit its traffic with
+    other services and with the test through a published port alike, and the service cannot undo
+    them. What each affects:
+
+    - ``down()`` / ``up()``: the link itself; nothing reaches the service or leaves it.
+    - ``delay(ms, jitter_ms=0)``: packets *to* the service wait ``ms`` (netem); a round trip
+      through it grows by ``ms``. Needs the kernel's ``sch_netem``; ``HostUnsupported`` otherwise.
+    - ``clear()``: no delay, link up.
+    """
+
+    def __init__(self, handle: ServiceHandle) -> None:
+        self._h = handle
+
+    def __repr__(self) -> str:
+        return f"<Link of {self._h.name!r}>"
+
+    def down(self) -> None:
+        """Cut the service's link: connections to and from it fail until ``up()``."""
+        self._do("down")
+
+    def up(self) -> None:
+        self._do("up")
+
+    def delay(self, ms: float, jitter_ms: float = 0) -> None:
+        """Delay packets to the service by ``ms`` milliseconds (plus or minus ``jitter_ms``)."""
+        for key, v in (("ms", ms), ("jitter_ms", jitter_ms)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"link.delay(): {key} must be a number of milliseconds >= 0, "
+                                 f"not {v!r}")  # fmt: skip
+        self._do("delay", delay_ms=float(ms), jitter_ms=float(jitter_ms))
+
+    def clear(self) -> None:
+        """Remove every fault from the link: no delay, link up."""
+        self._do("clear")
+
+    def _do(self, action: str, **kw: Any) -> None:
+        h = self._h
+        try:
+            h._sup.call("link", slot=h._slot, action=action, **kw)
+        except SupervisorError as e:
+            if "unsupported:" in str(e):
+                raise HostUnsupported(f"service {h.name!r}: " + str(e).split("unsupported:", 1)[1]) from None
+            raise EnvboxError(f"service {h.name!r}: link.{action}() failed: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -380,6 +487,8 @@ class ServiceHandle:
         self._plan = plan
         self._sup = sup
         self._slot = f"{env.id}/{spec.name}"
+        self._net = env._net.wire(spec.name)
+        self._hosts = workdir / "hosts"
         self.log_path = workdir / f"{spec.name}.log"
         self._log_start = 0
         self._ports: dict[int, int] = {}
@@ -414,9 +523,14 @@ class ServiceHandle:
         return None if self.running else self._returncode
 
     @property
-    def ip(self) -> str | None:
-        """The service's address on the environment's private network (None: not yet wired)."""
-        return None
+    def link(self) -> Link:
+        """Faults on the service's network link: ``down()``, ``up()``, ``delay()``, ``clear()``."""
+        return Link(self)
+
+    @property
+    def ip(self) -> str:
+        """The service's address on the environment's private network (it keeps it on restart)."""
+        return str(self._net["ip"])
 
     # --- ports and HTTP -----------------------------------------------------------------------
 
@@ -619,13 +733,14 @@ class ServiceHandle:
         return f"memory limit {format_memory(limit) if limit else 'of a parent cgroup'}"
 
     def _create(self) -> None:
-        """Generate the service's ``/etc`` files and listen for its events."""
-        names = " ".join([self.name, *self.spec.aliases])
-        self._plan.etc_files = {
-            "/etc/hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                          f"127.0.1.1\t{names}\n",
-            "/etc/hostname": self.name + "\n",
-        }  # fmt: skip
+        """Give the service its ``/etc`` files and listen for its events.
+
+        ``/etc/hosts`` is the environment's own file (see :meth:`Environment._list_hosts`), bound
+        read-only: services started later are added to it in place, and every service sees them.
+        """
+        self._plan.etc_files = {"/etc/hostname": self.name + "\n"}
+        self._plan.mounts = [*(m for m in self._plan.mounts if m[1] != "/etc/hosts"),
+                             (str(self._hosts), "/etc/hosts", True)]  # fmt: skip
         self._sup.on_event(self._slot, self._on_event)
 
     def _spawn(self) -> None:
@@ -650,7 +765,7 @@ class ServiceHandle:
             lim = self.spec.limits
             r = self._sup.call("start", slot=self._slot, plan=self._plan.to_dict(),
                                log_path=str(self.log_path), ports=ports,
-                               generation=self._generation,
+                               generation=self._generation, net=self._net,
                                limits={"memory": lim.memory, "cpu": lim.cpu, "pids": lim.pids})  # fmt: skip
         except SupervisorError as e:
             self._exited.set()

@@ -30,9 +30,13 @@ _F_SETPIPE_SZ = 1031
 class Relay:
     """One published port: ``127.0.0.1:host_port`` -> ``port`` on the service's loopback."""
 
-    def __init__(self, netns_fd: int, port: int) -> None:
+    def __init__(self, netns_fd: int, port: int, via: tuple[int, str] | None = None) -> None:
         self.port = port
         self._netns_fd = os.dup(netns_fd)
+        # On an environment's network: connect from its hub to the service's address, so that the
+        # faults on its link apply to the test's traffic too (loopback only when nothing listens
+        # on that address: a service bound to 127.0.0.1).
+        self._via = (os.dup(via[0]), via[1]) if via is not None else None
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -46,9 +50,12 @@ class Relay:
 
     def _accept_loop(self) -> None:
         try:
-            L.setns(self._netns_fd, L.CLONE_NEWNET)  # this thread only
+            L.setns(self._via[0] if self._via else self._netns_fd, L.CLONE_NEWNET)  # this thread only
         finally:
-            os.close(self._netns_fd)
+            if self._via is not None:
+                os.close(self._via[0])
+            else:
+                os.close(self._netns_fd)
         while True:
             try:
                 client, _ = self._listener.accept()
@@ -83,6 +90,22 @@ class Relay:
         pair.pump(client, upstream)
 
     def _connect_upstream(self) -> socket.socket:
+        if self._via is not None:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            with self._lock:  # close() cuts a connect that hangs (its link is down, say)
+                if self._closed:
+                    s.close()
+                    raise OSError("the relay is closed")
+                self._conns.add(s)
+            try:
+                s.connect((self._via[1], self.port))
+                return s
+            except ConnectionRefusedError:
+                self._forget(s)  # nothing on its network address: its loopback, from its namespace
+            except OSError:
+                self._forget(s)
+                raise  # a fault on its link: the test sees it
+            L.setns(self._netns_fd, L.CLONE_NEWNET)  # this connection's thread only
         last: OSError | None = None
         for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             s = socket.socket(family, socket.SOCK_STREAM)
@@ -112,6 +135,9 @@ class Relay:
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
         self._listener.close()
+        if self._via is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._netns_fd)
         for s in conns:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)

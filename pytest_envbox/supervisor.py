@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _linux as L
-from . import cgroups
+from . import cgroups, netlink
 from ._protocol import FrameReader, encode
 from .relay import Relay
 from .sandbox import SandboxPlan, close_fds_except, exec_command, run_spare
@@ -59,6 +59,25 @@ class _Slot:
     #: a pidfd of the service: signals go through it, never to a pid that may have been reused
     main_pidfd: int | None = None
     generation: int = 0
+    #: on its environment's network: its address, and its veth's name and index in the hub
+    ip: str | None = None
+    veth: str | None = None
+    veth_index: int = 0
+
+
+@dataclass
+class _Hub:
+    """An environment's network: a namespace of its own holding the bridge every service is on.
+
+    Nothing of it is in the host's namespace: two environments (two xdist workers) may use the
+    same subnet. Closing ``netns`` (with the services' namespaces gone) frees it all: bridge,
+    veths, addresses. So does the supervisor's death.
+    """
+
+    netns: int
+    nl: netlink.Netlink
+    bridge: int
+    veths: int = 0
 
 
 @dataclass
@@ -100,6 +119,7 @@ class Supervisor:
         self.sel = selectors.DefaultSelector()
         self.reader = FrameReader()
         self.slots: dict[str, _Slot] = {}
+        self.hubs: dict[str, _Hub] = {}  # environment id -> its network
         self.inits: dict[int, str] = {}  # init pid -> slot
         self.pending: dict[int, _Pending] = {}  # sync socket fd -> pending
         self.execs: dict[int, _Exec] = {}  # helper pid -> exec
@@ -269,11 +289,11 @@ class Supervisor:
         return cg, fds
 
     def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
-                 ports: list[int], generation: int,
-                 limits: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
+                 ports: list[int], generation: int, limits: dict[str, Any] | None = None,
+                 net: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
         """Start a service (see :meth:`_start`); a start that fails leaves no cgroup behind."""
         try:
-            self._start(req_id, slot, plan, log_path, ports, generation, limits)
+            self._start(req_id, slot, plan, log_path, ports, generation, limits, net)
         except BaseException:
             s = self.slots.get(slot)
             if s is None or s.init_pid is None:
@@ -282,7 +302,8 @@ class Supervisor:
         return None  # the reply comes when the sandbox says it started (_start_done)
 
     def _start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
-               ports: list[int], generation: int, limits: dict[str, Any] | None) -> None:
+               ports: list[int], generation: int, limits: dict[str, Any] | None,
+               net: dict[str, Any] | None) -> None:  # fmt: skip
         """Start a service in ``slot`` (created on first use, with its published ports).
 
         A new slot takes the spare's own network namespace; a restarted service goes back into its
@@ -309,6 +330,7 @@ class Supervisor:
                     if self.cgroups.usable:
                         self._give_cgroup(slot, spare, pid, limits)
                     new = old is None and slot not in self.slots
+                    wired = self._wire(slot, netns, net) if new and net else None
                     fds = [log_fd] if new else [log_fd, self.slots[slot].netns_fd]
                     socket.send_fds(ctl, [json.dumps(plan).encode()], fds)
                 except (OSError, SpareFailed, ValueError) as e:
@@ -325,15 +347,21 @@ class Supervisor:
                     continue
                 if new:
                     self.slots[slot] = _Slot(netns_fd=netns)
+                    if wired is not None and net is not None:
+                        s_new = self.slots[slot]
+                        s_new.ip = net["ip"]
+                        s_new.veth, s_new.veth_index = wired
                 else:
                     os.close(netns)
                 break
         finally:
             os.close(log_fd)
         s = self.slots[slot]
+        hub = self.hubs.get(_env_of(slot))
         for port in ports:
             if port not in s.relays:
-                s.relays[port] = Relay(s.netns_fd, port)
+                via = (hub.netns, s.ip) if hub is not None and s.ip is not None else None
+                s.relays[port] = Relay(s.netns_fd, port, via=via)
         s.init_pid = pid
         s.main_pid = None
         s.generation = generation
@@ -382,6 +410,45 @@ class Supervisor:
             if ex is not None:
                 ex.error = pend.error
                 ex.command_pid = pend.main_pid
+
+    def _wire(self, slot: str, netns: int, net: dict[str, Any]) -> tuple[str, int]:
+        """Put a new service on its environment's network: a veth pair, ``eth0`` inside with its
+        address (and the subnet's route, no default route: nothing beyond the network), the
+        other end on the environment's bridge. Four netlink requests (see netlink.py)."""
+        hub = self._hub(_env_of(slot), net)
+        hub.veths += 1
+        name = f"v{hub.veths}"
+        hub.nl.add_veth(name, "eth0", netns, master=hub.bridge)
+        index = hub.nl.index(name)
+        hub.nl.set_up(index)
+        with netlink.open_in(netns, self.own_netns) as nl:
+            eth0 = nl.index("eth0")
+            nl.add_address(eth0, net["ip"], int(net["prefix"]))
+            nl.set_up(eth0)
+        return name, index
+
+    def _hub(self, env: str, net: dict[str, Any]) -> _Hub:
+        hub = self.hubs.get(env)
+        if hub is None:
+            fd = netlink.new_netns(self.own_netns)
+            try:
+                nl = netlink.open_in(fd, self.own_netns)
+                nl.add_bridge("br0")
+                bridge = nl.index("br0")
+                # The hub's own address: published ports reach services from here.
+                nl.add_address(bridge, net["gateway"], int(net["prefix"]))
+                nl.set_up(bridge)
+            except BaseException:
+                os.close(fd)
+                raise
+            hub = self.hubs[env] = _Hub(fd, nl, bridge)
+        return hub
+
+    def _drop_hub(self, env: str) -> None:
+        hub = self.hubs.pop(env, None)
+        if hub is not None:
+            hub.nl.close()
+            os.close(hub.netns)
 
     def _give_cgroup(self, slot: str, spare: _Spare, pid: int, limits: dict[str, Any] | None) -> None:
         """The service's cgroup for this run: the spare's own, with the limits in place before
@@ -453,7 +520,10 @@ class Supervisor:
         socks: list[tuple[socket.socket, str]] = []
         L.setns(s.netns_fd, L.CLONE_NEWNET)
         try:
-            for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            addrs = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+            if s.ip is not None:  # a service may listen on its network address only
+                addrs.append((socket.AF_INET, s.ip))
+            for family, addr in addrs:
                 with contextlib.suppress(OSError):  # no IPv6 on this host: IPv4 only
                     socks.append((socket.socket(family, socket.SOCK_STREAM), addr))
         finally:
@@ -555,8 +625,43 @@ class Supervisor:
             if s is not None:
                 self._release(s)
             self.cgroups.release(slot)
+        for env in {_env_of(slot) for slot in slots}:
+            if not any(_env_of(other) == env for other in self.slots):
+                self._drop_hub(env)  # its last service is gone: so is its network
         if disown is not None:
             self.dirs.discard(disown)
+        return {}
+
+    def op_link(self, req_id: int, slot: str, action: str, delay_ms: float = 0.0,
+                jitter_ms: float = 0.0) -> dict[str, Any]:  # fmt: skip
+        """A fault on the service's link, applied on the hub's end of its veth pair.
+
+        ``down``/``up``: the link state (the service's ``eth0`` loses its carrier). ``delay``:
+        netem on the hub's end, so packets *to* the service wait (a round trip grows by the
+        delay). ``clear``: no delay, link up. The service, without CAP_NET_ADMIN, can undo none.
+        """
+        s = self.slots.get(slot)
+        hub = self.hubs.get(_env_of(slot))
+        if s is None or hub is None or s.veth is None:
+            raise ValueError("the service is not on a network (it has not been started)")
+        if action in ("down", "up"):
+            hub.nl.set_up(s.veth_index, action == "up")
+        elif action == "delay":
+            try:
+                hub.nl.netem(s.veth_index, delay_ms, jitter_ms)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    raise ValueError(
+                        "unsupported:link.delay() needs the kernel's netem queueing discipline "
+                        "(sch_netem), which this kernel does not have: load it with `modprobe "
+                        "sch_netem` (Debian and Ubuntu ship it in linux-modules-extra or the "
+                        "stock kernel), or use a kernel built with CONFIG_NET_SCH_NETEM") from None
+                raise
+        elif action == "clear":
+            hub.nl.clear_qdisc(s.veth_index)
+            hub.nl.set_up(s.veth_index, True)
+        else:
+            raise ValueError(f"unknown link action {action!r}")
         return {}
 
     def _thaw(self, slot: str) -> None:
@@ -679,6 +784,8 @@ class Supervisor:
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.dirs.clear()
+        for env in list(self.hubs):
+            self._drop_hub(env)
         with contextlib.suppress(Exception):
             self.cgroups.remove()
 
@@ -692,6 +799,11 @@ class _Spare:
 
     ctl: socket.socket
     cgroup: cgroups.ServiceCgroup | None
+
+
+def _env_of(slot: str) -> str:
+    """A slot is ``<environment id>/<service>``."""
+    return slot.split("/", 1)[0]
 
 
 class SpareFailed(Exception):

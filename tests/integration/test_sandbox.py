@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,8 +120,16 @@ def test_no_new_privileges_and_no_cap_sys_admin(views: dict[str, dict]) -> None:
 
 def test_no_route_out_and_host_loopback_unreachable(views: dict[str, dict]) -> None:  # type: ignore[type-arg]
     v = views["inspect"]
-    assert v["routes"] == []
-    assert v["routes6"] == []
+    # IPv4: the environment's subnet on eth0, nothing else (no default route, no way beyond).
+    routes = set()
+    for line in v["routes"]:
+        iface, dest, _gw, _flags, _r, _u, _m, mask = line.split()[:8]
+        addr = [socket.inet_ntoa(struct.pack("<I", int(x, 16))) for x in (dest, mask)]
+        routes.add((iface, *addr))
+    assert routes == {("eth0", "198.18.0.0", "255.255.255.0")}
+    # IPv6: link-local and multicast on eth0 only; no default route (::/0).
+    assert not [r for r in v["routes6"] if r.split()[0] == "0" * 32 and r.split()[1] == "00"]
+    assert all(r.split()[0].startswith(("fe80", "ff")) for r in v["routes6"]), v["routes6"]
     assert v["host_loopback"] == "ECONNREFUSED"
 
 

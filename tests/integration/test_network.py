@@ -1,0 +1,188 @@
+"""Each environment's private network: names, addresses, isolation, published ports, link faults.
+
+Traffic stays inside namespaces these tests create (and 127.0.0.1): services talk over their
+environment's bridge; nothing is sent anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import requests
+
+from pytest_envbox import Environment, HostUnsupported, Service, probe
+from pytest_envbox._wait import Deadline, wait_until
+
+PY = sys.executable
+
+# Answers every GET with $MARK; listens on $BIND (default: every address).
+SERVER = """
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = os.environ["MARK"].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer((os.environ.get("BIND", "0.0.0.0"), 8000), H).serve_forever()
+"""
+
+# Run inside a client: fetch a URL, print the body, or "failed: <why>" (exit 1).
+FETCH = """
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode())
+except Exception as e:
+    print("failed:", type(e).__name__, e)
+    sys.exit(1)
+"""
+
+RESOLVE = "import socket, sys; print(' '.join(socket.gethostbyname(n) for n in sys.argv[1:]))"
+
+
+def web(mark: str = "web", **kw: object) -> Service:
+    env = {"MARK": mark, **kw.pop("env", {})}  # type: ignore[dict-item]
+    return Service("web", [PY, "-c", SERVER], ports=[8000], ready=probe.tcp(8000), env=env, **kw)  # type: ignore[arg-type]
+
+
+def client(**kw: object) -> Service:
+    return Service("client", ["sleep", "1000"], **kw)  # type: ignore[arg-type]
+
+
+def fetch(env: Environment, url: str, timeout: float = 5.0) -> str:
+    r = env["client"].exec([PY, "-c", FETCH, url, str(timeout)], timeout=timeout + 30)
+    return r.stdout.strip()
+
+
+def test_services_reach_each_other_by_name_and_alias() -> None:
+    with Environment([web(aliases=["www", "shop-web"]), client(depends_on=["web"])]) as env:
+        assert env["web"].ip != env["client"].ip
+        resolved = env["client"].exec([PY, "-c", RESOLVE, "web", "www", "shop-web", "client"]).stdout.split()
+        assert resolved == [env["web"].ip] * 3 + [env["client"].ip]
+        assert fetch(env, "http://web:8000/") == "web"
+        assert fetch(env, "http://shop-web:8000/") == "web"
+        # The service's own view: its address on eth0, and only the subnet's route.
+        addrs = env["client"].exec(["cat", "/proc/net/fib_trie"]).stdout
+        assert env["client"].ip in addrs
+
+
+def test_two_environments_with_the_same_names_and_subnet_cannot_reach_each_other() -> None:
+    one = Environment([web("one"), client(), Service("extra", ["sleep", "1000"])])
+    two = Environment([web("two"), client()])
+    with one, two:
+        assert one["web"].ip == two["web"].ip  # the same subnet, the same addresses
+        assert fetch(one, "http://web:8000/") == "one"
+        assert fetch(two, "http://web:8000/") == "two"
+        # An address that exists only in `one` is unreachable from `two`.
+        extra = one["extra"].ip
+        assert extra not in {two["web"].ip, two["client"].ip}
+        out = fetch(two, f"http://{extra}:8000/", timeout=1.0)
+        assert out.startswith("failed:"), out
+        # And the published ports of each reach its own.
+        assert one["web"].http.get("/").text == "one"
+        assert two["web"].http.get("/").text == "two"
+
+
+def test_hosts_file_of_a_running_service_gains_a_service_started_later() -> None:
+    with Environment([client()]) as env:
+        assert "later" not in env["client"].exec(["cat", "/etc/hosts"]).stdout
+        later = Service("later", [PY, "-c", SERVER], ports=[8000], ready=probe.tcp(8000),
+                        env={"MARK": "later"}, aliases=["late"])  # fmt: skip
+        env.start(later)
+        hosts = env["client"].exec(["cat", "/etc/hosts"]).stdout
+        assert f"{env['later'].ip}\tlater late" in hosts
+        assert fetch(env, "http://late:8000/") == "later"
+
+
+def test_a_published_port_reaches_a_service_listening_on_its_network_address_only() -> None:
+    # BIND=web: it resolves its own name (via /etc/hosts) and listens there, not on loopback.
+    with Environment([web("bound", env={"BIND": "web"})]) as env:
+        listening = env["web"].exec(["cat", "/proc/net/tcp"]).stdout
+        assert "0100007F:1F40" not in listening  # not on 127.0.0.1:8000
+        assert env["web"].http.get("/", timeout=5).text == "bound"
+
+
+def test_link_down_cuts_the_service_off_and_up_restores_it() -> None:
+    with Environment([web(), client(depends_on=["web"])]) as env:
+        assert fetch(env, "http://web:8000/") == "web"
+        env["web"].link.down()
+        assert fetch(env, "http://web:8000/", timeout=1.0).startswith("failed:")
+        with pytest.raises(requests.RequestException):
+            env["web"].http.get("/", timeout=1.0)  # the published port goes over the link too
+        env["web"].link.up()
+        got = wait_until(lambda: fetch(env, "http://web:8000/", timeout=1.0) == "web" or None,
+                         Deadline(10))  # fmt: skip
+        assert got
+        env["web"].link.down()
+        env["web"].link.clear()  # clear() brings it up too
+        assert env["web"].http.get("/", timeout=5).text == "web"
+
+
+TIMER = """
+import socket, sys, time
+best = []
+for _ in range(5):
+    t = time.perf_counter()
+    socket.create_connection((sys.argv[1], 8000), timeout=10).close()
+    best.append(time.perf_counter() - t)
+print(min(best) * 1000)
+"""
+
+
+def test_link_delay_raises_the_round_trip_and_clear_removes_it() -> None:
+    with Environment([web(), client(depends_on=["web"])]) as env:
+        def rtt_ms() -> float:
+            return float(env["client"].exec([PY, "-c", TIMER, "web"]).stdout)
+
+        base = rtt_ms()
+        try:
+            env["web"].link.delay(200)
+        except HostUnsupported as e:
+            assert "service 'web': link.delay() needs the kernel's netem" in str(e)
+            assert "modprobe sch_netem" in str(e)
+            pytest.skip("this kernel has no netem qdisc (sch_netem): link.delay() is unsupported here")
+        delayed = rtt_ms()
+        assert 150 <= delayed - base <= 400, (base, delayed)
+        env["web"].link.clear()
+        assert rtt_ms() < base + 50
+
+
+def _net_namespaces(pid: int) -> set[str]:
+    """The network namespaces a process holds open (by fd) or has a thread in."""
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found.add(os.readlink(f"/proc/{pid}/task/{tid}/ns/net"))
+        except OSError:
+            continue
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("net:["):
+            found.add(target)
+    return found
+
+
+def test_teardown_leaves_no_network_namespace_or_link() -> None:
+    from pytest_envbox._client import get_supervisor
+
+    sup = get_supervisor()
+    with Environment([client()]):
+        pass  # the supervisor is up, with a spare prepared
+    before_ns = _net_namespaces(sup.pid)
+    before_links = sorted(os.listdir("/sys/class/net"))
+    for i in range(10):
+        with Environment([web(), client(aliases=[f"c{i}"])]) as env:
+            assert len(_net_namespaces(sup.pid)) > len(before_ns)  # its hub and services
+            assert env["web"].http.get("/").text == "web"
+    # Relay threads end as their connections close: wait for that, then compare.
+    assert wait_until(lambda: _net_namespaces(sup.pid) == before_ns or None, Deadline(5)), (
+        before_ns, _net_namespaces(sup.pid))
+    assert sorted(os.listdir("/sys/class/net")) == before_links  # nothing on the host, ever
