@@ -43,7 +43,7 @@ from .spec import HttpProbe, Service
 if TYPE_CHECKING:
     import requests
 
-__all__ = ["Environment", "Link", "ServiceHandle", "Stats"]
+__all__ = ["Environment", "Link", "Network", "ServiceHandle", "Stats"]
 
 _env_ids = itertools.count(1)
 #: Each environment's private network. Any subnet works (it exists only inside the environment's
@@ -209,6 +209,7 @@ class Environment:
         self._handles: dict[str, ServiceHandle] = {}
         self._order: list[str] = []  # start order, for teardown in reverse
         self._listed: set[str] = set()  # services in the environment's /etc/hosts
+        self.network = Network(self)
         self._sup: SupervisorClient | None = None
         self._closed = False
 
@@ -381,6 +382,65 @@ class Environment:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+class Network:
+    """An environment's private network (``env.network``): partitions between groups of services.
+
+    ``partition(["api"], ["cache", "db"])`` drops every packet between a service of the first
+    group and one of the second, both ways, until ``heal()``; other traffic, and the test's own
+    through published ports, is untouched. Partitions add up: each call cuts more pairs.
+    """
+
+    def __init__(self, env: Environment) -> None:
+        self._env = env
+
+    def __repr__(self) -> str:
+        return f"<Network of {self._env.id}: {self._env._net.network}>"
+
+    @property
+    def subnet(self) -> str:
+        return str(self._env._net.network)
+
+    def partition(self, group_a: Iterable[str | ServiceHandle],
+                  group_b: Iterable[str | ServiceHandle]) -> None:  # fmt: skip
+        """Cut all traffic between the services of ``group_a`` and those of ``group_b``."""
+        a, b = self._names(group_a), self._names(group_b)
+        both = set(a) & set(b)
+        if both:
+            raise ValueError(f"network.partition(): {sorted(both)} in both groups; a service "
+                             "cannot be cut off from itself")  # fmt: skip
+        self._call("partition", a=a, b=b)
+
+    def heal(self) -> None:
+        """Undo every partition."""
+        self._call("heal")
+
+    def _names(self, group: Iterable[str | ServiceHandle]) -> list[str]:
+        if isinstance(group, str):
+            group = [group]  # one name, not its letters
+        names = [g.name if isinstance(g, ServiceHandle) else g for g in group]
+        for n in names:
+            if n not in self._env._handles:
+                known = ", ".join(sorted(self._env._handles)) or "none"
+                raise KeyError(f"network.partition(): no service {n!r} in this environment; it "
+                               f"has: {known}")  # fmt: skip
+        if not names:
+            raise ValueError("network.partition(): each group needs at least one service")
+        return names
+
+    def _call(self, op: str, **kw: Any) -> None:
+        sup = self._env._sup
+        if sup is None:
+            if op == "heal":
+                return
+            raise EnvboxError("network.partition(): the environment is not open")
+        try:
+            sup.call(op, env=self._env.id, **kw)
+        except SupervisorError as e:
+            if "unsupported:" in str(e):
+                raise HostUnsupported(str(e).split("unsupported:", 1)[1]) from None
+            raise EnvboxError(f"network.{op}() failed: {e}") from None
+
+
 class Link:
     """Faults on one service's network link (``handle.link``), for testing how others cope.
 
@@ -391,7 +451,9 @@ class Link:
     - ``down()`` / ``up()``: the link itself; nothing reaches the service or leaves it.
     - ``delay(ms, jitter_ms=0)``: packets *to* the service wait ``ms`` (netem); a round trip
       through it grows by ``ms``. Needs the kernel's ``sch_netem``; ``HostUnsupported`` otherwise.
-    - ``clear()``: no delay, link up.
+    - ``loss(percent)``: that share of packets is dropped at random, in each direction on its
+      own (a drop rule on the environment's bridge, nf_tables).
+    - ``clear()``: no delay, no loss, link up.
     """
 
     def __init__(self, handle: ServiceHandle) -> None:
@@ -415,8 +477,17 @@ class Link:
                                  f"not {v!r}")  # fmt: skip
         self._do("delay", delay_ms=float(ms), jitter_ms=float(jitter_ms))
 
+    def loss(self, percent: float) -> None:
+        """Drop ``percent`` % of the packets crossing the link, each way, at random.
+
+        ``loss(100)`` drops everything (connections fail, the link stays up); ``loss(0)`` none.
+        """
+        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
+            raise ValueError(f"link.loss(): percent must be a number from 0 to 100, not {percent!r}")
+        self._do("loss", percent=round(percent))
+
     def clear(self) -> None:
-        """Remove every fault from the link: no delay, link up."""
+        """Remove every fault from the link: no delay, no loss, link up."""
         self._do("clear")
 
     def _do(self, action: str, **kw: Any) -> None:
@@ -524,7 +595,8 @@ class ServiceHandle:
 
     @property
     def link(self) -> Link:
-        """Faults on the service's network link: ``down()``, ``up()``, ``delay()``, ``clear()``."""
+        """Faults on the service's network link: ``down()``, ``up()``, ``delay()``, ``loss()``,
+        ``clear()`` (see :class:`Link`)."""
         return Link(self)
 
     @property

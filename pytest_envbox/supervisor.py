@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _linux as L
-from . import cgroups, netlink
+from . import cgroups, netlink, nftables
 from ._protocol import FrameReader, encode
 from .relay import Relay
 from .sandbox import SandboxPlan, close_fds_except, exec_command, run_spare
@@ -78,6 +78,9 @@ class _Hub:
     nl: netlink.Netlink
     bridge: int
     veths: int = 0
+    #: faults made of drop rules (nftables.py): veth -> percent lost; partitions between groups
+    loss: dict[str, int] = field(default_factory=dict)
+    partitions: list[tuple[list[str], list[str]]] = field(default_factory=list)
 
 
 @dataclass
@@ -633,12 +636,13 @@ class Supervisor:
         return {}
 
     def op_link(self, req_id: int, slot: str, action: str, delay_ms: float = 0.0,
-                jitter_ms: float = 0.0) -> dict[str, Any]:  # fmt: skip
+                jitter_ms: float = 0.0, percent: int = 0) -> dict[str, Any]:  # fmt: skip
         """A fault on the service's link, applied on the hub's end of its veth pair.
 
         ``down``/``up``: the link state (the service's ``eth0`` loses its carrier). ``delay``:
         netem on the hub's end, so packets *to* the service wait (a round trip grows by the
-        delay). ``clear``: no delay, link up. The service, without CAP_NET_ADMIN, can undo none.
+        delay). ``loss``: a drop rule on the bridge for that share of packets, each way.
+        ``clear``: none of these, link up. The service, without CAP_NET_ADMIN, can undo none.
         """
         s = self.slots.get(slot)
         hub = self.hubs.get(_env_of(slot))
@@ -657,12 +661,67 @@ class Supervisor:
                         "sch_netem` (Debian and Ubuntu ship it in linux-modules-extra or the "
                         "stock kernel), or use a kernel built with CONFIG_NET_SCH_NETEM") from None
                 raise
+        elif action == "loss":
+            if percent:
+                hub.loss[s.veth] = percent
+            else:
+                hub.loss.pop(s.veth, None)
+            self._apply_faults(hub)
         elif action == "clear":
             hub.nl.clear_qdisc(s.veth_index)
             hub.nl.set_up(s.veth_index, True)
+            if hub.loss.pop(s.veth, None) is not None:
+                self._apply_faults(hub)
         else:
             raise ValueError(f"unknown link action {action!r}")
         return {}
+
+    def op_partition(self, req_id: int, env: str, a: list[str], b: list[str]) -> dict[str, Any]:
+        """Drop all traffic between the services of group ``a`` and those of group ``b``."""
+        hub = self.hubs.get(env)
+        if hub is None:
+            raise ValueError("the environment has no network yet (no service was started)")
+        veths = []
+        for group in (a, b):
+            names = []
+            for name in group:
+                s = self.slots.get(f"{env}/{name}")
+                if s is None or s.veth is None:
+                    raise ValueError(f"service {name!r} is not on the network (never started)")
+                names.append(s.veth)
+            veths.append(names)
+        hub.partitions.append((veths[0], veths[1]))
+        self._apply_faults(hub)
+        return {}
+
+    def op_heal(self, req_id: int, env: str) -> dict[str, Any]:
+        hub = self.hubs.get(env)
+        if hub is not None and hub.partitions:
+            hub.partitions.clear()
+            self._apply_faults(hub)
+        return {}
+
+    def _apply_faults(self, hub: _Hub) -> None:
+        """Replace the hub's drop rules with what its faults say now (one atomic batch)."""
+        drops = []
+        for veth, percent in sorted(hub.loss.items()):
+            drops += [nftables.Drop(iif=veth, percent=percent), nftables.Drop(oif=veth, percent=percent)]
+        for group_a, group_b in hub.partitions:
+            for x in group_a:
+                for y in group_b:
+                    drops += [nftables.Drop(iif=x, oif=y), nftables.Drop(iif=y, oif=x)]
+        try:
+            with netlink.inside(hub.netns, self.own_netns):
+                nftables.replace_table("envbox", drops)
+        except OSError as e:
+            if e.errno in (errno.EPROTONOSUPPORT, errno.ENOENT, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
+                raise ValueError(
+                    "unsupported:link.loss() and network.partition() need nf_tables with its "
+                    "bridge family and numgen (CONFIG_NF_TABLES, CONFIG_NF_TABLES_BRIDGE, "
+                    f"CONFIG_NFT_NUMGEN; the kernel said: {e.strerror}): load them with "
+                    "`modprobe nf_tables nft_numgen nf_tables_bridge`, or use a kernel that "
+                    "has them (every major distribution's does)") from None
+            raise
 
     def _thaw(self, slot: str) -> None:
         """Resume a paused service: a frozen process cannot act on a signal (on cgroup v1 it

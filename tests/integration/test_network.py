@@ -54,8 +54,8 @@ def client(**kw: object) -> Service:
     return Service("client", ["sleep", "1000"], **kw)  # type: ignore[arg-type]
 
 
-def fetch(env: Environment, url: str, timeout: float = 5.0) -> str:
-    r = env["client"].exec([PY, "-c", FETCH, url, str(timeout)], timeout=timeout + 30)
+def fetch(env: Environment, url: str, timeout: float = 5.0, src: str = "client") -> str:
+    r = env[src].exec([PY, "-c", FETCH, url, str(timeout)], timeout=timeout + 30)
     return r.stdout.strip()
 
 
@@ -186,3 +186,81 @@ def test_teardown_leaves_no_network_namespace_or_link() -> None:
     assert wait_until(lambda: _net_namespaces(sup.pid) == before_ns or None, Deadline(5)), (
         before_ns, _net_namespaces(sup.pid))
     assert sorted(os.listdir("/sys/class/net")) == before_links  # nothing on the host, ever
+
+
+def test_loss_100_fails_connections_and_clear_restores_them() -> None:
+    with Environment([web(), client(depends_on=["web"])]) as env:
+        env["web"].link.loss(100)
+        assert fetch(env, "http://web:8000/", timeout=1.0).startswith("failed:")
+        env["web"].link.clear()
+        assert fetch(env, "http://web:8000/") == "web"
+        env["web"].link.loss(100)
+        env["web"].link.loss(0)  # loss(0) removes it too
+        assert fetch(env, "http://web:8000/") == "web"
+
+
+# Counts datagrams on UDP 9999 into /tmp/count; "FIN" writes the final count to /tmp/done.
+SINK = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+s.bind(("0.0.0.0", 9999))
+print("listening", flush=True)
+n = 0
+while True:
+    data = s.recv(2048)
+    if data == b"FIN":
+        open("/tmp/done", "w").write(str(n))
+    else:
+        n += 1
+"""
+
+SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[2])):
+    s.sendto(sys.argv[3].encode(), (sys.argv[1], 9999))
+"""
+
+
+def test_loss_30_drops_about_30_percent_of_1000_datagrams() -> None:
+    sink = Service("sink", [PY, "-c", SINK], ready=probe.log("listening"))
+    with Environment([sink, client(depends_on=["sink"])]) as env:
+        env["sink"].link.loss(30)
+        env["client"].exec([PY, "-c", SEND, "sink", "1000", "x"])
+        env["sink"].link.clear()
+        # Datagrams on a link keep their order: once a FIN (sent with no loss) has arrived,
+        # every earlier datagram has arrived or was dropped.
+        def done() -> str | None:
+            env["client"].exec([PY, "-c", SEND, "sink", "1", "FIN"])
+            r = env["sink"].exec(["cat", "/tmp/done"])
+            return r.stdout.strip() or None
+
+        received = int(wait_until(done, Deadline(10)) or -1)
+        assert 600 <= received <= 800, f"{1000 - received} of 1000 datagrams lost with loss(30)"
+
+
+def test_partition_cuts_exactly_the_named_pairs_and_heal_restores_them() -> None:
+    services = [Service(n, [PY, "-c", SERVER], ports=[8000], ready=probe.tcp(8000), env={"MARK": n})
+                for n in ("a", "b", "c")]  # fmt: skip
+    with Environment(services) as env:
+        def reach(src: str, dst: str) -> bool:
+            return fetch(env, f"http://{dst}:8000/", timeout=1.0, src=src) == dst
+
+        def recovers(src: str, dst: str) -> bool:
+            """After heal(): a neighbour (ARP) entry that failed meanwhile takes a moment."""
+            return wait_until(lambda: reach(src, dst) or None, Deadline(10)) is True
+
+        env.network.partition(["a"], ["b", "c"])
+        assert not reach("a", "b") and not reach("b", "a")
+        assert not reach("a", "c") and not reach("c", "a")
+        assert reach("b", "c") and reach("c", "b")  # not named together: untouched
+        assert env["a"].http.get("/", timeout=5).text == "a"  # the test's own traffic too
+        env.network.heal()
+        assert recovers("a", "b") and recovers("b", "a") and recovers("c", "a")
+        env.network.partition(["b"], ["c"])
+        assert not reach("b", "c") and reach("a", "b") and reach("a", "c")
+        env.network.heal()
+        assert recovers("b", "c")
+        with pytest.raises(KeyError, match="no service 'nope'"):
+            env.network.partition(["a"], ["nope"])

@@ -1,0 +1,179 @@
+"""nf_tables over netlink, just enough for an environment's network faults: drop rules on a bridge.
+
+Hand-written on purpose: the ``nft`` command is not installed on minimal hosts and containers (it
+is not on this project's own CI machine) although every current kernel has nf_tables, and
+pyroute2's nftables support covers little of it (and costs ~300 ms to import). What is needed
+is small: one table in the ``bridge`` family of an environment's own hub namespace, replaced as
+a whole, atomically, in one netlink batch, whenever the faults change. Its rules match a bridge
+port by name (``iifname``/``oifname``), optionally a random share of packets (``numgen``), and
+drop. The messages are stable kernel ABI (``linux/netfilter/nf_tables.h``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE = 0, 2, 3, 6
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
+NLMSG_ERROR = 2
+NLA_F_NESTED = 0x8000
+NFPROTO_BRIDGE = 7
+# bridge hooks: traffic between two ports, from the hub's own stack out to a port, and in
+NF_BR_LOCAL_IN, NF_BR_FORWARD, NF_BR_LOCAL_OUT = 1, 2, 3
+NF_DROP, NF_ACCEPT = 0, 1
+
+_NLMSG = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("=BBH")  # family, version, res_id (big-endian)
+
+
+def _attr(kind: int, data: bytes) -> bytes:
+    n = 4 + len(data)
+    return struct.pack("=HH", n, kind) + data + b"\0" * (-n % 4)
+
+
+def _nest(kind: int, *attrs: bytes) -> bytes:
+    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+
+
+def _str(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+def _be32(v: int) -> bytes:
+    return struct.pack(">I", v & 0xFFFFFFFF)
+
+
+def _expr(name: str, *attrs: bytes) -> bytes:
+    return _nest(1, _attr(1, _str(name)), _nest(2, *attrs))  # NFTA_LIST_ELEM{NAME, DATA}
+
+
+REG1 = 1  # NFT_REG_1: a 16-byte register (an interface name fits)
+
+
+def _ifname(hook_key: int, name: str) -> list[bytes]:
+    """meta iifname/oifname == name (the kernel compares all 16 bytes, zero-padded)."""
+    value = name.encode().ljust(16, b"\0")
+    return [
+        _expr("meta", _attr(1, _be32(REG1)), _attr(2, _be32(hook_key))),  # DREG, KEY
+        _expr("cmp", _attr(1, _be32(REG1)), _attr(2, _be32(0)),  # SREG, OP eq
+              _nest(3, _attr(1, value))),  # DATA{VALUE}
+    ]
+
+
+META_IIFNAME, META_OIFNAME = 6, 7
+
+
+def _random_below(percent: int) -> list[bytes]:
+    """A random ``percent`` of packets: numgen random mod 100 < percent.
+
+    numgen writes a host-order u32 and cmp compares bytes, so it is turned big-endian first (as
+    nft itself does).
+    """
+    return [
+        _expr("numgen", _attr(1, _be32(REG1)), _attr(2, _be32(100)), _attr(3, _be32(1))),
+        _expr("byteorder", _attr(1, _be32(REG1)), _attr(2, _be32(REG1)), _attr(3, _be32(1)),
+              _attr(4, _be32(4)), _attr(5, _be32(4))),  # SREG, DREG, OP hton, LEN, SIZE
+        _expr("cmp", _attr(1, _be32(REG1)), _attr(2, _be32(2)),  # OP lt
+              _nest(3, _attr(1, struct.pack(">I", percent)))),
+    ]
+
+
+def _drop() -> bytes:
+    return _expr("immediate", _attr(1, _be32(0)),  # DREG verdict
+                 _nest(2, _nest(2, _attr(1, _be32(NF_DROP)))))  # DATA{VERDICT{CODE}}
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Drop packets in from port ``iif`` and/or out to port ``oif``: all of them, or ``percent``."""
+
+    iif: str | None = None
+    oif: str | None = None
+    percent: int = 100
+
+
+class Batch:
+    """One atomic nf_tables transaction over a ``NETLINK_NETFILTER`` socket."""
+
+    def __init__(self) -> None:
+        self.msgs: list[bytes] = []
+        self.seq = 0
+
+    def add(self, msg_type: int, family: int, flags: int, *attrs: bytes) -> None:
+        self.seq += 1
+        body = _NFGEN.pack(family, 0, 0) + b"".join(attrs)
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
+        self.msgs.append(_NLMSG.pack(_NLMSG.size + len(body), kind,
+                                     NLM_F_REQUEST | NLM_F_ACK | flags, self.seq, 0) + body)  # fmt: skip
+
+    def send(self, sock: socket.socket) -> None:
+        begin = _NLMSG.pack(_NLMSG.size + 4, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, 0) + \
+            _NFGEN.pack(0, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
+        end = _NLMSG.pack(_NLMSG.size + 4, NFNL_MSG_BATCH_END, NLM_F_REQUEST, self.seq + 1, 0) + \
+            _NFGEN.pack(0, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
+        sock.send(begin + b"".join(self.msgs) + end)
+        pending = set(range(1, self.seq + 1))
+        error: OSError | None = None
+        while pending:
+            data = sock.recv(65536)
+            off = 0
+            while off + _NLMSG.size <= len(data):
+                length, mtype, _flags, seq, _pid = _NLMSG.unpack_from(data, off)
+                payload = data[off + _NLMSG.size: off + length]
+                off += (length + 3) & ~3
+                if mtype == NLMSG_ERROR:
+                    pending.discard(seq)
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code and error is None:
+                        error = OSError(code, f"nf_tables (message {seq}): {os.strerror(code)}")
+                        pending.clear()  # the kernel aborted the batch: no more acks
+        if error is not None:
+            raise error
+
+
+def replace_table(name: str, drops: Sequence[Drop]) -> None:
+    """Make bridge table ``name`` hold exactly ``drops``, atomically, in this thread's netns.
+
+    The table has the three bridge hooks a hub's traffic crosses: forward (service to service),
+    output (the hub's own sockets, i.e. published ports, to a service) and input (back).
+    """
+    b = Batch()
+    table = _attr(1, _str(name))  # NFTA_TABLE_NAME
+    # add-then-delete makes the delete succeed whether or not the table existed.
+    b.add(NFT_MSG_NEWTABLE, NFPROTO_BRIDGE, NLM_F_CREATE, table)
+    b.add(NFT_MSG_DELTABLE, NFPROTO_BRIDGE, 0, table)
+    if drops:
+        b.add(NFT_MSG_NEWTABLE, NFPROTO_BRIDGE, NLM_F_CREATE, table)
+        chains = {"in": NF_BR_LOCAL_IN, "fwd": NF_BR_FORWARD, "out": NF_BR_LOCAL_OUT}
+        for chain, hook in chains.items():
+            b.add(NFT_MSG_NEWCHAIN, NFPROTO_BRIDGE, NLM_F_CREATE,
+                  _attr(1, _str(name)), _attr(3, _str(chain)),  # TABLE, NAME
+                  _nest(4, _attr(1, _be32(hook)), _attr(2, _be32(0))),  # HOOK{NUM, PRIORITY}
+                  _attr(5, _be32(NF_ACCEPT)), _attr(7, _str("filter")))  # POLICY, TYPE
+        for d in drops:
+            exprs: list[bytes] = []
+            if d.iif is not None:
+                exprs += _ifname(META_IIFNAME, d.iif)
+            if d.oif is not None:
+                exprs += _ifname(META_OIFNAME, d.oif)
+            if d.percent < 100:
+                exprs += _random_below(d.percent)
+            exprs.append(_drop())
+            # A rule with an input port cannot match in "out", one with an output port not in "in".
+            for chain in chains:
+                if (chain == "out" and d.iif is not None) or (chain == "in" and d.oif is not None):
+                    continue
+                b.add(NFT_MSG_NEWRULE, NFPROTO_BRIDGE, NLM_F_CREATE | NLM_F_APPEND,
+                      _attr(1, _str(name)), _attr(2, _str(chain)),  # TABLE, CHAIN
+                      _nest(4, *exprs))  # EXPRESSIONS
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_NETFILTER) as sock:  # fmt: skip
+        sock.bind((0, 0))
+        b.send(sock)
