@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
-from .spec import Service, check_name, service_from_mapping
+from .spec import Service, check_name, parse_subnet, service_from_mapping
 
 __all__ = ["Catalog", "load_project_config", "merge_services", "select", "start_levels"]
 
-_TOP_LEVEL_KEYS = ("services", "topologies")
+_TOP_LEVEL_KEYS = ("services", "topologies", "subnet")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Catalog:
     services: Mapping[str, Service] = field(default_factory=dict)
     topologies: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     origins: Mapping[str, str] = field(default_factory=dict)
+    #: every environment's private network (``subnet = "198.18.0.0/24"``); None: the default
+    subnet: str | None = None
 
     def names(self) -> list[str]:
         """The service names, sorted: the list shown when a name is unknown."""
@@ -91,7 +93,7 @@ def load_project_config(rootdir: Path) -> Catalog:
         return Catalog()
     where = f"{file} [{prefix.rstrip('.')}]" if prefix else file
     if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table with 'services' and 'topologies'")
+        raise ConfigError(f"{where} must be a table with 'services', 'topologies' and 'subnet'")
     for key in table:
         if key not in _TOP_LEVEL_KEYS:
             raise ConfigError(f"{_unknown(key, _TOP_LEVEL_KEYS)} (in {where})", key=prefix + key)
@@ -113,7 +115,13 @@ def load_project_config(rootdir: Path) -> Catalog:
         origins[name] = origin
 
     topologies = _load_topologies(table.get("topologies", {}), services, file, prefix)
-    return Catalog(services, topologies, origins)
+    subnet = None
+    if "subnet" in table:
+        try:
+            subnet = parse_subnet(table["subnet"], key=f"{prefix}subnet")
+        except ConfigError as exc:
+            raise _located(exc, where) from None
+    return Catalog(services, topologies, origins, subnet)
 
 
 def _load_topologies(
@@ -172,7 +180,7 @@ def merge_services(catalog: Catalog, extra: Iterable[tuple[Service, str]]) -> Ca
             )
         services[service.name] = service
         origins[service.name] = origin
-    return Catalog(services, dict(catalog.topologies), origins)
+    return Catalog(services, dict(catalog.topologies), origins, catalog.subnet)
 
 
 def _dependency_order(

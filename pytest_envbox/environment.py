@@ -38,7 +38,7 @@ from .cgroups import format_memory
 from .config import Catalog, select, start_levels
 from .errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
 from .sandbox import HOME, SandboxPlan
-from .spec import HttpProbe, Service
+from .spec import HttpProbe, Service, parse_subnet
 
 if TYPE_CHECKING:
     import requests
@@ -58,13 +58,7 @@ class _Subnet:
     def __init__(self, subnet: str) -> None:
         import ipaddress
 
-        try:
-            self.network = ipaddress.IPv4Network(subnet, strict=True)
-        except ValueError as e:
-            raise ConfigError(f"subnet {subnet!r} is not an IPv4 network ({e}); "
-                              "write it as an address and a prefix, e.g. '198.18.0.0/24'") from None
-        if self.network.prefixlen > 29:
-            raise ConfigError(f"subnet {subnet!r} is too small: use a /29 or larger, e.g. /24")
+        self.network = ipaddress.IPv4Network(parse_subnet(subnet))
         hosts = self.network.hosts()
         self.gateway = str(next(hosts))
         self._free = hosts
@@ -194,10 +188,10 @@ class Environment:
         catalog: Catalog | None = None,
         rootdir: str | os.PathLike[str] | None = None,
         workdir: str | os.PathLike[str] | None = None,
-        subnet: str = DEFAULT_SUBNET,
+        subnet: str | None = None,
     ) -> None:
         self.catalog = catalog if catalog is not None else Catalog({}, {}, {})
-        self._net = _Subnet(subnet)
+        self._net = _Subnet(subnet or self.catalog.subnet or DEFAULT_SUBNET)
         self.rootdir = Path(rootdir if rootdir is not None else os.getcwd()).resolve()
         specs = select(self.catalog, list(services), topology)
         self._levels = start_levels(specs)
@@ -329,6 +323,13 @@ class Environment:
             f.write("".join(lines))  # one write: a reader sees the old file or the new one
 
     def _start_levels(self, levels: Sequence[Sequence[Service]]) -> None:
+        """Start level after level; the services of a level together.
+
+        Together means overlapped, not one after the other: the supervisor prepares a sandbox for
+        each at once (``prepare``: namespaces, filesystem, cgroup, each in its own process), the
+        starts are sent together, and the readiness probes run side by side. A level starts
+        once every service of the one before is ready.
+        """
         assert self._sup is not None and self.workdir is not None
         for level in levels:
             handles = []
@@ -337,24 +338,29 @@ class Environment:
                 self._handles[spec.name] = h
                 self._order.append(spec.name)
                 h._create()
-                h._spawn()
                 handles.append(h)
             if len(handles) == 1:
+                handles[0]._spawn()
                 handles[0]._wait_ready()
                 continue
+            self._sup.send("prepare", count=len(handles))
             with ThreadPoolExecutor(max_workers=len(handles)) as pool:
-                futures = [pool.submit(h._wait_ready) for h in handles]
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                failed = [f for f in futures if f in done and f.exception() is not None]
-                if failed:
-                    # Fail at once: stop the siblings, whose probes then end without waiting out
-                    # their own timeouts, and report the first failure.
-                    for h in handles:
-                        with contextlib.suppress(EnvboxError, OSError):
-                            h._signal(signal.SIGKILL, "init", wait=False)
-                    error = failed[0].exception()
-                    assert error is not None
-                    raise error
+                for step in (ServiceHandle._spawn, ServiceHandle._wait_ready):
+                    futures = [pool.submit(step, h) for h in handles]
+                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                    failed = [f for f in futures if f in done and f.exception() is not None]
+                    if failed:
+                        # Fail at once: stop the siblings, whose probes then end without waiting
+                        # out their own timeouts, and report the first failure.
+                        if step is ServiceHandle._spawn:
+                            wait(futures)  # every start answered: none is left half-made
+                        for h in handles:
+                            with contextlib.suppress(EnvboxError, OSError):
+                                if h.running:
+                                    h._signal(signal.SIGKILL, "init", wait=False)
+                        error = failed[0].exception()
+                        assert error is not None
+                        raise error
 
     def close(self) -> None:
         """Stop every service (reverse start order) and release everything. Idempotent."""

@@ -42,6 +42,7 @@ __all__ = [
     "parse_cpu",
     "parse_duration",
     "parse_memory",
+    "parse_subnet",
     "probe_from_mapping",
     "service_from_mapping",
 ]
@@ -166,6 +167,24 @@ def _port(value: object, service: str | None, key: str) -> int:
     if not _is_int(value) or not 1 <= value <= 65535:
         _fail(f"{_what(value)} is not a port; use an int from 1 to 65535", service, key)
     return value
+
+
+def parse_subnet(value: object, *, key: str = "subnet") -> str:
+    """An environment's private IPv4 network, ``"198.18.0.0/24"``: checked, in its normal form."""
+    import ipaddress
+
+    if not isinstance(value, str):
+        raise ConfigError(f"{_what(value)} is not a subnet; write it as a string, e.g. "
+                          "'198.18.0.0/24'", key=key)  # fmt: skip
+    try:
+        net = ipaddress.IPv4Network(value, strict=True)
+    except ValueError as e:
+        raise ConfigError(f"{value!r} is not an IPv4 subnet ({e}); write an address and a prefix "
+                          "length, e.g. '198.18.0.0/24'", key=key) from None  # fmt: skip
+    if net.prefixlen > 29:
+        raise ConfigError(f"subnet {value!r} is too small for an environment; use a /29 or "
+                          "larger, e.g. '198.18.0.0/24'", key=key)  # fmt: skip
+    return str(net)
 
 
 def check_name(

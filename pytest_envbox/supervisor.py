@@ -747,6 +747,12 @@ class Supervisor:
             raise ValueError(f"could not {'pause' if frozen else 'resume'} the service: {e}") from None
         return {}
 
+    def op_prepare(self, req_id: int, count: int) -> dict[str, Any]:
+        """Have ``count`` sandboxes prepared at once, in parallel: a level of services follows."""
+        while len(self.spares) < min(count, 64):
+            self._spawn_spare()
+        return {}
+
     def op_own_dir(self, req_id: int, path: str, own: bool) -> dict[str, Any]:
         """Directories to delete if the test process dies before it can."""
         (self.dirs.add if own else self.dirs.discard)(path)

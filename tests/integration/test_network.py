@@ -7,7 +7,9 @@ environment's bridge; nothing is sent anywhere else.
 from __future__ import annotations
 
 import os
+import re
 import sys
+import time
 
 import pytest
 import requests
@@ -264,3 +266,44 @@ def test_partition_cuts_exactly_the_named_pairs_and_heal_restores_them() -> None
         assert recovers("b", "c")
         with pytest.raises(KeyError, match="no service 'nope'"):
             env.network.partition(["a"], ["nope"])
+
+
+def test_the_subnet_is_configurable() -> None:
+    with Environment([client()], subnet="10.99.0.0/28") as env:
+        assert env.network.subnet == "10.99.0.0/28"
+        assert env["client"].ip == "10.99.0.2"  # .1 is the environment's own end of the bridge
+        assert "10.99.0.2/28" in env["client"].exec(["ip", "-4", "-o", "addr", "show", "eth0"]).stdout
+
+
+# Ready one second after it starts; says when it started, by the clock every process shares.
+SLOW = """
+import os, sys, time
+print("started", time.clock_gettime(time.CLOCK_MONOTONIC), flush=True)
+time.sleep(1)
+print("ready", time.clock_gettime(time.CLOCK_MONOTONIC), flush=True)
+time.sleep(1000)
+"""
+
+
+def _stamp(env: Environment, name: str, what: str) -> float:
+    m = re.search(rf"^{what} ([\d.]+)$", env[name].logs(), re.M)
+    assert m is not None, env[name].logs()
+    return float(m.group(1))
+
+
+def test_three_independent_services_start_in_parallel() -> None:
+    slow = [Service(n, [PY, "-c", SLOW], ready=probe.log("^ready")) for n in ("s1", "s2", "s3")]
+    t0 = time.monotonic()
+    with Environment(slow) as env:
+        elapsed = time.monotonic() - t0
+        assert elapsed < 1.6, f"three services ready 1 s after their start took {elapsed:.2f} s"
+        starts = [_stamp(env, n, "started") for n in ("s1", "s2", "s3")]
+        assert max(starts) - min(starts) < 0.3
+
+
+def test_a_service_starts_only_after_its_dependencies_are_ready() -> None:
+    slow = [Service(n, [PY, "-c", SLOW], ready=probe.log("^ready")) for n in ("s1", "s2")]
+    after = Service("after", [PY, "-c", SLOW], ready=probe.log("^ready"), depends_on=["s1", "s2"])
+    with Environment([*slow, after]) as env:
+        ready = max(_stamp(env, n, "ready") for n in ("s1", "s2"))
+        assert _stamp(env, "after", "started") >= ready

@@ -253,3 +253,15 @@ def test_start_levels_require_every_dependency_in_the_set() -> None:
 def test_start_levels_report_a_cycle_as_a_path(services: list[Service], cycle: str) -> None:
     with pytest.raises(ConfigError, match=f"depends_on forms a cycle: {cycle};"):
         start_levels(services)
+
+
+def test_subnet_is_read_checked_and_named_in_errors(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[tool.envbox]\nsubnet = "10.77.0.0/24"\n')
+    assert load_project_config(tmp_path).subnet == "10.77.0.0/24"
+    for bad, words in (('"10.77.0.1/24"', "host bits set"), ('"10.77.0.0/30"', "too small"),
+                       ("24", "not a subnet")):  # fmt: skip
+        (tmp_path / "pyproject.toml").write_text(f"[tool.envbox]\nsubnet = {bad}\n")
+        with pytest.raises(ConfigError, match=words) as info:
+            load_project_config(tmp_path)
+        assert info.value.key == "tool.envbox.subnet"
+        assert "pyproject.toml [tool.envbox]" in str(info.value)

@@ -215,9 +215,13 @@ class TestIsolation:
         assert env["HOSTNAME"] == "catalog"
 
     def test_there_is_no_route_out(self, envbox: Environment) -> None:
-        # Inspect the routing tables rather than send anything anywhere.
-        routes = envbox["catalog"].exec(["cat", "/proc/net/route", "/proc/net/ipv6_route"]).stdout
-        assert [line for line in routes.splitlines()[1:] if not line.rstrip().endswith("lo")] == []
+        # Inspect the routing table rather than send anything anywhere: only the environment's
+        # own subnet, on eth0; no default route (destination 0.0.0.0, mask 0.0.0.0).
+        routes = envbox["catalog"].exec(["cat", "/proc/net/route"]).stdout.splitlines()[1:]
+        assert [(r.split()[0], r.split()[1], r.split()[7]) for r in routes] == [
+            ("eth0", "000012C6", "00FFFFFF"),  # 198.18.0.0/24, little-endian hex
+        ]
+        assert envbox["catalog"].ip.startswith("198.18.0.")
 
     def test_loopback_is_its_own_not_the_hosts(self, envbox: Environment) -> None:
         with socket.create_server(("127.0.0.1", 0)) as host_server:  # listening on the host
