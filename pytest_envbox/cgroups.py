@@ -317,6 +317,7 @@ class CgroupTree:
                 if not _delegated(own, self.host.unified_top):
                     raise OSError(errno.EBUSY, "not delegated to the test run", own) from None
                 if not self.may_move:
+                    _movable(own)  # the same check, read-only: EBUSY if a real run would refuse
                     self.would_move = True
                     return
                 _vacate(own)
@@ -469,19 +470,9 @@ def _vacate(own: str) -> None:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         leaf = os.path.join(own, LEAF)
         for _ in range(10):  # processes may fork while we move them
-            procs = [int(p) for p in _read(f"{own}/cgroup.procs").split()]
+            procs = _movable(own)
             if not procs:
                 return
-            inside = set(procs)
-            top, p = os.getpid(), os.getpid()
-            while p > 0:
-                if p in inside:
-                    top = p
-                p = _ppid(p) if p > 1 else 0
-            strangers = [p for p in procs if not _descends_from(p, top)]
-            if strangers:
-                raise OSError(errno.EBUSY, f"processes {strangers[:5]} there do not descend from "
-                              f"the test run's first process ({top})", own)  # fmt: skip
             with contextlib.suppress(FileExistsError):
                 os.mkdir(leaf)
             for p in procs:
@@ -490,6 +481,25 @@ def _vacate(own: str) -> None:
         raise OSError(errno.EBUSY, "processes keep appearing in the cgroup", own)
     finally:
         os.close(lock_fd)
+
+
+def _movable(own: str) -> list[int]:
+    """The processes of ``own``, if they all descend from the test run's first one there.
+
+    Raise EBUSY, naming them, when some do not (a stranger's processes are not ours to move).
+    """
+    procs = [int(p) for p in _read(f"{own}/cgroup.procs").split()]
+    inside = set(procs)
+    top, p = os.getpid(), os.getpid()
+    while p > 0:
+        if p in inside:
+            top = p
+        p = _ppid(p) if p > 1 else 0
+    strangers = [p for p in procs if not _descends_from(p, top)]
+    if strangers:
+        raise OSError(errno.EBUSY, f"processes {strangers[:5]} there do not descend from "
+                      f"the test run's first process ({top})", own)  # fmt: skip
+    return procs
 
 
 def _descends_from(pid: int, root: int) -> bool:
@@ -627,8 +637,11 @@ class ServiceCgroup:
             self._set_frozen(frozen, timeout)
         except (CgroupError, OSError):
             if frozen:
-                with contextlib.suppress(CgroupError, OSError):
+                try:
                     self._set_frozen(False, 1.0)
+                except (CgroupError, OSError):
+                    self.frozen = True  # perhaps frozen still: every later step thaws first
+                    raise
             raise
         self.frozen = frozen
 
@@ -670,18 +683,21 @@ class ServiceCgroup:
             with contextlib.suppress(OSError):
                 _write(f"{self.unified}/cgroup.kill", "1")
                 return
-        # Freeze, kill each task, thaw: a frozen task cannot fork, and dies once thawed.
-        frozen = False
-        with contextlib.suppress(CgroupError, OSError):
-            self._set_frozen(True, 1.0)
-            frozen = True
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                os.kill(pid, 9)
-        if frozen or self.frozen:
+        # Freeze, kill each task, thaw: a frozen task cannot fork, and dies once thawed. The thaw
+        # happens whatever the freeze did (it may have half-worked), down to any cgroup the
+        # service froze below its own.
+        try:
+            with contextlib.suppress(CgroupError, OSError):
+                self._set_frozen(True, 1.0)
+            for pid in self.pids():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, 9)
+        finally:
             with contextlib.suppress(CgroupError, OSError):
                 self._set_frozen(False, 1.0)
-        self.frozen = False
+            if "freezer" in self.dirs:
+                _thaw_tree(self.dirs["freezer"])
+            self.frozen = False
 
     def is_empty(self) -> bool:
         if self.unified is not None:
@@ -709,6 +725,13 @@ class ServiceCgroup:
             except OSError:
                 ok = False
         return ok
+
+
+def _thaw_tree(d: str) -> None:
+    """THAWED into every v1 freezer cgroup from ``d`` down (a frozen task dies only once thawed)."""
+    for sub, _dirs, _files in os.walk(d):
+        with contextlib.suppress(OSError):
+            _write(f"{sub}/freezer.state", "THAWED")
 
 
 def _tree_pids(d: str) -> list[int]:
@@ -762,10 +785,7 @@ def _kill_dir(d: str) -> None:
         for pid in _tree_pids(d):
             with contextlib.suppress(OSError):
                 os.kill(pid, 9)
-        for sub, _dirs, _files in os.walk(d):  # a v1-frozen task dies only once thawed
-            if os.path.exists(f"{sub}/freezer.state"):
-                with contextlib.suppress(OSError):
-                    _write(f"{sub}/freezer.state", "THAWED")
+        _thaw_tree(d)
     deadline = time.monotonic() + 2.0
     while _tree_pids(d) and time.monotonic() < deadline:
         time.sleep(0.001)

@@ -34,8 +34,11 @@ def _cgroup_check(root: bool) -> tuple[bool, str]:
     try:
         if not tree.usable:
             return False, tree.problem or "unusable"
-        usable = "memory cpu pids" + (" freezer" if "freezer" in tree.v1 or tree.unified
-                                      or host.version == "v2" else "")  # fmt: skip
+        probe_dir = tree.unified or host.unified  # the run directory just made, if any
+        freezer = "freezer" in tree.v1 or (
+            probe_dir is not None and os.path.exists(os.path.join(probe_dir, "cgroup.freeze"))
+        )  # cgroup.freeze: cgroup v2 from Linux 5.2 (a root cgroup has none)
+        usable = "memory cpu pids" + (" freezer" if freezer else "")
         if host.version == "v2":
             assert host.unified is not None
             where = cgroups.v2_base(host.unified)

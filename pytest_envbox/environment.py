@@ -797,7 +797,8 @@ class ServiceHandle:
                 return
             self._returncode = int(msg["returncode"])
             self._oom_kills = int(msg.get("oom_kills") or 0)
-            if self._oom_kills and self._returncode == 128 + signal.SIGKILL:
+            # 137 is the OOM killer's SIGKILL unless the supervisor sent one (stop(), kill()).
+            if self._oom_kills and self._returncode == 128 + signal.SIGKILL and not msg.get("killed"):
                 self._reason = (f"was OOM-killed ({self._memory_limit_text()}), "
                                 f"return code {self._returncode}")  # fmt: skip
             elif self._oom_kills:  # a child was killed; the main process exited by itself

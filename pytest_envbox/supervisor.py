@@ -59,6 +59,8 @@ class _Slot:
     #: a pidfd of the service: signals go through it, never to a pid that may have been reused
     main_pidfd: int | None = None
     generation: int = 0
+    #: this run got a SIGKILL from us (stop, kill): its 137 is then no OOM kill
+    killed: bool = False
     #: on its environment's network: its address, and its veth's name and index in the hub
     ip: str | None = None
     veth: str | None = None
@@ -112,6 +114,8 @@ class _Exec:
     timed_out: bool = False
     error: str | None = None
     command_pid: int | None = None  # host pid of the command itself (the helper's child)
+    #: its sync socket reached EOF: any setup error it carried is known (see _maybe_finish_exec)
+    synced: bool = False
 
 
 class Supervisor:
@@ -361,13 +365,21 @@ class Supervisor:
             os.close(log_fd)
         s = self.slots[slot]
         hub = self.hubs.get(_env_of(slot))
-        for port in ports:
-            if port not in s.relays:
-                via = (hub.netns, s.ip) if hub is not None and s.ip is not None else None
-                s.relays[port] = Relay(s.netns_fd, port, via=via)
+        try:
+            for port in ports:
+                if port not in s.relays:
+                    via = (hub.netns, s.ip) if hub is not None and s.ip is not None else None
+                    s.relays[port] = Relay(s.netns_fd, port, via=via)
+        except BaseException:
+            # The plan is sent: the sandbox is starting the service. Stop it, nothing half-made.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            ctl.close()
+            raise
         s.init_pid = pid
         s.main_pid = None
         s.generation = generation
+        s.killed = False
         self.inits[pid] = slot
         pend = _Pending("start", req_id, slot, ctl, pid)
         self.pending[ctl.fileno()] = pend
@@ -413,6 +425,8 @@ class Supervisor:
             if ex is not None:
                 ex.error = pend.error
                 ex.command_pid = pend.main_pid
+                ex.synced = True
+                self._maybe_finish_exec(ex)
 
     def _wire(self, slot: str, netns: int, net: dict[str, Any]) -> tuple[str, int]:
         """Put a new service on its environment's network: a veth pair, ``eth0`` inside with its
@@ -493,6 +507,12 @@ class Supervisor:
         else:
             if pidfd is not None:
                 os.close(pidfd)
+            if s is not None and s.init_pid == pend.pid:
+                # Its cgroup goes now, not at the next start or the environment's end. The init
+                # is gone or going (it failed); the supervisor reaps it as usual.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pend.pid, signal.SIGKILL)
+                self.cgroups.release(pend.slot)
             self._reply(pend.req_id, error=pend.error or "the sandbox exited during setup",
                         setup=True)  # fmt: skip
 
@@ -506,6 +526,8 @@ class Supervisor:
         s = self.slots[slot]
         if thaw or sig == signal.SIGKILL:
             self._thaw(slot)
+        if sig == signal.SIGKILL:
+            s.killed = True
         try:
             if target == "main" and s.main_pidfd is not None:
                 signal.pidfd_send_signal(s.main_pidfd, sig)
@@ -609,7 +631,9 @@ class Supervisor:
 
     def _maybe_finish_exec(self, ex: _Exec) -> None:
         readers_open = any(k != "in" for k in ex.fds.values())
-        if ex.status is None or (readers_open and not ex.timed_out):
+        # The command's exit, its output and its sync socket's EOF come in any order: a command
+        # that could not be run says why on the socket, which must be read before the reply.
+        if ex.status is None or not ex.synced or (readers_open and not ex.timed_out):
             return
         for fd in list(ex.fds):
             self.sel.unregister(fd)
@@ -622,11 +646,12 @@ class Supervisor:
 
     def op_release(self, req_id: int, slots: list[str], disown: str | None = None) -> dict[str, Any]:
         """Free the slots (killing anything still running there); forget a directory."""
-        for slot in slots:
+        for slot in slots:  # each step of each slot, whatever an earlier one did
             self._thaw(slot)
             s = self.slots.pop(slot, None)
             if s is not None:
-                self._release(s)
+                with contextlib.suppress(Exception):
+                    self._release(s)
             self.cgroups.release(slot)
         for env in {_env_of(slot) for slot in slots}:
             if not any(_env_of(other) == env for other in self.slots):
@@ -727,7 +752,7 @@ class Supervisor:
         """Resume a paused service: a frozen process cannot act on a signal (on cgroup v1 it
         cannot even die of SIGKILL)."""
         cg = self.cgroups.services.get(slot)
-        if cg is not None and cg.frozen:
+        if cg is not None and cg.frozen:  # set whenever it may be frozen (see freeze())
             with contextlib.suppress(cgroups.CgroupError, OSError):
                 cg.freeze(False, timeout=1.0)
 
@@ -784,7 +809,7 @@ class Supervisor:
                     _close(s, "main_pidfd")
                     cg = self.cgroups.services.get(slot)
                     self._send({"event": "exited", "slot": slot, "returncode": code,
-                                "generation": s.generation,
+                                "generation": s.generation, "killed": s.killed,
                                 "oom_kills": cg.oom_kills() if cg is not None else 0})  # fmt: skip
             ex = self.execs.get(pid)
             if ex is not None:
@@ -807,7 +832,7 @@ class Supervisor:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
 
-    def _release(self, s: _Slot, wait: float = 5.0) -> None:
+    def _release(self, s: _Slot, wait: float = 2.0) -> None:
         _close(s, "main_pidfd")
         for r in s.relays.values():
             r.close()

@@ -175,20 +175,66 @@ def test_a_restarted_service_gets_a_fresh_cgroup() -> None:
 
 
 def test_cgroups_a_service_made_below_its_own_are_removed_too() -> None:
-    """A service managing cgroups (a container runtime, systemd) nests its own: all are removed."""
-    with Environment([Service("nest", ["sleep", "1000"], limits={"pids": 8})]) as env:
-        h = env["nest"]
-        assert h.pid is not None
-        pid = h.pid
-        dirs = {d for d in cgroup_dirs(pid).values() if "/envbox-" in d}
-        assert dirs
-        for d in dirs:
-            os.makedirs(f"{d}/inner/deeper")
-            with open(f"{d}/inner/deeper/cgroup.procs", "w") as f:
-                f.write(str(pid))
-        assert all(d + "/inner/deeper" in cgroup_dirs(pid).values() for d in dirs)
-    assert not any(os.path.exists(d) for d in dirs), dirs
-    assert not os.path.exists(f"/proc/{pid}")
+    """A service managing cgroups (a container runtime, systemd) nests its own: all are removed,
+    and every process in them is killed, even one outside the service's PID namespace."""
+    stray = subprocess.Popen(["sleep", "1000"])  # not the service's: only its cgroup says so
+    try:
+        with Environment([Service("nest", ["sleep", "1000"], limits={"pids": 8})]) as env:
+            h = env["nest"]
+            assert h.pid is not None
+            pid = h.pid
+            dirs = {d for d in cgroup_dirs(pid).values() if "/envbox-" in d}
+            assert dirs
+            for d in dirs:
+                os.makedirs(f"{d}/inner/deeper")
+                for p in (pid, stray.pid):
+                    with open(f"{d}/inner/deeper/cgroup.procs", "w") as f:
+                        f.write(str(p))
+            assert all(d + "/inner/deeper" in cgroup_dirs(stray.pid).values() for d in dirs)
+        assert not any(os.path.exists(d) for d in dirs), dirs
+        assert stray.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        stray.kill()
+        stray.wait()
+
+
+WORKER_HOG = """
+import os, sys, time
+print("ready", flush=True)
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.01)
+child = os.fork()
+if child == 0:
+    b = []
+    while True:
+        b.append(b"x" * (1 << 20))
+os.waitpid(child, 0)
+print("worker lost", flush=True)
+if os.path.exists("/tmp/exit"):
+    sys.exit(1)
+time.sleep(1000)
+"""
+
+
+@pytest.mark.parametrize("end", ["exits-by-itself", "killed-by-the-test"])
+def test_a_worker_oom_killed_is_told_apart_from_the_service_oom_killed(end: str) -> None:
+    svc = Service("pool", [PY, "-c", WORKER_HOG], limits={"memory": "48Mi"}, ready=probe.log("ready"))
+    with Environment([svc]) as env:
+        h = env["pool"]
+        if end == "exits-by-itself":
+            h.exec(["touch", "/tmp/exit"])
+        h.exec(["touch", "/tmp/go"])
+        h.wait_for_log("worker lost", timeout=30)
+        if end == "killed-by-the-test":
+            assert h.running and h.stats().oom_kills >= 1
+            h.kill()  # SIGKILL from the test: 137, but not the OOM killer's
+            code = 137
+        else:
+            assert _until(lambda: not h.running, 10)
+            code = 1
+        assert h.returncode == code
+        assert h._reason == (f"exited with return code {code} after {h._oom_kills} of its "
+                             "processes were OOM-killed (memory limit 48Mi)")  # fmt: skip
 
 
 def test_stats_of_a_service_without_limits() -> None:

@@ -176,14 +176,15 @@ def test_a_service_oom_killed_during_the_test_is_named_in_its_failure(project: p
     project.makepyfile(f"""
         import pytest
         from pytest_envbox import Service
+        from pytest_envbox._wait import Deadline, wait_until
 
         @pytest.mark.envbox(Service("hog", ["{sys.executable}", "-c", "{hog}"],
                                     limits={{"memory": "48Mi"}}))
         def test_it(envbox):
             h = envbox["hog"]
             h.exec(["touch", "/tmp/go"])
-            h._exited.wait(30)
-            assert h.running, "the cache went away"
+            wait_until(lambda: (not h.running) or None, Deadline(30))
+            assert h.running, "the hog went away"
     """)
     result = run(project)
     result.assert_outcomes(failed=1)
