@@ -203,5 +203,37 @@ def new_netns(own: int) -> int:
     return fd
 
 
-def exists(err: OSError) -> bool:
-    return err.errno == errno.EEXIST
+def make_hub(own: int, gateway: str, prefix: int) -> tuple[int, Netlink, int]:
+    """An environment's hub: a new namespace with bridge ``br0`` holding ``gateway/prefix``.
+
+    Returns the namespace's fd, a netlink socket working there, and the bridge's index.
+    """
+    fd = new_netns(own)
+    try:
+        nl = open_in(fd, own)
+        try:
+            nl.add_bridge("br0")
+            bridge = nl.index("br0")
+            nl.add_address(bridge, gateway, prefix)
+            nl.set_up(bridge)
+        except BaseException:
+            nl.close()
+            raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, nl, bridge
+
+
+def attach(hub: Netlink, bridge: int, name: str, netns: int, ip: str, prefix: int,
+           own: int) -> int:  # fmt: skip
+    """Put namespace ``netns`` on the hub's bridge: veth ``name`` there, ``eth0`` with ``ip``
+    inside (so the subnet's route and nothing else). Returns the index of ``name``."""
+    hub.add_veth(name, "eth0", netns, master=bridge)
+    index = hub.index(name)
+    hub.set_up(index)
+    with open_in(netns, own) as nl:
+        eth0 = nl.index("eth0")
+        nl.add_address(eth0, ip, prefix)
+        nl.set_up(eth0)
+    return index

@@ -435,29 +435,14 @@ class Supervisor:
         hub = self._hub(_env_of(slot), net)
         hub.veths += 1
         name = f"v{hub.veths}"
-        hub.nl.add_veth(name, "eth0", netns, master=hub.bridge)
-        index = hub.nl.index(name)
-        hub.nl.set_up(index)
-        with netlink.open_in(netns, self.own_netns) as nl:
-            eth0 = nl.index("eth0")
-            nl.add_address(eth0, net["ip"], int(net["prefix"]))
-            nl.set_up(eth0)
+        index = netlink.attach(hub.nl, hub.bridge, name, netns, net["ip"], int(net["prefix"]),
+                               self.own_netns)  # fmt: skip
         return name, index
 
     def _hub(self, env: str, net: dict[str, Any]) -> _Hub:
         hub = self.hubs.get(env)
         if hub is None:
-            fd = netlink.new_netns(self.own_netns)
-            try:
-                nl = netlink.open_in(fd, self.own_netns)
-                nl.add_bridge("br0")
-                bridge = nl.index("br0")
-                # The hub's own address: published ports reach services from here.
-                nl.add_address(bridge, net["gateway"], int(net["prefix"]))
-                nl.set_up(bridge)
-            except BaseException:
-                os.close(fd)
-                raise
+            fd, nl, bridge = netlink.make_hub(self.own_netns, net["gateway"], int(net["prefix"]))
             hub = self.hubs[env] = _Hub(fd, nl, bridge)
         return hub
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,6 +59,9 @@ def test_sigkill_of_pytest_leaves_no_service_alive(tmp_path: Path, workers: list
         cgroups = [d for d in cgroup_dirs(pid).values() if "/envbox-" in d]
         if detect().version != "none":
             assert cgroups, "the service is in no envbox cgroup"
+        # The environment's network: its hub and the service's namespace (veths live in them).
+        networks = _net_namespaces(sup) - {os.readlink("/proc/self/ns/net")}
+        assert os.readlink(f"/proc/{pid}/ns/net") in networks and len(networks) >= 2, networks
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
@@ -65,8 +69,24 @@ def test_sigkill_of_pytest_leaves_no_service_alive(tmp_path: Path, workers: list
         assert _until(lambda: not alive(pid) and not alive(sup) and not holders(pidns), 5)
         # The supervisor saw its test process die and removed the service's cgroups too.
         assert _until(lambda: not any(os.path.exists(d) for d in cgroups), 5), cgroups
+        # Nothing holds the network namespaces any more: they, their bridge and veths are gone.
+        assert _until(lambda: not any(holders(ns) for ns in networks), 5), networks
     finally:
         _kill_processes_in(tmp_path)  # orphaned xdist workers, still waiting in the inner test
+
+
+def _net_namespaces(pid: int) -> set[str]:
+    """The network namespaces a process is in (any thread) or holds by an fd."""
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(f"/proc/{pid}/task/{tid}/ns/net"))
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("net:["):
+                found.add(target)
+    return found
 
 
 def _kill_processes_in(directory: Path) -> None:

@@ -307,3 +307,26 @@ def test_a_service_starts_only_after_its_dependencies_are_ready() -> None:
     with Environment([*slow, after]) as env:
         ready = max(_stamp(env, n, "ready") for n in ("s1", "s2"))
         assert _stamp(env, "after", "started") >= ready
+
+
+@pytest.mark.slow
+def test_200_environments_leave_the_host_as_it_was() -> None:
+    from pytest_envbox._client import get_supervisor
+
+    sup = get_supervisor()
+
+    def host_state() -> tuple[list[str], int]:
+        with open("/proc/self/mountinfo") as f:
+            mounts = len(f.read().splitlines())
+        return sorted(os.listdir("/sys/class/net")), mounts
+
+    with Environment([client()]):
+        pass  # the supervisor is up, a spare prepared
+    before, before_ns = host_state(), _net_namespaces(sup.pid)
+    for i in range(200):
+        with Environment([client(), Service("peer", ["sleep", "1000"], aliases=[f"p{i}"])]) as env:
+            if i % 50 == 0:
+                assert env["peer"].ip != env["client"].ip
+    assert host_state() == before
+    assert wait_until(lambda: _net_namespaces(sup.pid) == before_ns or None, Deadline(5)), (
+        before_ns, _net_namespaces(sup.pid))
