@@ -217,11 +217,14 @@ while True:
         n += 1
 """
 
+# Sends at a steady rate, as a client would: a burst of 1000 would overflow the kernel's
+# per-CPU backlog (net.core.netdev_max_backlog) and lose datagrams that no fault dropped.
 SEND = """
-import socket, sys
+import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for i in range(int(sys.argv[2])):
     s.sendto(sys.argv[3].encode(), (sys.argv[1], 9999))
+    time.sleep(0.0002)
 """
 
 
