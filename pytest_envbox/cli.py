@@ -103,7 +103,8 @@ def up(names: Sequence[str], topology: str | None, rootdir: Path) -> int:
     with env:
         for name, h in env.services.items():
             ports = ", ".join(f"{p} -> 127.0.0.1:{h.port(p)}" for p in h.spec.ports) or "no ports"
-            print(f"{name}: pid {h.pid}, {ports}, log {h.log_path}", flush=True)
+            print(f"{name}: {h.ip} on the environment's network, pid {h.pid}, {ports}, "
+                  f"log {h.log_path}", flush=True)  # fmt: skip
         print("envbox: services are up; Ctrl-C tears them down", flush=True)
         stop.wait()
     print("envbox: torn down", flush=True)

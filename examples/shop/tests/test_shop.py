@@ -153,6 +153,27 @@ def test_tests_with_the_same_marker_and_scope_share_one_environment(envbox: Envi
     assert len(SEEN_PIDS) == 1
 
 
+# --- the environment's private network ------------------------------------------------------------
+
+
+@pytest.mark.envbox(topology="shop")
+def test_services_reach_each_other_by_name(envbox: Environment) -> None:
+    # Inside the catalog's sandbox, the cache is simply "cache" (each service's /etc/hosts).
+    r = envbox["catalog"].exec(["python3", "services/kv.py", "--host", "cache", "PING"])
+    assert r.stdout == "PONG\n", r.stderr
+    assert envbox["cache"].ip != envbox["catalog"].ip
+
+
+@pytest.mark.envbox(topology="shop")
+def test_a_partition_cuts_the_catalog_off_from_the_cache(envbox: Environment) -> None:
+    catalog = envbox["catalog"]
+    envbox.network.partition(["catalog"], ["cache"])
+    r = catalog.exec(["python3", "services/kv.py", "--host", "cache", "PING"])
+    assert r.returncode == 1 and "timed out" in r.stderr  # packets vanish, as in a real partition
+    assert kv(envbox["cache"], "PING") == ["PONG"]  # the test's own way in is untouched
+    envbox.network.heal()
+
+
 # --- services defined in the test itself ----------------------------------------------------------
 
 SCRATCH = Service(
