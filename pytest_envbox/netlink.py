@@ -203,10 +203,11 @@ def new_netns(own: int) -> int:
     return fd
 
 
-def make_hub(own: int, gateway: str, prefix: int) -> tuple[int, Netlink, int]:
-    """An environment's hub: a new namespace with bridge ``br0`` holding ``gateway/prefix``.
+def make_hub(own: int) -> tuple[int, Netlink, int]:
+    """An environment's hub, without its address yet: a new namespace with bridge ``br0`` up.
 
-    Returns the namespace's fd, a netlink socket working there, and the bridge's index.
+    Returns the namespace's fd, a netlink socket working there, and the bridge's index. The
+    supervisor keeps one made ahead and gives it its address when an environment takes it.
     """
     fd = new_netns(own)
     try:
@@ -214,7 +215,6 @@ def make_hub(own: int, gateway: str, prefix: int) -> tuple[int, Netlink, int]:
         try:
             nl.add_bridge("br0")
             bridge = nl.index("br0")
-            nl.add_address(bridge, gateway, prefix)
             nl.set_up(bridge)
         except BaseException:
             nl.close()

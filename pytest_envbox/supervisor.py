@@ -127,6 +127,8 @@ class Supervisor:
         self.reader = FrameReader()
         self.slots: dict[str, _Slot] = {}
         self.hubs: dict[str, _Hub] = {}  # environment id -> its network
+        self.spare_hub: tuple[int, netlink.Netlink, int] | None = None  # made ahead (_hub)
+        self.want_hub = False  # only once an environment had a network
         self.inits: dict[int, str] = {}  # init pid -> slot
         self.pending: dict[int, _Pending] = {}  # sync socket fd -> pending
         self.execs: dict[int, _Exec] = {}  # helper pid -> exec
@@ -185,6 +187,11 @@ class Supervisor:
                 # which a waiting start would otherwise pay).
                 if self.running and not self.pending and self.want_spare and not self.spares:
                     self._spawn_spare()
+                if self.running and not self.pending and self.want_hub and self.spare_hub is None:
+                    try:
+                        self.spare_hub = netlink.make_hub(self.own_netns)
+                    except OSError:
+                        self.want_hub = False  # made on demand, then (and the error shown)
         finally:
             self.teardown()
 
@@ -440,10 +447,22 @@ class Supervisor:
         return name, index
 
     def _hub(self, env: str, net: dict[str, Any]) -> _Hub:
+        """The environment's hub: the one made ahead if there is one (a new network namespace
+        costs about a millisecond, and more while the kernel is freeing others), with its
+        address now; its next one is made when the loop is idle (see serve)."""
         hub = self.hubs.get(env)
         if hub is None:
-            fd, nl, bridge = netlink.make_hub(self.own_netns, net["gateway"], int(net["prefix"]))
+            made, self.spare_hub = self.spare_hub, None
+            fd, nl, bridge = made or netlink.make_hub(self.own_netns)
+            try:
+                # The hub's own address: published ports reach services from here.
+                nl.add_address(bridge, net["gateway"], int(net["prefix"]))
+            except BaseException:
+                nl.close()
+                os.close(fd)
+                raise
             hub = self.hubs[env] = _Hub(fd, nl, bridge)
+            self.want_hub = True
         return hub
 
     def _drop_hub(self, env: str) -> None:
@@ -763,6 +782,11 @@ class Supervisor:
             self._spawn_spare()
         return {}
 
+    def op_census(self, req_id: int) -> dict[str, Any]:
+        """What this supervisor holds now (for ``envbox ps`` and for tests that check teardown)."""
+        return {"slots": sorted(self.slots), "hubs": sorted(self.hubs), "spares": len(self.spares),
+                "spare_hub": self.spare_hub is not None}  # fmt: skip
+
     def op_own_dir(self, req_id: int, path: str, own: bool) -> dict[str, Any]:
         """Directories to delete if the test process dies before it can."""
         (self.dirs.add if own else self.dirs.discard)(path)
@@ -861,6 +885,10 @@ class Supervisor:
         self.dirs.clear()
         for env in list(self.hubs):
             self._drop_hub(env)
+        if self.spare_hub is not None:
+            self.spare_hub[1].close()
+            os.close(self.spare_hub[0])
+            self.spare_hub = None
         with contextlib.suppress(Exception):
             self.cgroups.remove()
 

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from pytest_envbox import Environment, HostUnsupported, Service, probe
+from pytest_envbox._client import SupervisorClient, get_supervisor
 from pytest_envbox._wait import Deadline, wait_until
 
 PY = sys.executable
@@ -172,21 +173,23 @@ def _net_namespaces(pid: int) -> set[str]:
     return found
 
 
-def test_teardown_leaves_no_network_namespace_or_link() -> None:
-    from pytest_envbox._client import get_supervisor
+def _holds_nothing_but_its_own(sup: SupervisorClient) -> bool:
+    """The supervisor holds its own namespace and, once networks were used, one hub made ahead:
+    nothing of any environment (relay threads end as their connections close)."""
+    census = sup.call("census")
+    expected = 1 + int(census["spare_hub"])
+    return not census["slots"] and not census["hubs"] and len(_net_namespaces(sup.pid)) == expected
 
+
+def test_teardown_leaves_no_network_namespace_or_link() -> None:
     sup = get_supervisor()
-    with Environment([client()]):
-        pass  # the supervisor is up, with a spare prepared
-    before_ns = _net_namespaces(sup.pid)
     before_links = sorted(os.listdir("/sys/class/net"))
     for i in range(10):
         with Environment([web(), client(aliases=[f"c{i}"])]) as env:
-            assert len(_net_namespaces(sup.pid)) > len(before_ns)  # its hub and services
+            assert len(_net_namespaces(sup.pid)) >= 4  # its own, the hub, two services
             assert env["web"].http.get("/").text == "web"
-    # Relay threads end as their connections close: wait for that, then compare.
-    assert wait_until(lambda: _net_namespaces(sup.pid) == before_ns or None, Deadline(5)), (
-        before_ns, _net_namespaces(sup.pid))
+    assert wait_until(lambda: _holds_nothing_but_its_own(sup) or None, Deadline(5)), (
+        sup.call("census"), _net_namespaces(sup.pid))
     assert sorted(os.listdir("/sys/class/net")) == before_links  # nothing on the host, ever
 
 
@@ -201,7 +204,8 @@ def test_loss_100_fails_connections_and_clear_restores_them() -> None:
         assert fetch(env, "http://web:8000/") == "web"
 
 
-# Counts datagrams on UDP 9999 into /tmp/count; "FIN" writes the final count to /tmp/done.
+# Counts datagrams on UDP 9999; "FIN" writes to /tmp/done how many arrived, and how many the
+# kernel dropped because this socket's buffer was full (not the link's doing: not counted as lost).
 SINK = """
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -211,10 +215,15 @@ print("listening", flush=True)
 n = 0
 while True:
     data = s.recv(2048)
-    if data == b"FIN":
-        open("/tmp/done", "w").write(str(n))
-    else:
+    if data != b"FIN":
         n += 1
+        continue
+    drops = 0
+    for line in open("/proc/net/udp").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(":270F"):
+            drops = int(fields[-1])
+    open("/tmp/done", "w").write(f"{n} {drops}")
 """
 
 # Sends at a steady rate, as a client would: a burst of 1000 would overflow the kernel's
@@ -241,8 +250,10 @@ def test_loss_30_drops_about_30_percent_of_1000_datagrams() -> None:
             r = env["sink"].exec(["cat", "/tmp/done"])
             return r.stdout.strip() or None
 
-        received = int(wait_until(done, Deadline(10)) or -1)
-        assert 600 <= received <= 800, f"{1000 - received} of 1000 datagrams lost with loss(30)"
+        received, overflowed = (int(x) for x in (wait_until(done, Deadline(10)) or "-1 0").split())
+        lost = 1000 - received - overflowed  # dropped on the link
+        assert 200 <= lost <= 400, f"{lost} of 1000 datagrams lost with loss(30) ({overflowed} " \
+            "more overflowed the receiver's buffer)"
 
 
 def test_partition_cuts_exactly_the_named_pairs_and_heal_restores_them() -> None:
@@ -314,8 +325,6 @@ def test_a_service_starts_only_after_its_dependencies_are_ready() -> None:
 
 @pytest.mark.slow
 def test_200_environments_leave_the_host_as_it_was() -> None:
-    from pytest_envbox._client import get_supervisor
-
     sup = get_supervisor()
 
     def host_state() -> tuple[list[str], int]:
@@ -325,11 +334,11 @@ def test_200_environments_leave_the_host_as_it_was() -> None:
 
     with Environment([client()]):
         pass  # the supervisor is up, a spare prepared
-    before, before_ns = host_state(), _net_namespaces(sup.pid)
+    before = host_state()
     for i in range(200):
         with Environment([client(), Service("peer", ["sleep", "1000"], aliases=[f"p{i}"])]) as env:
             if i % 50 == 0:
                 assert env["peer"].ip != env["client"].ip
     assert host_state() == before
-    assert wait_until(lambda: _net_namespaces(sup.pid) == before_ns or None, Deadline(5)), (
-        before_ns, _net_namespaces(sup.pid))
+    assert wait_until(lambda: _holds_nothing_but_its_own(sup) or None, Deadline(5)), (
+        sup.call("census"), _net_namespaces(sup.pid))
