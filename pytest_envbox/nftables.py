@@ -17,13 +17,14 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .netlink import _attr, _name, _nested
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE = 0, 2, 3, 6
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
 NLMSG_ERROR = 2
-NLA_F_NESTED = 0x8000
 NFPROTO_BRIDGE = 7
 # bridge hooks: traffic between two ports, from the hub's own stack out to a port, and in
 NF_BR_LOCAL_IN, NF_BR_FORWARD, NF_BR_LOCAL_OUT = 1, 2, 3
@@ -33,17 +34,9 @@ _NLMSG = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big-endian)
 
 
-def _attr(kind: int, data: bytes) -> bytes:
-    n = 4 + len(data)
-    return struct.pack("=HH", n, kind) + data + b"\0" * (-n % 4)
-
-
-def _nest(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
-
-
-def _str(s: str) -> bytes:
-    return s.encode() + b"\0"
+# Netlink attributes are the same everywhere: one place makes them.
+_str = _name
+_nest = _nested
 
 
 def _be32(v: int) -> bytes:
