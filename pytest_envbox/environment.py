@@ -317,8 +317,9 @@ class Environment:
             lines.append("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
         for spec in specs:
             if spec.name not in self._listed:
+                address = self._net.address(spec.name)  # may fail (subnet full): before listing
                 self._listed.add(spec.name)
-                lines.append(f"{self._net.address(spec.name)}\t{' '.join([spec.name, *spec.aliases])}\n")
+                lines.append(f"{address}\t{' '.join([spec.name, *spec.aliases])}\n")
         with open(self.workdir / "hosts", "w" if fresh else "a") as f:
             f.write("".join(lines))  # one write: a reader sees the old file or the new one
 

@@ -107,17 +107,11 @@ class Netlink:
 
     def index(self, name: str) -> int:
         """The index of link ``name`` in this namespace."""
-        self.seq += 1
         body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name))
-        msg = _NLMSG.pack(_NLMSG.size + len(body), RTM_GETLINK, NLM_F_REQUEST, self.seq, 0) + body
-        self.sock.send(msg)
-        data = self.sock.recv(65536)
-        _length, mtype, _f, _seq, _pid = _NLMSG.unpack_from(data, 0)
-        payload = data[_NLMSG.size:]
-        if mtype == NLMSG_ERROR:
-            code = -struct.unpack_from("=i", payload)[0]
-            raise OSError(code, f"link {name}: {os.strerror(code)}")
-        return int(_IFINFO.unpack_from(payload, 0)[2])
+        replies = self.request(RTM_GETLINK, body, 0, f"link {name}")
+        if not replies:
+            raise OSError(errno.ENODEV, f"link {name}: no such device")
+        return int(_IFINFO.unpack_from(replies[0], 0)[2])
 
     def add_bridge(self, name: str) -> None:
         body = (_IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name))
@@ -157,7 +151,9 @@ class Netlink:
         ENOENT when the kernel has no ``sch_netem`` (the kernel loads the module by itself
         where it has one).
         """
-        opts = _NETEM_QOPT.pack(0, 1000, 0, 0, 0, 0) + _attr(
+        # A queue of 10000 packets (tc's default is 1000): a delay at a high packet rate
+        # should delay packets, not drop them.
+        opts = _NETEM_QOPT.pack(0, 10000, 0, 0, 0, 0) + _attr(
             TCA_NETEM_LATENCY64, struct.pack("=q", int(delay_ms * 1e6))) + _attr(
             TCA_NETEM_JITTER64, struct.pack("=q", int(jitter_ms * 1e6)))  # fmt: skip
         body = (_TCMSG.pack(0, index, 0x10000, TC_H_ROOT, 0) + _attr(TCA_KIND, b"netem\0")

@@ -168,5 +168,13 @@ def replace_table(name: str, drops: Sequence[Drop]) -> None:
                       _nest(4, *exprs))  # EXPRESSIONS
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        NETLINK_NETFILTER) as sock:  # fmt: skip
+        # One ack per message: hundreds of rules (a partition of many services) overflow the
+        # default receive buffer (ENOBUFS, after the kernel applied the batch).
+        for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root), else what is allowed
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, 16 << 20)
+                break
+            except OSError:
+                continue
         sock.bind((0, 0))
         b.send(sock)

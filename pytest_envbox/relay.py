@@ -37,6 +37,7 @@ class Relay:
         # faults on its link apply to the test's traffic too (loopback only when nothing listens
         # on that address: a service bound to 127.0.0.1).
         self._via = (os.dup(via[0]), via[1]) if via is not None else None
+        self._loopback = False  # learned: the service listens on its loopback only
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -90,7 +91,7 @@ class Relay:
         pair.pump(client, upstream)
 
     def _connect_upstream(self) -> socket.socket:
-        if self._via is not None:
+        if self._via is not None and not self._loopback:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             with self._lock:  # close() cuts a connect that hangs (its link is down, say)
                 if self._closed:
@@ -101,11 +102,18 @@ class Relay:
                 s.connect((self._via[1], self.port))
                 return s
             except ConnectionRefusedError:
-                self._forget(s)  # nothing on its network address: its loopback, from its namespace
+                # Nothing on its network address: it listens on its loopback only. Go there
+                # from now on (the link's faults then do not apply to this port).
+                self._forget(s)
+                self._loopback = True
             except OSError:
                 self._forget(s)
                 raise  # a fault on its link: the test sees it
-            L.setns(self._netns_fd, L.CLONE_NEWNET)  # this connection's thread only
+        if self._via is not None:
+            with self._lock:  # the fd is closed by close(), under the lock
+                if self._closed:
+                    raise OSError("the relay is closed")
+                L.setns(self._netns_fd, L.CLONE_NEWNET)  # this connection's thread only
         last: OSError | None = None
         for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             s = socket.socket(family, socket.SOCK_STREAM)
@@ -136,7 +144,7 @@ class Relay:
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
         self._listener.close()
         if self._via is not None:
-            with contextlib.suppress(OSError):
+            with self._lock, contextlib.suppress(OSError):
                 os.close(self._netns_fd)
         for s in conns:
             with contextlib.suppress(OSError):

@@ -344,7 +344,12 @@ class Supervisor:
                     if self.cgroups.usable:
                         self._give_cgroup(slot, spare, pid, limits)
                     new = old is None and slot not in self.slots
-                    wired = self._wire(slot, netns, net) if new and net else None
+                    wired = None
+                    if new and net:
+                        try:
+                            wired = self._wire(slot, netns, net)
+                        except OSError as e:  # not the spare's fault: no retry with another
+                            raise ValueError(_network_unsupported(e)) from None
                     fds = [log_fd] if new else [log_fd, self.slots[slot].netns_fd]
                     socket.send_fds(ctl, [json.dumps(plan).encode()], fds)
                 except (OSError, SpareFailed, ValueError) as e:
@@ -691,16 +696,15 @@ class Supervisor:
                         "stock kernel), or use a kernel built with CONFIG_NET_SCH_NETEM") from None
                 raise
         elif action == "loss":
+            loss = {k: v for k, v in hub.loss.items() if k != s.veth}
             if percent:
-                hub.loss[s.veth] = percent
-            else:
-                hub.loss.pop(s.veth, None)
-            self._apply_faults(hub)
+                loss[s.veth] = percent
+            self._apply_faults(hub, loss=loss)
         elif action == "clear":
             hub.nl.clear_qdisc(s.veth_index)
             hub.nl.set_up(s.veth_index, True)
-            if hub.loss.pop(s.veth, None) is not None:
-                self._apply_faults(hub)
+            if s.veth in hub.loss:
+                self._apply_faults(hub, loss={k: v for k, v in hub.loss.items() if k != s.veth})
         else:
             raise ValueError(f"unknown link action {action!r}")
         return {}
@@ -719,29 +723,36 @@ class Supervisor:
                     raise ValueError(f"service {name!r} is not on the network (never started)")
                 names.append(s.veth)
             veths.append(names)
-        hub.partitions.append((veths[0], veths[1]))
-        self._apply_faults(hub)
+        cut = (sorted(veths[0]), sorted(veths[1]))
+        if cut not in hub.partitions and cut[::-1] not in hub.partitions:
+            self._apply_faults(hub, partitions=[*hub.partitions, cut])
         return {}
 
     def op_heal(self, req_id: int, env: str) -> dict[str, Any]:
         hub = self.hubs.get(env)
         if hub is not None and hub.partitions:
-            hub.partitions.clear()
-            self._apply_faults(hub)
+            self._apply_faults(hub, partitions=[])
         return {}
 
-    def _apply_faults(self, hub: _Hub) -> None:
-        """Replace the hub's drop rules with what its faults say now (one atomic batch)."""
-        drops = []
-        for veth, percent in sorted(hub.loss.items()):
-            drops += [nftables.Drop(iif=veth, percent=percent), nftables.Drop(oif=veth, percent=percent)]
-        for group_a, group_b in hub.partitions:
+    def _apply_faults(self, hub: _Hub, loss: dict[str, int] | None = None,
+                      partitions: list[tuple[list[str], list[str]]] | None = None) -> None:  # fmt: skip
+        """Make the hub's drop rules say ``loss`` and ``partitions`` (one atomic batch); they
+        become the hub's faults only once the kernel took them."""
+        loss = hub.loss if loss is None else loss
+        partitions = hub.partitions if partitions is None else partitions
+        drops: dict[nftables.Drop, None] = {}  # ordered, without duplicates
+        for veth, percent in sorted(loss.items()):
+            drops[nftables.Drop(iif=veth, percent=percent)] = None
+            drops[nftables.Drop(oif=veth, percent=percent)] = None
+        for group_a, group_b in partitions:
             for x in group_a:
                 for y in group_b:
-                    drops += [nftables.Drop(iif=x, oif=y), nftables.Drop(iif=y, oif=x)]
+                    drops[nftables.Drop(iif=x, oif=y)] = None
+                    drops[nftables.Drop(iif=y, oif=x)] = None
         try:
             with netlink.inside(hub.netns, self.own_netns):
-                nftables.replace_table("envbox", drops)
+                nftables.replace_table("envbox", list(drops))
+            hub.loss, hub.partitions = dict(loss), list(partitions)
         except OSError as e:
             if e.errno in (errno.EPROTONOSUPPORT, errno.ENOENT, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
                 raise ValueError(
@@ -902,6 +913,17 @@ class _Spare:
 
     ctl: socket.socket
     cgroup: cgroups.ServiceCgroup | None
+
+
+def _network_unsupported(e: OSError) -> str:
+    """Why an environment's network could not be made, and what to do (an ``unsupported:``
+    message when the kernel lacks what it needs)."""
+    if e.errno in (errno.EOPNOTSUPP, errno.ENOENT, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+        return (f"unsupported:the environment's private network needs bridge and veth devices "
+                f"in the kernel (CONFIG_BRIDGE, CONFIG_VETH; the kernel said: {e}): load them "
+                "with `modprobe bridge veth`, or use a kernel that has them (every major "
+                "distribution's does)")  # fmt: skip
+    return f"the environment's network could not be set up: {e}"
 
 
 def _env_of(slot: str) -> str:

@@ -347,3 +347,28 @@ def test_200_environments_leave_the_host_as_it_was() -> None:
     assert host_state() == before
     assert wait_until(lambda: _holds_nothing_but_its_own(sup) or None, Deadline(5)), (
         sup.call("census"), _net_namespaces(sup.pid))
+
+
+def test_a_loopback_only_service_is_published_on_its_loopback_without_the_links_faults() -> None:
+    with Environment([web("lo-only", env={"BIND": "127.0.0.1"})]) as env:
+        h = env["web"]
+        assert h.http.get("/", timeout=5).text == "lo-only"  # its address refused: loopback
+        h.link.loss(100)
+        assert h.http.get("/", timeout=5).text == "lo-only"  # as documented: no link crossed
+
+
+def test_hundreds_of_drop_rules_go_in_one_batch() -> None:
+    """A partition of 12 services against 13 is 312 rules: every one acknowledged, no ENOBUFS."""
+    from pytest_envbox import netlink, nftables
+
+    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    hub = netlink.new_netns(own)
+    try:
+        drops = [nftables.Drop(iif=f"v{i}", oif=f"v{j}") for i in range(20) for j in range(20)]
+        with netlink.inside(hub, own):
+            nftables.replace_table("envbox", drops)
+            nftables.replace_table("envbox", drops[:3])  # replaced as a whole
+            nftables.replace_table("envbox", [])
+    finally:
+        os.close(hub)
+        os.close(own)
