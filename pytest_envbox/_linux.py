@@ -24,6 +24,8 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_INTO_CGROUP = 0x200000000  # clone3 only (Linux 5.7)
+_SYS_CLONE3 = 435  # the same number on every architecture (it came after the table was unified)
 
 # mount(2) flags (linux/mount.h).
 MS_RDONLY = 0x1
@@ -129,7 +131,13 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_b(target), ctypes.c_int(flags)), f"umount {target}")
 
 
-def fork_with(flags: int, *, python_fixups: bool = True) -> int:
+class _CloneArgs(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls",
+        "set_tid", "set_tid_size", "cgroup")]  # fmt: skip
+
+
+def fork_with(flags: int, *, python_fixups: bool = True, cgroup_fd: int | None = None) -> int:
     """``fork()`` with extra ``clone(2)`` flags; returns 0 in the child, its pid in the parent.
 
     For ``CLONE_PARENT | CLONE_NEWPID``: a child that is PID 1 of a new PID namespace and the
@@ -143,14 +151,24 @@ def fork_with(flags: int, *, python_fixups: bool = True) -> int:
     and the child neither starts threads nor relies on those handlers (a spare does not).
     """
     nr = _SYS_CLONE.get(_MACHINE)
-    if nr is None:
+    if nr is None and cgroup_fd is None:
         raise OSError(errno.ENOSYS, f"clone: unknown syscall number on {_MACHINE}")
     api = ctypes.pythonapi
+    args = None
+    if cgroup_fd is not None:
+        # clone3 with CLONE_INTO_CGROUP: the child starts in that cgroup (v2), with no move
+        # and none of the grace-period wait a move costs (see cgroups.CgroupTree.new).
+        args = _CloneArgs(flags=flags | CLONE_INTO_CGROUP, exit_signal=17, cgroup=cgroup_fd)
     if python_fixups:
         api.PyOS_BeforeFork()
-    # All other arguments zero: the same stack (copy-on-write, as fork), no tids, no tls. Their
-    # order differs between architectures; zeros make that moot.
-    pid = _libc.syscall(ctypes.c_long(nr), ctypes.c_ulong(flags | 17), None, None, None, None)
+    if args is not None:
+        pid = _libc.syscall(ctypes.c_long(_SYS_CLONE3), ctypes.byref(args),
+                            ctypes.c_size_t(ctypes.sizeof(args)))  # fmt: skip
+    else:
+        assert nr is not None
+        # All other arguments zero: the same stack (copy-on-write, as fork), no tids, no tls.
+        # Their order differs between architectures; zeros make that moot.
+        pid = _libc.syscall(ctypes.c_long(nr), ctypes.c_ulong(flags | 17), None, None, None, None)
     err = ctypes.get_errno()
     if python_fixups:
         if pid == 0:

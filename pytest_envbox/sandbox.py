@@ -397,7 +397,8 @@ def exec_command(plan: SandboxPlan, argv: list[str], sync: socket.socket,
 _ALL_SIGNALS = [sig for sig in signal.valid_signals() if sig not in (signal.SIGKILL, signal.SIGSTOP)]
 
 
-def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = ()) -> NoReturn:
+def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = (), *,
+              in_cgroup: bool = False) -> NoReturn:  # fmt: skip
     """PID 1 of a new sandbox, prepared before it is needed. Never returns.
 
     Forked ahead of time into new PID, mount, UTS, IPC and network namespaces with the shared part
@@ -409,7 +410,8 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = ()) -> NoReturn:
 
     ``cgroup_procs`` are the ``cgroup.procs`` files of the service's cgroup, opened for writing:
     the spare moves itself in (a wait of milliseconds, paid here rather than on the start's
-    path) and gets its cgroup namespace. Without them, the supervisor moves it once it is used.
+    path) and gets its cgroup namespace. ``in_cgroup``: it was cloned straight into it (v2).
+    Without either, the supervisor moves it once it is used.
     """
     code = 125
     try:
@@ -425,8 +427,9 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = ()) -> NoReturn:
             os.close(fd)
         # A network namespace of its own too: a new service takes it (made here, in parallel,
         # rather than in the supervisor's loop); a restarted one joins its old one instead.
+        placed = bool(cgroup_procs) or in_cgroup
         L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET
-                  | (L.CLONE_NEWCGROUP if cgroup_procs else 0))
+                  | (L.CLONE_NEWCGROUP if placed else 0))
         L.loopback_up()
         netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         builder = build_base()
@@ -445,7 +448,7 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = ()) -> NoReturn:
         if len(fds) == 2:  # a restart: back into the slot's network namespace
             L.setns(fds[1], L.CLONE_NEWNET)
             os.close(fds[1])
-        if not cgroup_procs:
+        if not placed:
             # The supervisor has put us in the service's cgroup by now: that becomes its "/".
             L.unshare(L.CLONE_NEWCGROUP)
         socket.sethostname(plan.name)

@@ -264,34 +264,41 @@ class Supervisor:
         """
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the spare's pid, on ready
-        cg, procs = self._spare_cgroup()
+        cg, fds, into = self._spare_cgroup()
         try:
             if self.zygote is None or direct:
                 raise OSError("no zygote")
-            socket.send_fds(self.zygote, [b"spare"], [child.fileno(), *procs])
+            socket.send_fds(self.zygote, [b"spare-into" if into else b"spare"], [child.fileno(), *fds])
         except OSError:
             if not direct:
                 self.zygote = None  # it died
+            if into and cg is not None:  # a fork of ours moves itself in, the v1 way
+                for fd in fds:
+                    os.close(fd)
+                fds, into = [os.open(f, os.O_WRONLY | os.O_CLOEXEC) for f in cg.procs_files()], False
             L.unshare(L.CLONE_NEWPID)  # the child is PID 1 of a new PID namespace
             try:
-                _fork_running(run_spare, child, procs, close=parent)
+                _fork_running(run_spare, child, fds, close=parent)
             finally:
                 L.setns(self.own_pidns, L.CLONE_NEWPID)
         finally:
-            for fd in procs:
+            for fd in fds:
                 os.close(fd)
         child.close()
         self.spares.append(_Spare(parent, cg))
 
-    def _spare_cgroup(self) -> tuple[cgroups.ServiceCgroup | None, list[int]]:
-        """A new cgroup for the next spare, and its ``cgroup.procs`` files opened for writing:
-        the spare moves itself in while it is prepared, off the start's path."""
+    def _spare_cgroup(self) -> tuple[cgroups.ServiceCgroup | None, list[int], bool]:
+        """A new cgroup for the next spare, and how it gets in, off the start's path: on cgroup
+        v2 the zygote clones it straight in (the cgroup's directory fd, ``True``: no move at
+        all); otherwise the spare writes itself into the ``cgroup.procs`` files opened here."""
         if not self.cgroups.usable:
-            return None, []
+            return None, [], False
         fds: list[int] = []
         cg = None
         try:
             cg = self.cgroups.new()
+            if cg.v2 and cg.unified is not None:
+                return cg, [os.open(cg.unified, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)], True
             for path in cg.procs_files():
                 fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
         except (OSError, cgroups.CgroupError):
@@ -299,8 +306,8 @@ class Supervisor:
                 os.close(fd)
             if cg is not None:
                 self.cgroups.discard(cg)
-            return None, []  # then the start moves it (see _give_cgroup)
-        return cg, fds
+            return None, [], False  # then the start moves it (see _give_cgroup)
+        return cg, fds, False
 
     def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
                  ports: list[int], generation: int, limits: dict[str, Any] | None = None,
@@ -588,11 +595,18 @@ class Supervisor:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the command's host pid
         procs = cg.procs_files() if cg is not None else []
+        into = None
         try:
-            pid = _fork_running(_exec_helper, p, argv, ns_fds, procs,
+            if cg is not None and cg.v2 and cg.unified is not None:
+                # Cloned straight into the service's cgroup: no move, no grace-period wait.
+                with contextlib.suppress(OSError):
+                    into = os.open(cg.unified, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            pid = _fork_running(_exec_helper, p, argv, ns_fds, [] if into is not None else procs,
                                 (pipes[0][0], pipes[1][1], pipes[2][1]), child, close=parent,
-                                code=126)  # fmt: skip
+                                code=126, cgroup_fd=into)  # fmt: skip
         finally:
+            if into is not None:
+                os.close(into)
             for fd, _ in ns_fds:
                 os.close(fd)
             os.close(pipes[0][0])
@@ -978,9 +992,11 @@ def _zygote(sock: socket.socket) -> None:
         msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 8)  # its socket, its cgroup's files
         if not msg or not fds:
             return
+        into = msg == b"spare-into"  # fds[1]: the cgroup (v2) to clone the spare straight into
         try:
             # No Python at-fork hooks: this process has no threads and no locks to reset.
-            pid = L.fork_with(L.CLONE_PARENT | L.CLONE_NEWPID, python_fixups=False)
+            pid = L.fork_with(L.CLONE_PARENT | L.CLONE_NEWPID, python_fixups=False,
+                              cgroup_fd=fds[1] if into else None)  # fmt: skip
         except OSError as e:
             # Say why; the supervisor then forks a spare itself (see op_start's second try).
             with contextlib.suppress(OSError):
@@ -989,7 +1005,9 @@ def _zygote(sock: socket.socket) -> None:
         if pid == 0:
             try:
                 sock.close()
-                run_spare(socket.socket(fileno=fds[0]), fds[1:])
+                if into:
+                    os.close(fds[1])
+                run_spare(socket.socket(fileno=fds[0]), () if into else fds[1:], in_cgroup=into)
             finally:
                 os._exit(125)
         for fd in fds:
@@ -997,9 +1015,12 @@ def _zygote(sock: socket.socket) -> None:
 
 
 def _fork_running(target: Callable[..., object], *args: Any, close: socket.socket,
-                  code: int = 125) -> int:  # fmt: skip
-    """Fork; the child closes ``close`` (the parent's end), runs ``target(*args)``, and exits."""
-    pid = os.fork()
+                  code: int = 125, cgroup_fd: int | None = None) -> int:  # fmt: skip
+    """Fork; the child closes ``close`` (the parent's end), runs ``target(*args)``, and exits.
+
+    With ``cgroup_fd`` (cgroup v2), the child starts in that cgroup (``clone3``).
+    """
+    pid = os.fork() if cgroup_fd is None else L.fork_with(0, cgroup_fd=cgroup_fd)
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             close.close()
