@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -363,6 +364,17 @@ class Environment:
                         assert error is not None
                         raise error
 
+    def report(self) -> dict[str, Any]:
+        """What happened in this environment: per service, its limits and one record per run
+        (start, ready and stop times as Unix time; return code; peak memory, cpu seconds and
+        OOM kills from its cgroup, once the run ended). The JSON of ``--envbox-report``."""
+        services = {}
+        for name, h in self._handles.items():
+            lim = h.spec.limits
+            services[name] = {"limits": {"memory": lim.memory, "cpu": lim.cpu, "pids": lim.pids},
+                              "ip": h.ip, "runs": [dict(r) for r in h.runs]}  # fmt: skip
+        return {"id": self.id, "subnet": str(self._net.network), "services": services}
+
     def close(self) -> None:
         """Stop every service (reverse start order) and release everything. Idempotent."""
         if self._closed or self._sup is None:
@@ -579,6 +591,8 @@ class ServiceHandle:
         self._session: requests.Session | None = None
         self._reason = ""
         self._oom_kills = 0
+        #: one record per start: wall-clock times and, once it ended, its cgroup's totals
+        self.runs: list[dict[str, Any]] = []
 
     def __repr__(self) -> str:
         state = "running" if self.running else f"exited {self._returncode}"
@@ -798,6 +812,12 @@ class ServiceHandle:
                 return
             self._returncode = int(msg["returncode"])
             self._oom_kills = int(msg.get("oom_kills") or 0)
+            if self.runs and self.runs[-1]["stopped"] is None:
+                figures = msg.get("stats") or {}
+                self.runs[-1].update(
+                    stopped=time.time(), returncode=self._returncode, oom_kills=self._oom_kills,
+                    memory_peak_bytes=figures.get("memory_peak_bytes"),
+                    cpu_seconds=figures.get("cpu_seconds"))  # fmt: skip
             # 137 is the OOM killer's SIGKILL unless the supervisor sent one (stop(), kill()).
             if self._oom_kills and self._returncode == 128 + signal.SIGKILL and not msg.get("killed"):
                 self._reason = (f"was OOM-killed ({self._memory_limit_text()}), "
@@ -835,6 +855,9 @@ class ServiceHandle:
             self._oom_kills = 0
             self._reason = ""
             self._exited.clear()
+            self.runs.append({"started": time.time(), "ready": None, "stopped": None,
+                              "returncode": None, "oom_kills": 0, "memory_peak_bytes": None,
+                              "cpu_seconds": None})  # fmt: skip
         ports = list(self.spec.ports)
         ready = self.spec.ready
         if isinstance(ready, HttpProbe) and ready.port not in ports:
@@ -858,6 +881,8 @@ class ServiceHandle:
 
     def _wait_ready(self) -> None:
         probes.wait_ready(self, self.spec.ready)
+        if self.runs:
+            self.runs[-1]["ready"] = time.time()
 
     def _raise_if_exited(self) -> None:
         if not self.running:

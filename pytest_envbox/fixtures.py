@@ -27,6 +27,13 @@ BAD_MARKER = pytest.StashKey[str]()
 _USED = pytest.StashKey[list[Environment]]()
 _CATALOG = pytest.StashKey[Catalog]()
 _SHARED = pytest.StashKey[dict[tuple[object, ...], "Environment | BaseException"]]()
+#: every environment of the run, for the summary and --envbox-report
+ENVIRONMENTS = pytest.StashKey[list[Environment]]()
+
+
+def _remember(config: pytest.Config, env: Environment) -> Environment:
+    config.stash.setdefault(ENVIRONMENTS, []).append(env)
+    return env
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,7 @@ def envbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         return
     env = Environment(m.services, topology=m.topology, catalog=catalog, rootdir=config.rootpath,
                       workdir=_workdir(tmp_path_factory, request.node.name))  # fmt: skip
+    _remember(config, env)
     request.node.stash.setdefault(_USED, []).append(env)
     try:
         if m.services or m.topology:
@@ -135,6 +143,7 @@ def _shared_env(request: pytest.FixtureRequest, m: EnvboxMarker, catalog: Catalo
     env = Environment(m.services, topology=m.topology, catalog=catalog,
                       rootdir=request.config.rootpath,
                       workdir=_workdir(factory, node.name or "session"))  # fmt: skip
+    _remember(request.config, env)
 
     def finish() -> None:
         cache.pop(key, None)

@@ -6,11 +6,13 @@ what the fixture recorded in the item's stash.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Generator
+from typing import Any
 
 import pytest
 
-from . import fixtures, hookspecs
+from . import fixtures, hookspecs, summary
 from .fixtures import _envbox_auto, envbox  # noqa: F401  (fixtures registered with the plugin)
 
 
@@ -72,3 +74,47 @@ def pytest_runtest_makereport(
         report.sections.append((f"envbox: {name}", text))
     return report
 
+
+
+_WORKER_REPORTS = pytest.StashKey[list[dict[str, Any]]]()
+
+
+def _reports(config: pytest.Config) -> list[dict[str, Any]]:
+    """This process's environments, and (on an xdist controller) those its workers sent."""
+    own = [env.report() for env in config.stash.get(fixtures.ENVIRONMENTS, [])]
+    return own + config.stash.get(_WORKER_REPORTS, [])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist controller: collect a finished worker's environments (see pytest_sessionfinish)."""
+    sent = getattr(node, "workeroutput", {}).get("envbox_reports")
+    if sent:
+        node.config.stash.setdefault(_WORKER_REPORTS, []).extend(json.loads(sent))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    if hasattr(config, "workeroutput"):  # an xdist worker: the controller reports for all
+        config.workeroutput["envbox_reports"] = json.dumps(_reports(config))
+        return
+    path = config.getoption("envbox_report")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"environments": _reports(config)}, f, indent=2)
+            f.write("\n")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Per service: starts, median time to ready, peak memory against its limit, cpu, OOM kills."""
+    if hasattr(config, "workeroutput"):
+        return
+    rows = summary.totals(_reports(config))
+    if not rows:
+        return
+    terminalreporter.write_sep("-", "envbox services")
+    for line in summary.table(rows):
+        terminalreporter.write_line(line)
+    path = config.getoption("envbox_report")
+    if path:
+        terminalreporter.write_line(f"envbox: report written to {path}")

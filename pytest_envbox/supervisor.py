@@ -842,9 +842,14 @@ class Supervisor:
                     s.main_pid = None
                     _close(s, "main_pidfd")
                     cg = self.cgroups.services.get(slot)
+                    figures: dict[str, int | float] = {}
+                    if cg is not None:  # the run's totals, read before its cgroup goes
+                        with contextlib.suppress(OSError):
+                            figures = cg.stats()
                     self._send({"event": "exited", "slot": slot, "returncode": code,
                                 "generation": s.generation, "killed": s.killed,
-                                "oom_kills": cg.oom_kills() if cg is not None else 0})  # fmt: skip
+                                "oom_kills": cg.oom_kills() if cg is not None else 0,
+                                "stats": figures})  # fmt: skip
             ex = self.execs.get(pid)
             if ex is not None:
                 ex.status = code

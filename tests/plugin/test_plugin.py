@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -192,3 +193,51 @@ def test_a_service_oom_killed_during_the_test_is_named_in_its_failure(project: p
         "*envbox: OOM*",
         "*service 'hog' was OOM-killed (memory limit 48Mi), return code 137*",
     ])
+
+
+def test_terminal_summary_and_json_report(project: pytest.Pytester) -> None:
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.envbox("web")
+        def test_one(envbox):
+            envbox["web"].restart()
+
+        @pytest.mark.envbox("web")
+        def test_two(envbox):
+            assert envbox["web"].http.get("/").status_code == 200
+    """)
+    report = project.path / "envbox.json"
+    result = run(project, f"--envbox-report={report}")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([
+        "*envbox services*",
+        "service*starts*ready (median)*peak memory / limit*cpu*OOM kills",
+        "web*3*ms*Mi / no limit*s*0",
+        f"envbox: report written to {report}",
+    ])
+    data = json.loads(report.read_text())
+    envs = data["environments"]
+    assert len(envs) == 2 and all(e["subnet"] == "198.18.0.0/24" for e in envs)
+    runs = [r for e in envs for r in e["services"]["web"]["runs"]]
+    assert len(runs) == 3  # test_one restarted it
+    for r in runs:
+        assert r["started"] <= r["ready"] <= r["stopped"]
+        assert r["returncode"] is not None and r["oom_kills"] == 0
+        assert r["memory_peak_bytes"] > 0 and r["cpu_seconds"] >= 0
+    assert envs[0]["services"]["web"]["limits"] == {"memory": None, "cpu": None, "pids": None}
+
+
+def test_the_summary_covers_xdist_workers(project: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(4))
+        @pytest.mark.envbox("web")
+        def test_it(envbox, i):
+            assert envbox["web"].running
+    """)
+    result = run(project, "-n", "2")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*envbox services*", "web*4*ms*"])
