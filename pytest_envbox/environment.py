@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -190,9 +190,18 @@ class Environment:
         rootdir: str | os.PathLike[str] | None = None,
         workdir: str | os.PathLike[str] | None = None,
         subnet: str | None = None,
+        on_ready: Callable[[ServiceHandle], None] | None = None,
+        on_close: Callable[[Environment], None] | None = None,
+        modify_service: Callable[[Service], Service] | None = None,
     ) -> None:
         self.catalog = catalog if catalog is not None else Catalog({}, {}, {})
         self._net = _Subnet(subnet or self.catalog.subnet or DEFAULT_SUBNET)
+        #: called after each start of a service has passed its readiness probe, and once the
+        #: environment is closed (the pytest plugin calls its hooks from these)
+        self.on_ready = on_ready
+        self.on_close = on_close
+        #: applied to the Service objects given to start() (the plugin's modify_service hook)
+        self.modify_service = modify_service
         self.rootdir = Path(rootdir if rootdir is not None else os.getcwd()).resolve()
         specs = select(self.catalog, list(services), topology)
         self._levels = start_levels(specs)
@@ -286,6 +295,8 @@ class Environment:
             raise EnvboxError("this environment is closed; create a new Environment to start services")
         if self._sup is None:
             self.open()
+        if isinstance(service, Service) and self.modify_service is not None:
+            service = self.modify_service(service)
         if isinstance(service, str) and service in self._handles:
             h = self._handles[service]
             if not h.running:
@@ -399,6 +410,8 @@ class Environment:
             h._forget()
         if owned and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.on_close is not None:
+            self.on_close(self)
 
 
 class Network:
@@ -576,6 +589,7 @@ class ServiceHandle:
         self.name = spec.name
         self._plan = plan
         self._sup = sup
+        self._env = env
         self._slot = f"{env.id}/{spec.name}"
         self._net = env._net.wire(spec.name)
         self._hosts = workdir / "hosts"
@@ -883,6 +897,8 @@ class ServiceHandle:
         probes.wait_ready(self, self.spec.ready)
         if self.runs:
             self.runs[-1]["ready"] = time.time()
+        if self._env.on_ready is not None:
+            self._env.on_ready(self)
 
     def _raise_if_exited(self) -> None:
         if not self.running:

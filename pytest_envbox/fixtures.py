@@ -9,6 +9,7 @@ they end exactly when pytest ends that scope, in order with the user's fixtures.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from . import summary
 from .config import Catalog, load_project_config, merge_services
 from .environment import Environment
 from .errors import ConfigError, EnvboxError
@@ -30,10 +32,6 @@ _SHARED = pytest.StashKey[dict[tuple[object, ...], "Environment | BaseException"
 #: every environment of the run, for the summary and --envbox-report
 ENVIRONMENTS = pytest.StashKey[list[Environment]]()
 
-
-def _remember(config: pytest.Config, env: Environment) -> Environment:
-    config.stash.setdefault(ENVIRONMENTS, []).append(env)
-    return env
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,48 @@ def project_catalog(config: pytest.Config) -> Catalog:
                 raise ConfigError(f"{origin} returned {svc!r}; return Service objects")
             extra.append((svc, origin))
     catalog = merge_services(catalog, extra)
+    catalog = dataclasses.replace(
+        catalog, services={n: modified(config, svc) for n, svc in catalog.services.items()})
     config.stash[_CATALOG] = catalog
     return catalog
+
+
+def modified(config: pytest.Config, service: Service) -> Service:
+    """``service`` after every ``pytest_envbox_modify_service`` implementation, in turn."""
+    for impl in reversed(config.pluginmanager.hook.pytest_envbox_modify_service.get_hookimpls()):
+        args = {"config": config, "service": service}
+        result = impl.function(*[args[a] for a in impl.argnames])
+        if result is None:
+            continue
+        origin = f"pytest_envbox_modify_service in {getattr(impl.plugin, '__file__', impl.plugin_name)}"
+        if not isinstance(result, Service):
+            raise ConfigError(f"{origin} returned {result!r} for service {service.name!r}; return "
+                              "a Service (dataclasses.replace(service, ...)) or None")  # fmt: skip
+        if result.name != service.name:
+            raise ConfigError(f"{origin} renamed service {service.name!r} to {result.name!r}; "
+                              "the name cannot change (other services and tests refer to it)")  # fmt: skip
+        service = result
+    return service
+
+
+def _environment(request: pytest.FixtureRequest, m: EnvboxMarker, catalog: Catalog,
+                 workdir: Path) -> Environment:  # fmt: skip
+    """An environment for the marker, with the project's hooks wired in, remembered for the
+    run's summary."""
+    config = request.config
+    hook = config.pluginmanager.hook
+
+    def closed(env: Environment) -> None:
+        stats = {row.name: row for row in summary.totals([env.report()])}
+        hook.pytest_envbox_environment_closed(environment=env, stats=stats)
+
+    services = [modified(config, s) if isinstance(s, Service) else s for s in m.services]
+    env = Environment(services, topology=m.topology, catalog=catalog, rootdir=config.rootpath,
+                      workdir=workdir, on_close=closed,
+                      on_ready=lambda h: hook.pytest_envbox_service_ready(handle=h),
+                      modify_service=lambda s: modified(config, s))  # fmt: skip
+    config.stash.setdefault(ENVIRONMENTS, []).append(env)
+    return env
 
 
 def _workdir(factory: pytest.TempPathFactory, name: str) -> Path:
@@ -118,9 +156,7 @@ def envbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         request.node.stash.setdefault(_USED, []).append(env)
         yield env
         return
-    env = Environment(m.services, topology=m.topology, catalog=catalog, rootdir=config.rootpath,
-                      workdir=_workdir(tmp_path_factory, request.node.name))  # fmt: skip
-    _remember(config, env)
+    env = _environment(request, m, catalog, _workdir(tmp_path_factory, request.node.name))
     request.node.stash.setdefault(_USED, []).append(env)
     try:
         if m.services or m.topology:
@@ -140,10 +176,7 @@ def _shared_env(request: pytest.FixtureRequest, m: EnvboxMarker, catalog: Catalo
         raise found  # start-up failed for an earlier test of this scope: fail fast, same error
     if found is not None:
         return found
-    env = Environment(m.services, topology=m.topology, catalog=catalog,
-                      rootdir=request.config.rootpath,
-                      workdir=_workdir(factory, node.name or "session"))  # fmt: skip
-    _remember(request.config, env)
+    env = _environment(request, m, catalog, _workdir(factory, node.name or "session"))
 
     def finish() -> None:
         cache.pop(key, None)

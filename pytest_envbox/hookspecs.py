@@ -6,7 +6,7 @@ pytest hook.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -14,7 +14,9 @@ import pluggy
 if TYPE_CHECKING:
     import pytest
 
+    from .environment import Environment, ServiceHandle
     from .spec import Service
+    from .summary import ServiceTotals
 
 hookspec = pluggy.HookspecMarker("pytest")
 
@@ -34,4 +36,50 @@ def pytest_envbox_services(config: pytest.Config) -> Sequence[Service] | None:
 
         def pytest_envbox_services(config):
             return [Service("echo", "python -m http.server 8080", ports=[8080])]
+    """
+
+
+@hookspec
+def pytest_envbox_modify_service(config: pytest.Config, service: Service) -> Service | None:
+    """Change a service before any environment uses it: inject environment variables, mounts,
+    limits... for every service of the project, whatever declared it.
+
+    Called once per declared service (``[tool.envbox]``, ``envbox.toml`` or
+    ``pytest_envbox_services``) and once per ``Service`` written in a marker. Implementations are
+    chained: each gets what the previous one returned. The name cannot change.
+
+    :param config: The pytest config object.
+    :param service: The service as declared (or as an earlier implementation returned it).
+    :return: A new ``Service`` (``dataclasses.replace(service, ...)``), or None to keep it.
+
+    Example::
+
+        import dataclasses
+
+        def pytest_envbox_modify_service(config, service):
+            if service.name == "api":
+                return dataclasses.replace(service, env={**service.env, "LOG_LEVEL": "debug"})
+    """
+
+
+@hookspec
+def pytest_envbox_service_ready(handle: ServiceHandle) -> None:
+    """A service of an environment has started and passed its readiness probe.
+
+    Called on each start (``restart()`` too), from the thread that waited for it: services of
+    one dependency level may call it side by side. Seed data, warm caches, or log, here.
+
+    :param handle: The service's :class:`~pytest_envbox.ServiceHandle`.
+    """
+
+
+@hookspec
+def pytest_envbox_environment_closed(environment: Environment,
+                                     stats: Mapping[str, ServiceTotals]) -> None:  # fmt: skip
+    """An environment has been torn down: every service stopped, everything released.
+
+    :param environment: The :class:`~pytest_envbox.Environment`; ``environment.report()`` has
+        each run's times and figures.
+    :param stats: Per service name: its starts, median time to ready, peak memory against its
+        limit, cpu seconds and OOM kills in this environment (as in the run's summary).
     """

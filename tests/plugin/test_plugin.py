@@ -241,3 +241,61 @@ def test_the_summary_covers_xdist_workers(project: pytest.Pytester) -> None:
     result = run(project, "-n", "2")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*envbox services*", "web*4*ms*"])
+
+
+def test_hooks_modify_services_and_hear_of_ready_services_and_closed_environments(
+    project: pytest.Pytester,
+) -> None:
+    project.makeconftest("""
+        import dataclasses, json, os
+
+        EVENTS = []
+
+        def pytest_envbox_modify_service(config, service):
+            return dataclasses.replace(service, env={**service.env, "INJECTED": service.name})
+
+        def pytest_envbox_service_ready(handle):
+            EVENTS.append(("ready", handle.name, handle.running))
+
+        def pytest_envbox_environment_closed(environment, stats):
+            EVENTS.append(("closed", sorted(stats), [row.starts for row in stats.values()]))
+
+        def pytest_sessionfinish(session):
+            with open(os.path.join(str(session.config.rootpath), "events.json"), "w") as f:
+                json.dump(EVENTS, f)
+    """)
+    project.makepyfile("""
+        import pytest
+        from pytest_envbox import Service
+
+        @pytest.mark.envbox("web")
+        def test_declared(envbox):
+            assert envbox["web"].exec(["printenv", "INJECTED"]).stdout == "web\\n"
+
+        def test_started_on_demand(envbox):
+            h = envbox.start(Service("adhoc", ["sleep", "1000"]))
+            assert h.exec(["printenv", "INJECTED"]).stdout == "adhoc\\n"
+    """)
+    run(project).assert_outcomes(passed=2)
+    events = json.loads((project.path / "events.json").read_text())
+    assert events == [["ready", "web", True], ["closed", ["web"], [1]],
+                      ["ready", "adhoc", True], ["closed", ["adhoc"], [1]]]  # fmt: skip
+
+
+def test_a_modify_hook_that_renames_a_service_is_a_config_error(project: pytest.Pytester) -> None:
+    project.makeconftest("""
+        import dataclasses
+
+        def pytest_envbox_modify_service(config, service):
+            return dataclasses.replace(service, name="other")
+    """)
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.envbox("web")
+        def test_it(envbox):
+            pass
+    """)
+    result = run(project)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*renamed service 'web' to 'other'; the name cannot change*"])
