@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cgroups
+from . import cgroups, state
 from .config import load_project_config
 from .environment import Environment
 from .errors import EnvboxError
@@ -112,11 +112,47 @@ def up(names: Sequence[str], topology: str | None, rootdir: Path) -> int:
 
 
 def clean() -> int:
-    """Remove what runs killed with SIGKILL left behind: their cgroup directories."""
+    """Remove what runs killed with SIGKILL left behind: their cgroup directories and records.
+
+    Processes, namespaces, veths and mounts need no cleaning: they die with the supervisor.
+    """
     removed = cgroups.clean_stale()
     for path in removed:
         print(f"removed {path}")
-    print(f"envbox: {len(removed)} stale cgroup director{'y' if len(removed) == 1 else 'ies'} removed")
+    records = state.clean_stale()
+    for path in records:
+        print(f"removed {path}")
+    print(f"envbox: {len(removed)} stale cgroup director{'y' if len(removed) == 1 else 'ies'} "
+          f"and {len(records)} stale run record{'' if len(records) == 1 else 's'} removed")  # fmt: skip
+    return 0
+
+
+def ps() -> int:
+    """The runs alive on this host (those of this user; all of them as root), and their services."""
+    import pwd
+
+    alive = [(name, rec) for name, rec in state.runs() if rec is not None]
+    stale = sum(1 for _, rec in state.runs() if rec is None)
+    for name, rec in alive:
+        try:
+            owner = pwd.getpwuid(int(rec.get("owner", -1))).pw_name
+        except (KeyError, ValueError):
+            owner = str(rec.get("owner"))
+        tests = ", ".join(str(p) for p in rec.get("tests") or []) or "-"
+        print(f"{name}: supervisor {rec.get('supervisor')}, user {owner}, test process {tests}, "
+              f"in {rec.get('cwd')}")  # fmt: skip
+        envs = rec.get("environments") or {}
+        if not envs:
+            print("  (no service running)")
+        for env, services in envs.items():
+            for svc, info in services.items():
+                pid = info.get("pid") or "exited"
+                print(f"  environment {env}: {svc}  pid {pid}  {info.get('ip') or ''}".rstrip())
+    if not alive:
+        print("envbox: no run alive on this host")
+    if stale:
+        print(f"envbox: {stale} record{'s' if stale != 1 else ''} of killed runs: "
+              "`envbox clean` removes them")
     return 0
 
 
@@ -124,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="envbox", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="check what this host supports")
-    sub.add_parser("clean", help="remove what killed runs left behind (cgroups)")
+    sub.add_parser("clean", help="remove what killed runs left behind (cgroups, records)")
+    sub.add_parser("ps", help="list the runs alive on this host and their services")
     p_up = sub.add_parser("up", help="start services in the foreground")
     p_up.add_argument("names", nargs="*", help="services (default: all)")
     p_up.add_argument("--topology", default=None)
@@ -135,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return doctor()
         if args.command == "clean":
             return clean()
+        if args.command == "ps":
+            return ps()
         return up(args.names, args.topology, args.rootdir.resolve())
     except EnvboxError as e:
         print(f"envbox: {e}", file=sys.stderr)

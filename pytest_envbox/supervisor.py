@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _linux as L
-from . import cgroups, netlink, nftables
+from . import cgroups, netlink, nftables, state
 from ._protocol import FrameReader, encode
 from .relay import Relay
 from .sandbox import SandboxPlan, close_fds_except, exec_command, run_spare
@@ -154,6 +154,12 @@ class Supervisor:
         # theirs behind, empty: remove them first.
         self.cgroups_host = cgroups.detect()
         cgroups.clean_stale(self.cgroups_host)
+        # This run's record for `envbox ps` (state.py), written when idle; stale ones go now.
+        self.state_name = cgroups.run_name(os.getpid())
+        self.state_dirty = False
+        self.watched: list[int] = []
+        with contextlib.suppress(OSError):
+            state.clean_stale()
         self.cgroups = cgroups.CgroupTree(cgroups.CgroupHost("none"), "")  # made at hello
         self._start_zygote()
 
@@ -187,6 +193,8 @@ class Supervisor:
                 # which a waiting start would otherwise pay).
                 if self.running and not self.pending and self.want_spare and not self.spares:
                     self._spawn_spare()
+                if self.running and not self.pending and self.state_dirty:
+                    self._write_state()
                 if self.running and not self.pending and self.want_hub and self.spare_hub is None:
                     try:
                         self.spare_hub = netlink.make_hub(self.own_netns)
@@ -235,6 +243,8 @@ class Supervisor:
         the reply, before it starts a service.
         """
         self.cgroups = cgroups.CgroupTree(self.cgroups_host, cgroups.run_name(os.getpid()))
+        self.watched = list(watch or ())
+        self.state_dirty = True
         for pid in watch or ():
             try:
                 self.sel.register(os.pidfd_open(pid), selectors.EVENT_READ, "watched")
@@ -512,6 +522,7 @@ class Supervisor:
         pidfd, pend.pidfd = pend.pidfd, None
         # The service may have exited (and been reaped) already: its own event says so, and its
         # pid is then unknown (None).
+        self.state_dirty = True
         if pend.error is None and pend.got_exec and s is not None:
             if s.init_pid == pend.pid:
                 s.main_pid = pend.main_pid
@@ -676,6 +687,7 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     self._release(s)
             self.cgroups.release(slot)
+        self.state_dirty = True
         for env in {_env_of(slot) for slot in slots}:
             if not any(_env_of(other) == env for other in self.slots):
                 self._drop_hub(env)  # its last service is gone: so is its network
@@ -777,6 +789,19 @@ class Supervisor:
                     "has them (every major distribution's does)") from None
             raise
 
+    def _write_state(self) -> None:
+        """This run's record for ``envbox ps``: whose it is, its services' pids and addresses."""
+        self.state_dirty = False
+        envs: dict[str, dict[str, Any]] = {}
+        for slot, s in self.slots.items():
+            env, _, name = slot.partition("/")
+            envs.setdefault(env, {})[name] = {"pid": s.main_pid, "init": s.init_pid, "ip": s.ip}
+        tests = [os.getppid(), *(p for p in self.watched if p != os.getppid())]
+        record = {"supervisor": os.getpid(), "owner": os.getuid(), "tests": tests,
+                  "cwd": os.getcwd(), "environments": envs}  # fmt: skip
+        with contextlib.suppress(OSError):
+            state.write(self.state_name, record)
+
     def _thaw(self, slot: str) -> None:
         """Resume a paused service: a frozen process cannot act on a signal (on cgroup v1 it
         cannot even die of SIGKILL)."""
@@ -840,6 +865,7 @@ class Supervisor:
                 if s is not None and s.init_pid == pid:
                     s.init_pid = None
                     s.main_pid = None
+                    self.state_dirty = True
                     _close(s, "main_pidfd")
                     cg = self.cgroups.services.get(slot)
                     figures: dict[str, int | float] = {}
@@ -913,6 +939,8 @@ class Supervisor:
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.dirs.clear()
+        with contextlib.suppress(OSError):
+            state.remove(self.state_name)
         for env in list(self.hubs):
             self._drop_hub(env)
         if self.spare_hub is not None:

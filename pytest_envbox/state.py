@@ -1,0 +1,76 @@
+"""The host-wide record of live runs, for ``envbox ps`` and ``envbox clean``.
+
+Each supervisor keeps one small JSON file, ``<state dir>/envbox-<pid>-<start time>.json``, saying
+whose it is and which services it runs (pids, addresses); it is rewritten when that changes (when
+the supervisor is idle, off any start's path) and removed when the supervisor ends. A file whose
+supervisor is gone (SIGKILLed) is stale: the next supervisor, or ``envbox clean``, removes it.
+Standard library only: the lean supervisor imports it. Writes are atomic (a temporary file,
+renamed), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+from .cgroups import RUN_PREFIX, _is_stale
+
+
+def state_dir() -> str:
+    """Where the records are: ``/run/envbox`` for root, the user's runtime directory otherwise."""
+    if os.geteuid() == 0:
+        return "/run/envbox"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "envbox")
+    return f"/tmp/envbox-{os.geteuid()}"
+
+
+def write(name: str, record: dict[str, Any], directory: str | None = None) -> None:
+    d = directory or state_dir()
+    os.makedirs(d, mode=0o755, exist_ok=True)
+    path = os.path.join(d, name + ".json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def remove(name: str, directory: str | None = None) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory or state_dir(), name + ".json"))
+
+
+def runs(directory: str | None = None) -> list[tuple[str, dict[str, Any] | None]]:
+    """Every record: (run name, its content), content None when its supervisor is gone."""
+    d = directory or state_dir()
+    try:
+        names = sorted(n[:-5] for n in os.listdir(d) if n.startswith(RUN_PREFIX) and n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    for name in names:
+        if _is_stale(name):
+            out.append((name, None))
+            continue
+        try:
+            with open(os.path.join(d, name + ".json")) as f:
+                out.append((name, json.load(f)))
+        except (OSError, ValueError):
+            continue  # removed meanwhile
+    return out
+
+
+def clean_stale(directory: str | None = None) -> list[str]:
+    """Remove the records of supervisors that are gone; return their paths."""
+    d = directory or state_dir()
+    removed = []
+    for name, record in runs(d):
+        if record is None:
+            path = os.path.join(d, name + ".json")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
