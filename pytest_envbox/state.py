@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from .cgroups import RUN_PREFIX, _is_stale
@@ -61,6 +62,34 @@ def runs(directory: str | None = None) -> list[tuple[str, dict[str, Any] | None]
         except (OSError, ValueError):
             continue  # removed meanwhile
     return out
+
+
+@contextlib.contextmanager
+def janitor(directory: str | None = None) -> Iterator[bool]:
+    """The janitor's lock: yields True for the one process (of all the xdist workers starting at
+    once) that should clean up after dead runs now, False for the others, who need not wait.
+
+    ``flock`` (stdlib: the lean supervisor cannot import ``filelock``); released at exit, even
+    by SIGKILL.
+    """
+    import fcntl
+
+    d = directory or state_dir()
+    try:
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        fd = os.open(os.path.join(d, "janitor.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield True  # no state directory: clean anyway (cleaning is idempotent)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def clean_stale(directory: str | None = None) -> list[str]:

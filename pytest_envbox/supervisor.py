@@ -153,13 +153,17 @@ class Supervisor:
         # Every service gets a cgroup below ours (see cgroups.py); runs SIGKILLed earlier left
         # theirs behind, empty: remove them first.
         self.cgroups_host = cgroups.detect()
-        cgroups.clean_stale(self.cgroups_host)
-        # This run's record for `envbox ps` (state.py), written when idle; stale ones go now.
+        # This run's record for `envbox ps` (state.py), written when idle.
         self.state_name = cgroups.run_name(os.getpid())
         self.state_dirty = False
         self.watched: list[int] = []
-        with contextlib.suppress(OSError):
-            state.clean_stale()
+        # What dead runs left (cgroups, records) goes now, by whichever of the supervisors
+        # starting together (xdist workers) takes the janitor's lock; never a live run's.
+        with state.janitor() as mine:
+            if mine:
+                cgroups.clean_stale(self.cgroups_host)
+                with contextlib.suppress(OSError):
+                    state.clean_stale()
         self.cgroups = cgroups.CgroupTree(cgroups.CgroupHost("none"), "")  # made at hello
         self._start_zygote()
 

@@ -51,3 +51,12 @@ def test_clean_removes_the_record_of_a_killed_run_and_never_a_live_one() -> None
     assert f"removed {stale}" in out
     assert not os.path.exists(stale)
     assert all(os.path.exists(os.path.join(d, n)) for n in live)
+
+
+def test_one_janitor_at_a_time() -> None:
+    from pytest_envbox.state import janitor
+
+    with janitor() as first, janitor() as second:
+        assert (first, second) == (True, False)  # the second one need not wait, nor clean
+    with janitor() as again:
+        assert again
