@@ -238,13 +238,19 @@ def _starttime(pid: int) -> str:
 
 
 def _is_stale(name: str) -> bool:
-    """Is this run directory's supervisor gone (dead, or its pid reused by another process)?"""
+    """Is this run directory's supervisor gone (dead, a zombie nobody reaped yet, or its pid
+    reused by another process)?"""
     try:
         pid_s, start = name[len(RUN_PREFIX):].split("-", 1)
         pid = int(pid_s)
     except ValueError:
         return False  # not one of ours: leave it alone
-    return _starttime(pid) != start
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    return fields[0] in ("Z", "X") or fields[19] != start
 
 
 class CgroupTree:

@@ -96,6 +96,10 @@ def clean_stale(directory: str | None = None) -> list[str]:
     """Remove the records of supervisors that are gone; return their paths."""
     d = directory or state_dir()
     removed = []
+    with contextlib.suppress(OSError):  # a supervisor killed while it wrote its record
+        for n in os.listdir(d):
+            if n.startswith(RUN_PREFIX) and n.endswith(".json.tmp") and _is_stale(n[:-9]):
+                os.unlink(os.path.join(d, n))
     for name, record in runs(d):
         if record is None:
             path = os.path.join(d, name + ".json")

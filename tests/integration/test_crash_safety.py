@@ -124,3 +124,54 @@ def test_sigkill_of_the_supervisor_kills_every_service(user: str | None) -> None
         assert env.workdir is not None and not env.workdir.exists()
     finally:
         sup.close()
+
+
+def test_after_kill_9_of_a_whole_xdist_run_the_next_run_starts_clean(tmp_path: Path) -> None:
+    """Everything of the run SIGKILLed at once (controller, workers, supervisors): what only a
+    supervisor could remove (its cgroups, its record for `envbox ps`) stays, and the next run's
+    janitor removes it as it starts."""
+    pytest.importorskip("xdist")
+    from pytest_envbox.cgroups import run_name
+    from pytest_envbox.state import state_dir
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "test_inner.py").write_text(textwrap.dedent(INNER))
+    report = killed / "report"
+    env = {**os.environ, "REPORT": str(report), "PYTHONPATH": str(Path(__file__).parents[2])}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *PLUGIN_ARGS, "-q", "-p", "no:cacheprovider", "-n", "2",
+         str(killed / "test_inner.py")],
+        cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert _until(lambda: report.exists() or child.poll() is not None, 60)
+        pid_s, sup_s, _pidns, _workdir = report.read_text().split()
+        pid, sup = int(pid_s), int(sup_s)
+        record = os.path.join(state_dir(), run_name(sup) + ".json")
+        cgroups = [d for d in cgroup_dirs(pid).values() if "/envbox-" in d]
+        runs = {os.path.dirname(d) for d in cgroups}
+        assert _until(lambda: os.path.exists(record), 10), "the run has no record"
+    finally:
+        _kill_processes_in(killed)  # all of it at once, supervisors included (same cwd)
+        child.wait()
+    assert _until(lambda: not alive(sup) and not alive(pid), 5)
+    assert os.path.exists(record) and all(os.path.isdir(r) for r in runs), "nothing was left?"
+
+    # The next run: a plain test of its own, under xdist too.
+    nxt = tmp_path / "next"
+    nxt.mkdir()
+    (nxt / "test_next.py").write_text(textwrap.dedent("""
+        from pytest_envbox import Service
+
+        def test_it(envbox):
+            assert envbox.start(Service("fresh", ["sleep", "1000"])).running
+    """))
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", *PLUGIN_ARGS, "-q", "-p", "no:cacheprovider", "-n", "2",
+         str(nxt / "test_next.py")],
+        cwd=nxt, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert not os.path.exists(record)
+    assert not any(os.path.exists(d) for d in runs), runs
