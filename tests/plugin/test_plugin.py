@@ -299,3 +299,67 @@ def test_a_modify_hook_that_renames_a_service_is_a_config_error(project: pytest.
     result = run(project)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*renamed service 'web' to 'other'; the name cannot change*"])
+
+
+SCOPE_CONFTEST = """
+    import os
+
+    SEEN = []  # (scope group, pid of the service), in test order
+
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+
+    def record(group, envbox):
+        pid = envbox["web"].pid
+        # Every earlier group's service is gone by now; this group's is the same one.
+        for g, p in SEEN:
+            if g != group:
+                assert not alive(p), f"{g}'s service (pid {p}) outlived its scope"
+            else:
+                assert p == pid, f"{g} did not share one environment"
+        SEEN.append((group, pid))
+"""
+
+
+@pytest.mark.parametrize("scope", ["function", "class", "module", "package", "session"])
+def test_each_scope_shares_one_environment_and_tears_it_down_when_the_scope_ends(
+    project: pytest.Pytester, scope: str,
+) -> None:
+    """Two groups of two tests each, one group per scope unit: the tests of a group share one
+    service (same pid); when the next group starts, the first group's service is gone (for
+    session scope, the two groups are one)."""
+    project.makeconftest(SCOPE_CONFTEST)
+    group_of = {"function": lambda u, t: f"{u}{t}", "class": lambda u, t: u,
+                "module": lambda u, t: u, "package": lambda u, t: u,
+                "session": lambda u, t: "all"}[scope]  # fmt: skip
+    for unit in ("a", "b"):
+        body = ["import pytest", "from conftest import record", ""]
+        if scope == "class":
+            body += ["@pytest.mark.envbox('web', scope='class')", f"class TestGroup{unit.upper()}:"]
+            for t in (1, 2):
+                body += [f"    def test_{t}(self, envbox):", f"        record({group_of(unit, t)!r}, envbox)"]
+        else:
+            body += [f"pytestmark = pytest.mark.envbox('web', scope={scope!r})"]
+            for t in (1, 2):
+                body += [f"def test_{t}(envbox):", f"    record({group_of(unit, t)!r}, envbox)"]
+        target = project.path / f"pkg_{unit}" if scope == "package" else project.path
+        target.mkdir(exist_ok=True)
+        if scope == "package":
+            (target / "__init__.py").write_text("")
+        (target / f"test_{unit}.py").write_text("\n".join(body) + "\n")
+    if scope == "class":  # both classes in one module
+        (project.path / "test_b.py").unlink()
+        a = (project.path / "test_a.py").read_text()
+        b_class = "\n".join(line for line in [
+            "@pytest.mark.envbox('web', scope='class')", "class TestGroupB:",
+            "    def test_1(self, envbox):", "        record('b', envbox)",
+            "    def test_2(self, envbox):", "        record('b', envbox)"])  # fmt: skip
+        (project.path / "test_a.py").write_text(a + "\n\n" + b_class + "\n")
+    result = run(project, "-p", "no:randomly", "--rootdir", str(project.path))
+    result.assert_outcomes(passed=4)
