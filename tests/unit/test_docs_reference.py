@@ -1,0 +1,41 @@
+"""The reference pages name every key, option and command the code accepts (and so stay true)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pytest_envbox import Limits, Mount, Service, cli
+from pytest_envbox.config import _TOP_LEVEL_KEYS
+from pytest_envbox.spec import _PROBE_KEYS
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def _text(page: str) -> str:
+    return (DOCS / page).read_text()
+
+
+def test_every_configuration_key_is_documented() -> None:
+    declaring = _text("declaring.md")
+    keys = {*Service.KEYS, *Limits.KEYS, *Mount.KEYS, *_PROBE_KEYS, *_TOP_LEVEL_KEYS}
+    missing = sorted(k for k in keys if f"`{k}" not in declaring)
+    assert not missing, f"docs/declaring.md does not document: {missing}"
+
+
+def test_every_option_is_documented() -> None:
+    import pytest_envbox.plugin as plugin
+
+    source = Path(plugin.__file__).read_text()
+    options = set(re.findall(r'addoption\(\s*"(--envbox-[a-z-]+)"', source))
+    assert options >= {"--envbox-logs", "--envbox-report", "--envbox-keep", "--envbox-rootless"}
+    testing = _text("testing.md")
+    assert not sorted(o for o in options if f"`{o}" not in testing)
+
+
+def test_every_command_is_documented() -> None:
+    source = Path(cli.__file__).read_text()
+    commands = set(re.findall(r'add_parser\("([a-z]+)"', source))
+    assert commands == {"doctor", "up", "ps", "clean"}
+    api = _text("python-api.md")
+    assert not sorted(c for c in commands if f"envbox {c}" not in api)
