@@ -371,12 +371,6 @@ class CgroupTree:
         self.release(slot)
         self.services[slot] = cg
 
-    def service(self, slot: str) -> ServiceCgroup:
-        """A new cgroup for one run of a service (a restart gets a fresh one: fresh figures)."""
-        cg = self.new()
-        self.adopt(slot, cg)
-        return cg
-
     def discard(self, cg: ServiceCgroup) -> None:
         """Remove a cgroup that no service took (its spare died, or was never used)."""
         try:
@@ -591,10 +585,7 @@ class ServiceCgroup:
 
     def procs_files(self) -> list[str]:
         """Every ``cgroup.procs`` a process must be written to, to be in this cgroup."""
-        files = [f"{d}/cgroup.procs" for d in dict.fromkeys(self.dirs.values())]
-        if self.unified is not None:
-            files.append(f"{self.unified}/cgroup.procs")
-        return files
+        return [f"{d}/cgroup.procs" for d in self._dirs()]
 
     def add(self, pid: int) -> None:
         """Move a process (and so every child it will have) into this cgroup."""

@@ -131,8 +131,9 @@ def ps() -> int:
     """The runs alive on this host (those of this user; all of them as root), and their services."""
     import pwd
 
-    alive = [(name, rec) for name, rec in state.runs() if rec is not None]
-    stale = sum(1 for _, rec in state.runs() if rec is None)
+    records = state.runs()
+    alive = [(name, rec) for name, rec in records if rec is not None]
+    stale = len(records) - len(alive)
     for name, rec in alive:
         try:
             owner = pwd.getpwuid(int(rec.get("owner", -1))).pw_name

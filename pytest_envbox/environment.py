@@ -53,6 +53,14 @@ _env_ids = itertools.count(1)
 DEFAULT_SUBNET = "198.18.0.0/24"
 
 
+def _unsupported(e: SupervisorError, prefix: str = "") -> HostUnsupported | None:
+    """The supervisor's ``unsupported:<why and fix>`` answer as a HostUnsupported, else None."""
+    text = str(e)
+    if "unsupported:" not in text:
+        return None
+    return HostUnsupported(prefix + text.split("unsupported:", 1)[1])
+
+
 class _Subnet:
     """An environment's IPv4 subnet: the hub (bridge) takes the first address, services the next."""
 
@@ -468,9 +476,7 @@ class Network:
         try:
             sup.call(op, env=self._env.id, **kw)
         except SupervisorError as e:
-            if "unsupported:" in str(e):
-                raise HostUnsupported(str(e).split("unsupported:", 1)[1]) from None
-            raise EnvboxError(f"network.{op}() failed: {e}") from None
+            raise _unsupported(e) or EnvboxError(f"network.{op}() failed: {e}") from None
 
 
 class Link:
@@ -527,9 +533,8 @@ class Link:
         try:
             h._sup.call("link", slot=h._slot, action=action, **kw)
         except SupervisorError as e:
-            if "unsupported:" in str(e):
-                raise HostUnsupported(f"service {h.name!r}: " + str(e).split("unsupported:", 1)[1]) from None
-            raise EnvboxError(f"service {h.name!r}: link.{action}() failed: {e}") from None
+            raise (_unsupported(e, f"service {h.name!r}: ")
+                   or EnvboxError(f"service {h.name!r}: link.{action}() failed: {e}")) from None
 
 
 @dataclass(frozen=True)
@@ -776,11 +781,8 @@ class ServiceHandle:
             raise self._cgroup_error(e, "pause()" if frozen else "resume()") from None
 
     def _cgroup_error(self, e: SupervisorError, what: str) -> EnvboxError:
-        text = str(e)
-        if "unsupported:" in text:
-            return HostUnsupported(f"service {self.name!r}: {what} needs cgroups; "
-                                   + text.split("unsupported:", 1)[1])  # fmt: skip
-        return EnvboxError(f"service {self.name!r}: {what} failed: {text}")
+        return (_unsupported(e, f"service {self.name!r}: {what} needs cgroups; ")
+                or EnvboxError(f"service {self.name!r}: {what} failed: {e}"))
 
     def exec(self, argv: Sequence[str] | str, *, timeout: float | None = 60.0,
              input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
@@ -886,8 +888,9 @@ class ServiceHandle:
                                limits={"memory": lim.memory, "cpu": lim.cpu, "pids": lim.pids})  # fmt: skip
         except SupervisorError as e:
             self._exited.set()
-            if "unsupported:" in str(e):
-                raise HostUnsupported(str(e).split("unsupported:", 1)[1]) from None
+            unsupported = _unsupported(e)
+            if unsupported is not None:
+                raise unsupported from None
             raise ServiceFailed(self.name, None, probes.log_tail(self.log_path),
                                 reason=f"could not be started: {e}") from None  # fmt: skip
         self._pid = r["pid"]

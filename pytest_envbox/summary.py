@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .cgroups import format_memory
@@ -20,7 +20,7 @@ class ServiceTotals:
 
     name: str
     starts: int = 0
-    ready_seconds: list[float] | None = None
+    ready_seconds: list[float] = field(default_factory=list)
     memory_peak_bytes: int | None = None
     memory_limit: int | None = None
     cpu_seconds: float = 0.0
@@ -36,14 +36,13 @@ def totals(reports: Iterable[Mapping[str, Any]]) -> list[ServiceTotals]:
     rows: dict[str, ServiceTotals] = {}
     for env in reports:
         for name, svc in env.get("services", {}).items():
-            row = rows.setdefault(name, ServiceTotals(name, ready_seconds=[]))
+            row = rows.setdefault(name, ServiceTotals(name))
             limit = (svc.get("limits") or {}).get("memory")
             if limit is not None:
                 row.memory_limit = max(row.memory_limit or 0, int(limit))
             for run in svc.get("runs", []):
                 row.starts += 1
                 if run.get("ready") is not None and run.get("started") is not None:
-                    assert row.ready_seconds is not None
                     row.ready_seconds.append(float(run["ready"]) - float(run["started"]))
                 peak = run.get("memory_peak_bytes")
                 if peak is not None:

@@ -878,7 +878,7 @@ class Supervisor:
                             figures = cg.stats()
                     self._send({"event": "exited", "slot": slot, "returncode": code,
                                 "generation": s.generation, "killed": s.killed,
-                                "oom_kills": cg.oom_kills() if cg is not None else 0,
+                                "oom_kills": figures.get("oom_kills", 0),
                                 "stats": figures})  # fmt: skip
             ex = self.execs.get(pid)
             if ex is not None:
