@@ -136,12 +136,21 @@ class SupervisorClient:
                 self._handlers[slot] = handler
 
     def close(self) -> None:
-        """Ask the supervisor to tear everything down and wait until it has exited."""
+        """Ask the supervisor to tear everything down and wait until it has exited.
+
+        Unless it keeps environments (``--envbox-keep``): then it lives on, detached, until
+        ``envbox clean``.
+        """
+        kept = None
         if not self.dead:
             with contextlib.suppress(EnvboxError, OSError):
-                self.call("shutdown")
+                kept = self.call("shutdown").get("kept")
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
+        if kept:
+            self._sock.close()
+            self._proc.returncode = 0  # not ours to wait for any more (and no ResourceWarning)
+            return
         try:
             self._proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -20,6 +20,7 @@ from .config import load_project_config
 from .environment import Environment
 from .errors import EnvboxError
 from .spec import Service
+from .summary import enter_command
 
 
 def _cgroup_check(root: bool) -> tuple[bool, str]:
@@ -111,18 +112,56 @@ def up(names: Sequence[str], topology: str | None, rootdir: Path) -> int:
     return 0
 
 
+def _stop_kept(timeout: float = 15.0) -> int:
+    """SIGTERM every supervisor kept alive by ``--envbox-keep`` (this user's; anyone's as
+    root) and wait for each to tear down its environments; return how many there were."""
+    import select
+
+    stopped = 0
+    for name, rec in state.runs():
+        if not rec or not rec.get("kept") or not rec.get("supervisor"):
+            continue
+        if os.geteuid() != 0 and rec.get("owner") != os.geteuid():
+            continue
+        try:
+            pidfd = os.pidfd_open(int(rec["supervisor"]))
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            if cgroups._is_stale(name):  # the pid was reused: not that supervisor any more
+                continue
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            if not select.select([pidfd], [], [], timeout)[0]:
+                print(f"envbox: supervisor {rec['supervisor']} did not end in {timeout:.0f} s; "
+                      "killing it", file=sys.stderr)  # fmt: skip
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                select.select([pidfd], [], [], timeout)
+        except OSError:
+            continue
+        finally:
+            os.close(pidfd)
+        stopped += 1
+        for env, why in rec["kept"].items():
+            names = ", ".join(rec.get("environments", {}).get(env, {})) or "no services"
+            print(f"stopped kept environment {env} ({names}; {why})")
+    return stopped
+
+
 def clean() -> int:
-    """Remove what runs killed with SIGKILL left behind: their cgroup directories and records.
+    """Stop environments kept by ``--envbox-keep``, and remove what runs killed with SIGKILL
+    left behind: their cgroup directories and records.
 
     Processes, namespaces, veths and mounts need no cleaning: they die with the supervisor.
     """
+    kept = _stop_kept()
     removed = cgroups.clean_stale()
     for path in removed:
         print(f"removed {path}")
     records = state.clean_stale()
     for path in records:
         print(f"removed {path}")
-    print(f"envbox: {len(removed)} stale cgroup director{'y' if len(removed) == 1 else 'ies'} "
+    print(f"envbox: {kept} kept run{'' if kept == 1 else 's'} stopped, "
+          f"{len(removed)} stale cgroup director{'y' if len(removed) == 1 else 'ies'} "
           f"and {len(records)} stale run record{'' if len(records) == 1 else 's'} removed")  # fmt: skip
     return 0
 
@@ -143,12 +182,17 @@ def ps() -> int:
         print(f"{name}: supervisor {rec.get('supervisor')}, user {owner}, test process {tests}, "
               f"in {rec.get('cwd')}")  # fmt: skip
         envs = rec.get("environments") or {}
+        kept = rec.get("kept") or {}
         if not envs:
             print("  (no service running)")
         for env, services in envs.items():
+            if env in kept:
+                print(f"  environment {env}: kept ({kept[env]}); `envbox clean` removes it")
             for svc, info in services.items():
                 pid = info.get("pid") or "exited"
                 print(f"  environment {env}: {svc}  pid {pid}  {info.get('ip') or ''}".rstrip())
+                if env in kept and info.get("pid"):
+                    print(f"    enter: {enter_command(int(info['pid']))}")
     if not alive:
         print("envbox: no run alive on this host")
     if stale:

@@ -224,6 +224,9 @@ class Environment:
         self.network = Network(self)
         self._sup: SupervisorClient | None = None
         self._closed = False
+        #: why the environment is to outlive the process (``--envbox-keep``), see ``_keep()``
+        self._keep_reason: str | None = None
+        self._kept = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("open" if self._sup is not None else "not started")
@@ -387,12 +390,21 @@ class Environment:
         """What happened in this environment: per service, its limits and one record per run
         (start, ready and stop times as Unix time; return code; peak memory, cpu seconds and
         OOM kills from its cgroup, once the run ended). The JSON of ``--envbox-report``."""
-        services = {}
+        services: dict[str, dict[str, Any]] = {}
         for name, h in self._handles.items():
             lim = h.spec.limits
             services[name] = {"limits": {"memory": lim.memory, "cpu": lim.cpu, "pids": lim.pids},
-                              "ip": h.ip, "runs": [dict(r) for r in h.runs]}  # fmt: skip
-        return {"id": self.id, "subnet": str(self._net.network), "services": services}
+                              "ip": h.ip, "runs": [dict(r) for r in h.runs],
+                              "log": str(h.log_path)}  # fmt: skip
+            if self._kept:  # how to reach it now: its host pid and published ports
+                services[name].update(pid=h.pid, ports={str(p): h.port(p) for p in h._ports})
+        return {"id": self.id, "subnet": str(self._net.network), "services": services,
+                "kept": self._keep_reason if self._kept else None}  # fmt: skip
+
+    def _keep(self, why: str) -> None:
+        """Leave the services running at ``close()``, and after this process ends, until
+        ``envbox clean`` (the plugin's ``--envbox-keep``, for a failed test)."""
+        self._keep_reason = why
 
     def close(self) -> None:
         """Stop every service (reverse start order) and release everything. Idempotent."""
@@ -401,6 +413,14 @@ class Environment:
             return
         self._closed = True
         handles = [self._handles[n] for n in reversed(self._order)]
+        if self._keep_reason is not None and any(h.running for h in handles):
+            with contextlib.suppress(EnvboxError, OSError):
+                self._sup.call("keep", env=self.id, why=self._keep_reason)
+                self._kept = True
+        if self._kept:
+            if self.on_close is not None:
+                self.on_close(self)
+            return
         # SIGTERM to all at once, then wait for each: teardown takes the slowest service's
         # time, not the sum.
         for h in handles:

@@ -203,6 +203,13 @@ def _envbox_auto(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("envbox")
 
 
+def keep_environments(item: pytest.Item, why: str) -> None:
+    """--envbox-keep: the item's environments stay up after the run (see Environment._keep)."""
+    for env in item.stash.get(_USED, []):
+        if len(env):
+            env._keep(why)
+
+
 def log_sections(item: pytest.Item) -> list[tuple[str, str]]:
     """(service name, text) for each service the item used: its log tail and where the rest is."""
     out = []

@@ -62,6 +62,8 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    if report.failed and item.config.getoption("envbox_keep"):
+        fixtures.keep_environments(item, f"{item.nodeid} failed at {report.when}")
     if report.failed:
         # An OOM kill is usually the real cause of a failure that shows as a refused connection.
         notes = fixtures.oom_notes(item)
@@ -118,3 +120,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     path = config.getoption("envbox_report")
     if path:
         terminalreporter.write_line(f"envbox: report written to {path}")
+    kept = summary.kept(_reports(config))
+    if kept:
+        terminalreporter.write_sep("-", "envbox: kept environments (--envbox-keep)")
+        for line in kept:
+            terminalreporter.write_line(line)

@@ -69,3 +69,31 @@ def table(rows: list[ServiceTotals]) -> list[str]:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f}Mi"
+
+
+def enter_command(pid: int) -> str:
+    """How to get a shell inside a running service: all its namespaces (the user namespace is
+    skipped when it is the caller's own), its root directory and working directory."""
+    return f"nsenter --target {pid} --all --root --wd /bin/sh"
+
+
+def kept(reports: Iterable[Mapping[str, Any]]) -> list[str]:
+    """For each environment kept by ``--envbox-keep``: why, and per service how to reach it
+    (published ports, log) and how to enter it; then how to remove them all."""
+    lines = []
+    for env in reports:
+        if not env.get("kept"):
+            continue
+        lines.append(f"environment {env['id']} kept ({env['kept']}), network {env.get('subnet')}:")
+        for name, svc in env.get("services", {}).items():
+            pid = svc.get("pid")
+            if pid is None:
+                lines.append(f"  {name}: not running; log {svc.get('log')}")
+                continue
+            ports = ", ".join(f"{p} -> 127.0.0.1:{h}" for p, h in (svc.get("ports") or {}).items())
+            lines.append(f"  {name}: pid {pid}, {svc.get('ip')}"
+                         f"{', ' + ports if ports else ''}; log {svc.get('log')}")  # fmt: skip
+            lines.append(f"    enter: {enter_command(int(pid))}")
+    if lines:
+        lines.append("remove kept environments with: envbox clean")
+    return lines

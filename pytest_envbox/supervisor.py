@@ -157,6 +157,12 @@ class Supervisor:
         self.state_name = cgroups.run_name(os.getpid())
         self.state_dirty = False
         self.watched: list[int] = []
+        self.test_pid = os.getppid()  # (once detached, our parent is no longer the test process)
+        self.watch_fds: list[int] = []  # pidfds of the processes in ``watched``
+        # --envbox-keep: environments (id -> why) to leave running when the test process ends;
+        # once it has, the supervisor is detached and serves them until SIGTERM (`envbox clean`).
+        self.kept: dict[str, str] = {}
+        self.detached = False
         # What dead runs left (cgroups, records) goes now, by whichever of the supervisors
         # starting together (xdist workers) takes the janitor's lock; never a live run's.
         with state.janitor() as mine:
@@ -210,8 +216,8 @@ class Supervisor:
     def _send(self, msg: dict[str, Any]) -> None:
         try:
             self.sock.sendall(encode(msg))
-        except OSError:
-            self.running = False
+        except OSError:  # the test process is gone: tear down (unless detached, see _detach)
+            self.running = self.detached
 
     def _reply(self, req_id: int, **kw: Any) -> None:
         self._send({"id": req_id, **kw})
@@ -221,8 +227,14 @@ class Supervisor:
             data = self.sock.recv(1 << 16)
         except OSError:
             data = b""
-        if not data:  # the test process is gone: tear down now
-            self.running = False
+        if not data:  # the test process is gone: tear down now, unless it asked to keep
+            if self.kept and not self.detached:
+                self._detach()
+            if self.detached:
+                self.sel.unregister(self.sock)
+                self.sock.close()
+            else:
+                self.running = False
             return
         for msg in self.reader.feed(data):
             req_id = msg.pop("id")
@@ -251,9 +263,12 @@ class Supervisor:
         self.state_dirty = True
         for pid in watch or ():
             try:
-                self.sel.register(os.pidfd_open(pid), selectors.EVENT_READ, "watched")
+                fd = os.pidfd_open(pid)
             except OSError:  # already gone
                 self.running = False
+                continue
+            self.watch_fds.append(fd)
+            self.sel.register(fd, selectors.EVENT_READ, "watched")
         return {"pid": os.getpid(), "cgroups": {"version": self.cgroups.host.version,
                                                 "problem": self.cgroups.problem}}
 
@@ -800,9 +815,9 @@ class Supervisor:
         for slot, s in self.slots.items():
             env, _, name = slot.partition("/")
             envs.setdefault(env, {})[name] = {"pid": s.main_pid, "init": s.init_pid, "ip": s.ip}
-        tests = [os.getppid(), *(p for p in self.watched if p != os.getppid())]
+        tests = [self.test_pid, *(p for p in self.watched if p != self.test_pid)]
         record = {"supervisor": os.getpid(), "owner": os.getuid(), "tests": tests,
-                  "cwd": os.getcwd(), "environments": envs}  # fmt: skip
+                  "cwd": os.getcwd(), "environments": envs, "kept": self.kept}  # fmt: skip
         with contextlib.suppress(OSError):
             state.write(self.state_name, record)
 
@@ -847,8 +862,58 @@ class Supervisor:
         return {}
 
     def op_shutdown(self, req_id: int) -> dict[str, Any]:
-        self.running = False
+        """End; or, with environments to keep, free everything else and serve those alone."""
+        if not self.kept:
+            self.running = False
+            return {}
+        self._detach()
+        return {"kept": sorted(self.kept)}
+
+    def op_keep(self, req_id: int, env: str, why: str) -> dict[str, Any]:
+        """Keep environment ``env`` running after the test process ends (``--envbox-keep``)."""
+        self.kept[env] = why
+        self.state_dirty = True
         return {}
+
+    def _detach(self) -> None:
+        """Outlive the test process for the kept environments: release every other slot,
+        the spares and what was made ahead, stop watching the test processes and writing to
+        their terminal. SIGTERM (``envbox clean``) then tears down the rest, as ever."""
+        self.detached = True
+        others = [slot for slot in self.slots if _env_of(slot) not in self.kept]
+        with contextlib.suppress(Exception):
+            self.op_release(0, others)
+        self._drop_spares()
+        self.want_spare = self.want_hub = False
+        for fd in self.watch_fds:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(fd)
+            os.close(fd)
+        self.watch_fds.clear()
+        os.dup2(self.devnull, 1)
+        os.dup2(self.devnull, 2)
+        self.state_dirty = True
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        """A detached supervisor whose kept services have all exited has nothing left to show:
+        it ends (their logs stay in the test run's directory)."""
+        if self.detached and not any(s.init_pid is not None for s in self.slots.values()):
+            self.running = False
+
+    def _drop_spares(self) -> None:
+        for spare in self.spares:
+            spare.ctl.close()  # end-of-file: a spare exits by itself
+            if spare.cgroup is not None:
+                self.cgroups.discard(spare.cgroup)
+        self.spares.clear()
+        if self.zygote is not None:
+            self.zygote.close()  # and so does the zygote
+            self.zygote = None
+        if self.spare_hub is not None:
+            self.spare_hub[1].close()
+            os.close(self.spare_hub[0])
+            self.spare_hub = None
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -880,6 +945,7 @@ class Supervisor:
                                 "generation": s.generation, "killed": s.killed,
                                 "oom_kills": figures.get("oom_kills", 0),
                                 "stats": figures})  # fmt: skip
+                    self._maybe_done()
             ex = self.execs.get(pid)
             if ex is not None:
                 ex.status = code
@@ -924,13 +990,7 @@ class Supervisor:
         os.close(s.netns_fd)
 
     def teardown(self) -> None:
-        for spare in self.spares:
-            spare.ctl.close()  # end-of-file: a spare exits by itself
-            if spare.cgroup is not None:
-                self.cgroups.discard(spare.cgroup)
-        self.spares.clear()
-        if self.zygote is not None:
-            self.zygote.close()  # and so does the zygote
+        self._drop_spares()
         for slot in list(self.slots):
             self._thaw(slot)
             with contextlib.suppress(Exception):  # one slot's trouble must not keep the rest
@@ -947,10 +1007,6 @@ class Supervisor:
             state.remove(self.state_name)
         for env in list(self.hubs):
             self._drop_hub(env)
-        if self.spare_hub is not None:
-            self.spare_hub[1].close()
-            os.close(self.spare_hub[0])
-            self.spare_hub = None
         with contextlib.suppress(Exception):
             self.cgroups.remove()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -363,3 +364,95 @@ def test_each_scope_shares_one_environment_and_tears_it_down_when_the_scope_ends
         (project.path / "test_a.py").write_text(a + "\n\n" + b_class + "\n")
     result = run(project, "-p", "no:randomly", "--rootdir", str(project.path))
     result.assert_outcomes(passed=4)
+
+
+def run_subprocess(p: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """pytest in a process of its own (from the checkout, when the package is not installed)."""
+    p._monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[2]))
+    return p.runpytest_subprocess(*PLUGIN_ARGS, "-p", "no:cacheprovider", *args)
+
+
+def test_keep_leaves_a_failed_tests_environment_until_envbox_clean(project: pytest.Pytester) -> None:
+    import os
+    import re
+    import shlex
+    import subprocess
+
+    import requests
+
+    from pytest_envbox._wait import Deadline, wait_until
+    from tests.kernel import alive, cgroup_dirs
+
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.envbox("web")
+        def test_fails(envbox):
+            assert envbox["web"].http.get("/").status_code == 404
+
+        @pytest.mark.envbox(topology="shop")
+        def test_passes(envbox):
+            with open("passing-pids", "w") as f:
+                f.write(f"{envbox['web'].pid} {envbox['worker'].pid}")
+    """)
+    # A real pytest process of its own: the environment must outlive it.
+    result = run_subprocess(project, "--envbox-keep")
+    result.assert_outcomes(failed=1, passed=1)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines([
+        "*envbox: kept environments (--envbox-keep)*",
+        "environment * kept (test_*.py::test_fails failed at call), network 198.18.0.0/24:",
+        "  web: pid *, 198.18.0.2, 8000 -> 127.0.0.1:*; log *web.log",
+        "    enter: nsenter --target * --all --root --wd /bin/sh",
+        "remove kept environments with: envbox clean",
+    ])  # fmt: skip
+    m = re.search(r"web: pid (\d+), [\d.]+, 8000 -> 127\.0\.0\.1:(\d+)", out)
+    enter = re.search(r"enter: (nsenter .*)", out)
+    assert m is not None and enter is not None, out
+    pid, port = int(m[1]), int(m[2])
+    cgroups = cgroup_dirs(pid)
+    try:
+        # pytest has ended; the failed test's service still runs, published and enterable.
+        assert alive(pid)
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+        entered = subprocess.run([*shlex.split(enter[1]), "-c", "hostname; cat /etc/hostname"],
+                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert entered.stdout.split()[0] == "web", entered.stderr
+        # The passing test's environment is gone, as always.
+        others = [int(p) for p in (project.path / "passing-pids").read_text().split()]
+        assert wait_until(lambda: not any(alive(p) for p in others) or None, Deadline(10))
+        ps = subprocess.run([sys.executable, "-m", "pytest_envbox.cli", "ps"], capture_output=True,
+                            text=True, timeout=60).stdout  # fmt: skip
+        assert "kept (test_keep_leaves" in ps and f"web  pid {pid}" in ps, ps
+        sup = int(re.findall(r"supervisor (\d+)", ps.split(f"web  pid {pid}")[0])[-1])
+    finally:
+        cleaned = subprocess.run([sys.executable, "-m", "pytest_envbox.cli", "clean"],
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert cleaned.returncode == 0 and "stopped kept environment" in cleaned.stdout, cleaned
+    # `envbox clean` waits for the teardown: nothing of it is left when it returns.
+    assert not alive(pid) and not alive(sup)
+    assert not any(os.path.exists(d) for c, d in cgroups.items() if "envbox-" in d), cgroups
+    ps = subprocess.run([sys.executable, "-m", "pytest_envbox.cli", "ps"], capture_output=True,
+                        text=True, timeout=60).stdout  # fmt: skip
+    assert f"supervisor {sup}" not in ps
+
+
+def test_keep_leaves_nothing_when_every_test_passes(project: pytest.Pytester) -> None:
+    from pytest_envbox._wait import Deadline, wait_until
+    from tests.kernel import alive
+
+    project.makepyfile("""
+        import os
+
+        import pytest
+
+        @pytest.mark.envbox("web", scope="module")
+        def test_passes(envbox):
+            with open("pids", "w") as f:
+                f.write(f"{envbox['web'].pid} {os.getpid()}")
+    """)
+    result = run_subprocess(project, "--envbox-keep")
+    result.assert_outcomes(passed=1)
+    assert "kept" not in result.stdout.str()
+    web, _ = (int(p) for p in (project.path / "pids").read_text().split())
+    assert wait_until(lambda: not alive(web) or None, Deadline(10))
