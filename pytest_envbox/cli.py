@@ -15,11 +15,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cgroups, state
-from .config import load_project_config
-from .environment import Environment
+from . import cgroups, hostcheck, state
 from .errors import EnvboxError
-from .spec import Service
 from .summary import enter_command
 
 
@@ -28,8 +25,10 @@ def _cgroup_check(root: bool) -> tuple[bool, str]:
     host = cgroups.detect()
     if host.version == "none":
         return False, "no cgroup filesystem mounted: limits, stats() and pause() are unavailable"
-    if not root:
-        return False, f"{host.describe()}; as non-root, cgroups are not writable (run as root)"
+    if not root and host.version != "v2":
+        return False, (f"{host.describe()}; cgroup {host.version} hierarchies cannot be delegated "
+                       "to a user: limits, stats() and pause() need root here (cgroup v2 with "
+                       "a delegated subtree would do)")  # fmt: skip
     # A dry run: it never moves the test run's processes (cgroups._vacate), it says it would.
     tree = cgroups.CgroupTree(host, cgroups.run_name(os.getpid()), may_move=False)
     try:
@@ -54,46 +53,110 @@ def _cgroup_check(root: bool) -> tuple[bool, str]:
         tree.remove()
 
 
+class _Report:
+    """``envbox doctor``'s lines: a name, a verdict (OK, NOTE, MISSING) and what to know."""
+
+    def __init__(self) -> None:
+        self.ok = True
+
+    def line(self, name: str, verdict: str, text: str) -> None:
+        if verdict == "MISSING":
+            self.ok = False
+        print(f"{name:<18} {verdict:<7} {text}", flush=True)
+
+
 def doctor() -> int:
     """Print what this host supports, one line each; 0 when services can run here."""
-    ok = True
-
-    def line(name: str, good: bool, text: str) -> None:
-        nonlocal ok
-        ok = ok and good
-        print(f"{name:<18} {'OK  ' if good else 'MISSING'} {text}")
-
+    out = _Report()
     linux = sys.platform.startswith("linux")
-    line("linux", linux, platform.platform() if linux else f"this is {sys.platform}: use Linux")
+    out.line("linux", "OK" if linux else "MISSING",
+             platform.platform() if linux else f"this is {sys.platform}: use Linux")  # fmt: skip
     if not linux:
         return 1
     release = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
-    line("kernel", release >= (5, 12), platform.release() if release >= (5, 12)
-         else f"{platform.release()}: kernel 5.12 or newer is needed (mount_setattr)")  # fmt: skip
+    out.line("kernel", "OK" if release >= (5, 12) else "MISSING", platform.release()
+             if release >= (5, 12) else
+             f"{platform.release()}: kernel 5.12 or newer is needed (mount_setattr)")  # fmt: skip
     root = os.geteuid() == 0
-    line("privileges", root, "root" if root else
-         "not root: run as root (rootless mode is planned)")  # fmt: skip
     try:
-        users = int(Path("/proc/sys/user/max_user_namespaces").read_text())
-    except OSError:
-        users = 0
-    print(f"{'user namespaces':<18} {'OK  ' if users else 'NOTE'} "
-          f"{'available' if users else 'disabled (user.max_user_namespaces = 0)'}")  # fmt: skip
+        import pwd
+
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid {os.geteuid()}"
+    out.line("privileges", "OK" if root else "NOTE", "root" if root else
+             f"not root ({user}): the rootless lines below say what a user can do here")  # fmt: skip
+    blocked = hostcheck.userns_sysctls()
+    if blocked:
+        out.line("user namespaces", "NOTE" if root else "MISSING", "; ".join(
+            f"{why}: enable with `{fix}`" for why, fix in blocked))  # fmt: skip
+    else:
+        out.line("user namespaces", "OK", "available to unprivileged users")
     good, text = _cgroup_check(root)
     # Not fatal: services without limits run without cgroups (with a warning).
-    print(f"{'cgroups':<18} {'OK  ' if good else 'NOTE'} {text}")
+    out.line("cgroups", "OK" if good else "NOTE", text)
     if root:
+        from .environment import Environment
+        from .spec import Service
+
         try:
             with Environment([Service("doctor", ["sleep", "60"])], rootdir="/"):
                 pass
-            line("sandbox", True, "a service started in new pid/mount/uts/ipc/net namespaces")
+            out.line("sandbox", "OK", "a service started in new pid/mount/uts/ipc/net namespaces")
         except EnvboxError as e:
-            line("sandbox", False, f"could not start a sandboxed service: {e}")
-    return 0 if ok else 1
+            out.line("sandbox", "MISSING", f"could not start a sandboxed service: {e}")
+        return 0 if out.ok else 1
+    _rootless(out, user, blocked=bool(blocked), limits=good)
+    return 0 if out.ok else 1
+
+
+def _rootless(out: _Report, user: str, *, blocked: bool, limits: bool) -> None:
+    """What rootless mode can and cannot do for this user here, each tried for real."""
+    tried = hostcheck.try_user_namespace()
+    steps = (("user namespace", "a user namespace, with you as root inside"),
+             ("namespaces", "new mount, pid, uts, ipc, net and cgroup namespaces in it"),
+             ("mounts", "private mounts, a tmpfs, / bound read-only"),
+             ("network", "a bridge and a veth pair (the private network)"))  # fmt: skip
+    can, cannot = [], []
+    for key, what in steps:
+        if key not in tried:
+            cannot.append(f"{what} (not tried: an earlier step failed)")
+        elif tried[key] is None:
+            can.append(what)
+        else:
+            cannot.append(f"{what}: {tried[key]}")
+    fix = "" if not blocked else " (see the user namespaces line for the fix)"
+    out.line("rootless sandbox", "OK" if not cannot else "MISSING",
+             ("can make " + "; ".join(can)) if not cannot
+             else "cannot make " + "; ".join(cannot) + fix)  # fmt: skip
+    ids = hostcheck.subids()
+    if ids.usable:
+        out.line("subordinate ids", "OK", f"{ids.uids} uids and {ids.gids} gids in /etc/subuid "
+                 "and /etc/subgid, and newuidmap: services may run as other users")  # fmt: skip
+    else:
+        missing = []
+        if not ids.uids or not ids.gids:
+            missing.append(f"no range for {user} in /etc/subuid and /etc/subgid (add one: `sudo "
+                           f"usermod --add-subuids 100000-165535 --add-subgids 100000-165535 "
+                           f"{user}`)")  # fmt: skip
+        if not ids.helpers:
+            missing.append("no newuidmap/newgidmap (`sudo apt install uidmap`)")
+        out.line("subordinate ids", "NOTE", "services can run only as you (root inside); a "
+                 "service's `user` needs " + " and ".join(missing))  # fmt: skip
+    out.line("rootless limits", "OK" if limits else "NOTE",
+             "memory, cpu and pids limits can be enforced for you" if limits else
+             "services that declare limits cannot run rootless here (see the cgroups line); "
+             "services without limits can")  # fmt: skip
+    out.line("rootless mode", "MISSING",
+             f"not implemented yet: as {user}, services do not start (`--envbox-rootless` is "
+             "accepted and ignored); run the tests as root, e.g. with sudo or in CI")  # fmt: skip
 
 
 def up(names: Sequence[str], topology: str | None, rootdir: Path) -> int:
     """Start services from the project's declarations and keep them until Ctrl-C."""
+    from .config import load_project_config
+    from .environment import Environment
+
     catalog = load_project_config(rootdir)
     if not names and topology is None:
         names = catalog.names()

@@ -260,13 +260,6 @@ def test_mounts_bind_host_paths_at_targets_that_do_not_exist_on_the_host(tmp_pat
     assert not Path("/data/in").exists() and not Path("/srv/envbox-out").exists()
 
 
-def test_envbox_doctor_says_the_host_can_run_services() -> None:
-    r = subprocess.run([PY, "-m", "pytest_envbox.cli", "doctor"], capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "sandbox" in r.stdout and "MISSING" not in r.stdout
-
-
 def test_cwd_that_is_tmp_itself_keeps_the_private_tmp() -> None:
     with Environment([Service("w", ["sleep", "1000"])], rootdir="/tmp") as env:
         r = env["w"].exec(["sh", "-c", "pwd && touch /tmp/x && ls /tmp"])

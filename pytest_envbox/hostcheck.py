@@ -1,0 +1,161 @@
+"""What an unprivileged user can do on this host: the facts behind ``envbox doctor``'s rootless lines.
+
+Rootless mode runs the supervisor in a user namespace, where the user is root over namespaces it
+creates. Whether that works depends on sysctls that distributions set differently, on
+``/etc/subuid`` and ``newuidmap`` (for services running as other users), and on whether the
+cgroup tree is delegated to the user. Each is checked for real here: the namespaces are created in
+a forked child, which tries the same steps a sandbox takes (private mounts, a read-only bind of
+``/``, a tmpfs, a bridge and a veth) and reports each step.
+
+Standard library only, like the rest of the CLI's checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _linux as L
+
+#: sysctls that disable or restrict unprivileged user namespaces: (path, bad value, why, fix)
+_USERNS_SYSCTLS = (
+    ("/proc/sys/user/max_user_namespaces", "0",
+     "user namespaces are disabled (user.max_user_namespaces = 0)",
+     "sudo sysctl -w user.max_user_namespaces=15000"),
+    ("/proc/sys/kernel/unprivileged_userns_clone", "0",
+     "unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone = 0)",
+     "sudo sysctl -w kernel.unprivileged_userns_clone=1"),
+    ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+     "AppArmor restricts unprivileged user namespaces "
+     "(kernel.apparmor_restrict_unprivileged_userns = 1, Ubuntu 23.10 and later)",
+     "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor profile "
+     "that allows `userns` for your Python interpreter"),
+)  # fmt: skip
+
+
+def userns_sysctls() -> list[tuple[str, str]]:
+    """(what is wrong, how to fix it) for each sysctl that stops unprivileged user namespaces."""
+    found = []
+    for path, bad, why, fix in _USERNS_SYSCTLS:
+        with contextlib.suppress(OSError):
+            if Path(path).read_text().strip() == bad:
+                found.append((why, fix))
+    return found
+
+
+@dataclass
+class SubIds:
+    """The user's subordinate id ranges, and whether ``newuidmap``/``newgidmap`` can map them."""
+
+    uids: int
+    gids: int
+    helpers: bool
+
+    @property
+    def usable(self) -> bool:
+        return self.uids > 0 and self.gids > 0 and self.helpers
+
+
+def _ranges(path: str, user: str, uid: int) -> int:
+    total = 0
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            parts = line.strip().split(":")
+            if len(parts) == 3 and parts[0] in (user, str(uid)) and parts[2].isdigit():
+                total += int(parts[2])
+    return total
+
+
+def subids(uid: int | None = None) -> SubIds:
+    uid = os.getuid() if uid is None else uid
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return SubIds(_ranges("/etc/subuid", user, uid), _ranges("/etc/subgid", user, uid),
+                  bool(shutil.which("newuidmap") and shutil.which("newgidmap")))  # fmt: skip
+
+
+def try_user_namespace(timeout: float = 10.0) -> dict[str, str | None]:
+    """In a forked child: enter a user namespace and the sandbox's other namespaces and try the
+    sandbox's steps. Returns step -> None (it worked) or the error; a step after a failed one is
+    not tried (and not in the result)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    uid, gid = os.getuid(), os.getgid()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(r)
+        results: dict[str, str | None] = {}
+        try:
+            _steps(uid, gid, results)
+        except BaseException:  # the failed step is in results already
+            pass
+        with contextlib.suppress(OSError):
+            os.write(w, json.dumps(results).encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    try:
+        import select
+
+        while select.select([r], [], [], timeout)[0]:
+            data = os.read(r, 65536)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(r)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    try:
+        out: dict[str, str | None] = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        out = {}
+    return out or {"user namespace": "the check did not finish"}
+
+
+def _steps(uid: int, gid: int, results: dict[str, str | None]) -> None:
+    from . import netlink  # now: the tmpfs mounted on /tmp below may hide the package
+
+    def step(name: str, fn: object) -> None:
+        try:
+            fn()  # type: ignore[operator]
+        except Exception as e:
+            results[name] = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+            raise
+        results[name] = None
+
+    def enter_userns() -> None:
+        L.unshare(L.CLONE_NEWUSER)
+        Path("/proc/self/setgroups").write_text("deny")
+        Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+        Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+
+    def namespaces() -> None:
+        L.unshare(L.CLONE_NEWNS | L.CLONE_NEWPID | L.CLONE_NEWUTS | L.CLONE_NEWIPC
+                  | L.CLONE_NEWNET | L.CLONE_NEWCGROUP)  # fmt: skip
+
+    def mounts() -> None:
+        L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
+        L.mount("tmpfs", "/tmp", "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=0755")
+        os.mkdir("/tmp/root")
+        L.mount("/", "/tmp/root", None, L.MS_BIND | L.MS_REC)
+        L.mount_setattr("/tmp/root", L.MOUNT_ATTR_RDONLY)
+
+    def network() -> None:
+        L.loopback_up()
+        with netlink.Netlink() as nl:
+            nl.add_bridge("br0")
+            own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            nl.add_veth("veth0", "eth0", own, master=nl.index("br0"))
+
+    step("user namespace", enter_userns)
+    step("namespaces", namespaces)
+    step("mounts", mounts)
+    step("network", network)

@@ -1,0 +1,127 @@
+"""The ``envbox`` command as a user runs it: ``up`` in the foreground with Ctrl-C, ``doctor`` as
+root and as an unprivileged user."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.kernel import alive, cgroup_dirs, children, holders, ns_inode
+
+PY = sys.executable
+REPO = Path(__file__).parents[2]
+
+
+def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float = 60.0) -> str:
+    """The process's output up to ``marker`` (a deadline, no sleep; unbuffered reads, so that
+    select() sees all there is)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    out = b""
+    end = time.monotonic() + timeout
+    while marker.encode() not in out:
+        left = end - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], out.decode()
+        data = os.read(fd, 65536)
+        assert data, f"envbox ended early: {out.decode()}"
+        out += data
+    return out.decode()
+
+
+def test_envbox_up_brings_up_the_example_and_ctrl_c_leaves_nothing() -> None:
+    proc = subprocess.Popen([PY, "-m", "pytest_envbox.cli", "up", "--topology", "shop"],
+                            cwd=REPO / "examples" / "shop", stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    try:
+        out = read_until(proc, "services are up")
+        found = dict(re.findall(r"^(\w+): [\d.]+ on the environment's network, pid (\d+),", out, re.M))
+        assert set(found) == {"catalog", "cache"}, out
+        pids = {name: int(p) for name, p in found.items()}
+        port = re.search(r"catalog: .* 8000 -> 127\.0\.0\.1:(\d+)", out)
+        logs = re.findall(r"log (\S+)", out)
+        assert port is not None and logs, out
+        assert requests.get(f"http://127.0.0.1:{port[1]}/health", timeout=10).status_code == 200
+        supervisor = children(proc.pid)
+        netns = [ns_inode(p, "net") for p in pids.values()]
+        cgroups = [d for p in pids.values() for d in cgroup_dirs(p).values() if "envbox-" in d]
+        assert cgroups  # the example declares limits
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=30) == 0
+        assert proc.stdout is not None
+        assert b"torn down" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Nothing is left: processes, supervisor, namespaces, cgroups, the directory of the logs.
+    assert not any(alive(p) for p in [*pids.values(), *supervisor])
+    assert all(holders(ns) == [] for ns in netns)
+    assert not any(os.path.exists(d) for d in cgroups), cgroups
+    assert not any(os.path.exists(Path(log).parent) for log in logs)
+
+
+@pytest.fixture
+def nobody_copy() -> Iterator[Path]:
+    """The package, copied where an unprivileged user can read it (this checkout and the test's
+    interpreter may be under /root)."""
+    d = Path(tempfile.mkdtemp(prefix="envbox-nobody-"))
+    try:
+        shutil.copytree(REPO / "pytest_envbox", d / "pytest_envbox",
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        for path in [d, *d.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def test_doctor_as_an_unprivileged_user_says_what_rootless_mode_can_and_cannot_do(
+    nobody_copy: Path,
+) -> None:
+    python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+    if python is None:
+        pytest.skip("no system python3 that an unprivileged user can run")
+    # The CLI's checks need the standard library only: the package is loaded without its
+    # __init__ (which imports requests), as the supervisor loads it.
+    code = ("import sys, types; p = types.ModuleType('pytest_envbox'); "
+            f"p.__path__ = [{str(nobody_copy / 'pytest_envbox')!r}]; "
+            "sys.modules['pytest_envbox'] = p; "
+            "from pytest_envbox.cli import main; sys.exit(main(['doctor']))")  # fmt: skip
+    r = subprocess.run([python, "-c", code], user=65534, group=65534, extra_groups=[],
+                       capture_output=True, text=True, timeout=60, cwd="/")  # fmt: skip
+    lines = {ln[:18].strip(): ln[19:] for ln in r.stdout.splitlines()}
+    assert r.stderr == "", r.stderr
+    assert lines["privileges"].startswith("NOTE    not root (nobody)"), r.stdout
+    # This machine allows unprivileged user namespaces: every step is tried for real.
+    assert lines["user namespaces"].startswith("OK"), r.stdout
+    assert lines["rootless sandbox"].startswith("OK      can make a user namespace"), r.stdout
+    assert "a bridge and a veth pair" in lines["rootless sandbox"]
+    assert lines["subordinate ids"].startswith("NOTE"), r.stdout  # nobody has no range
+    cgroup_v2 = cgroup_dirs(os.getpid()).keys() == {"unified"}
+    if not cgroup_v2:  # v1/hybrid: no limits without root, and the doctor says why
+        assert lines["rootless limits"].startswith("NOTE    services that declare limits"), r.stdout
+        assert "cannot be delegated to a user" in lines["cgroups"], r.stdout
+    assert lines["rootless mode"].startswith("MISSING not implemented yet"), r.stdout
+    assert r.returncode == 1  # services cannot run as this user (yet)
+
+
+def test_doctor_as_root_says_every_piece_works_here() -> None:
+    r = subprocess.run([PY, "-m", "pytest_envbox.cli", "doctor"], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    names = [ln[:18].strip() for ln in r.stdout.splitlines()]
+    assert names == ["linux", "kernel", "privileges", "user namespaces", "cgroups", "sandbox"]
+    assert "MISSING" not in r.stdout
