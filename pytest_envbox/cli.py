@@ -96,6 +96,7 @@ def doctor() -> int:
     # Not fatal: services without limits run without cgroups (with a warning).
     out.line("cgroups", "OK" if good else "NOTE", text)
     if root:
+        _network(out)
         from .environment import Environment
         from .spec import Service
 
@@ -108,6 +109,26 @@ def doctor() -> int:
         return 0 if out.ok else 1
     _rootless(out, user, blocked=bool(blocked), limits=good)
     return 0 if out.ok else 1
+
+
+def _network(out: _Report) -> None:
+    """The private network and its faults, tried in a throwaway namespace."""
+    found = hostcheck.network_faults()
+    if found.get("bridge") is not None:
+        out.line("network", "MISSING", f"cannot make a bridge in a new network namespace "
+                 f"({found['bridge']}): load the modules with `modprobe bridge veth`")  # fmt: skip
+        return
+    missing = []
+    if found.get("netem") is not None:
+        missing.append(f"link.delay() needs the netem qdisc ({found['netem']}: `modprobe "
+                       "sch_netem`, in Debian's and Ubuntu's linux-modules-extra)")  # fmt: skip
+    if found.get("nf_tables") is not None:
+        missing.append(f"link.loss() and network.partition() need nf_tables for bridges "
+                       f"({found['nf_tables']}: `modprobe nf_tables nf_tables_bridge nft_numgen`)")
+    text = ("private networks (bridge, veth; raw rtnetlink, no pyroute2 needed)"
+            + ("; link.delay(), link.loss(), network.partition() work" if not missing
+               else "; " + "; ".join(missing)))  # fmt: skip
+    out.line("network", "NOTE" if missing else "OK", text)
 
 
 def _rootless(out: _Report, user: str, *, blocked: bool, limits: bool) -> None:

@@ -159,3 +159,39 @@ def _steps(uid: int, gid: int, results: dict[str, str | None]) -> None:
     step("namespaces", namespaces)
     step("mounts", mounts)
     step("network", network)
+
+
+def network_faults() -> dict[str, str | None]:
+    """In a throwaway network namespace (the hub's steps): a bridge, netem on it (``link.delay``),
+    and an nf_tables bridge table with a random-drop rule (``link.loss``, ``partition``).
+    Returns feature -> None (works) or the kernel's error. Needs CAP_NET_ADMIN."""
+    from . import netlink, nftables
+
+    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    results: dict[str, str | None] = {}
+    try:
+        try:
+            fd, nl, bridge = netlink.make_hub(own)
+        except OSError as e:
+            return {"bridge": str(e)}
+        results["bridge"] = None
+        try:
+            def delay() -> None:
+                nl.netem(bridge, 1.0)
+
+            def drop() -> None:
+                nftables.replace_table("envbox-doctor", [nftables.Drop(iif="a", oif="b", percent=50)])
+
+            for feature, attempt in (("netem", delay), ("nf_tables", drop)):
+                try:
+                    with netlink.inside(fd, own):
+                        attempt()
+                    results[feature] = None
+                except OSError as e:
+                    results[feature] = e.strerror or str(e)
+        finally:
+            nl.close()
+            os.close(fd)
+    finally:
+        os.close(own)
+    return results

@@ -118,10 +118,21 @@ def test_doctor_as_an_unprivileged_user_says_what_rootless_mode_can_and_cannot_d
     assert r.returncode == 1  # services cannot run as this user (yet)
 
 
-def test_doctor_as_root_says_every_piece_works_here() -> None:
+def test_doctor_as_root_says_every_piece_works_here_and_which_faults_this_kernel_has() -> None:
+    from pytest_envbox import Environment, HostUnsupported, Service
+
     r = subprocess.run([PY, "-m", "pytest_envbox.cli", "doctor"], capture_output=True, text=True,
                        timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    names = [ln[:18].strip() for ln in r.stdout.splitlines()]
-    assert names == ["linux", "kernel", "privileges", "user namespaces", "cgroups", "sandbox"]
+    lines = {ln[:18].strip(): ln[19:] for ln in r.stdout.splitlines()}
+    assert list(lines) == ["linux", "kernel", "privileges", "user namespaces", "cgroups", "network",
+                           "sandbox"]  # fmt: skip
     assert "MISSING" not in r.stdout
+    # The network line agrees with what link.delay() does here (this kernel may lack netem).
+    with Environment([Service("w", ["sleep", "1000"])]) as env:
+        try:
+            env["w"].link.delay(1)
+            has_netem = True
+        except HostUnsupported:
+            has_netem = False
+    assert ("link.delay() needs the netem qdisc" not in lines["network"]) == has_netem, lines["network"]

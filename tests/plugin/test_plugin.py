@@ -166,6 +166,9 @@ def test_marker_alone_starts_services_without_the_fixture_argument(project: pyte
         def test_it():
             pass
     """)
+    result = run(project, "-rP")  # the default, on-failure: a passing test has no section
+    result.assert_outcomes(passed=1)
+    assert "envbox: web" not in result.stdout.str()
     result = run(project, "--envbox-logs=always", "-rP")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*envbox: web*", "*web: running*"])
