@@ -40,15 +40,15 @@ def ms(x: float) -> float:
     return x * 1000.0
 
 
-def wiring_netlink(n: int, own: int) -> float:
+def wiring_netlink(n: int) -> float:
     """Seconds to make a hub and wire ``n`` prepared namespaces onto it (the supervisor's way)."""
-    spaces = [netlink.new_netns(own) for _ in range(n)]
+    spaces = [netlink.new_netns() for _ in range(n)]
     try:
         t0 = time.perf_counter()
-        fd, nl, bridge = netlink.make_hub(own)  # (the supervisor has one made ahead)
+        fd, nl, bridge = netlink.make_hub()  # (the supervisor has one made ahead)
         nl.add_address(bridge, "198.18.0.1", 24)
         for i, ns in enumerate(spaces):
-            netlink.attach(nl, bridge, f"v{i + 1}", ns, f"198.18.0.{i + 2}", 24, own)
+            netlink.attach(nl, bridge, f"v{i + 1}", ns, f"198.18.0.{i + 2}", 24)
         dt = time.perf_counter() - t0
         nl.close()
         os.close(fd)
@@ -90,10 +90,9 @@ def wiring_ip_batch(n: int) -> float:
 
 
 def bench_wiring(reps: int) -> dict[str, Any]:
-    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     out: dict[str, Any] = {}
     for n in (1, 5, 20):
-        nl_t = [wiring_netlink(n, own) / n for _ in range(reps)]
+        nl_t = [wiring_netlink(n) / n for _ in range(reps)]
         try:
             ipb = statistics.median(wiring_ip_batch(n) / n for _ in range(max(3, reps // 4)))
         except (RuntimeError, subprocess.CalledProcessError, FileNotFoundError) as e:
@@ -101,7 +100,6 @@ def bench_wiring(reps: int) -> dict[str, Any]:
             print(f"  (ip -batch not measured: {e})")
         out[str(n)] = {"netlink_ms_per_service": ms(statistics.median(nl_t)),
                        "ip_batch_ms_per_service": ms(ipb)}  # fmt: skip
-    os.close(own)
     return out
 
 

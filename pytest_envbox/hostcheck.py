@@ -167,31 +167,26 @@ def network_faults() -> dict[str, str | None]:
     Returns feature -> None (works) or the kernel's error. Needs CAP_NET_ADMIN."""
     from . import netlink, nftables
 
-    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     results: dict[str, str | None] = {}
     try:
-        try:
-            fd, nl, bridge = netlink.make_hub(own)
-        except OSError as e:
-            return {"bridge": str(e)}
-        results["bridge"] = None
-        try:
-            def delay() -> None:
-                nl.netem(bridge, 1.0)
+        fd, nl, bridge = netlink.make_hub()
+    except OSError as e:
+        return {"bridge": str(e)}
+    results["bridge"] = None
+    try:
+        def delay() -> None:
+            nl.netem(bridge, 1.0)
 
-            def drop() -> None:
-                nftables.replace_table("envbox-doctor", [nftables.Drop(iif="a", oif="b", percent=50)])
+        def drop() -> None:
+            nftables.replace_table("envbox-doctor", [nftables.Drop(iif="a", oif="b", percent=50)])
 
-            for feature, attempt in (("netem", delay), ("nf_tables", drop)):
-                try:
-                    with netlink.inside(fd, own):
-                        attempt()
-                    results[feature] = None
-                except OSError as e:
-                    results[feature] = e.strerror or str(e)
-        finally:
-            nl.close()
-            os.close(fd)
+        for feature, attempt in (("netem", delay), ("nf_tables", drop)):
+            try:
+                netlink.call_in(fd, attempt)
+                results[feature] = None
+            except OSError as e:
+                results[feature] = e.strerror or str(e)
     finally:
-        os.close(own)
+        nl.close()
+        os.close(fd)
     return results

@@ -12,14 +12,17 @@ afterwards: :func:`open_in` makes one inside a namespace given by an fd.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from . import _linux as L
+
+T = TypeVar("T")
 
 # <linux/rtnetlink.h>, <linux/if_link.h>, <linux/if_addr.h>, <linux/veth.h>
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
@@ -169,45 +172,65 @@ class Netlink:
                 raise
 
 
-@contextlib.contextmanager
-def inside(netns: int, own: int) -> Iterator[None]:
-    """Run the block with the calling thread in network namespace ``netns``; back to ``own`` after.
+def _in_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` in a short-lived thread of its own; its result, or its exception."""
+    box: dict[str, Any] = {}
 
-    Sockets made in the block belong to ``netns``, as do processes it starts.
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="envbox-netns")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]  # type: ignore[no-any-return]
+
+
+def call_in(netns: int, fn: Callable[[], T]) -> T:
+    """``fn()`` with network namespace ``netns`` current: sockets it makes belong there.
+
+    It runs in a thread that enters ``netns`` and then ends, never coming back: in rootless mode
+    (a user namespace) nothing may enter the host's network namespace again, and the calling
+    thread must stay there (published ports listen on the host's loopback). About 50 us.
     """
-    L.setns(netns, L.CLONE_NEWNET)
-    try:
-        yield
-    finally:
-        L.setns(own, L.CLONE_NEWNET)
+
+    def run() -> T:
+        L.setns(netns, L.CLONE_NEWNET)
+        return fn()
+
+    return _in_thread(run)
 
 
-def open_in(netns: int, own: int) -> Netlink:
+def open_in(netns: int) -> Netlink:
     """A :class:`Netlink` socket that works in ``netns`` (made there, usable from anywhere)."""
-    with inside(netns, own):
-        return Netlink()
+    return call_in(netns, Netlink)
 
 
-def new_netns(own: int) -> int:
+def new_netns() -> int:
     """A new, empty network namespace (its ``lo`` up); returns an fd that keeps it alive."""
-    L.unshare(L.CLONE_NEWNET)
-    try:
+
+    def make() -> int:
+        L.unshare(L.CLONE_NEWNET)
         fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         L.loopback_up()
-    finally:
-        L.setns(own, L.CLONE_NEWNET)
-    return fd
+        return fd
+
+    return _in_thread(make)
 
 
-def make_hub(own: int) -> tuple[int, Netlink, int]:
+def make_hub() -> tuple[int, Netlink, int]:
     """An environment's hub, without its address yet: a new namespace with bridge ``br0`` up.
 
     Returns the namespace's fd, a netlink socket working there, and the bridge's index. The
     supervisor keeps one made ahead and gives it its address when an environment takes it.
     """
-    fd = new_netns(own)
+    fd = new_netns()
     try:
-        nl = open_in(fd, own)
+        nl = open_in(fd)
         try:
             nl.add_bridge("br0")
             bridge = nl.index("br0")
@@ -221,14 +244,13 @@ def make_hub(own: int) -> tuple[int, Netlink, int]:
     return fd, nl, bridge
 
 
-def attach(hub: Netlink, bridge: int, name: str, netns: int, ip: str, prefix: int,
-           own: int) -> int:  # fmt: skip
+def attach(hub: Netlink, bridge: int, name: str, netns: int, ip: str, prefix: int) -> int:
     """Put namespace ``netns`` on the hub's bridge: veth ``name`` there, ``eth0`` with ``ip``
     inside (so the subnet's route and nothing else). Returns the index of ``name``."""
     hub.add_veth(name, "eth0", netns, master=bridge)
     index = hub.index(name)
     hub.set_up(index)
-    with open_in(netns, own) as nl:
+    with open_in(netns) as nl:
         eth0 = nl.index("eth0")
         nl.add_address(eth0, ip, prefix)
         nl.set_up(eth0)

@@ -137,7 +137,6 @@ class Supervisor:
         self.want_spare = True  # False after a spare died unused: then prepare on demand only
         self.running = True
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        self.own_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.sigchld_r = r
@@ -207,7 +206,7 @@ class Supervisor:
                     self._write_state()
                 if self.running and not self.pending and self.want_hub and self.spare_hub is None:
                     try:
-                        self.spare_hub = netlink.make_hub(self.own_netns)
+                        self.spare_hub = netlink.make_hub()
                     except OSError:
                         self.want_hub = False  # made on demand, then (and the error shown)
         finally:
@@ -483,8 +482,7 @@ class Supervisor:
         hub = self._hub(_env_of(slot), net)
         hub.veths += 1
         name = f"v{hub.veths}"
-        index = netlink.attach(hub.nl, hub.bridge, name, netns, net["ip"], int(net["prefix"]),
-                               self.own_netns)  # fmt: skip
+        index = netlink.attach(hub.nl, hub.bridge, name, netns, net["ip"], int(net["prefix"]))
         return name, index
 
     def _hub(self, env: str, net: dict[str, Any]) -> _Hub:
@@ -494,7 +492,7 @@ class Supervisor:
         hub = self.hubs.get(env)
         if hub is None:
             made, self.spare_hub = self.spare_hub, None
-            fd, nl, bridge = made or netlink.make_hub(self.own_netns)
+            fd, nl, bridge = made or netlink.make_hub()
             try:
                 # The hub's own address: published ports reach services from here.
                 nl.add_address(bridge, net["gateway"], int(net["prefix"]))
@@ -588,17 +586,18 @@ class Supervisor:
     def op_tcp_check(self, req_id: int, slot: str, port: int) -> dict[str, Any]:
         """Does ``port`` accept a connection on the service's loopback, in its namespace?"""
         s = self.slots[slot]
-        socks: list[tuple[socket.socket, str]] = []
-        L.setns(s.netns_fd, L.CLONE_NEWNET)
-        try:
+
+        def make() -> list[tuple[socket.socket, str]]:
+            socks = []
             addrs = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
             if s.ip is not None:  # a service may listen on its network address only
                 addrs.append((socket.AF_INET, s.ip))
             for family, addr in addrs:
                 with contextlib.suppress(OSError):  # no IPv6 on this host: IPv4 only
                     socks.append((socket.socket(family, socket.SOCK_STREAM), addr))
-        finally:
-            L.setns(self.own_netns, L.CLONE_NEWNET)
+            return socks
+
+        socks = netlink.call_in(s.netns_fd, make)
         ok = False
         for sk, addr in socks:
             with sk:
@@ -795,8 +794,7 @@ class Supervisor:
                     drops[nftables.Drop(iif=x, oif=y)] = None
                     drops[nftables.Drop(iif=y, oif=x)] = None
         try:
-            with netlink.inside(hub.netns, self.own_netns):
-                nftables.replace_table("envbox", list(drops))
+            netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", list(drops)))
             hub.loss, hub.partitions = dict(loss), list(partitions)
         except OSError as e:
             if e.errno in (errno.EPROTONOSUPPORT, errno.ENOENT, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
