@@ -28,6 +28,29 @@ class SupervisorError(EnvboxError):
         self.setup = setup
 
 
+#: ``auto`` (rootless when not root), ``yes`` or ``no``: from ``--envbox-rootless``, or the
+#: ``ENVBOX_ROOTLESS`` environment variable for the engine without pytest.
+_rootless_mode = os.environ.get("ENVBOX_ROOTLESS", "auto")
+
+
+def set_rootless_mode(mode: str) -> None:
+    """``auto``, ``yes`` or ``no``; applies to supervisors started from now on."""
+    global _rootless_mode
+    if mode not in ("auto", "yes", "no"):
+        raise ValueError(f"rootless mode must be auto, yes or no, not {mode!r}")
+    _rootless_mode = mode
+
+
+def rootless() -> bool:
+    """Whether this process's services run in a user namespace (rootless mode)."""
+    mode = os.environ.get("ENVBOX_ROOTLESS", _rootless_mode) if _rootless_mode == "auto" else _rootless_mode
+    if mode == "yes":
+        return True
+    if mode == "no":
+        return False
+    return os.geteuid() != 0
+
+
 class SupervisorClient:
     """Calls into one supervisor process. Thread-safe: calls may come from several threads."""
 
@@ -50,7 +73,7 @@ class SupervisorClient:
         self._proc = subprocess.Popen(
             # -P: not the working directory first on sys.path (a project's json.py, say).
             [sys.executable, "-S", *(["-P"] if sys.version_info >= (3, 11) else []), "-c", code,
-             str(theirs.fileno())],
+             str(theirs.fileno()), *(["rootless"] if rootless() else [])],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # the terminal's Ctrl-C is for pytest, which tears down
@@ -66,7 +89,13 @@ class SupervisorClient:
         self.owner_pid = os.getpid()
         self._reader = threading.Thread(target=self._read_loop, name="envbox-supervisor", daemon=True)
         self._reader.start()
-        hello = self.call("hello", watch=_processes_to_outlive())
+        try:
+            hello = self.call("hello", watch=_processes_to_outlive())
+        except SupervisorError as e:
+            if "unsupported:" in str(e):
+                self.close()
+                raise HostUnsupported(str(e).split("unsupported:", 1)[1]) from None
+            raise
         self.pid: int = hello["pid"]
         #: ``{"version": "v1"|"v2"|"hybrid"|"none", "problem": None or why cgroups are unusable}``
         self.cgroups: dict[str, Any] = hello.get("cgroups") or {"version": "none", "problem": None}

@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import probes
-from ._client import SupervisorClient, SupervisorError, get_supervisor
+from ._client import SupervisorClient, SupervisorError, get_supervisor, rootless
 from ._wait import Deadline, wait_until
 from .cgroups import format_memory
 from .config import Catalog, select, start_levels
@@ -114,6 +114,18 @@ def _resolve_user(spec: Service) -> tuple[int, int, list[int]]:
     return pw.pw_uid, pw.pw_gid, sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
 
 
+def _rootless_ids(spec: Service, uid: int) -> tuple[int, int, list[int]]:
+    """Rootless mode maps only the caller's own user into the user namespace, as root there:
+    a service runs as that (uid 0 inside, the caller outside), or cannot run."""
+    if uid != os.getuid():
+        raise HostUnsupported(
+            f"service {spec.name!r} runs as user {spec.user!r} (uid {uid}), but in rootless mode "
+            "only your own user exists in the services' user namespace (as root there). Remove "
+            "`user` to run it as yourself, or run the tests as root (--envbox-rootless=no)."
+        )
+    return 0, 0, []
+
+
 def _base_env(spec: Service) -> dict[str, str]:
     """API 1.1: a fixed base, ``pass_env`` matches from the host, then the service's ``env``."""
     env = {
@@ -134,6 +146,8 @@ def _base_env(spec: Service) -> dict[str, str]:
 def plan_for(spec: Service, rootdir: Path) -> SandboxPlan:
     """Check a declaration against this host and turn it into a sandbox plan. Starts nothing."""
     uid, gid, groups = _resolve_user(spec)
+    if rootless():
+        uid, gid, groups = _rootless_ids(spec, uid)
     env = _base_env(spec)
     cwd = Path(spec.cwd) if spec.cwd else rootdir
     if not cwd.is_absolute():
@@ -278,11 +292,11 @@ class Environment:
                 f"pytest-envbox runs services in Linux namespaces; this is {sys.platform}. "
                 "Run the tests on Linux (a VM or a container will do)."
             )
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 and not rootless():
             raise HostUnsupported(
-                "pytest-envbox needs root for now: namespaces, mounts and network setup are done "
-                "as root (rootless mode, with user namespaces, is planned). Run the tests as root, "
-                "e.g. in CI or a container, or with sudo."
+                "rootless mode is off (--envbox-rootless=no, or ENVBOX_ROOTLESS=no) and this "
+                "process is not root: namespaces, mounts and networks need root or a user "
+                "namespace. Run the tests as root, or allow rootless mode (auto or yes)."
             )
         sup = get_supervisor()
         _check_cgroups(sup, self._specs.values())

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from . import fixtures, hookspecs, summary
+from . import _client, fixtures, hookspecs, summary
 from .fixtures import _envbox_auto, envbox  # noqa: F401  (fixtures registered with the plugin)
 
 
@@ -34,6 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _client.set_rootless_mode(config.getoption("envbox_rootless"))
     config.addinivalue_line(
         "markers",
         "envbox(*services, topology=None, scope='function'): start these services (names from "

@@ -133,7 +133,12 @@ class _RootBuilder:
         os.mkdir(stage)
         L.mount(_NEW + d, stage, None, L.MS_BIND | L.MS_REC)
         st = os.stat(stage)
-        self.tmpfs(d, f"mode={stat.S_IMODE(st.st_mode):o},uid={st.st_uid},gid={st.st_gid}")
+        try:
+            self.tmpfs(d, f"mode={stat.S_IMODE(st.st_mode):o},uid={st.st_uid},gid={st.st_gid}")
+        except OSError as e:  # rootless: an owner unmapped in the user namespace
+            if e.errno != errno.EINVAL:
+                raise
+            self.tmpfs(d, f"mode={stat.S_IMODE(st.st_mode):o}")
         self.shadows.append(d)
         for entry in os.scandir(stage):
             src, dst = entry.path, _NEW + d.rstrip("/") + "/" + entry.name
@@ -256,7 +261,10 @@ def build_base() -> _RootBuilder:
     # copy now and to tear down when the service ends.
     for path in ("/proc", "/dev"):
         if os.path.ismount(_NEW + path):
-            L.umount2(_NEW + path, L.MNT_DETACH)
+            try:
+                L.umount2(_NEW + path, L.MNT_DETACH)
+            except OSError:
+                pass  # rootless: mounts from the host are locked in a user namespace; covered
     L.mount("proc", _NEW + "/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
     _protect_kernel_files()
     b.tmpfs("/dev")
@@ -340,7 +348,13 @@ def drop_privileges(plan: SandboxPlan) -> None:
     """
     if L.capbset_has(21):  # CAP_SYS_ADMIN still there: cut the bounding set
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
-    os.setgroups(plan.groups)
+    try:
+        os.setgroups(plan.groups)
+    except PermissionError:
+        if plan.groups:
+            raise
+        # Rootless: a user namespace whose setgroups is denied. The process keeps the groups it
+        # had on the host (unmapped: nobody's group inside), as under bubblewrap and podman.
     os.setresgid(plan.gid, plan.gid, plan.gid)
     os.setresuid(plan.uid, plan.uid, plan.uid)
     mask = sum(1 << c for c in L.DOCKER_DEFAULT_CAPS)

@@ -19,14 +19,29 @@ from typing import Any
 from .cgroups import RUN_PREFIX, _is_stale
 
 
+def outer_uid() -> int:
+    """Our uid on the host, also inside a user namespace (rootless mode: root in there)."""
+    uid = os.geteuid()
+    if uid == 0:
+        try:
+            with open("/proc/self/uid_map") as f:
+                inside, outside, _count = f.readline().split()
+            if inside == "0":
+                return int(outside)
+        except (OSError, ValueError):
+            pass
+    return uid
+
+
 def state_dir() -> str:
     """Where the records are: ``/run/envbox`` for root, the user's runtime directory otherwise."""
-    if os.geteuid() == 0:
+    uid = outer_uid()
+    if uid == 0:
         return "/run/envbox"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return os.path.join(runtime, "envbox")
-    return f"/tmp/envbox-{os.geteuid()}"
+    return f"/tmp/envbox-{uid}"
 
 
 def write(name: str, record: dict[str, Any], directory: str | None = None) -> None:

@@ -121,7 +121,10 @@ class _Exec:
 class Supervisor:
     """The event loop and the resources it owns."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, refused: str | None = None) -> None:
+        #: why this supervisor cannot serve (rootless mode on a host without user namespaces):
+        #: the answer to ``hello``, so that the caller raises HostUnsupported before any start
+        self.refused = refused
         self.sock = sock
         self.sel = selectors.DefaultSelector()
         self.reader = FrameReader()
@@ -257,6 +260,9 @@ class Supervisor:
         The cgroups are made here, not in ``__init__``: the caller gets any problem with them in
         the reply, before it starts a service.
         """
+        if self.refused is not None:
+            self.running = False
+            raise ValueError(f"unsupported:{self.refused}")
         self.cgroups = cgroups.CgroupTree(self.cgroups_host, cgroups.run_name(os.getpid()))
         self.watched = list(watch or ())
         self.state_dirty = True
@@ -618,8 +624,7 @@ class Supervisor:
             raise ValueError("the service is paused: its cgroup would freeze the command too; "
                              "resume() it first")  # fmt: skip
         p = SandboxPlan.from_dict(plan)
-        ns_fds = [(os.open(f"/proc/{s.init_pid}/ns/{n}", os.O_RDONLY | os.O_CLOEXEC), t)
-                  for n, t in _NS_FOR_EXEC]  # fmt: skip
+        ns_fds = _open_namespaces(s.init_pid, s.main_pid)
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the command's host pid
@@ -814,7 +819,7 @@ class Supervisor:
             env, _, name = slot.partition("/")
             envs.setdefault(env, {})[name] = {"pid": s.main_pid, "init": s.init_pid, "ip": s.ip}
         tests = [self.test_pid, *(p for p in self.watched if p != self.test_pid)]
-        record = {"supervisor": os.getpid(), "owner": os.getuid(), "tests": tests,
+        record = {"supervisor": os.getpid(), "owner": state.outer_uid(), "tests": tests,
                   "cwd": os.getcwd(), "environments": envs, "kept": self.kept}  # fmt: skip
         with contextlib.suppress(OSError):
             state.write(self.state_name, record)
@@ -1031,6 +1036,32 @@ def _network_unsupported(e: OSError) -> str:
     return f"the environment's network could not be set up: {e}"
 
 
+def _open_namespaces(init_pid: int, main_pid: int | None) -> list[tuple[int, int]]:
+    """fds of a service's namespaces, to join them: its init's, or (rootless) its main process's.
+
+    The init is not dumpable, and in a user namespace that hides its ``/proc/PID/ns`` from us:
+    the kernel checks ptrace access against the user namespace of its executable, the host's.
+    """
+    fds: list[tuple[int, int]] = []
+    try:
+        for pid in (init_pid, main_pid):
+            try:
+                for name, nstype in _NS_FOR_EXEC:
+                    fds.append((os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), nstype))
+                return fds
+            except PermissionError:
+                if pid == main_pid or main_pid is None:
+                    raise
+                for fd, _ in fds:
+                    os.close(fd)
+                fds.clear()
+    except BaseException:
+        for fd, _ in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def _env_of(slot: str) -> str:
     """A slot is ``<environment id>/<service>``."""
     return slot.split("/", 1)[0]
@@ -1180,12 +1211,43 @@ def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int
     os._exit(code)
 
 
+def enter_user_namespace() -> None:
+    """Rootless mode: become root of a new user namespace, mapped to our own user and group.
+
+    Everything the supervisor and its sandboxes make from now on (PID, mount, network...
+    namespaces) is owned by it, so the supervisor may do there all that root may; on the host it
+    is still its user. ``setgroups`` is denied, as the kernel requires for an unprivileged map.
+    Must run while the process has a single thread.
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    L.unshare(L.CLONE_NEWUSER)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def _no_user_namespace(e: OSError) -> str:
+    """Why rootless mode cannot start here, and how to enable it."""
+    from . import hostcheck
+
+    fixes = "; ".join(f"{why}: enable with `{fix}`" for why, fix in hostcheck.userns_sysctls())
+    return (f"rootless mode needs an unprivileged user namespace, and this host refused one "
+            f"({e}). " + (fixes or "Check `envbox doctor` for what is missing") +
+            "; or run the tests as root (--envbox-rootless=no).")  # fmt: skip
+
+
 def main(fd: int | None = None) -> None:
     """Entry point of the supervisor process (``python -c``): serve on the inherited socket."""
     warnings.simplefilter("ignore", DeprecationWarning)  # fork() with relay threads running
     if fd is None:
         fd = int(sys.argv[1])
+    refused = None
+    if "rootless" in sys.argv[2:]:
+        try:
+            enter_user_namespace()
+        except OSError as e:
+            refused = _no_user_namespace(e)
     sock = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
-    Supervisor(sock).serve()
+    Supervisor(sock, refused=refused).serve()
     os._exit(0)
