@@ -99,6 +99,12 @@ class SupervisorClient:
         self.pid: int = hello["pid"]
         #: ``{"version": "v1"|"v2"|"hybrid"|"none", "problem": None or why cgroups are unusable}``
         self.cgroups: dict[str, Any] = hello.get("cgroups") or {"version": "none", "problem": None}
+        #: the id maps of its user namespace, ``{"uid": [[inside, outside, count]...], "gid": ...}``
+        self.ids: dict[str, list[list[int]]] = hello.get("ids") or {}
+
+    def maps(self, kind: str, ident: int) -> bool:
+        """Is ``ident`` (a uid or gid inside) mapped in the supervisor's user namespace?"""
+        return any(start <= ident < start + count for start, _out, count in self.ids.get(kind, []))
 
     def _read_loop(self) -> None:
         reader = FrameReader()

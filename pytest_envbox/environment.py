@@ -114,16 +114,30 @@ def _resolve_user(spec: Service) -> tuple[int, int, list[int]]:
     return pw.pw_uid, pw.pw_gid, sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
 
 
-def _rootless_ids(spec: Service, uid: int) -> tuple[int, int, list[int]]:
-    """Rootless mode maps only the caller's own user into the user namespace, as root there:
-    a service runs as that (uid 0 inside, the caller outside), or cannot run."""
-    if uid != os.getuid():
-        raise HostUnsupported(
-            f"service {spec.name!r} runs as user {spec.user!r} (uid {uid}), but in rootless mode "
-            "only your own user exists in the services' user namespace (as root there). Remove "
-            "`user` to run it as yourself, or run the tests as root (--envbox-rootless=no)."
-        )
-    return 0, 0, []
+def _rootless_ids(uid: int, gid: int, groups: list[int]) -> tuple[int, int, list[int]]:
+    """Ids inside rootless mode's user namespace: the caller is root there; other users keep
+    their numbers, which exist there when a subordinate id range is mapped (checked at open)."""
+    if uid == os.getuid():
+        return 0, 0, []
+    return uid, gid, groups
+
+
+def _check_ids(sup: SupervisorClient, specs: Iterable[Service], plans: Mapping[str, SandboxPlan]
+               ) -> None:  # fmt: skip
+    """Refuse, before anything starts, a service whose user does not exist in the user namespace."""
+    for spec in specs:
+        plan = plans[spec.name]
+        missing = [f"{kind} {i}" for kind, ids in (("uid", [plan.uid]), ("gid", [plan.gid, *plan.groups]))
+                   for i in sorted(set(ids)) if not sup.maps(kind, i)]  # fmt: skip
+        if missing:
+            raise HostUnsupported(
+                f"service {spec.name!r} runs as user {spec.user!r}, but in rootless mode only your "
+                f"own user (as root) and a subordinate id range exist in the services' user "
+                f"namespace, and {', '.join(missing)} is not mapped. Give your user a range of "
+                f"65536 ids (`sudo usermod --add-subuids 100000-165535 --add-subgids "
+                f"100000-165535 $USER`) and install newuidmap (`sudo apt install uidmap`); or "
+                f"remove `user` to run it as yourself; or run the tests as root "
+                f"(--envbox-rootless=no).")  # fmt: skip
 
 
 def _base_env(spec: Service) -> dict[str, str]:
@@ -147,7 +161,7 @@ def plan_for(spec: Service, rootdir: Path) -> SandboxPlan:
     """Check a declaration against this host and turn it into a sandbox plan. Starts nothing."""
     uid, gid, groups = _resolve_user(spec)
     if rootless():
-        uid, gid, groups = _rootless_ids(spec, uid)
+        uid, gid, groups = _rootless_ids(uid, gid, groups)
     env = _base_env(spec)
     cwd = Path(spec.cwd) if spec.cwd else rootdir
     if not cwd.is_absolute():
@@ -300,6 +314,8 @@ class Environment:
             )
         sup = get_supervisor()
         _check_cgroups(sup, self._specs.values())
+        if sup.ids:
+            _check_ids(sup, self._specs.values(), self._plans)
         self._sup = sup
         if self._given_workdir is not None:
             self._given_workdir.mkdir(parents=True, exist_ok=True)
@@ -332,9 +348,11 @@ class Environment:
         assert self._sup is not None
         _check_cgroups(self._sup, new)
         levels = start_levels([*self._specs.values(), *(s for s in new if s.name not in self._specs)])
+        plans = {s.name: self._plans.get(s.name) or plan_for(s, self.rootdir) for s in new}
+        if self._sup.ids:
+            _check_ids(self._sup, new, plans)
         for s in new:
-            if s.name not in self._plans:
-                self._plans[s.name] = plan_for(s, self.rootdir)
+            self._plans[s.name] = plans[s.name]
             self._specs[s.name] = s
         wanted = {s.name for s in new}
         self._list_hosts(new)

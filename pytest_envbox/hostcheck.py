@@ -55,20 +55,28 @@ class SubIds:
     uids: int
     gids: int
     helpers: bool
+    #: the first range of each, ``(start, count)``: what rootless mode maps (from id 1 inside)
+    uid_range: tuple[int, int] | None = None
+    gid_range: tuple[int, int] | None = None
 
     @property
     def usable(self) -> bool:
-        return self.uids > 0 and self.gids > 0 and self.helpers
+        return self.uid_range is not None and self.gid_range is not None and self.helpers
 
 
-def _ranges(path: str, user: str, uid: int) -> int:
-    total = 0
+def _read_ranges(path: str, user: str, uid: int) -> list[tuple[int, int]]:
+    found = []
     with contextlib.suppress(OSError):
         for line in Path(path).read_text().splitlines():
             parts = line.strip().split(":")
-            if len(parts) == 3 and parts[0] in (user, str(uid)) and parts[2].isdigit():
-                total += int(parts[2])
-    return total
+            if (len(parts) == 3 and parts[0] in (user, str(uid)) and parts[1].isdigit()
+                    and parts[2].isdigit() and int(parts[2]) > 0):  # fmt: skip
+                found.append((int(parts[1]), int(parts[2])))
+    return found
+
+
+def _ranges(path: str, user: str, uid: int) -> int:
+    return sum(count for _start, count in _read_ranges(path, user, uid))
 
 
 def subids(uid: int | None = None) -> SubIds:
@@ -77,8 +85,10 @@ def subids(uid: int | None = None) -> SubIds:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = str(uid)
-    return SubIds(_ranges("/etc/subuid", user, uid), _ranges("/etc/subgid", user, uid),
-                  bool(shutil.which("newuidmap") and shutil.which("newgidmap")))  # fmt: skip
+    uids, gids = _read_ranges("/etc/subuid", user, uid), _read_ranges("/etc/subgid", user, uid)
+    return SubIds(sum(c for _s, c in uids), sum(c for _s, c in gids),
+                  bool(shutil.which("newuidmap") and shutil.which("newgidmap")),
+                  uids[0] if uids else None, gids[0] if gids else None)  # fmt: skip
 
 
 def try_user_namespace(timeout: float = 10.0) -> dict[str, str | None]:

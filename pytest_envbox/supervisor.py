@@ -275,7 +275,8 @@ class Supervisor:
             self.watch_fds.append(fd)
             self.sel.register(fd, selectors.EVENT_READ, "watched")
         return {"pid": os.getpid(), "cgroups": {"version": self.cgroups.host.version,
-                                                "problem": self.cgroups.problem}}
+                                                "problem": self.cgroups.problem},
+                "ids": {"uid": _id_map("uid_map"), "gid": _id_map("gid_map")}}
 
     def _start_zygote(self) -> None:
         """Fork the process that forks spares, while this one is still small and single-threaded.
@@ -1216,11 +1217,65 @@ def enter_user_namespace() -> None:
 
     Everything the supervisor and its sandboxes make from now on (PID, mount, network...
     namespaces) is owned by it, so the supervisor may do there all that root may; on the host it
-    is still its user. ``setgroups`` is denied, as the kernel requires for an unprivileged map.
-    Must run while the process has a single thread.
+    is still its user. With a subordinate id range (``/etc/subuid``, ``/etc/subgid``) and the
+    setuid ``newuidmap``/``newgidmap``, ids 1... inside map to that range, so services may run as
+    other users (``nobody``, ``postgres``), as podman does; otherwise only our own id is mapped
+    and ``setgroups`` is denied, as the kernel requires for an unprivileged map. Must run while
+    the process has a single thread.
     """
     uid, gid = os.geteuid(), os.getegid()
-    L.unshare(L.CLONE_NEWUSER)
+    sub = None
+    if uid != 0:
+        from . import hostcheck  # pwd, shutil: only in rootless mode
+
+        ids = hostcheck.subids(uid)
+        if ids.usable:
+            sub = ids
+    if sub is None:
+        L.unshare(L.CLONE_NEWUSER)
+        _write_own_map(uid, gid)
+        return
+    assert sub.uid_range is not None and sub.gid_range is not None
+    # newuidmap must run outside the new namespace, on our pid: a child does it once we are in.
+    r, w = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.close(w)
+            os.read(r, 1)
+            parent = str(os.getppid())
+            (us, uc), (gs, gc) = sub.uid_range, sub.gid_range
+            import subprocess
+
+            ok = subprocess.run(["newuidmap", parent, "0", str(uid), "1", "1", str(us), str(uc)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+            ok = ok and subprocess.run(["newgidmap", parent, "0", str(gid), "1", "1", str(gs), str(gc)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    os.close(r)
+    try:
+        L.unshare(L.CLONE_NEWUSER)
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        _, status = os.waitpid(child, 0)
+    if status != 0:
+        with open("/proc/self/uid_map") as f:
+            mapped = f.read().strip()
+        if not mapped:  # the helpers failed before writing anything: map our own id only
+            _write_own_map(uid, gid)
+
+
+def _id_map(name: str) -> list[list[int]]:
+    """Our user namespace's id map: ``[inside, outside, count]`` lines."""
+    with open(f"/proc/self/{name}") as f:
+        return [[int(x) for x in line.split()] for line in f if line.strip()]
+
+
+def _write_own_map(uid: int, gid: int) -> None:
     for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)

@@ -20,7 +20,12 @@ def can_sandbox() -> str | None:
     if not os.path.exists("/proc/self/ns/pid"):
         return "not Linux, or no namespaces"
     if os.geteuid() != 0:
-        return "needs root (rootless mode comes with the hardening issue)"
+        from pytest_envbox import hostcheck
+
+        tried = hostcheck.try_user_namespace()
+        failed = [f"{step}: {err}" for step, err in tried.items() if err is not None]
+        if failed:
+            return "not root, and rootless mode cannot run here: " + "; ".join(failed)
     return None
 
 
