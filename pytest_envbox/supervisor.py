@@ -625,7 +625,8 @@ class Supervisor:
             raise ValueError("the service is paused: its cgroup would freeze the command too; "
                              "resume() it first")  # fmt: skip
         p = SandboxPlan.from_dict(plan)
-        ns_fds = _open_namespaces(s.init_pid, s.main_pid)
+        ns_fds = [(os.open(f"/proc/{s.init_pid}/ns/{n}", os.O_RDONLY | os.O_CLOEXEC), t)
+                  for n, t in _NS_FOR_EXEC]  # fmt: skip
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the command's host pid
@@ -1037,32 +1038,6 @@ def _network_unsupported(e: OSError) -> str:
     return f"the environment's network could not be set up: {e}"
 
 
-def _open_namespaces(init_pid: int, main_pid: int | None) -> list[tuple[int, int]]:
-    """fds of a service's namespaces, to join them: its init's, or (rootless) its main process's.
-
-    The init is not dumpable, and in a user namespace that hides its ``/proc/PID/ns`` from us:
-    the kernel checks ptrace access against the user namespace of its executable, the host's.
-    """
-    fds: list[tuple[int, int]] = []
-    try:
-        for pid in (init_pid, main_pid):
-            try:
-                for name, nstype in _NS_FOR_EXEC:
-                    fds.append((os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), nstype))
-                return fds
-            except PermissionError:
-                if pid == main_pid or main_pid is None:
-                    raise
-                for fd, _ in fds:
-                    os.close(fd)
-                fds.clear()
-    except BaseException:
-        for fd, _ in fds:
-            os.close(fd)
-        raise
-    return fds
-
-
 def _env_of(slot: str) -> str:
     """A slot is ``<environment id>/<service>``."""
     return slot.split("/", 1)[0]
@@ -1297,11 +1272,17 @@ def main(fd: int | None = None) -> None:
     if fd is None:
         fd = int(sys.argv[1])
     refused = None
-    if "rootless" in sys.argv[2:]:
+    if "rootless" in sys.argv[2:] and "in-userns" not in sys.argv[2:]:
         try:
             enter_user_namespace()
         except OSError as e:
             refused = _no_user_namespace(e)
+        else:
+            # Start again, now inside: a process's memory belongs to the user namespace it was
+            # exec'd in, and the kernel checks access to a non-dumpable process (a sandbox's init)
+            # against that one. Exec'd here, our sandboxes are ours and the test process's (its
+            # user owns this namespace) to inspect, and still not their services'.
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:], "in-userns"])
     sock = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
     Supervisor(sock, refused=refused).serve()

@@ -29,10 +29,42 @@ def can_sandbox() -> str | None:
     return None
 
 
+def cgroups_problem() -> str | None:
+    """Why services cannot get cgroups in this run (rootless on cgroup v1, say), or None."""
+    global _cgroups_problem
+    if _cgroups_problem is None:
+        from pytest_envbox._client import rootless
+        from pytest_envbox.cli import _cgroup_check
+
+        good, text = _cgroup_check(os.geteuid() == 0)
+        _cgroups_problem = "" if good or not rootless() else text
+    return _cgroups_problem or None
+
+
+_cgroups_problem: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_cgroups: the feature needs cgroups; where a rootless run cannot have "
+        "them (cgroup v1), the test must raise HostUnsupported (a strict xfail that shows it)")
+    config.addinivalue_line(
+        "markers", "needs_root(why): the test's own mechanics need root (not the feature's)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    from pytest_envbox import HostUnsupported
+
     reason = can_sandbox()
-    if reason is None:
-        return
     for item in items:
-        if "integration" in item.nodeid or "plugin" in item.nodeid:
+        if reason is not None and ("integration" in item.nodeid or "plugin" in item.nodeid):
             item.add_marker(pytest.mark.skip(reason=reason))
+            continue
+        root = item.get_closest_marker("needs_root")
+        if root is not None and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason=f"needs root: {root.args[0]}"))
+        if item.get_closest_marker("needs_cgroups") is not None and cgroups_problem():
+            # Not a silent skip: the test runs, and must fail with HostUnsupported, whose
+            # message the report shows (-rx).
+            item.add_marker(pytest.mark.xfail(raises=HostUnsupported, strict=True,
+                                              reason=f"rootless here: {cgroups_problem()}"))  # fmt: skip

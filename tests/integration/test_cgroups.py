@@ -51,6 +51,7 @@ def _limit_files(dirs: dict[str, str]) -> dict[str, str]:
     }
 
 
+@pytest.mark.needs_cgroups
 def test_limits_are_in_the_kernel_and_the_service_sees_its_cgroup_as_root() -> None:
     svc = Service("lim", ["sleep", "1000"], limits={"memory": "48Mi", "cpu": "250m", "pids": 20})
     with Environment([svc]) as env:
@@ -69,6 +70,7 @@ def test_limits_are_in_the_kernel_and_the_service_sees_its_cgroup_as_root() -> N
             assert not os.path.exists(d), f"{d} left behind"
 
 
+@pytest.mark.needs_cgroups
 def test_oom_kill_before_ready_names_the_service_and_the_limit() -> None:
     svc = Service("hog", [PY, "-c", HOG], limits={"memory": "48Mi"}, ready=probe.log("never"))
     with pytest.raises(ServiceFailed) as info:
@@ -76,6 +78,7 @@ def test_oom_kill_before_ready_names_the_service_and_the_limit() -> None:
     assert "service 'hog' was OOM-killed (memory limit 48Mi)" in str(info.value)
 
 
+@pytest.mark.needs_cgroups
 def test_oom_kill_while_running_is_counted() -> None:
     go = "import os, time\nwhile not os.path.exists('/tmp/go'):\n    time.sleep(0.01)\n"
     svc = Service("hog", [PY, "-c", go + HOG], limits={"memory": "48Mi"})
@@ -91,6 +94,7 @@ def test_oom_kill_while_running_is_counted() -> None:
         assert "was OOM-killed (memory limit 48Mi)" in h._reason
 
 
+@pytest.mark.needs_cgroups
 def test_cpu_limit_200m_gives_about_a_fifth_of_a_core() -> None:
     svc = Service("busy", [PY, "-c", BUSY], limits={"cpu": "200m"}, ready=probe.log("ready"))
     with Environment([svc]) as env:
@@ -118,6 +122,7 @@ time.sleep(1000)
 """
 
 
+@pytest.mark.needs_cgroups
 def test_pids_limit_caps_the_number_of_tasks() -> None:
     svc = Service("forker", [PY, "-c", FORKER], limits={"pids": 16}, ready=probe.log("forked"))
     with Environment([svc]) as env:
@@ -134,6 +139,7 @@ def test_pids_limit_caps_the_number_of_tasks() -> None:
         assert int(current) <= 16
 
 
+@pytest.mark.needs_cgroups
 def test_pause_stops_cpu_time_and_resume_restarts_it() -> None:
     svc = Service("spin", [PY, "-c", BUSY], ready=probe.log("ready"))
     with Environment([svc]) as env:
@@ -152,6 +158,7 @@ def test_pause_stops_cpu_time_and_resume_restarts_it() -> None:
     assert h.returncode == 128 + signal.SIGTERM
 
 
+@pytest.mark.needs_cgroups
 def test_a_paused_service_refuses_exec_and_still_stops_cleanly() -> None:
     """stop() resumes it first, so SIGTERM is handled (143), not left pending until SIGKILL."""
     with Environment([Service("nap", ["sleep", "1000"], stop_timeout="20s")]) as env:
@@ -163,6 +170,7 @@ def test_a_paused_service_refuses_exec_and_still_stops_cleanly() -> None:
         assert h.returncode == 128 + signal.SIGTERM
 
 
+@pytest.mark.needs_cgroups
 def test_a_restarted_service_gets_a_fresh_cgroup() -> None:
     with Environment([Service("idle", ["sleep", "1000"], limits={"pids": 8})]) as env:
         h = env["idle"]
@@ -174,6 +182,7 @@ def test_a_restarted_service_gets_a_fresh_cgroup() -> None:
         assert h.stats().cpu_seconds < used / 2  # the new run's figures, not the old run's
 
 
+@pytest.mark.needs_cgroups
 def test_cgroups_a_service_made_below_its_own_are_removed_too() -> None:
     """A service managing cgroups (a container runtime, systemd) nests its own: all are removed,
     and every process in them is killed, even one outside the service's PID namespace."""
@@ -216,6 +225,7 @@ time.sleep(1000)
 """
 
 
+@pytest.mark.needs_cgroups
 @pytest.mark.parametrize("end", ["exits-by-itself", "killed-by-the-test"])
 def test_a_worker_oom_killed_is_told_apart_from_the_service_oom_killed(end: str) -> None:
     svc = Service("pool", [PY, "-c", WORKER_HOG], limits={"memory": "48Mi"}, ready=probe.log("ready"))
@@ -237,6 +247,7 @@ def test_a_worker_oom_killed_is_told_apart_from_the_service_oom_killed(end: str)
                              "processes were OOM-killed (memory limit 48Mi)")  # fmt: skip
 
 
+@pytest.mark.needs_cgroups
 def test_stats_of_a_service_without_limits() -> None:
     with Environment([Service("plain", ["sleep", "1000"])]) as env:
         st = env["plain"].stats()
@@ -245,6 +256,7 @@ def test_stats_of_a_service_without_limits() -> None:
         assert st.oom_kills == 0
 
 
+@pytest.mark.needs_cgroups
 def test_a_killed_supervisor_leaves_cgroups_that_the_next_one_removes() -> None:
     sup = SupervisorClient()
     try:
@@ -274,6 +286,7 @@ def test_a_killed_supervisor_leaves_cgroups_that_the_next_one_removes() -> None:
     assert not any(os.path.exists(r) for r in runs)
 
 
+@pytest.mark.needs_root("writes a stale run directory into the host's cgroup tree")
 def test_envbox_doctor_reports_cgroups_and_clean_removes_stale_runs() -> None:
     r = subprocess.run([PY, "-m", "pytest_envbox.cli", "doctor"], capture_output=True, text=True,
                        timeout=60)  # fmt: skip
@@ -394,6 +407,7 @@ print("warnings:", len([w for w in caught if "without cgroups" in str(w.message)
 """
 
 
+@pytest.mark.needs_root("remounts the cgroup filesystem read-only in a mount namespace")
 def test_a_read_only_cgroupfs_refuses_limits_but_runs_the_rest() -> None:
     """As in a container whose /sys/fs/cgroup is read-only: a real read-only mount, in a private
     mount namespace of the child only."""
