@@ -12,6 +12,7 @@ import platform
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def doctor() -> int:
     except KeyError:
         user = f"uid {os.geteuid()}"
     out.line("privileges", "OK" if root else "NOTE", "root" if root else
-             f"not root ({user}): the rootless lines below say what a user can do here")  # fmt: skip
+             f"not root ({user}): services run rootless, in a user namespace; the rootless "
+             "lines below say what that can do here")  # fmt: skip
     blocked = hostcheck.userns_sysctls()
     if blocked:
         out.line("user namespaces", "NOTE" if root else "MISSING", "; ".join(
@@ -97,18 +99,29 @@ def doctor() -> int:
     out.line("cgroups", "OK" if good else "NOTE", text)
     if root:
         _network(out)
+    else:
+        _rootless(out, user, blocked=bool(blocked), limits=good)
+    _sandbox(out, root)
+    return 0 if out.ok else 1
+
+
+def _sandbox(out: _Report, root: bool) -> None:
+    """Start one real sandboxed service, as a test would (rootless when not root)."""
+    try:
         from .environment import Environment
         from .spec import Service
-
-        try:
+    except ImportError as e:  # a broken installation (requests missing, say)
+        out.line("sandbox", "MISSING", f"the engine cannot be imported: {e}")
+        return
+    try:
+        with warnings.catch_warnings():  # "no cgroups": the cgroups line said it already
+            warnings.simplefilter("ignore", RuntimeWarning)
             with Environment([Service("doctor", ["sleep", "60"])], rootdir="/"):
                 pass
-            out.line("sandbox", "OK", "a service started in new pid/mount/uts/ipc/net namespaces")
-        except EnvboxError as e:
-            out.line("sandbox", "MISSING", f"could not start a sandboxed service: {e}")
-        return 0 if out.ok else 1
-    _rootless(out, user, blocked=bool(blocked), limits=good)
-    return 0 if out.ok else 1
+        how = "" if root else ", in a user namespace (rootless mode)"
+        out.line("sandbox", "OK", f"a service started in new pid/mount/uts/ipc/net namespaces{how}")
+    except EnvboxError as e:
+        out.line("sandbox", "MISSING", f"could not start a sandboxed service: {e}")
 
 
 def _network(out: _Report) -> None:
@@ -168,9 +181,6 @@ def _rootless(out: _Report, user: str, *, blocked: bool, limits: bool) -> None:
              "memory, cpu and pids limits can be enforced for you" if limits else
              "services that declare limits cannot run rootless here (see the cgroups line); "
              "services without limits can")  # fmt: skip
-    out.line("rootless mode", "MISSING",
-             f"not implemented yet: as {user}, services do not start (`--envbox-rootless` is "
-             "accepted and ignored); run the tests as root, e.g. with sudo or in CI")  # fmt: skip
 
 
 def up(names: Sequence[str], topology: str | None, rootdir: Path) -> int:
@@ -276,7 +286,7 @@ def ps() -> int:
                 pid = info.get("pid") or "exited"
                 print(f"  environment {env}: {svc}  pid {pid}  {info.get('ip') or ''}".rstrip())
                 if env in kept and info.get("pid"):
-                    print(f"    enter: {enter_command(int(info['pid']))}")
+                    print(f"    enter: {enter_command(int(info['pid']), bool(rec.get('rootless')))}")
     if not alive:
         print("envbox: no run alive on this host")
     if stale:

@@ -431,7 +431,7 @@ class Environment:
             if self._kept:  # how to reach it now: its host pid and published ports
                 services[name].update(pid=h.pid, ports={str(p): h.port(p) for p in h._ports})
         return {"id": self.id, "subnet": str(self._net.network), "services": services,
-                "kept": self._keep_reason if self._kept else None}  # fmt: skip
+                "kept": self._keep_reason if self._kept else None, "rootless": rootless()}  # fmt: skip
 
     def _keep(self, why: str) -> None:
         """Leave the services running at ``close()``, and after this process ends, until

@@ -71,10 +71,15 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f}Mi"
 
 
-def enter_command(pid: int) -> str:
-    """How to get a shell inside a running service: all its namespaces (the user namespace is
-    skipped when it is the caller's own), its root directory and working directory."""
-    return f"nsenter --target {pid} --all --root --wd /bin/sh"
+def enter_command(pid: int, rootless: bool = False) -> str:
+    """How to get a shell inside a running service: its namespaces (the user namespace too in
+    rootless mode, where you become its root), its root directory and working directory.
+
+    Named one by one, not ``--all``: that would also join the host's time namespace, which a
+    process inside a user namespace may no longer do."""
+    user = "--user " if rootless else ""
+    return (f"nsenter --target {pid} {user}--mount --uts --ipc --net --pid --cgroup "
+            "--root --wd /bin/sh")
 
 
 def kept(reports: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -93,7 +98,7 @@ def kept(reports: Iterable[Mapping[str, Any]]) -> list[str]:
             ports = ", ".join(f"{p} -> 127.0.0.1:{h}" for p, h in (svc.get("ports") or {}).items())
             lines.append(f"  {name}: pid {pid}, {svc.get('ip')}"
                          f"{', ' + ports if ports else ''}; log {svc.get('log')}")  # fmt: skip
-            lines.append(f"    enter: {enter_command(int(pid))}")
+            lines.append(f"    enter: {enter_command(int(pid), bool(env.get('rootless')))}")
     if lines:
         lines.append("remove kept environments with: envbox clean")
     return lines

@@ -822,7 +822,8 @@ class Supervisor:
             envs.setdefault(env, {})[name] = {"pid": s.main_pid, "init": s.init_pid, "ip": s.ip}
         tests = [self.test_pid, *(p for p in self.watched if p != self.test_pid)]
         record = {"supervisor": os.getpid(), "owner": state.outer_uid(), "tests": tests,
-                  "cwd": os.getcwd(), "environments": envs, "kept": self.kept}  # fmt: skip
+                  "cwd": os.getcwd(), "environments": envs, "kept": self.kept,
+                  "rootless": "in-userns" in sys.argv}  # fmt: skip
         with contextlib.suppress(OSError):
             state.write(self.state_name, record)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 import sys
 
@@ -34,20 +35,27 @@ def test_ps_lists_the_services_of_this_run_with_pids_and_addresses() -> None:
 
         out = wait_until(listed, Deadline(10))
         assert out is not None, envbox("ps")
-        assert f"supervisor {sup}, user root, test process {os.getpid()}" in out
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        assert f"supervisor {sup}, user {me}, test process {os.getpid()}" in out
     assert wait_until(lambda: f"pid {web.pid}" not in envbox("ps") or None, Deadline(10))
 
 
 def test_clean_removes_the_record_of_a_killed_run_and_never_a_live_one() -> None:
+    from pytest_envbox.state import janitor
+
     get_supervisor()
     d = state_dir()
     os.makedirs(d, exist_ok=True)
     stale = os.path.join(d, "envbox-999999999-1.json")  # no such process: its run is gone
-    with open(stale, "w") as f:
-        json.dump({"supervisor": 999999999, "environments": {}}, f)
     live = [n for n in os.listdir(d) if n.startswith(f"envbox-{get_supervisor().pid}-")]
-    assert "record of killed runs" in envbox("ps") or "records of killed runs" in envbox("ps")
-    out = envbox("clean")
+    # Holding the janitor's lock: a supervisor starting meanwhile (another xdist worker's) does
+    # not clean it first; `envbox clean` does, lock or not.
+    with janitor() as mine:
+        assert mine
+        with open(stale, "w") as f:
+            json.dump({"supervisor": 999999999, "environments": {}}, f)
+        assert "record of killed runs" in envbox("ps") or "records of killed runs" in envbox("ps")
+        out = envbox("clean")
     assert f"removed {stale}" in out
     assert not os.path.exists(stale)
     assert all(os.path.exists(os.path.join(d, n)) for n in live)

@@ -16,7 +16,7 @@ from pytest_envbox import Environment, Service
 from pytest_envbox._client import SupervisorClient
 from pytest_envbox._wait import Deadline, wait_until
 from pytest_envbox.cgroups import detect
-from tests.conftest import PLUGIN_ARGS
+from tests.conftest import PLUGIN_ARGS, cgroups_problem
 from tests.kernel import alive, cgroup_dirs, holders
 
 INNER = """
@@ -57,7 +57,7 @@ def test_sigkill_of_pytest_leaves_no_service_alive(tmp_path: Path, workers: list
         pid, sup = int(pid_s), int(sup_s)
         assert alive(pid) and alive(sup)
         cgroups = [d for d in cgroup_dirs(pid).values() if "/envbox-" in d]
-        if detect().version != "none":
+        if detect().version != "none" and not cgroups_problem():
             assert cgroups, "the service is in no envbox cgroup"
         # The environment's network: its hub and the service's namespace (veths live in them).
         networks = _net_namespaces(sup) - {os.readlink("/proc/self/ns/net")}

@@ -267,12 +267,19 @@ def test_cwd_that_is_tmp_itself_keeps_the_private_tmp() -> None:
         assert r.stdout.split() == ["/tmp", "x"]
 
 
-def test_not_root_is_host_unsupported_before_anything_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_envbox import HostUnsupported
+def test_not_root_with_rootless_mode_off_is_host_unsupported_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pytest_envbox import HostUnsupported, _client
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(HostUnsupported, match="root"):
-        Environment([Service("w", ["sleep", "1000"])]).open()
+    monkeypatch.setattr(_client, "_rootless_mode", "no")
+    env = Environment([Service("w", ["sleep", "1000"])])
+    try:
+        with pytest.raises(HostUnsupported, match="rootless mode is off"):
+            env.open()
+    finally:
+        env.close()
 
 
 def test_kernel_settings_are_read_only_and_secrets_masked() -> None:

@@ -357,6 +357,7 @@ def test_a_loopback_only_service_is_published_on_its_loopback_without_the_links_
         assert h.http.get("/", timeout=5).text == "lo-only"  # as documented: no link crossed
 
 
+@pytest.mark.needs_root("the test process itself makes a network namespace and an nf_tables table")
 def test_hundreds_of_drop_rules_go_in_one_batch() -> None:
     """A partition of 12 services against 13 is 312 rules: every one acknowledged, no ENOBUFS."""
     from pytest_envbox import netlink, nftables
