@@ -139,7 +139,6 @@ class Supervisor:
         self.spares: list[_Spare] = []  # prepared inits (_spawn_spare)
         self.want_spare = True  # False after a spare died unused: then prepare on demand only
         self.running = True
-        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.sigchld_r = r
@@ -311,11 +310,9 @@ class Supervisor:
                 for fd in fds:
                     os.close(fd)
                 fds, into = [os.open(f, os.O_WRONLY | os.O_CLOEXEC) for f in cg.procs_files()], False
-            L.unshare(L.CLONE_NEWPID)  # the child is PID 1 of a new PID namespace
-            try:
-                _fork_running(run_spare, child, fds, close=parent)
-            finally:
-                L.setns(self.own_pidns, L.CLONE_NEWPID)
+            # The child is PID 1 of a new PID namespace (cloned so: unshare and setns back would
+            # not do in rootless mode, where our own PID namespace is out of reach once left).
+            _fork_running(run_spare, child, fds, close=parent, flags=L.CLONE_NEWPID)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -1114,12 +1111,14 @@ def _zygote(sock: socket.socket) -> None:
 
 
 def _fork_running(target: Callable[..., object], *args: Any, close: socket.socket,
-                  code: int = 125, cgroup_fd: int | None = None) -> int:  # fmt: skip
+                  code: int = 125, cgroup_fd: int | None = None, flags: int = 0) -> int:  # fmt: skip
     """Fork; the child closes ``close`` (the parent's end), runs ``target(*args)``, and exits.
 
-    With ``cgroup_fd`` (cgroup v2), the child starts in that cgroup (``clone3``).
+    With ``cgroup_fd`` (cgroup v2), the child starts in that cgroup (``clone3``); ``flags`` are
+    more ``clone`` flags (``CLONE_NEWPID``).
     """
-    pid = os.fork() if cgroup_fd is None else L.fork_with(0, cgroup_fd=cgroup_fd)
+    fresh = cgroup_fd is None and not flags
+    pid = os.fork() if fresh else L.fork_with(flags, cgroup_fd=cgroup_fd)
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             close.close()

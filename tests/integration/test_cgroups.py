@@ -506,3 +506,56 @@ def test_v2_an_unprivileged_user_uses_a_subtree_delegated_to_it() -> None:
             if os.path.isdir(d):
                 assert _until(lambda d=d: not read_cgroup_file(f"{d}/cgroup.procs"), 10)
                 os.rmdir(d)
+
+
+@pytest.mark.skipif(not V2 or os.geteuid() != 0, reason="a cgroup v2 delegation, set up as root")
+def test_v2_rootless_services_get_their_limits_in_a_subtree_delegated_to_the_user() -> None:
+    """Rootless mode end to end on cgroup v2: an unprivileged user in a cgroup delegated to it
+    (as ``systemd-run --user --scope -p Delegate=yes`` makes) runs services in a user namespace,
+    each with its limits in a cgroup of its own."""
+    from pytest_envbox import Environment, Service, _client, cgroups
+
+    python = "/usr/bin/python3"
+    if not os.access(python, os.X_OK):
+        pytest.skip("no system python3 for the unprivileged user's supervisor")
+    own = detect().unified
+    assert own is not None
+    cgroups._enable(own)
+    cg = os.path.join(own, f"envbox-rootless-{os.getpid()}")
+    os.mkdir(cg)
+    uid = 4322
+    for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+        os.chown(os.path.join(cg, name), uid, uid)
+    os.setxattr(cg, "user.delegate", b"1")
+
+    def work() -> str:
+        # This test's interpreter may live where the user may not read (/root): the supervisor
+        # runs the system's, with the package from where it is installed (readable).
+        sys.executable = python
+        _client.set_rootless_mode("auto")  # not root: rootless
+        services = [Service("capped", ["sleep", "1000"], limits={"memory": "48Mi", "cpu": "500m",
+                                                                  "pids": 8})]  # fmt: skip
+        with Environment(services, rootdir="/") as env:
+            pid = env["capped"].pid
+            assert pid is not None
+            with open(f"/proc/{pid}/uid_map") as f:
+                mapping = f.read().split()[:3]
+            dirs = cgroup_dirs(pid)
+            path = dirs["unified"]
+            limits = [read_cgroup_file(f"{path}/{n}") for n in ("memory.max", "cpu.max", "pids.max")]
+            stats = env["capped"].stats()
+        return f"map={mapping} limits={limits} pids={stats.pids} gone={not os.path.exists(path)}"  # init and service
+
+    try:
+        out = _as_user_in(cg, uid, work)
+        assert out == (f"map=['0', '{uid}', '1'] limits=['{48 << 20}', '50000 100000', '8'] "
+                       "pids=2 gone=True"), out
+    finally:
+        leaf = os.path.join(cg, "envbox-tests")
+        for d in (leaf, cg):
+            if os.path.isdir(d):
+                assert _until(lambda d=d: not read_cgroup_file(f"{d}/cgroup.procs"), 10)
+                for sub in sorted((os.path.join(d, n) for n in os.listdir(d)
+                                   if os.path.isdir(os.path.join(d, n))), reverse=True):  # fmt: skip
+                    os.rmdir(sub)
+                os.rmdir(d)
