@@ -543,8 +543,8 @@ def test_v2_rootless_services_get_their_limits_in_a_subtree_delegated_to_the_use
             dirs = cgroup_dirs(pid)
             path = dirs["unified"]
             limits = [read_cgroup_file(f"{path}/{n}") for n in ("memory.max", "cpu.max", "pids.max")]
-            stats = env["capped"].stats()
-        return f"map={mapping} limits={limits} pids={stats.pids} gone={not os.path.exists(path)}"  # init and service
+            stats = env["capped"].stats()  # its init and the service: 2 pids
+        return f"map={mapping} limits={limits} pids={stats.pids} gone={not os.path.exists(path)}"
 
     try:
         out = _as_user_in(cg, uid, work)
