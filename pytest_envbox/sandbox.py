@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from . import _linux as L
+from . import seccomp
 
 #: Where each service finds its private, writable home directory.
 HOME = "/home/envbox"
@@ -362,6 +363,7 @@ def drop_privileges(plan: SandboxPlan) -> None:
     L.capset(eff & mask, perm & mask, 0)
     L.clear_ambient_caps()
     L.set_no_new_privs()
+    seccomp.install()  # Docker's deny-list; inherited by everything the service starts
 
 
 def _chdir_inside(cwd: str) -> None:
@@ -451,7 +453,7 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = (), *,
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
         socket.send_fds(ctl, [b"ready"], [netns])
         os.close(netns)
-        msg, fds, _flags, _addr = socket.recv_fds(ctl, 256 << 10, 2)
+        msg, fds, _flags, _addr = socket.recv_fds(ctl, 256 << 10, 2, socket.MSG_CMSG_CLOEXEC)
         if not msg or not fds:
             os._exit(0)  # the supervisor is done with us
         plan = SandboxPlan.from_dict(json.loads(msg))

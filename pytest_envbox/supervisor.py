@@ -439,8 +439,8 @@ class Supervisor:
 
     def _on_sync(self, pend: _Pending) -> None:
         try:
-            msg, anc, _flags, _addr = pend.sock.recvmsg(
-                4096, socket.CMSG_SPACE(16) + socket.CMSG_SPACE(12))  # fds and credentials
+            msg, anc, _flags, _addr = pend.sock.recvmsg(  # fds (close-on-exec) and credentials
+                4096, socket.CMSG_SPACE(16) + socket.CMSG_SPACE(12), socket.MSG_CMSG_CLOEXEC)
         except OSError:
             msg, anc = b"", []
         for level, typ, data in anc:
@@ -1052,7 +1052,8 @@ def _await_ready(ctl: socket.socket) -> tuple[int, int]:
     """
     ctl.settimeout(30.0)
     try:
-        msg, anc, _flags, _addr = ctl.recvmsg(4096, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(12))
+        msg, anc, _flags, _addr = ctl.recvmsg(4096, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(12),
+                                              socket.MSG_CMSG_CLOEXEC)
     except TimeoutError:
         raise SpareFailed("the sandbox was not prepared within 30 s") from None
     finally:
@@ -1085,7 +1086,8 @@ def _zygote(sock: socket.socket) -> None:
     close_fds_except([sock.fileno()])
     gc.disable()
     while True:
-        msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 8)  # its socket, its cgroup's files
+        # Its socket, its cgroup's files; close-on-exec, as every fd of ours.
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 8, socket.MSG_CMSG_CLOEXEC)
         if not msg or not fds:
             return
         into = msg == b"spare-into"  # fds[1]: the cgroup (v2) to clone the spare straight into
