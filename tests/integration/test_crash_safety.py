@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -175,3 +176,115 @@ def test_after_kill_9_of_a_whole_xdist_run_the_next_run_starts_clean(tmp_path: P
     assert r.returncode == 0, r.stdout[-2000:]
     assert not os.path.exists(record)
     assert not any(os.path.exists(d) for d in runs), runs
+
+
+# --- the matrix: SIGKILL at each point of an environment's life -------------------------------
+
+MATRIX_CONFTEST = """
+    import json, os
+    from pytest_envbox._client import get_supervisor
+
+    def _report(name, handle):
+        cgroups = {}
+        with open(f"/proc/{handle.pid}/cgroup") as f:
+            cgroups = f.read()
+        info = {"pid": handle.pid, "supervisor": get_supervisor().pid,
+                "pidns": os.readlink(f"/proc/{handle.pid}/ns/pid"),
+                "netns": os.readlink(f"/proc/{handle.pid}/ns/net"), "cgroup": cgroups,
+                "log": str(handle.log_path)}
+        path = os.path.join(os.environ["REPORT_DIR"], name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(info, f)
+        os.rename(path + ".tmp", path)
+
+    def pytest_envbox_service_ready(handle):
+        _report(handle.name, handle)
+"""
+
+MATRIX_TESTS = """
+    import os, threading, pytest
+    from pytest_envbox import Service, probe
+
+    TRAP = "trap 'echo got-term' TERM; " if os.environ.get("IGNORE_TERM") else ""
+    FIRST = Service("first", ["sh", "-c", TRAP + "echo up; while :; do sleep 0.1; done"],
+                    ready=probe.log("^up$"), stop_timeout=60)
+    NEVER = Service("never", ["sleep", "1000"], depends_on=["first"],
+                    ready=probe.log("never printed", timeout=120))
+
+    def wait_forever():
+        threading.Event().wait(120)
+
+    @pytest.mark.envbox(FIRST, NEVER)
+    def test_startup(envbox):
+        pass  # never reached: "never" is not ready before the kill
+
+    @pytest.mark.envbox(FIRST)
+    def test_running(envbox):
+        wait_forever()
+
+    @pytest.mark.envbox(FIRST)
+    def test_teardown(envbox):
+        pass  # then teardown: SIGTERM, which "first" ignores, and up to 60 s of waiting
+"""
+
+KILL_POINTS = ["startup", "running", "teardown"]
+
+
+def _mountinfo() -> int:
+    with open("/proc/self/mountinfo") as f:
+        return len(f.read().splitlines())
+
+
+MATRIX = [(point, victim) for point in KILL_POINTS for victim in ("pytest", "supervisor", "service")
+          if (point, victim) != ("startup", "service")]  # that is a ServiceFailed (test_lifecycle)
+
+
+@pytest.mark.parametrize(("point", "victim"), [*MATRIX, ("startup", "ctrl-c")])
+def test_sigkill_at_any_point_leaves_nothing_after_envbox_clean(
+    tmp_path: Path, point: str, victim: str
+) -> None:
+    """SIGKILL of pytest, of the supervisor or of a service, while an environment starts, runs or
+    is torn down, and Ctrl-C while it starts: every process ends, and after ``envbox clean`` no
+    cgroup, network namespace or mount of it remains."""
+    (tmp_path / "conftest.py").write_text(textwrap.dedent(MATRIX_CONFTEST))
+    (tmp_path / "test_matrix.py").write_text(textwrap.dedent(MATRIX_TESTS))
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    mounts = _mountinfo()
+    env = {**os.environ, "REPORT_DIR": str(reports), "PYTHONPATH": str(Path(__file__).parents[2]),
+           "IGNORE_TERM": "1" if point == "teardown" else ""}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *PLUGIN_ARGS, "-q", "-p", "no:cacheprovider",
+         "-p", "no:xdist", f"test_matrix.py::test_{point}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    first = reports / "first"
+    try:
+        assert _until(lambda: first.exists() or child.poll() is not None, 60), "no report"
+        assert first.exists(), child.stdout.read().decode() if child.stdout else ""
+        info = json.loads(first.read_text())
+        pid, sup = info["pid"], info["supervisor"]
+        cgroups = [d for d in cgroup_dirs(pid).values() if "/envbox-" in d]
+        if point == "teardown":  # kill while the teardown waits for "first" to stop
+            log = Path(info["log"])
+            assert _until(lambda: "got-term" in log.read_text(), 30), "teardown never began"
+        if victim == "ctrl-c":  # what the terminal sends pytest's process group; pytest tears down
+            os.kill(child.pid, signal.SIGINT)
+        else:
+            os.kill({"pytest": child.pid, "supervisor": sup, "service": pid}[victim], signal.SIGKILL)
+        if victim != "pytest" and point != "running":
+            # pytest carries on: the start fails, or the teardown ends, and so does the run.
+            quick = 10 if victim == "ctrl-c" else 60  # Ctrl-C: about a second here
+            assert _until(lambda: child.poll() is not None, quick), "pytest did not finish"
+    finally:
+        _kill_processes_in(tmp_path)  # test_running waits forever: it is SIGKILLed too
+        child.wait()
+    # Every process of it ends by itself: the service, its init and namespace, the supervisor.
+    assert _until(lambda: not alive(pid) and not holders(info["pidns"]), 10)
+    assert _until(lambda: not alive(sup), 10)
+    r = subprocess.run([sys.executable, "-m", "pytest_envbox.cli", "clean"], capture_output=True,
+                       text=True, timeout=60, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert not any(os.path.exists(d) for d in cgroups), cgroups
+    assert _until(lambda: not holders(info["netns"]), 10)
+    assert _mountinfo() == mounts
