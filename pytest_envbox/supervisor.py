@@ -23,6 +23,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import fcntl
 import gc
 import json
 import os
@@ -48,6 +49,27 @@ _NS_FOR_EXEC = (("ipc", L.CLONE_NEWIPC), ("uts", L.CLONE_NEWUTS), ("net", L.CLON
                 ("mnt", L.CLONE_NEWNS))  # fmt: skip
 
 
+#: A service's log file grows to this size at most; later output is counted, its last
+#: ``LOG_TAIL`` bytes kept, and written after a marker line when the service's output ends.
+LOG_CAP = 64 << 20
+LOG_TAIL = 64 << 10
+
+
+@dataclass
+class _LogSink:
+    """Where a service's stdout and stderr go: a pipe the supervisor empties into its log file.
+
+    A pipe, not the file itself, so that a service that floods its output cannot fill the disk
+    (see LOG_CAP). ``splice`` moves the bytes without copying them through this process.
+    """
+
+    pipe: int
+    file: int
+    written: int
+    dropped: int = 0
+    tail: bytearray = field(default_factory=bytearray)
+
+
 @dataclass
 class _Slot:
     """A service's place: its network namespace and published ports outlive restarts."""
@@ -65,6 +87,8 @@ class _Slot:
     ip: str | None = None
     veth: str | None = None
     veth_index: int = 0
+    #: this run's output (see _LogSink); None once it has ended
+    log: _LogSink | None = None
 
 
 @dataclass
@@ -193,6 +217,8 @@ class Supervisor:
                         with contextlib.suppress(OSError):
                             os.read(self.sigchld_r, 4096)
                         self._reap()
+                    elif isinstance(tag, _LogSink):
+                        self._drain(tag)
                     elif isinstance(tag, _Pending):
                         self._on_sync(tag)
                     elif isinstance(tag, tuple):
@@ -369,7 +395,13 @@ class Supervisor:
             raise ValueError(f"{slot} is already running")
         if not self.cgroups.usable and limits and any(v is not None for v in limits.values()):
             raise ValueError(f"unsupported:{self.cgroups.problem}")
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Not O_APPEND (splice refuses it): only this process writes the file, at its end.
+        log_file = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        sink = _LogSink(-1, log_file, os.lseek(log_file, 0, os.SEEK_END))
+        sink.pipe, log_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(log_fd, True)  # the service's end: blocking, as a file would be
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(log_fd, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer wake-ups for a chatty service
         try:
             for attempt in (1, 2):  # a spare may have died while it waited: then one fresh try
                 if not self.spares:
@@ -412,9 +444,16 @@ class Supervisor:
                 else:
                     os.close(netns)
                 break
+        except BaseException:
+            os.close(sink.pipe)
+            os.close(sink.file)
+            raise
         finally:
             os.close(log_fd)
         s = self.slots[slot]
+        self._end_log(s)  # the previous run's, if its output never ended (should not happen)
+        s.log = sink
+        self.sel.register(sink.pipe, selectors.EVENT_READ, sink)
         hub = self.hubs.get(_env_of(slot))
         try:
             for port in ports:
@@ -920,6 +959,52 @@ class Supervisor:
 
     # --- processes ---------------------------------------------------------------------------
 
+    def _drain(self, sink: _LogSink) -> None:
+        """Move what the service wrote into its log file, up to LOG_CAP; then count and keep the
+        tail. At end of output (every writer gone), finish the file (see _end_log)."""
+        while True:
+            try:
+                if sink.written < LOG_CAP:
+                    n = os.splice(sink.pipe, sink.file, min(1 << 20, LOG_CAP - sink.written),
+                                  flags=os.SPLICE_F_NONBLOCK)  # fmt: skip
+                    sink.written += n
+                else:
+                    data = os.read(sink.pipe, 1 << 16)
+                    n = len(data)
+                    sink.dropped += n
+                    sink.tail += data
+                    del sink.tail[:-LOG_TAIL]
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            if n == 0:  # end of output
+                for s in self.slots.values():
+                    if s.log is sink:
+                        self._end_log(s)
+                        return
+                self._close_sink(sink)
+                return
+
+    def _end_log(self, s: _Slot) -> None:
+        sink, s.log = s.log, None
+        if sink is not None:
+            self._close_sink(sink)
+
+    def _close_sink(self, sink: _LogSink) -> None:
+        if sink.pipe < 0:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(sink.pipe)
+        os.close(sink.pipe)
+        sink.pipe = -1
+        if sink.dropped:
+            with contextlib.suppress(OSError):
+                os.write(sink.file, (f"\n[envbox: the log reached {LOG_CAP >> 20} MiB; "
+                                     f"{sink.dropped} more bytes were dropped; their last "
+                                     f"{len(sink.tail)} follow]\n").encode() + bytes(sink.tail))  # fmt: skip
+        os.close(sink.file)
+
     def _reap(self) -> None:
         while True:
             try:
@@ -939,6 +1024,8 @@ class Supervisor:
                     s.main_pid = None
                     self.state_dirty = True
                     _close(s, "main_pidfd")
+                    if s.log is not None:  # its last words in the file before anyone looks
+                        self._drain(s.log)
                     cg = self.cgroups.services.get(slot)
                     figures: dict[str, int | float] = {}
                     if cg is not None:  # the run's totals, read before its cgroup goes
@@ -971,6 +1058,14 @@ class Supervisor:
                             os.kill(pid, signal.SIGKILL)
 
     def _release(self, s: _Slot, wait: float = 2.0) -> None:
+        try:
+            self._release_processes(s, wait)
+        finally:
+            if s.log is not None:
+                self._drain(s.log)
+                self._end_log(s)
+
+    def _release_processes(self, s: _Slot, wait: float) -> None:
         _close(s, "main_pidfd")
         for r in s.relays.values():
             r.close()
