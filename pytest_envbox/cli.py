@@ -243,7 +243,7 @@ def _stop_kept(timeout: float = 15.0) -> int:
 
 def clean() -> int:
     """Stop environments kept by ``--envbox-keep``, and remove what runs killed with SIGKILL
-    left behind: their cgroup directories and records.
+    left behind: their cgroup directories, temporary directories and records.
 
     Processes, namespaces, veths and mounts need no cleaning: they die with the supervisor.
     """
@@ -251,11 +251,14 @@ def clean() -> int:
     removed = cgroups.clean_stale()
     for path in removed:
         print(f"removed {path}")
-    records = state.clean_stale()
-    for path in records:
+    found = state.clean_stale()
+    for path in found:
         print(f"removed {path}")
+    records = [p for p in found if p.endswith(".json")]
+    temp = len(found) - len(records)
     print(f"envbox: {kept} kept run{'' if kept == 1 else 's'} stopped, "
-          f"{len(removed)} stale cgroup director{'y' if len(removed) == 1 else 'ies'} "
+          f"{len(removed)} stale cgroup director{'y' if len(removed) == 1 else 'ies'}, "
+          f"{temp} temporary director{'y' if temp == 1 else 'ies'} "
           f"and {len(records)} stale run record{'' if len(records) == 1 else 's'} removed")  # fmt: skip
     return 0
 

@@ -118,7 +118,31 @@ def clean_stale(directory: str | None = None) -> list[str]:
     for name, record in runs(d):
         if record is None:
             path = os.path.join(d, name + ".json")
+            removed += _remove_dirs(path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 removed.append(path)
     return removed
+
+
+def _remove_dirs(record_path: str) -> list[str]:
+    """The temporary directories a dead run's record lists (an ``Environment`` without a
+    ``workdir`` makes one): removed, if they still look like ours."""
+    import shutil
+    import tempfile
+
+    try:
+        with open(record_path) as f:
+            dirs = json.load(f).get("dirs") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    tmp = os.path.realpath(tempfile.gettempdir())
+    gone = []
+    for d in dirs:
+        real = os.path.realpath(str(d))
+        # Only what envbox makes: tempfile.mkdtemp(prefix="envbox-") in the temporary directory.
+        if os.path.dirname(real) == tmp and os.path.basename(real).startswith("envbox-") \
+                and os.path.isdir(real) and not os.path.islink(str(d)):  # fmt: skip
+            shutil.rmtree(real, ignore_errors=True)
+            gone.append(real)
+    return gone

@@ -859,6 +859,7 @@ class Supervisor:
         tests = [self.test_pid, *(p for p in self.watched if p != self.test_pid)]
         record = {"supervisor": os.getpid(), "owner": state.outer_uid(), "tests": tests,
                   "cwd": os.getcwd(), "environments": envs, "kept": self.kept,
+                  "dirs": sorted(self.dirs),
                   "rootless": "in-userns" in sys.argv}  # fmt: skip
         with contextlib.suppress(OSError):
             state.write(self.state_name, record)
@@ -899,8 +900,12 @@ class Supervisor:
                 "spare_hub": self.spare_hub is not None}  # fmt: skip
 
     def op_own_dir(self, req_id: int, path: str, own: bool) -> dict[str, Any]:
-        """Directories to delete if the test process dies before it can."""
+        """Directories to delete if the test process dies before it can.
+
+        Recorded at once in the run's record: if this supervisor is SIGKILLed too, `envbox clean`
+        (or the next run) removes them."""
         (self.dirs.add if own else self.dirs.discard)(path)
+        self._write_state()
         return {}
 
     def op_shutdown(self, req_id: int) -> dict[str, Any]:

@@ -288,3 +288,42 @@ def test_sigkill_at_any_point_leaves_nothing_after_envbox_clean(
     assert not any(os.path.exists(d) for d in cgroups), cgroups
     assert _until(lambda: not holders(info["netns"]), 10)
     assert _mountinfo() == mounts
+
+
+def test_the_temporary_directory_of_a_run_killed_whole_goes_with_envbox_clean(tmp_path: Path) -> None:
+    """An Environment without a workdir makes a temporary directory, which its supervisor removes;
+    when the script and its supervisor are both SIGKILLed, `envbox clean` does."""
+    script = textwrap.dedent("""
+        import os, sys, threading
+        from pytest_envbox import Environment, Service
+        from pytest_envbox._client import get_supervisor
+        env = Environment([Service("w", ["sleep", "1000"])])
+        env.open()
+        print(env.workdir, get_supervisor().pid, env["w"].pid, flush=True)
+        threading.Event().wait(120)
+    """)
+    from pytest_envbox.state import janitor
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    with janitor() as mine:  # no supervisor starting meanwhile cleans up first: `envbox clean` does
+        assert mine
+        _run_killed_whole(tmp_path, script, env)
+
+
+def _run_killed_whole(tmp_path: Path, script: str, env: dict[str, str]) -> None:
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert child.stdout is not None
+        workdir, sup, pid = child.stdout.readline().split()
+        assert os.path.isdir(workdir) and os.path.basename(workdir).startswith("envbox-")
+    finally:
+        _kill_processes_in(tmp_path)  # the script and its supervisor, at once
+        child.wait()
+    assert _until(lambda: not alive(int(sup)) and not alive(int(pid)), 10)
+    assert os.path.isdir(workdir)  # nobody was left to remove it...
+    r = subprocess.run([sys.executable, "-m", "pytest_envbox.cli", "clean"], capture_output=True,
+                       text=True, timeout=60, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(workdir), r.stdout  # ...until now
+    assert f"removed {os.path.realpath(workdir)}" in r.stdout

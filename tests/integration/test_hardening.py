@@ -160,3 +160,16 @@ def test_sys_is_read_only() -> None:
     with Environment([Service("w", ["sleep", "1000"])]) as e:
         r = e["w"].exec(["sh", "-c", "echo 1 > /sys/kernel/uevent_helper; touch /sys/x"])
         assert r.stderr.count("Read-only file system") == 2, r
+
+
+def test_a_private_devpts_and_no_controlling_terminal(env: Environment) -> None:
+    """No pty of the host is there, and none of the host's terminals is the service's."""
+    r = env["box"].exec(["sh", "-c", "ls /dev/pts; grep ' /dev/pts ' /proc/self/mountinfo; "
+                                     "cat /proc/2/stat; stat -c %d /dev/pts"])  # fmt: skip
+    lines = r.stdout.splitlines()
+    assert lines[0] == "ptmx" and "devpts" in lines[1], r.stdout
+    if os.path.isdir("/dev/pts"):  # a devpts instance of its own, not the host's
+        assert int(lines[3]) != os.stat("/dev/pts").st_dev
+    fields = lines[2].rsplit(")", 1)[1].split()
+    pid, sid, tty = 2, int(fields[3]), int(fields[4])
+    assert sid == pid and tty == 0  # its own session, no controlling terminal (TIOCSTI needs one)
