@@ -117,7 +117,7 @@ def _resolve_user(spec: Service) -> tuple[int, int, list[int]]:
 def _rootless_ids(uid: int, gid: int, groups: list[int]) -> tuple[int, int, list[int]]:
     """Ids inside rootless mode's user namespace: the caller is root there; other users keep
     their numbers, which exist there when a subordinate id range is mapped (checked at open)."""
-    if uid == os.getuid():
+    if uid in (os.getuid(), 0):  # the caller, or root: both are the namespace's root
         return 0, 0, []
     return uid, gid, groups
 

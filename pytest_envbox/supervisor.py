@@ -68,6 +68,8 @@ class _LogSink:
     written: int
     dropped: int = 0
     tail: bytearray = field(default_factory=bytearray)
+    #: why the file could not take more (a full disk, say): the rest is counted, as past the cap
+    failed: str | None = None
 
 
 @dataclass
@@ -243,8 +245,9 @@ class Supervisor:
     def _send(self, msg: dict[str, Any]) -> None:
         try:
             self.sock.sendall(encode(msg))
-        except OSError:  # the test process is gone: tear down (unless detached, see _detach)
-            self.running = self.detached
+        except OSError:  # the test process is gone: tear down (unless it asked to keep, see _detach)
+            if not (self.detached or self.kept):
+                self.running = False
 
     def _reply(self, req_id: int, **kw: Any) -> None:
         self._send({"id": req_id, **kw})
@@ -338,7 +341,20 @@ class Supervisor:
                 fds, into = [os.open(f, os.O_WRONLY | os.O_CLOEXEC) for f in cg.procs_files()], False
             # The child is PID 1 of a new PID namespace (cloned so: unshare and setns back would
             # not do in rootless mode, where our own PID namespace is out of reach once left).
-            _fork_running(run_spare, child, fds, close=parent, flags=L.CLONE_NEWPID)
+            # A raw clone is safe only in a single-threaded process, and we have relay threads:
+            # a forked helper clones the spare as our child (CLONE_PARENT), as the zygote does.
+            helper = os.fork()
+            if helper == 0:  # pragma: no cover - the helper
+                code = 125
+                try:
+                    parent.close()
+                    if L.fork_with(L.CLONE_PARENT | L.CLONE_NEWPID, python_fixups=False) == 0:
+                        run_spare(child, fds)
+                    code = 0
+                finally:
+                    os._exit(code)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(helper, 0)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -397,7 +413,8 @@ class Supervisor:
             raise ValueError(f"unsupported:{self.cgroups.problem}")
         # Not O_APPEND (splice refuses it): only this process writes the file, at its end.
         log_file = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        sink = _LogSink(-1, log_file, os.lseek(log_file, 0, os.SEEK_END))
+        os.lseek(log_file, 0, os.SEEK_END)
+        sink = _LogSink(-1, log_file, 0)  # the cap is per run
         sink.pipe, log_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         os.set_blocking(log_fd, True)  # the service's end: blocking, as a file would be
         with contextlib.suppress(OSError):
@@ -451,7 +468,9 @@ class Supervisor:
         finally:
             os.close(log_fd)
         s = self.slots[slot]
-        self._end_log(s)  # the previous run's, if its output never ended (should not happen)
+        if s.log is not None:  # the previous run's, if its output never ended (should not happen)
+            self._drain(s.log)
+            self._end_log(s)
         s.log = sink
         self.sel.register(sink.pipe, selectors.EVENT_READ, sink)
         hub = self.hubs.get(_env_of(slot))
@@ -930,15 +949,18 @@ class Supervisor:
         others = [slot for slot in self.slots if _env_of(slot) not in self.kept]
         with contextlib.suppress(Exception):
             self.op_release(0, others)
-        self._drop_spares()
+        with contextlib.suppress(Exception):  # each step whatever an earlier one did
+            self._drop_spares()
         self.want_spare = self.want_hub = False
         for fd in self.watch_fds:
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(fd)
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self.watch_fds.clear()
-        os.dup2(self.devnull, 1)
-        os.dup2(self.devnull, 2)
+        with contextlib.suppress(OSError):
+            os.dup2(self.devnull, 1)
+            os.dup2(self.devnull, 2)
         self.state_dirty = True
         self._maybe_done()
 
@@ -966,15 +988,24 @@ class Supervisor:
 
     def _drain(self, sink: _LogSink) -> None:
         """Move what the service wrote into its log file, up to LOG_CAP; then count and keep the
-        tail. At end of output (every writer gone), finish the file (see _end_log)."""
-        while True:
+        tail. At end of output (every writer gone), finish the file (see _end_log).
+
+        At most 64 MiB per call: a service that never stops writing must not keep the event
+        loop here (the selector reports the pipe again)."""
+        for _ in range(64):
             try:
-                if sink.written < LOG_CAP:
-                    n = os.splice(sink.pipe, sink.file, min(1 << 20, LOG_CAP - sink.written),
-                                  flags=os.SPLICE_F_NONBLOCK)  # fmt: skip
+                if sink.written < LOG_CAP and sink.failed is None:
+                    try:
+                        n = os.splice(sink.pipe, sink.file, min(1 << 20, LOG_CAP - sink.written),
+                                      flags=os.SPLICE_F_NONBLOCK)  # fmt: skip
+                    except BlockingIOError:
+                        raise
+                    except OSError as e:  # the file refuses (ENOSPC...): count the rest instead
+                        sink.failed = e.strerror or str(e)
+                        continue
                     sink.written += n
                 else:
-                    data = os.read(sink.pipe, 1 << 16)
+                    data = os.read(sink.pipe, 1 << 20)
                     n = len(data)
                     sink.dropped += n
                     sink.tail += data
@@ -1005,7 +1036,9 @@ class Supervisor:
         sink.pipe = -1
         if sink.dropped:
             with contextlib.suppress(OSError):
-                os.write(sink.file, (f"\n[envbox: the log reached {LOG_CAP >> 20} MiB; "
+                why = (f"could not be written ({sink.failed})" if sink.failed
+                       else f"reached {LOG_CAP >> 20} MiB")
+                os.write(sink.file, (f"\n[envbox: the log {why}; "
                                      f"{sink.dropped} more bytes were dropped; their last "
                                      f"{len(sink.tail)} follow]\n").encode() + bytes(sink.tail))  # fmt: skip
         os.close(sink.file)
@@ -1340,10 +1373,14 @@ def enter_user_namespace() -> None:
         os.close(w)
         _, status = os.waitpid(child, 0)
     if status != 0:
-        with open("/proc/self/uid_map") as f:
-            mapped = f.read().strip()
-        if not mapped:  # the helpers failed before writing anything: map our own id only
+        maps = []
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/self/{name}") as f:
+                maps.append(f.read().strip())
+        if not any(maps):  # the helpers failed before writing anything: map our own id only
             _write_own_map(uid, gid)
+        elif not all(maps):  # newuidmap worked, newgidmap not: no half-mapped namespace
+            raise OSError(errno.EPERM, "newgidmap failed after newuidmap: check /etc/subgid")
 
 
 def _id_map(name: str) -> list[list[int]]:
