@@ -1246,14 +1246,12 @@ def _zygote(sock: socket.socket) -> None:
 
 
 def _fork_running(target: Callable[..., object], *args: Any, close: socket.socket,
-                  code: int = 125, cgroup_fd: int | None = None, flags: int = 0) -> int:  # fmt: skip
+                  code: int = 125, cgroup_fd: int | None = None) -> int:  # fmt: skip
     """Fork; the child closes ``close`` (the parent's end), runs ``target(*args)``, and exits.
 
-    With ``cgroup_fd`` (cgroup v2), the child starts in that cgroup (``clone3``); ``flags`` are
-    more ``clone`` flags (``CLONE_NEWPID``).
+    With ``cgroup_fd`` (cgroup v2), the child starts in that cgroup (``clone3``).
     """
-    fresh = cgroup_fd is None and not flags
-    pid = os.fork() if fresh else L.fork_with(flags, cgroup_fd=cgroup_fd)
+    pid = os.fork() if cgroup_fd is None else L.fork_with(0, cgroup_fd=cgroup_fd)
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             close.close()
@@ -1343,7 +1341,7 @@ def enter_user_namespace() -> None:
             sub = ids
     if sub is None:
         L.unshare(L.CLONE_NEWUSER)
-        _write_own_map(uid, gid)
+        L.map_own_ids(uid, gid)
         return
     assert sub.uid_range is not None and sub.gid_range is not None
     # newuidmap must run outside the new namespace, on our pid: a child does it once we are in.
@@ -1378,7 +1376,7 @@ def enter_user_namespace() -> None:
             with open(f"/proc/self/{name}") as f:
                 maps.append(f.read().strip())
         if not any(maps):  # the helpers failed before writing anything: map our own id only
-            _write_own_map(uid, gid)
+            L.map_own_ids(uid, gid)
         elif not all(maps):  # newuidmap worked, newgidmap not: no half-mapped namespace
             raise OSError(errno.EPERM, "newgidmap failed after newuidmap: check /etc/subgid")
 
@@ -1387,12 +1385,6 @@ def _id_map(name: str) -> list[list[int]]:
     """Our user namespace's id map: ``[inside, outside, count]`` lines."""
     with open(f"/proc/self/{name}") as f:
         return [[int(x) for x in line.split()] for line in f if line.strip()]
-
-
-def _write_own_map(uid: int, gid: int) -> None:
-    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
 
 
 def _no_user_namespace(e: OSError) -> str:

@@ -99,3 +99,9 @@ def cgroup_dirs(pid: int) -> dict[str, str]:
 def read_cgroup_file(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of ``pid`` in KiB, as the kernel counts it."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1])

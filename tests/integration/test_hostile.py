@@ -13,12 +13,7 @@ from pytest_envbox import Environment, Service, probe
 from pytest_envbox._client import get_supervisor
 from pytest_envbox._wait import Deadline, wait_until
 from pytest_envbox.supervisor import LOG_CAP, LOG_TAIL
-from tests.kernel import alive, cgroup_dirs, read_cgroup_file
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1])
+from tests.kernel import alive, cgroup_dirs, read_cgroup_file, rss_kib
 
 
 def test_a_service_flooding_1_gb_of_output_gets_a_capped_log_with_its_last_words() -> None:

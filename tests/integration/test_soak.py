@@ -11,7 +11,7 @@ from pytest_envbox import Environment, Service, probe
 from pytest_envbox._client import get_supervisor
 from pytest_envbox._wait import Deadline, wait_until
 from tests.conftest import cgroups_problem
-from tests.kernel import children
+from tests.kernel import children, rss_kib
 
 CYCLES = int(os.environ.get("ENVBOX_SOAK_CYCLES", "500"))
 
@@ -25,10 +25,6 @@ def descendants(pid: int) -> set[int]:
             todo.append(child)
     return out
 
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1])
 
 
 def fds(pid: int) -> int:
