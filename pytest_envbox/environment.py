@@ -356,7 +356,8 @@ class Environment:
             self._specs[s.name] = s
         wanted = {s.name for s in new}
         self._list_hosts(new)
-        self._start_levels([[s for s in lvl if s.name in wanted] for lvl in levels])
+        # Only the levels with a new service: the others (all running already) have nothing to do.
+        self._start_levels([lvl for lvl in ([s for s in lvl if s.name in wanted] for lvl in levels) if lvl])
         name = service if isinstance(service, str) else service.name
         return self._handles[name]
 

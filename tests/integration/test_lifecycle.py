@@ -222,6 +222,17 @@ def test_start_adds_a_service_to_a_running_environment() -> None:
             env["missing"]
 
 
+def test_start_of_a_service_whose_dependencies_already_run() -> None:
+    """Regression: the levels already running are skipped, not started as empty levels."""
+    base = Service("base", ["sleep", "1000"])
+    with Environment([base]) as env:
+        base_pid = env["base"].pid
+        h = env.start(Service("dep", ["sleep", "1000"], depends_on=["base"]))
+        h2 = env.start(Service("dep2", ["sleep", "1000"], depends_on=["base", "dep"]))
+        assert h.running and h2.running and env["base"].pid == base_pid
+        assert list(env.services) == ["base", "dep", "dep2"]
+
+
 def test_environment_start_failure_leaves_nothing() -> None:
     good = Service("good", ["sleep", "1000"])
     bad = Service("bad", ["sh", "-c", "exit 1"], depends_on=["good"], ready=probe.tcp(1))
