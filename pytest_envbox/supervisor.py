@@ -164,6 +164,9 @@ class Supervisor:
         self.dirs: set[str] = set()
         self.spares: list[_Spare] = []  # prepared inits (_spawn_spare)
         self.want_spare = True  # False after a spare died unused: then prepare on demand only
+        # How many spares to keep ready between starts: the widest level asked for lately (a
+        # test suite starts the same environments again and again), at least one, at most 8.
+        self.spare_target = 1
         self.running = True
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -230,7 +233,8 @@ class Supervisor:
                 # Prepare the next sandbox off the critical path: only while no start is in
                 # flight (forking and making a namespace take this thread a millisecond or two,
                 # which a waiting start would otherwise pay).
-                if self.running and not self.pending and self.want_spare and not self.spares:
+                while (self.running and not self.pending and self.want_spare
+                        and len(self.spares) < self.spare_target):  # fmt: skip
                     self._spawn_spare()
                 if self.running and not self.pending and self.state_dirty:
                     self._write_state()
@@ -908,7 +912,9 @@ class Supervisor:
         return {}
 
     def op_prepare(self, req_id: int, count: int) -> dict[str, Any]:
-        """Have ``count`` sandboxes prepared at once, in parallel: a level of services follows."""
+        """Have ``count`` sandboxes prepared at once, in parallel: a level of services follows.
+        As many are kept ready from now on, for the next environment like this one."""
+        self.spare_target = max(1, min(count, 8))
         while len(self.spares) < min(count, 64):
             self._spawn_spare()
         return {}
