@@ -32,6 +32,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -156,7 +157,7 @@ class Supervisor:
         self.reader = FrameReader()
         self.slots: dict[str, _Slot] = {}
         self.hubs: dict[str, _Hub] = {}  # environment id -> its network
-        self.spare_hub: tuple[int, netlink.Netlink, int] | None = None  # made ahead (_hub)
+        self.hub_ahead: _HubAhead | None = None  # the next environment's hub (see _hub)
         self.want_hub = False  # only once an environment had a network
         self.inits: dict[int, str] = {}  # init pid -> slot
         self.pending: dict[int, _Pending] = {}  # sync socket fd -> pending
@@ -186,6 +187,7 @@ class Supervisor:
         # This run's record for `envbox ps` (state.py), written when idle.
         self.state_name = cgroups.run_name(os.getpid())
         self.state_dirty = False
+        self.state_writer: _StateWriter | None = None  # started on first use (after the zygote)
         self.watched: list[int] = []
         self.test_pid = os.getppid()  # (once detached, our parent is no longer the test process)
         self.watch_fds: list[int] = []  # pidfds of the processes in ``watched``
@@ -238,11 +240,8 @@ class Supervisor:
                     self._spawn_spare()
                 if self.running and not self.pending and self.state_dirty:
                     self._write_state()
-                if self.running and not self.pending and self.want_hub and self.spare_hub is None:
-                    try:
-                        self.spare_hub = netlink.make_hub()
-                    except OSError:
-                        self.want_hub = False  # made on demand, then (and the error shown)
+                if self.running and not self.pending and self.want_hub and self.hub_ahead is None:
+                    self.hub_ahead = _HubAhead()
         finally:
             self.teardown()
 
@@ -557,7 +556,10 @@ class Supervisor:
         address now; its next one is made when the loop is idle (see serve)."""
         hub = self.hubs.get(env)
         if hub is None:
-            made, self.spare_hub = self.spare_hub, None
+            ahead, self.hub_ahead = self.hub_ahead, None
+            made = ahead.take() if ahead is not None else None
+            if ahead is not None and made is None:
+                self.want_hub = False  # it failed: made on demand from now on (its error shown)
             fd, nl, bridge = made or netlink.make_hub()
             try:
                 # The hub's own address: published ports reach services from here.
@@ -884,8 +886,9 @@ class Supervisor:
                   "cwd": os.getcwd(), "environments": envs, "kept": self.kept,
                   "dirs": sorted(self.dirs),
                   "rootless": "in-userns" in sys.argv}  # fmt: skip
-        with contextlib.suppress(OSError):
-            state.write(self.state_name, record)
+        if self.state_writer is None:
+            self.state_writer = _StateWriter(self.state_name)
+        self.state_writer.put(record)
 
     def _thaw(self, slot: str) -> None:
         """Resume a paused service: a frozen process cannot act on a signal (on cgroup v1 it
@@ -922,7 +925,7 @@ class Supervisor:
     def op_census(self, req_id: int) -> dict[str, Any]:
         """What this supervisor holds now (for ``envbox ps`` and for tests that check teardown)."""
         return {"slots": sorted(self.slots), "hubs": sorted(self.hubs), "spares": len(self.spares),
-                "spare_hub": self.spare_hub is not None}  # fmt: skip
+                "spare_hub": self.hub_ahead is not None and self.hub_ahead.ready()}  # fmt: skip
 
     def op_own_dir(self, req_id: int, path: str, own: bool) -> dict[str, Any]:
         """Directories to delete if the test process dies before it can.
@@ -985,10 +988,11 @@ class Supervisor:
         if self.zygote is not None:
             self.zygote.close()  # and so does the zygote
             self.zygote = None
-        if self.spare_hub is not None:
-            self.spare_hub[1].close()
-            os.close(self.spare_hub[0])
-            self.spare_hub = None
+        ahead, self.hub_ahead = self.hub_ahead, None
+        made = ahead.take() if ahead is not None else None
+        if made is not None:
+            made[1].close()
+            os.close(made[0])
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -1145,6 +1149,8 @@ class Supervisor:
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.dirs.clear()
+        if self.state_writer is not None:
+            self.state_writer.close()  # its last write done before the record goes
         with contextlib.suppress(OSError):
             state.remove(self.state_name)
         for env in list(self.hubs):
@@ -1154,6 +1160,77 @@ class Supervisor:
 
 
 _OPS = {name[3:]: fn for name, fn in vars(Supervisor).items() if name.startswith("op_")}
+
+
+class _HubAhead:
+    """The next environment's hub, made on a thread of its own while the loop serves requests.
+
+    A hub is a new network namespace with a bridge: two milliseconds or more of the kernel's
+    time, which a probe's request arriving just after a start would otherwise wait out.
+    """
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.hub: tuple[int, netlink.Netlink, int] | None = None
+        threading.Thread(target=self._make, name="hub", daemon=True).start()
+
+    def _make(self) -> None:
+        try:
+            self.hub = netlink.make_hub()
+        except OSError:
+            pass  # made on demand, then, and its error shown there
+        finally:
+            self.done.set()
+
+    def ready(self) -> bool:
+        """Whether it was made (waiting for the thread to end)."""
+        self.done.wait()
+        return self.hub is not None
+
+    def take(self) -> tuple[int, netlink.Netlink, int] | None:
+        self.done.wait()
+        hub, self.hub = self.hub, None
+        return hub
+
+
+class _StateWriter:
+    """Writes the run's record on a thread of its own, the newest version only.
+
+    A write is a file replaced by rename, which on ext4 (``auto_da_alloc``) waits for the new
+    file's data to reach the disk: a millisecond or more under I/O load, which a request on the
+    loop would otherwise wait out (every ``open()`` of an environment records its directory).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cond = threading.Condition()
+        self.record: dict[str, Any] | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="state", daemon=True)
+        self.thread.start()
+
+    def put(self, record: dict[str, Any]) -> None:
+        with self.cond:
+            self.record = record  # an older one not yet written is superseded
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while self.record is None and not self.closed:
+                    self.cond.wait()
+                record, self.record = self.record, None
+                if record is None:
+                    return  # closed, and nothing left to write
+            with contextlib.suppress(OSError):
+                state.write(self.name, record)
+
+    def close(self) -> None:
+        """Write what is pending, then stop."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(timeout=5)
 
 
 @dataclass
