@@ -138,22 +138,25 @@ class HostState:
 # --- podman -------------------------------------------------------------------------------------
 
 
-def install_if_missing(log: Any) -> str | None:
-    """Podman and runc from Debian's packages when they are missing (as root, with apt); the
-    reason it is not possible otherwise."""
-    if shutil.which("podman") and shutil.which("runc"):
+def install_if_missing(log: Any, commands: dict[str, str]) -> str | None:
+    """Debian's packages for the ``commands`` (command -> package) that are missing, as root with
+    apt; None when all are there, else the reason they are not."""
+    missing = sorted({pkg for cmd, pkg in commands.items() if shutil.which(cmd) is None})
+    if not missing:
         return None
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return "podman or runc is not installed (and this is not root with apt-get to install them)"
-    log("installing podman and runc with apt-get (once) ...")
+        return f"{', '.join(missing)} not installed (and this is not root with apt-get to install them)"
+    log(f"installing {' '.join(missing)} with apt-get (once) ...")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (["apt-get", "update", "-q"],
-                 ["apt-get", "install", "-y", "-q", "--no-install-recommends", "podman", "runc",
-                  "iptables", "busybox"]):  # fmt: skip
+                 ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]):
         r = _run(argv, env=env)
         if r.returncode != 0:
             return f"{' '.join(argv)} failed: {r.stderr.strip()[-500:]}"
     return None
+
+
+PODMAN = {"podman": "podman", "runc": "runc", "iptables": "iptables"}
 
 
 def _rootfs(root: Path) -> None:

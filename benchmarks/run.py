@@ -482,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", choices=["single", "topology", "pytest", "relay", "memory"])
     args = ap.parse_args(argv)
     n, reps, n_podman, trials = (5, 2, 3, 2) if args.quick else (20, 7, 10, 5)
+    why = _podman.install_if_missing(log, {"busybox": "busybox"})  # the command every variant runs
+    if why is not None:
+        raise SystemExit(f"the benchmark runs busybox httpd: {why}")
     started = time.monotonic()
     M.set_subreaper()
     sections = args.only or ["single", "topology", "pytest", "relay", "memory"]
@@ -509,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     def single() -> dict[str, Any]:
         if args.podman == "no":
             return bench_single(n, 3, None, None, 0, {"skipped": "--podman no"})
-        why = _podman.install_if_missing(log)
+        why = _podman.install_if_missing(log, _podman.PODMAN)
         if why is not None:
             log(f"podman skipped: {why}")
             return bench_single(n, 3, None, None, 0, {"skipped": why})
