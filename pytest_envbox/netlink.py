@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 # <linux/rtnetlink.h>, <linux/if_link.h>, <linux/if_addr.h>, <linux/veth.h>
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
-RTM_NEWADDR = 20
+RTM_NEWADDR, RTM_DELADDR = 20, 21
 RTM_NEWQDISC, RTM_DELQDISC = 36, 37
 NLM_F_REPLACE = 0x100
 TCA_KIND, TCA_OPTIONS = 1, 2
@@ -139,6 +139,12 @@ class Netlink:
 
     def delete(self, index: int) -> None:
         self.request(RTM_DELLINK, _IFINFO.pack(0, 0, index, 0, 0), 0, f"delete link {index}")
+
+    def del_address(self, index: int, address: str, prefixlen: int) -> None:
+        raw = socket.inet_pton(socket.AF_INET, address)
+        body = (_IFADDR.pack(socket.AF_INET, prefixlen, 0, 0, index) + _attr(IFA_LOCAL, raw)
+                + _attr(IFA_ADDRESS, raw))  # fmt: skip
+        self.request(RTM_DELADDR, body, 0, f"delete address {address}")
 
     def add_address(self, index: int, address: str, prefixlen: int) -> None:
         raw = socket.inet_pton(socket.AF_INET, address)

@@ -54,6 +54,8 @@ _NS_FOR_EXEC = (("ipc", L.CLONE_NEWIPC), ("uts", L.CLONE_NEWUTS), ("net", L.CLON
 #: ``LOG_TAIL`` bytes kept, and written after a marker line when the service's output ends.
 LOG_CAP = 64 << 20
 LOG_TAIL = 64 << 10
+#: Hubs of closed environments kept for the next ones (see Supervisor._drop_hub).
+MAX_FREE_HUBS = 4
 
 
 @dataclass
@@ -99,14 +101,16 @@ class _Hub:
     """An environment's network: a namespace of its own holding the bridge every service is on.
 
     Nothing of it is in the host's namespace: two environments (two xdist workers) may use the
-    same subnet. Closing ``netns`` (with the services' namespaces gone) frees it all: bridge,
-    veths, addresses. So does the supervisor's death.
+    same subnet. When its environment ends, it is reset and kept for the next one (see
+    ``Supervisor._drop_hub``); closing ``netns`` frees it all: bridge, veths, addresses. So does
+    the supervisor's death.
     """
 
     netns: int
     nl: netlink.Netlink
     bridge: int
-    veths: int = 0
+    veths: int = 0  # veths made on it so far, also by earlier environments (names stay unique)
+    gateway: tuple[str, int] | None = None  # its address on the environment's subnet
     #: faults made of drop rules (nftables.py): veth -> percent lost; partitions between groups
     loss: dict[str, int] = field(default_factory=dict)
     partitions: list[tuple[list[str], list[str]]] = field(default_factory=list)
@@ -158,6 +162,7 @@ class Supervisor:
         self.slots: dict[str, _Slot] = {}
         self.hubs: dict[str, _Hub] = {}  # environment id -> its network
         self.hub_ahead: _HubAhead | None = None  # the next environment's hub (see _hub)
+        self.free_hubs: list[_Hub] = []  # hubs of closed environments, reset for the next
         self.want_hub = False  # only once an environment had a network
         self.inits: dict[int, str] = {}  # init pid -> slot
         self.pending: dict[int, _Pending] = {}  # sync socket fd -> pending
@@ -240,7 +245,8 @@ class Supervisor:
                     self._spawn_spare()
                 if self.running and not self.pending and self.state_dirty:
                     self._write_state()
-                if self.running and not self.pending and self.want_hub and self.hub_ahead is None:
+                if (self.running and not self.pending and self.want_hub and self.hub_ahead is None
+                        and not self.free_hubs):  # fmt: skip
                     self.hub_ahead = _HubAhead()
         finally:
             self.teardown()
@@ -555,6 +561,15 @@ class Supervisor:
         costs about a millisecond, and more while the kernel is freeing others), with its
         address now; its next one is made when the loop is idle (see serve)."""
         hub = self.hubs.get(env)
+        if hub is None and self.free_hubs:
+            hub = self.free_hubs.pop()
+            try:
+                hub.nl.add_address(hub.bridge, net["gateway"], int(net["prefix"]))
+            except BaseException:
+                self._close_hub(hub)
+                raise
+            hub.gateway = (net["gateway"], int(net["prefix"]))
+            self.hubs[env] = hub
         if hub is None:
             ahead, self.hub_ahead = self.hub_ahead, None
             made = ahead.take() if ahead is not None else None
@@ -568,15 +583,40 @@ class Supervisor:
                 nl.close()
                 os.close(fd)
                 raise
-            hub = self.hubs[env] = _Hub(fd, nl, bridge)
+            hub = self.hubs[env] = _Hub(fd, nl, bridge, gateway=(net["gateway"], int(net["prefix"])))
             self.want_hub = True
         return hub
 
     def _drop_hub(self, env: str) -> None:
+        """The environment's network is done with: its hub is reset and kept for the next one.
+
+        Destroying a namespace with a bridge in it holds the kernel's RTNL lock for tens of
+        milliseconds (seen here: 50 to 160 ms, every third or fourth time), and every network
+        change of every other start waits for it. A reset hub is as good as new: the services'
+        veths are deleted when they are released, and here its address, its fault rules and
+        its neighbour entries (the bridge goes down and up) go. The services' veths were cut
+        off at their release (down), and go with their namespaces.
+        """
         hub = self.hubs.pop(env, None)
-        if hub is not None:
-            hub.nl.close()
-            os.close(hub.netns)
+        if hub is None:
+            return
+        try:
+            if self.detached or not self.running or len(self.free_hubs) >= MAX_FREE_HUBS:
+                raise OSError("not kept")
+            if hub.loss or hub.partitions:
+                netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", []))
+            if hub.gateway is not None:
+                hub.nl.del_address(hub.bridge, *hub.gateway)
+            hub.nl.set_up(hub.bridge, False)  # down and up: its neighbour entries are flushed
+            hub.nl.set_up(hub.bridge, True)
+        except Exception:
+            self._close_hub(hub)
+            return
+        self.free_hubs.append(_Hub(hub.netns, hub.nl, hub.bridge, veths=hub.veths))
+
+    def _close_hub(self, hub: _Hub) -> None:
+        hub.nl.close()
+        os.close(hub.netns)
 
     def _give_cgroup(self, slot: str, spare: _Spare, pid: int, limits: dict[str, Any] | None) -> None:
         """The service's cgroup for this run: the spare's own, with the limits in place before
@@ -772,6 +812,13 @@ class Supervisor:
             if s is not None:
                 with contextlib.suppress(Exception):
                     self._release(s)
+                hub = self.hubs.get(_env_of(slot))
+                if hub is not None and s.veth_index:
+                    # Its hub will be reused: its veth is cut off now (down: nothing crosses it
+                    # any more), and deleted with the service's namespace, by the kernel, later.
+                    # (Deleting it here would wait ten milliseconds or more for the kernel.)
+                    with contextlib.suppress(OSError):
+                        hub.nl.set_up(s.veth_index, False)
             self.cgroups.release(slot)
         self.state_dirty = True
         for env in {_env_of(slot) for slot in slots}:
@@ -924,8 +971,10 @@ class Supervisor:
 
     def op_census(self, req_id: int) -> dict[str, Any]:
         """What this supervisor holds now (for ``envbox ps`` and for tests that check teardown)."""
-        return {"slots": sorted(self.slots), "hubs": sorted(self.hubs), "spares": len(self.spares),
-                "spare_hub": self.hub_ahead is not None and self.hub_ahead.ready()}  # fmt: skip
+        return {"slots": sorted(self.slots), "hubs": sorted(self.hubs),
+                "hub_netns": {env: os.fstat(h.netns).st_ino for env, h in self.hubs.items()}, "spares": len(self.spares),
+                "spare_hubs": len(self.free_hubs) + int(self.hub_ahead is not None
+                                                        and self.hub_ahead.ready())}  # fmt: skip
 
     def op_own_dir(self, req_id: int, path: str, own: bool) -> dict[str, Any]:
         """Directories to delete if the test process dies before it can.
@@ -993,6 +1042,9 @@ class Supervisor:
         if made is not None:
             made[1].close()
             os.close(made[0])
+        for hub in self.free_hubs:
+            self._close_hub(hub)
+        self.free_hubs.clear()
 
     # --- processes ---------------------------------------------------------------------------
 
