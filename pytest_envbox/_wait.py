@@ -37,14 +37,16 @@ def wait_until(
     *,
     wake: threading.Event | None = None,
     interval: float | None = None,
+    first: float = FIRST_INTERVAL,
 ) -> T | None:
     """Call ``check`` until it returns something other than None, or the deadline passes.
 
     Between checks, sleep on ``wake`` (set by whoever changes the state being waited for) for
     ``interval`` seconds, or, when no interval is given, for a pause that starts at 1 ms and grows
-    to 20 ms: quick answers are seen at once, long waits stay cheap. Returns None on timeout.
+    to 20 ms (``first``: where it starts): quick answers are seen at once, long waits stay cheap.
+    Returns None on timeout.
     """
-    pause = interval if interval is not None else FIRST_INTERVAL
+    pause = interval if interval is not None else first
     while True:
         result = check()
         if result is not None:

@@ -740,7 +740,19 @@ def _tree_pids(d: str) -> list[int]:
 
 
 def _rmtree(d: str, deadline: float) -> None:
-    """Remove a cgroup and the cgroups below it, deepest first (cgroupfs has no recursive rmdir)."""
+    """Remove a cgroup and the cgroups below it, deepest first (cgroupfs has no recursive rmdir).
+
+    One rmdir first: a service's cgroup rarely has cgroups below it, and walking a cgroup
+    directory (dozens of control files in each v1 hierarchy) costs more than removing it.
+    """
+    try:
+        os.rmdir(d)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+            raise
     for sub, _dirs, _files in os.walk(d, topdown=False):
         _rmdir(sub, deadline)
 

@@ -12,6 +12,7 @@ afterwards: :func:`open_in` makes one inside a namespace given by an fd.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -216,12 +217,22 @@ def open_in(netns: int) -> Netlink:
     return call_in(netns, Netlink)
 
 
-def new_netns() -> int:
-    """A new, empty network namespace (its ``lo`` up); returns an fd that keeps it alive."""
+def new_netns(ipv6: bool = True) -> int:
+    """A new, empty network namespace (its ``lo`` up); returns an fd that keeps it alive.
+
+    ``ipv6=False``: IPv6 is off on every interface made there, so none of them gets a link-local
+    address, whose duplicate address detection runs later in the kernel's workqueue, holding the
+    RTNL lock that every other network change waits for.
+    """
 
     def make() -> int:
         L.unshare(L.CLONE_NEWNET)
         fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        if not ipv6:
+            for conf in ("default", "all"):  # /proc/sys/net is this thread's namespace's
+                path = f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"
+                with contextlib.suppress(OSError), open(path, "w") as f:
+                    f.write("1")
         L.loopback_up()
         return fd
 
@@ -234,7 +245,7 @@ def make_hub() -> tuple[int, Netlink, int]:
     Returns the namespace's fd, a netlink socket working there, and the bridge's index. The
     supervisor keeps one made ahead and gives it its address when an environment takes it.
     """
-    fd = new_netns()
+    fd = new_netns(ipv6=False)  # a hub speaks IPv4 only, to its services (see attach)
     try:
         nl = open_in(fd)
         try:

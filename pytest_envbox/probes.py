@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._wait import Deadline, wait_until
+from ._wait import FIRST_INTERVAL, Deadline, wait_until
 from .errors import NotReady
 from .spec import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe
 
@@ -123,6 +123,9 @@ def wait_ready(handle: ServiceHandle, probe: Probe | None) -> None:
         handle._raise_if_exited()
         return True if check() else None
 
-    if wait_until(step, deadline, wake=handle._exited, interval=probe.interval) is None:
+    # A tcp check is one cheap request to the supervisor, and a fast server listens within a
+    # millisecond of its exec: look again sooner than the other probes do.
+    first = 0.0002 if isinstance(probe, TcpProbe) else FIRST_INTERVAL
+    if wait_until(step, deadline, wake=handle._exited, interval=probe.interval, first=first) is None:
         handle._raise_if_exited()
         raise NotReady(handle.name, probe.describe(), probe.timeout, log_tail(handle.log_path))

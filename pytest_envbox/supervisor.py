@@ -971,8 +971,8 @@ class Supervisor:
 
     def op_census(self, req_id: int) -> dict[str, Any]:
         """What this supervisor holds now (for ``envbox ps`` and for tests that check teardown)."""
-        return {"slots": sorted(self.slots), "hubs": sorted(self.hubs),
-                "hub_netns": {env: os.fstat(h.netns).st_ino for env, h in self.hubs.items()}, "spares": len(self.spares),
+        return {"slots": sorted(self.slots), "hubs": sorted(self.hubs), "spares": len(self.spares),
+                "hub_netns": {env: os.fstat(h.netns).st_ino for env, h in self.hubs.items()},
                 "spare_hubs": len(self.free_hubs) + int(self.hub_ahead is not None
                                                         and self.hub_ahead.ready())}  # fmt: skip
 
