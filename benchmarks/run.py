@@ -218,7 +218,10 @@ def bench_single(n: int, warmup: int, podman: _podman.Podman | None, docker_host
         }
         if docker_host is not None:
             pv["testcontainers"] = lambda: _podman.testcontainers_cycle(docker_host, PORT, LIMITS)
-        # Interleaved with envbox once more, so the ratio is of neighbours in time.
+        # envbox once more, interleaved with podman: it then pays for podman's teardown, which
+        # the kernel finishes after `podman rm` returns (a CNI bridge port and a namespace freed
+        # under the RTNL lock). Both ratios are reported: to envbox in the main loop (each tool
+        # in its own steady state: the target's) and to envbox beside podman (pessimistic).
         pv["envbox_limits_near_podman"] = envbox_cycle(LIMITS)
         raw.update(measure(pv, n_podman, 1))
         true_runs = [_podman.run_true(podman, ["--network", "none"]) for _ in range(max(3, n_podman // 2))]
@@ -231,11 +234,12 @@ def bench_single(n: int, warmup: int, podman: _podman.Podman | None, docker_host
     med = {k: s["total"]["median"] for k, s in stats.items()}
     ratios = {f"{k} / unshare": med[k] / med["unshare"] for k in med if k != "unshare"}
     if "podman_bridge_limits" in med:
-        ratios["podman_bridge_limits / envbox_limits"] = (
+        ratios["podman_bridge_limits / envbox_limits"] = med["podman_bridge_limits"] / med["envbox_limits"]
+        ratios["podman_none / envbox"] = med["podman_none"] / med["envbox"]
+        ratios["podman_bridge_limits / envbox_limits beside podman"] = (
             med["podman_bridge_limits"] / med["envbox_limits_near_podman"])
-        ratios["podman_none / envbox"] = med["podman_none"] / med["envbox_limits_near_podman"]
     if "testcontainers" in med:
-        ratios["testcontainers / envbox_limits"] = med["testcontainers"] / med["envbox_limits_near_podman"]
+        ratios["testcontainers / envbox_limits"] = med["testcontainers"] / med["envbox_limits"]
     return {"command": httpd(PORT), "n": n, "n_podman": n_podman, "limits": LIMITS, "ms": stats,
             "ratios": ratios, "failed_runs": {k: v for k, v in failures.items() if v}, "dropped": dropped, "podman": info}  # fmt: skip
 
@@ -418,7 +422,8 @@ def report(res: dict[str, Any]) -> dict[str, Any]:
             print(row(label, r["ms"][k]["total"], ratio=f"{ratio:6.2f}x unshare" if ratio else ""))
             if "ready" in r["ms"][k] and k in ("envbox", "envbox_limits", "unshare", "podman_bridge_limits"):
                 print(row("  of which start-to-ready", r["ms"][k]["ready"]))
-        for k in ("podman_bridge_limits / envbox_limits", "podman_none / envbox", "testcontainers / envbox_limits"):
+        for k in ("podman_bridge_limits / envbox_limits", "podman_none / envbox", "testcontainers / envbox_limits",
+                  "podman_bridge_limits / envbox_limits beside podman"):
             if k in r["ratios"]:
                 print(f"  ratio {k:<60} {r['ratios'][k]:8.1f}x")
         figures["single: envbox with network and limits / unshare"] = r["ratios"]["envbox_limits / unshare"]
