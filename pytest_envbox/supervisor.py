@@ -735,12 +735,15 @@ class Supervisor:
         into = None
         try:
             if cg is not None and cg.v2 and cg.unified is not None:
-                # Cloned straight into the service's cgroup: no move, no grace-period wait.
+                # The command is cloned straight into the service's cgroup: no move, no
+                # grace-period wait. By the helper, which is single-threaded: a raw clone3 here,
+                # beside the supervisor's other threads, could copy a lock one of them holds
+                # (glibc's malloc locks, say) and hang the child.
                 with contextlib.suppress(OSError):
                     into = os.open(cg.unified, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             pid = _fork_running(_exec_helper, p, argv, ns_fds, [] if into is not None else procs,
-                                (pipes[0][0], pipes[1][1], pipes[2][1]), child, close=parent,
-                                code=126, cgroup_fd=into)  # fmt: skip
+                                (pipes[0][0], pipes[1][1], pipes[2][1]), child, into,
+                                close=parent, code=126)  # fmt: skip
         finally:
             if into is not None:
                 os.close(into)
@@ -1381,12 +1384,14 @@ def _zygote(sock: socket.socket) -> None:
 
 
 def _fork_running(target: Callable[..., object], *args: Any, close: socket.socket,
-                  code: int = 125, cgroup_fd: int | None = None) -> int:  # fmt: skip
+                  code: int = 125) -> int:  # fmt: skip
     """Fork; the child closes ``close`` (the parent's end), runs ``target(*args)``, and exits.
 
-    With ``cgroup_fd`` (cgroup v2), the child starts in that cgroup (``clone3``).
+    ``os.fork``, never a raw clone: the supervisor has threads (relays, its record's writer,
+    the next hub's maker), and only fork runs the handlers that make a child of a threaded
+    process safe (glibc's malloc locks, Python's own).
     """
-    pid = os.fork() if cgroup_fd is None else L.fork_with(0, cgroup_fd=cgroup_fd)
+    pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
             close.close()
@@ -1422,11 +1427,12 @@ def _close(obj: Any, attr: str) -> None:
 
 def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int]],
                  cgroup_procs: list[str], stdio: tuple[int, int, int],
-                 sync: socket.socket) -> None:  # fmt: skip
+                 sync: socket.socket, cgroup_fd: int | None = None) -> None:  # fmt: skip
     """Join a running sandbox's namespaces and run ``argv`` there as the service would.
 
     Not dumpable: while it still holds the supervisor's privileges, nothing inside the sandbox may
-    ptrace it. It forks once more because joining a PID namespace only applies to children.
+    ptrace it. It forks once more because joining a PID namespace only applies to children;
+    with ``cgroup_fd`` (cgroup v2) that child starts in the service's cgroup (clone3).
     """
     code = 126
     try:
@@ -1434,12 +1440,13 @@ def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         L.set_dumpable(False)
-        close_fds_except([fd for fd, _ in ns_fds] + [*stdio, sync.fileno()])
+        keep = [] if cgroup_fd is None else [cgroup_fd]
+        close_fds_except([fd for fd, _ in ns_fds] + [*stdio, sync.fileno(), *keep])
         for path in cgroup_procs:  # into the service's cgroup: its limits count the command too
             cgroups._write(path, "0")
         for fd, nstype in ns_fds:
             L.setns(fd, nstype)
-        pid = os.fork()
+        pid = os.fork() if cgroup_fd is None else L.fork_with(0, cgroup_fd=cgroup_fd)
         if pid == 0:
             L.set_pdeathsig(signal.SIGKILL)
             exec_command(plan, argv, sync, stdio)
