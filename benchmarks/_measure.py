@@ -14,7 +14,6 @@ import errno
 import fcntl
 import os
 import select
-import signal
 import socket
 import statistics
 import struct
@@ -35,10 +34,13 @@ def summary(samples: list[float], scale: float = 1e3) -> dict[str, Any]:
             "max": max(samples) * scale, "n": len(samples)}  # fmt: skip
 
 
-def set_subreaper() -> None:
+def set_subreaper() -> bool:
     """Orphans (the command of a killed ``unshare``) come back to this process to be reaped."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except OSError:
+        return False
 
 
 def descendants(pid: int) -> list[int]:
@@ -161,11 +163,6 @@ def reap_all() -> None:
             return
         if pid == 0:
             return
-
-
-def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
 
 
 def rss_kib(pid: int) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -41,6 +40,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from _measure import set_subreaper
+
 from pytest_envbox import Environment, Service, probe
 
 TARGET_START_RATIO = 2.0  # envbox start+stop <= 2x unshare
@@ -51,7 +52,6 @@ LIMITS = {"memory": "256Mi", "cpu": "1", "pids": 256}
 
 SERVER_PORT = 9000  # inside the sandbox (its own network namespace: no clash possible)
 UNSHARE_FLAGS = ["--pid", "--fork", "--mount", "--uts", "--ipc", "--net"]
-_PR_SET_CHILD_SUBREAPER = 36
 
 # The server, run both as a sandboxed service and as a plain host process. The first byte of each
 # connection picks the mode: "U" upload (sink everything, then answer the byte count), "D" download
@@ -111,15 +111,6 @@ def ms(seconds: float) -> float:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
-
-
-def set_subreaper() -> bool:
-    """Orphans (the unshare'd command once unshare is killed) come back to us to be reaped."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
-    except OSError:
-        return False
 
 
 def _children(pid: int) -> list[int]:

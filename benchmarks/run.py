@@ -37,6 +37,7 @@ Targets are printed PASS/FAIL; the exit status is 0 unless the benchmark itself 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -82,6 +83,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@functools.cache
 def busybox() -> str:
     bb = shutil.which("busybox")
     if bb is None:
@@ -99,9 +101,11 @@ Cycle = Callable[[], tuple[float, float]]
 
 
 def bare_cycle(port: int) -> Cycle:
+    argv = httpd(f"127.0.0.1:{port}")
+
     def run() -> tuple[float, float]:
         t0 = time.perf_counter()
-        p = subprocess.Popen(httpd(f"127.0.0.1:{port}"))
+        p = subprocess.Popen(argv)
         M.wait_accepting(p.pid, port, own_netns=False)
         t1 = time.perf_counter()
         p.terminate()
@@ -116,10 +120,11 @@ def unshare_cycle() -> Cycle:
     (``--kill-child`` takes the command along); stopped means the command has been reaped."""
     unshare = shutil.which("unshare")
     assert unshare is not None
+    argv = [unshare, *UNSHARE, "--kill-child", *httpd(PORT)]
 
     def run() -> tuple[float, float]:
         t0 = time.perf_counter()
-        p = subprocess.Popen([unshare, *UNSHARE, "--kill-child", *httpd(PORT)])
+        p = subprocess.Popen(argv)
         M.wait_accepting(p.pid, PORT)
         t1 = time.perf_counter()
         inner = M.descendants(p.pid)

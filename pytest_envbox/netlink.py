@@ -64,6 +64,13 @@ def _name(name: str) -> bytes:
     return name.encode() + b"\0"
 
 
+def _ifaddr(index: int, address: str, prefixlen: int) -> bytes:
+    """An IPv4 address on interface ``index``: the body of RTM_NEWADDR and RTM_DELADDR."""
+    raw = socket.inet_pton(socket.AF_INET, address)
+    return (_IFADDR.pack(socket.AF_INET, prefixlen, 0, 0, index) + _attr(IFA_LOCAL, raw)
+            + _attr(IFA_ADDRESS, raw))  # fmt: skip
+
+
 class Netlink:
     """A ``NETLINK_ROUTE`` socket in the namespace it was created in; each request is acked."""
 
@@ -141,17 +148,12 @@ class Netlink:
     def delete(self, index: int) -> None:
         self.request(RTM_DELLINK, _IFINFO.pack(0, 0, index, 0, 0), 0, f"delete link {index}")
 
-    def del_address(self, index: int, address: str, prefixlen: int) -> None:
-        raw = socket.inet_pton(socket.AF_INET, address)
-        body = (_IFADDR.pack(socket.AF_INET, prefixlen, 0, 0, index) + _attr(IFA_LOCAL, raw)
-                + _attr(IFA_ADDRESS, raw))  # fmt: skip
-        self.request(RTM_DELADDR, body, 0, f"delete address {address}")
-
     def add_address(self, index: int, address: str, prefixlen: int) -> None:
-        raw = socket.inet_pton(socket.AF_INET, address)
-        body = (_IFADDR.pack(socket.AF_INET, prefixlen, 0, 0, index) + _attr(IFA_LOCAL, raw)
-                + _attr(IFA_ADDRESS, raw))  # fmt: skip
-        self.request(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL, f"add address {address}")
+        self.request(RTM_NEWADDR, _ifaddr(index, address, prefixlen), NLM_F_CREATE | NLM_F_EXCL,
+                     f"add address {address}")  # fmt: skip
+
+    def del_address(self, index: int, address: str, prefixlen: int) -> None:
+        self.request(RTM_DELADDR, _ifaddr(index, address, prefixlen), 0, f"delete address {address}")
 
     # --- queueing disciplines -----------------------------------------------------------------
 

@@ -340,7 +340,7 @@ def _report(sync: socket.socket, msg: str) -> None:
         pass
 
 
-def drop_privileges(plan: SandboxPlan, filter_code: bytes | None = None) -> None:
+def drop_privileges(plan: SandboxPlan) -> None:
     """Become the service's user with at most Docker's default capabilities and no new privileges.
 
     Order matters: the bounding set can only be cut while CAP_SETPCAP is held (before setuid);
@@ -363,9 +363,7 @@ def drop_privileges(plan: SandboxPlan, filter_code: bytes | None = None) -> None
     L.capset(eff & mask, perm & mask, 0)
     L.clear_ambient_caps()
     L.set_no_new_privs()
-    # Docker's deny-list; inherited by everything the service starts. ``filter_code``: the
-    # filter assembled ahead of time (by a spare, before its start was asked for).
-    seccomp.install(filter_code)
+    seccomp.install()  # Docker's deny-list; inherited by everything the service starts
 
 
 def _chdir_inside(cwd: str) -> None:
@@ -453,7 +451,6 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = (), *,
         builder = build_base()
         # The bounding set limits only what later execs get: cut it now, ahead of time.
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
-        filter_code = seccomp.program()  # assembled now, not on the start's path
         socket.send_fds(ctl, [b"ready"], [netns])
         os.close(netns)
         msg, fds, _flags, _addr = socket.recv_fds(ctl, 256 << 10, 2, socket.MSG_CMSG_CLOEXEC)
@@ -475,7 +472,7 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = (), *,
         _chdir_inside(plan.cwd)
         # Init drops to the service's user and limits first, so that the service can be started
         # with posix_spawn (vfork): forking this Python process would cost milliseconds.
-        drop_privileges(plan, filter_code)
+        drop_privileges(plan)
         L.set_pdeathsig(signal.SIGKILL)  # cleared by the kernel when the uid changed
         L.set_dumpable(False)
         L.close_range_cloexec(3)

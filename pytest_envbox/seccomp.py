@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import struct
 
@@ -75,8 +76,13 @@ def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
 
 
+@functools.cache
 def program(machine: str | None = None) -> bytes | None:
-    """The filter for this machine (None where its system call numbers are not known here)."""
+    """The filter for this machine (None where its system call numbers are not known here).
+
+    Assembled once per process: the supervisor does it before it forks (see its zygote), so
+    every sandbox and ``exec`` helper finds it made.
+    """
     machine = machine or os.uname().machine
     if machine not in _TABLES:
         return None

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _linux as L
-from . import cgroups, netlink, nftables, state
+from . import cgroups, netlink, nftables, seccomp, state
 from ._protocol import FrameReader, encode
 from .relay import Relay
 from .sandbox import SandboxPlan, close_fds_except, exec_command, run_spare
@@ -324,6 +324,7 @@ class Supervisor:
         reaped here as if it had forked them.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        seccomp.program()  # assembled once, here: every sandbox forked from now on has it
         gc.freeze()  # objects the collector never walks: fewer pages copied after fork
         _fork_running(_zygote, theirs, close=ours, code=0)
         theirs.close()
@@ -561,30 +562,25 @@ class Supervisor:
         costs about a millisecond, and more while the kernel is freeing others), with its
         address now; its next one is made when the loop is idle (see serve)."""
         hub = self.hubs.get(env)
-        if hub is None and self.free_hubs:
-            hub = self.free_hubs.pop()
-            try:
-                hub.nl.add_address(hub.bridge, net["gateway"], int(net["prefix"]))
-            except BaseException:
-                self._close_hub(hub)
-                raise
-            hub.gateway = (net["gateway"], int(net["prefix"]))
-            self.hubs[env] = hub
-        if hub is None:
+        if hub is not None:
+            return hub
+        if self.free_hubs:
+            hub = self.free_hubs.pop()  # a closed environment's, reset (see _drop_hub)
+        else:
             ahead, self.hub_ahead = self.hub_ahead, None
             made = ahead.take() if ahead is not None else None
             if ahead is not None and made is None:
                 self.want_hub = False  # it failed: made on demand from now on (its error shown)
-            fd, nl, bridge = made or netlink.make_hub()
-            try:
-                # The hub's own address: published ports reach services from here.
-                nl.add_address(bridge, net["gateway"], int(net["prefix"]))
-            except BaseException:
-                nl.close()
-                os.close(fd)
-                raise
-            hub = self.hubs[env] = _Hub(fd, nl, bridge, gateway=(net["gateway"], int(net["prefix"])))
+            hub = _Hub(*(made or netlink.make_hub()))
             self.want_hub = True
+        gateway = (net["gateway"], int(net["prefix"]))
+        try:
+            hub.nl.add_address(hub.bridge, *gateway)  # published ports reach services from here
+        except BaseException:
+            self._close_hub(hub)
+            raise
+        hub.gateway = gateway
+        self.hubs[env] = hub
         return hub
 
     def _drop_hub(self, env: str) -> None:
@@ -593,26 +589,26 @@ class Supervisor:
         Destroying a namespace with a bridge in it holds the kernel's RTNL lock for tens of
         milliseconds (seen here: 50 to 160 ms, every third or fourth time), and every network
         change of every other start waits for it. A reset hub is as good as new: the services'
-        veths are deleted when they are released, and here its address, its fault rules and
-        its neighbour entries (the bridge goes down and up) go. The services' veths were cut
-        off at their release (down), and go with their namespaces.
+        veths were cut off at their release (down) and go with their namespaces; here its
+        address, its fault rules and its neighbour entries (the bridge goes down and up) go.
         """
         hub = self.hubs.pop(env, None)
         if hub is None:
             return
-        try:
-            if self.detached or not self.running or len(self.free_hubs) >= MAX_FREE_HUBS:
-                raise OSError("not kept")
-            if hub.loss or hub.partitions:
-                netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", []))
-            if hub.gateway is not None:
-                hub.nl.del_address(hub.bridge, *hub.gateway)
-            hub.nl.set_up(hub.bridge, False)  # down and up: its neighbour entries are flushed
-            hub.nl.set_up(hub.bridge, True)
-        except Exception:
-            self._close_hub(hub)
-            return
-        self.free_hubs.append(_Hub(hub.netns, hub.nl, hub.bridge, veths=hub.veths))
+        if self.running and not self.detached and len(self.free_hubs) < MAX_FREE_HUBS:
+            try:
+                if hub.loss or hub.partitions:
+                    netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", []))
+                if hub.gateway is not None:
+                    hub.nl.del_address(hub.bridge, *hub.gateway)
+                hub.nl.set_up(hub.bridge, False)  # down and up: its neighbour entries are flushed
+                hub.nl.set_up(hub.bridge, True)
+            except Exception:
+                pass  # not reusable: closed below
+            else:
+                self.free_hubs.append(_Hub(hub.netns, hub.nl, hub.bridge, veths=hub.veths))
+                return
+        self._close_hub(hub)
 
     def _close_hub(self, hub: _Hub) -> None:
         hub.nl.close()
