@@ -28,7 +28,8 @@ import sys
 import time
 from typing import Any
 
-from pytest_envbox import Environment, Service, netlink, probe
+from pytest_envbox import Environment, Service, probe
+from pytest_envbox.kernel import netlink
 
 TARGET_WIRING_MS = 5.0
 TARGET_TOPOLOGY_EXTRA_MS = 150.0

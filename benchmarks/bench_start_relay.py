@@ -338,7 +338,7 @@ def run_unshare_paced(unshare: str, cmd: list[str], subreaper: bool, body: float
 @contextlib.contextmanager
 def instrument_supervisor_calls() -> Iterator[dict[str, list[float]]]:
     """Time every SupervisorClient.call by operation (patched here, in this process only)."""
-    from pytest_envbox import _client
+    from pytest_envbox.engine import client as _client
 
     per_op: dict[str, list[float]] = defaultdict(list)
     orig = _client.SupervisorClient.call

@@ -62,7 +62,7 @@ import _measure as M  # noqa: E402
 import _podman  # noqa: E402
 
 from pytest_envbox import Environment, Service, probe  # noqa: E402
-from pytest_envbox._client import get_supervisor  # noqa: E402
+from pytest_envbox.engine.client import get_supervisor  # noqa: E402
 
 PORT = 8080  # inside namespaces of its own: no clash possible
 LIMITS = {"memory": "256Mi", "cpu": 1, "pids": 256}

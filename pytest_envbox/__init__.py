@@ -13,10 +13,10 @@ them through the ``envbox`` fixture. Outside pytest, :class:`Environment` does t
 
 from __future__ import annotations
 
-from . import probe
-from .environment import Environment, ServiceHandle, Stats
-from .errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
-from .spec import Limits, Mount, Service
+from pytest_envbox import probe
+from pytest_envbox.engine.environment import Environment, ServiceHandle, Stats
+from pytest_envbox.errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
+from pytest_envbox.spec import Limits, Mount, Service
 
 __all__ = [
     "ConfigError",

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
-from .spec import Service, check_name, parse_subnet, service_from_mapping
+from pytest_envbox.errors import ConfigError
+from pytest_envbox.spec import Service, check_name, parse_subnet, service_from_mapping
 
 __all__ = ["Catalog", "load_project_config", "merge_services", "select", "start_levels"]
 

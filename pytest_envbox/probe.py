@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .spec import ExecProbe, HttpProbe, LogProbe, TcpProbe
+from pytest_envbox.spec import ExecProbe, HttpProbe, LogProbe, TcpProbe
 
 __all__ = ["exec", "http", "log", "tcp"]
 

@@ -26,7 +26,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeGuard
 
-from .errors import ConfigError
+from pytest_envbox.errors import ConfigError
 
 __all__ = [
     "DNS_LABEL",

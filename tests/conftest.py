@@ -20,7 +20,7 @@ def can_sandbox() -> str | None:
     if not os.path.exists("/proc/self/ns/pid"):
         return "not Linux, or no namespaces"
     if os.geteuid() != 0:
-        from pytest_envbox import hostcheck
+        from pytest_envbox.kernel import hostcheck
 
         tried = hostcheck.try_user_namespace()
         failed = [f"{step}: {err}" for step, err in tried.items() if err is not None]
@@ -33,8 +33,8 @@ def cgroups_problem() -> str | None:
     """Why services cannot get cgroups in this run (rootless on cgroup v1, say), or None."""
     global _cgroups_problem
     if _cgroups_problem is None:
-        from pytest_envbox._client import rootless
         from pytest_envbox.cli import _cgroup_check
+        from pytest_envbox.engine.client import rootless
 
         good, text = _cgroup_check(os.geteuid() == 0)
         _cgroups_problem = "" if good or not rootless() else text

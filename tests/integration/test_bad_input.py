@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pytest_envbox import ConfigError, Environment, Mount, Service
-from pytest_envbox._client import get_supervisor
 from pytest_envbox.config import load_project_config
+from pytest_envbox.engine.client import get_supervisor
 from tests.kernel import started_sandboxes
 
 CASES = {

@@ -18,9 +18,9 @@ from collections.abc import Callable
 import pytest
 
 from pytest_envbox import EnvboxError, Environment, Service, ServiceFailed, probe
-from pytest_envbox._client import SupervisorClient
-from pytest_envbox._wait import Deadline, wait_until
-from pytest_envbox.cgroups import clean_stale, detect
+from pytest_envbox.engine.client import SupervisorClient
+from pytest_envbox.kernel.cgroups import clean_stale, detect
+from pytest_envbox.wait import Deadline, wait_until
 from tests.kernel import cgroup_dirs, read_cgroup_file
 
 PY = sys.executable
@@ -260,7 +260,7 @@ def test_stats_of_a_service_without_limits() -> None:
 def test_a_killed_supervisor_leaves_cgroups_that_the_next_one_removes() -> None:
     sup = SupervisorClient()
     try:
-        import pytest_envbox.environment as environment
+        import pytest_envbox.engine.environment as environment
 
         original = environment.get_supervisor
         environment.get_supervisor = lambda: sup
@@ -341,7 +341,7 @@ def test_v2_test_run_in_a_cgroup_with_processes(case: str) -> None:
     """A test run in a delegated cgroup of its own moves itself to a leaf (once: a second run from
     the leaf puts its runs next to it). Processes in a cgroup not delegated to the test run, or
     shared with a stranger, are never moved: a clear refusal instead."""
-    from pytest_envbox import cgroups
+    from pytest_envbox.kernel import cgroups
 
     own = detect().unified
     assert own is not None
@@ -466,7 +466,7 @@ def test_v2_an_unprivileged_user_uses_a_subtree_delegated_to_it() -> None:
     """What ``systemd-run --user --scope -p Delegate=yes`` gives a user: its own cgroup, owned by
     it, marked delegated. The cgroup layer then works without any privilege: its run moves to a
     leaf, services get cgroups with limits, figures, the freezer, kill and removal."""
-    from pytest_envbox import cgroups
+    from pytest_envbox.kernel import cgroups
 
     own = detect().unified
     assert own is not None
@@ -513,7 +513,9 @@ def test_v2_rootless_services_get_their_limits_in_a_subtree_delegated_to_the_use
     """Rootless mode end to end on cgroup v2: an unprivileged user in a cgroup delegated to it
     (as ``systemd-run --user --scope -p Delegate=yes`` makes) runs services in a user namespace,
     each with its limits in a cgroup of its own."""
-    from pytest_envbox import Environment, Service, _client, cgroups
+    from pytest_envbox import Environment, Service
+    from pytest_envbox.engine import client as _client
+    from pytest_envbox.kernel import cgroups
 
     python = "/usr/bin/python3"
     if not os.access(python, os.X_OK):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pytest_envbox import hostcheck
+from pytest_envbox.kernel import hostcheck
 from tests.conftest import cgroups_problem
 from tests.kernel import alive, cgroup_dirs, children, holders, ns_inode
 

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 from pytest_envbox import Environment, Service
-from pytest_envbox._client import get_supervisor
-from pytest_envbox._wait import Deadline, wait_until
-from pytest_envbox.state import state_dir
+from pytest_envbox.engine.client import get_supervisor
+from pytest_envbox.supervisor.records import state_dir
+from pytest_envbox.wait import Deadline, wait_until
 
 PY = sys.executable
 
@@ -41,7 +41,7 @@ def test_ps_lists_the_services_of_this_run_with_pids_and_addresses() -> None:
 
 
 def test_clean_removes_the_record_of_a_killed_run_and_never_a_live_one() -> None:
-    from pytest_envbox.state import janitor
+    from pytest_envbox.supervisor.records import janitor
 
     get_supervisor()
     d = state_dir()
@@ -62,7 +62,7 @@ def test_clean_removes_the_record_of_a_killed_run_and_never_a_live_one() -> None
 
 
 def test_one_janitor_at_a_time() -> None:
-    from pytest_envbox.state import janitor
+    from pytest_envbox.supervisor.records import janitor
 
     with janitor() as first, janitor() as second:
         assert (first, second) == (True, False)  # the second one need not wait, nor clean

@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 from pytest_envbox import Environment, Service
-from pytest_envbox._client import SupervisorClient
-from pytest_envbox._wait import Deadline, wait_until
-from pytest_envbox.cgroups import detect
+from pytest_envbox.engine.client import SupervisorClient
+from pytest_envbox.kernel.cgroups import detect
+from pytest_envbox.wait import Deadline, wait_until
 from tests.conftest import PLUGIN_ARGS, cgroups_problem
 from tests.kernel import alive, cgroup_dirs, holders
 
 INNER = """
     import os, threading
     from pytest_envbox import Service
-    from pytest_envbox._client import get_supervisor
+    from pytest_envbox.engine.client import get_supervisor
 
     def test_hangs(envbox):
         h = envbox.start(Service("victim", ["sleep", "1000"]))
@@ -107,7 +107,7 @@ def test_sigkill_of_the_supervisor_kills_every_service(user: str | None) -> None
     sup = SupervisorClient()  # a private one, so killing it does not disturb other tests
     try:
         env = Environment([Service("orphan", ["sleep", "1000"], user=user)])
-        import pytest_envbox.environment as environment
+        import pytest_envbox.engine.environment as environment
 
         original = environment.get_supervisor
         environment.get_supervisor = lambda: sup
@@ -132,8 +132,8 @@ def test_after_kill_9_of_a_whole_xdist_run_the_next_run_starts_clean(tmp_path: P
     supervisor could remove (its cgroups, its record for `envbox ps`) stays, and the next run's
     janitor removes it as it starts."""
     pytest.importorskip("xdist")
-    from pytest_envbox.cgroups import run_name
-    from pytest_envbox.state import state_dir
+    from pytest_envbox.kernel.cgroups import run_name
+    from pytest_envbox.supervisor.records import state_dir
 
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -182,7 +182,7 @@ def test_after_kill_9_of_a_whole_xdist_run_the_next_run_starts_clean(tmp_path: P
 
 MATRIX_CONFTEST = """
     import json, os
-    from pytest_envbox._client import get_supervisor
+    from pytest_envbox.engine.client import get_supervisor
 
     def _report(name, handle):
         cgroups = {}
@@ -296,13 +296,13 @@ def test_the_temporary_directory_of_a_run_killed_whole_goes_with_envbox_clean(tm
     script = textwrap.dedent("""
         import os, sys, threading
         from pytest_envbox import Environment, Service
-        from pytest_envbox._client import get_supervisor
+        from pytest_envbox.engine.client import get_supervisor
         env = Environment([Service("w", ["sleep", "1000"])])
         env.open()
         print(env.workdir, get_supervisor().pid, env["w"].pid, flush=True)
         threading.Event().wait(120)
     """)
-    from pytest_envbox.state import janitor
+    from pytest_envbox.supervisor.records import janitor
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     with janitor() as mine:  # no supervisor starting meanwhile cleans up first: `envbox clean` does

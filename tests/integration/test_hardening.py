@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from pytest_envbox import Environment, Service, probe
-from pytest_envbox._client import get_supervisor
+from pytest_envbox.engine.client import get_supervisor
 
 PY = sys.executable
 

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from pytest_envbox import Environment, Service, probe
-from pytest_envbox._client import get_supervisor
-from pytest_envbox._wait import Deadline, wait_until
-from pytest_envbox.supervisor import LOG_CAP, LOG_TAIL
+from pytest_envbox.engine.client import get_supervisor
+from pytest_envbox.supervisor.server import LOG_CAP, LOG_TAIL
+from pytest_envbox.wait import Deadline, wait_until
 from tests.kernel import alive, cgroup_dirs, read_cgroup_file, rss_kib
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pytest_envbox import Environment, NotReady, Service, ServiceFailed, probe
-from pytest_envbox._client import get_supervisor
-from pytest_envbox._wait import Deadline, wait_until
+from pytest_envbox.engine.client import get_supervisor
+from pytest_envbox.wait import Deadline, wait_until
 from tests.kernel import alive, holders, ns_inode, started_sandboxes
 
 PY = sys.executable
@@ -281,7 +281,8 @@ def test_cwd_that_is_tmp_itself_keeps_the_private_tmp() -> None:
 def test_not_root_with_rootless_mode_off_is_host_unsupported_before_anything_starts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from pytest_envbox import HostUnsupported, _client
+    from pytest_envbox import HostUnsupported
+    from pytest_envbox.engine import client as _client
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr(_client, "_rootless_mode", "no")
@@ -382,7 +383,7 @@ def test_pid_is_the_service_and_an_immediate_stop_is_graceful() -> None:
 
 def test_a_reaped_service_has_no_pid_to_signal() -> None:
     """The kernel reports a reaped process's pidfd as pid -1: never use it as a pid."""
-    from pytest_envbox.supervisor import _pidfd_pid
+    from pytest_envbox.supervisor.server import _pidfd_pid
 
     child = subprocess.Popen(["true"])
     fd = os.pidfd_open(child.pid)

@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from pytest_envbox import Environment, HostUnsupported, Service, probe
-from pytest_envbox._client import SupervisorClient, get_supervisor
-from pytest_envbox._wait import Deadline, wait_until
+from pytest_envbox.engine.client import SupervisorClient, get_supervisor
+from pytest_envbox.wait import Deadline, wait_until
 
 PY = sys.executable
 
@@ -382,7 +382,7 @@ def test_a_loopback_only_service_is_published_on_its_loopback_without_the_links_
 @pytest.mark.needs_root("the test process itself makes a network namespace and an nf_tables table")
 def test_hundreds_of_drop_rules_go_in_one_batch() -> None:
     """A partition of 12 services against 13 is 312 rules: every one acknowledged, no ENOBUFS."""
-    from pytest_envbox import netlink, nftables
+    from pytest_envbox.kernel import netlink, nftables
 
     hub = netlink.new_netns()
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_envbox import hostcheck
+from pytest_envbox.kernel import hostcheck
 from tests.kernel import alive
 
 REPO = Path(__file__).parents[2]

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from pytest_envbox import Environment, Service, probe
-from pytest_envbox._client import get_supervisor
-from pytest_envbox._wait import Deadline, wait_until
+from pytest_envbox.engine.client import get_supervisor
+from pytest_envbox.wait import Deadline, wait_until
 from tests.conftest import cgroups_problem
 from tests.kernel import children, rss_kib
 

@@ -181,7 +181,7 @@ def test_a_service_oom_killed_during_the_test_is_named_in_its_failure(project: p
     project.makepyfile(f"""
         import pytest
         from pytest_envbox import Service
-        from pytest_envbox._wait import Deadline, wait_until
+        from pytest_envbox.wait import Deadline, wait_until
 
         @pytest.mark.envbox(Service("hog", ["{sys.executable}", "-c", "{hog}"],
                                     limits={{"memory": "48Mi"}}))
@@ -392,7 +392,7 @@ def test_keep_leaves_a_failed_tests_environment_until_envbox_clean(project: pyte
 
     import requests
 
-    from pytest_envbox._wait import Deadline, wait_until
+    from pytest_envbox.wait import Deadline, wait_until
     from tests.kernel import alive, cgroup_dirs
 
     project.makepyfile("""
@@ -450,7 +450,7 @@ def test_keep_leaves_a_failed_tests_environment_until_envbox_clean(project: pyte
 
 
 def test_keep_leaves_nothing_when_every_test_passes(project: pytest.Pytester) -> None:
-    from pytest_envbox._wait import Deadline, wait_until
+    from pytest_envbox.wait import Deadline, wait_until
     from tests.kernel import alive
 
     project.makepyfile("""

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_envbox import ConfigError, Limits, cgroups
-from pytest_envbox.cgroups import cpu_quota, format_memory, parse_host
+from pytest_envbox import ConfigError, Limits
+from pytest_envbox.kernel import cgroups
+from pytest_envbox.kernel.cgroups import cpu_quota, format_memory, parse_host
 
 HYBRID_MOUNTINFO = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_envbox import hostcheck
+from pytest_envbox.kernel import hostcheck
 
 
 @pytest.mark.parametrize(("name", "value", "blocked"), [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pytest_envbox.summary import table, totals
+from pytest_envbox.engine.report import table, totals
 
 
 def _run(started: float, ready: float | None, peak: int | None, cpu: float, oom: int = 0) -> dict:  # type: ignore[type-arg]

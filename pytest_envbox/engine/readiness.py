@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._wait import FIRST_INTERVAL, Deadline, wait_until
-from .errors import NotReady
-from .spec import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe
+from pytest_envbox.errors import NotReady
+from pytest_envbox.spec import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe
+from pytest_envbox.wait import FIRST_INTERVAL, Deadline, wait_until
 
 if TYPE_CHECKING:
-    from .environment import ServiceHandle
+    from pytest_envbox.engine.environment import ServiceHandle
 
 TAIL_LINES = 30
 

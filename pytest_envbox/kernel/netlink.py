@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from . import _linux as L
+from pytest_envbox.kernel import linux as L
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cgroups import format_memory
+from pytest_envbox.kernel.cgroups import format_memory
 
 
 @dataclass

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .netlink import _attr, _name, _nested
+from pytest_envbox.kernel.netlink import _attr, _name, _nested
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import _linux as L
-from . import seccomp
+from pytest_envbox.kernel import linux as L
+from pytest_envbox.kernel import seccomp
 
 #: Where each service finds its private, writable home directory.
 HOME = "/home/envbox"

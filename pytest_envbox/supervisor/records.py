@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from .cgroups import RUN_PREFIX, _is_stale
+from pytest_envbox.kernel.cgroups import RUN_PREFIX, _is_stale
 
 
 def outer_uid() -> int:

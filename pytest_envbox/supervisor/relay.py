@@ -21,7 +21,7 @@ import socket
 import struct
 import threading
 
-from . import _linux as L
+from pytest_envbox.kernel import linux as L
 
 _CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from . import summary
-from .config import Catalog, load_project_config, merge_services
-from .environment import Environment
-from .errors import ConfigError, EnvboxError
-from .probes import log_tail
-from .spec import Service
+from pytest_envbox.config import Catalog, load_project_config, merge_services
+from pytest_envbox.engine import report
+from pytest_envbox.engine.environment import Environment
+from pytest_envbox.engine.readiness import log_tail
+from pytest_envbox.errors import ConfigError, EnvboxError
+from pytest_envbox.spec import Service
 
 SCOPES = ("function", "class", "module", "package", "session")
 BAD_MARKER = pytest.StashKey[str]()
@@ -107,12 +107,12 @@ def modified(config: pytest.Config, service: Service) -> Service:
 def _environment(request: pytest.FixtureRequest, m: EnvboxMarker, catalog: Catalog,
                  workdir: Path) -> Environment:  # fmt: skip
     """An environment for the marker, with the project's hooks wired in, remembered for the
-    run's summary."""
+    run's report."""
     config = request.config
     hook = config.pluginmanager.hook
 
     def closed(env: Environment) -> None:
-        stats = {row.name: row for row in summary.totals([env.report()])}
+        stats = {row.name: row for row in report.totals([env.report()])}
         hook.pytest_envbox_environment_closed(environment=env, stats=stats)
 
     services = [modified(config, s) if isinstance(s, Service) else s for s in m.services]

@@ -39,11 +39,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _linux as L
-from . import cgroups, netlink, nftables, seccomp, state
-from ._protocol import FrameReader, encode
-from .relay import Relay
-from .sandbox import SandboxPlan, close_fds_except, exec_command, run_spare
+from pytest_envbox.kernel import cgroups, netlink, nftables, seccomp
+from pytest_envbox.kernel import linux as L
+from pytest_envbox.sandbox.init import SandboxPlan, close_fds_except, exec_command, run_spare
+from pytest_envbox.supervisor import records
+from pytest_envbox.supervisor.protocol import FrameReader, encode
+from pytest_envbox.supervisor.relay import Relay
 
 _NS_FOR_EXEC = (("ipc", L.CLONE_NEWIPC), ("uts", L.CLONE_NEWUTS), ("net", L.CLONE_NEWNET),
                 ("cgroup", L.CLONE_NEWCGROUP), ("pid", L.CLONE_NEWPID),
@@ -202,11 +203,11 @@ class Supervisor:
         self.detached = False
         # What dead runs left (cgroups, records) goes now, by whichever of the supervisors
         # starting together (xdist workers) takes the janitor's lock; never a live run's.
-        with state.janitor() as mine:
+        with records.janitor() as mine:
             if mine:
                 cgroups.clean_stale(self.cgroups_host)
                 with contextlib.suppress(OSError):
-                    state.clean_stale()
+                    records.clean_stale()
         self.cgroups = cgroups.CgroupTree(cgroups.CgroupHost("none"), "")  # made at hello
         self._start_zygote()
 
@@ -928,7 +929,7 @@ class Supervisor:
             env, _, name = slot.partition("/")
             envs.setdefault(env, {})[name] = {"pid": s.main_pid, "init": s.init_pid, "ip": s.ip}
         tests = [self.test_pid, *(p for p in self.watched if p != self.test_pid)]
-        record = {"supervisor": os.getpid(), "owner": state.outer_uid(), "tests": tests,
+        record = {"supervisor": os.getpid(), "owner": records.outer_uid(), "tests": tests,
                   "cwd": os.getcwd(), "environments": envs, "kept": self.kept,
                   "dirs": sorted(self.dirs),
                   "rootless": "in-userns" in sys.argv}  # fmt: skip
@@ -1203,7 +1204,7 @@ class Supervisor:
         if self.state_writer is not None:
             self.state_writer.close()  # its last write done before the record goes
         with contextlib.suppress(OSError):
-            state.remove(self.state_name)
+            records.remove(self.state_name)
         for env in list(self.hubs):
             self._drop_hub(env)
         with contextlib.suppress(Exception):
@@ -1274,7 +1275,7 @@ class _StateWriter:
                 if record is None:
                     return  # closed, and nothing left to write
             with contextlib.suppress(OSError):
-                state.write(self.name, record)
+                records.write(self.name, record)
 
     def close(self) -> None:
         """Write what is pending, then stop."""
@@ -1472,7 +1473,7 @@ def enter_user_namespace() -> None:
     uid, gid = os.geteuid(), os.getegid()
     sub = None
     if uid != 0:
-        from . import hostcheck  # pwd, shutil: only in rootless mode
+        from pytest_envbox.kernel import hostcheck  # pwd, shutil: only in rootless mode
 
         ids = hostcheck.subids(uid)
         if ids.usable:
@@ -1527,7 +1528,7 @@ def _id_map(name: str) -> list[list[int]]:
 
 def _no_user_namespace(e: OSError) -> str:
     """Why rootless mode cannot start here, and how to enable it."""
-    from . import hostcheck
+    from pytest_envbox.kernel import hostcheck
 
     fixes = "; ".join(f"{why}: enable with `{fix}`" for why, fix in hostcheck.userns_sysctls())
     return (f"rootless mode needs an unprivileged user namespace, and this host refused one "

@@ -14,9 +14,9 @@ import pluggy
 if TYPE_CHECKING:
     import pytest
 
-    from .environment import Environment, ServiceHandle
-    from .spec import Service
-    from .summary import ServiceTotals
+    from pytest_envbox.engine.environment import Environment, ServiceHandle
+    from pytest_envbox.engine.report import ServiceTotals
+    from pytest_envbox.spec import Service
 
 hookspec = pluggy.HookspecMarker("pytest")
 

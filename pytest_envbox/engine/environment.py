@@ -32,14 +32,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import probes
-from ._client import SupervisorClient, SupervisorError, get_supervisor, rootless
-from ._wait import Deadline, wait_until
-from .cgroups import format_memory
-from .config import Catalog, select, start_levels
-from .errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
-from .sandbox import HOME, SandboxPlan
-from .spec import HttpProbe, Service, parse_subnet
+from pytest_envbox.config import Catalog, select, start_levels
+from pytest_envbox.engine import readiness
+from pytest_envbox.engine.client import SupervisorClient, SupervisorError, get_supervisor, rootless
+from pytest_envbox.errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
+from pytest_envbox.kernel.cgroups import format_memory
+from pytest_envbox.sandbox.init import HOME, SandboxPlan
+from pytest_envbox.spec import HttpProbe, Service, parse_subnet
+from pytest_envbox.wait import Deadline, wait_until
 
 if TYPE_CHECKING:
     import requests
@@ -741,7 +741,7 @@ class ServiceHandle:
         import re
 
         regex = re.compile(pattern)
-        follower = probes.LogFollower(self.log_path, self._log_start)  # this run's output
+        follower = readiness.LogFollower(self.log_path, self._log_start)  # this run's output
         deadline = Deadline(timeout)
 
         def check() -> re.Match[str] | None:
@@ -751,13 +751,13 @@ class ServiceHandle:
                 if m is None:
                     raise NotReady(self.name, f"log line matching {pattern!r} (the service "
                                    f"exited with {self._returncode})", timeout,
-                                   probes.log_tail(self.log_path))  # fmt: skip
+                                   readiness.log_tail(self.log_path))  # fmt: skip
             return m
 
         m = wait_until(check, deadline, wake=None)
         if m is None:
             raise NotReady(self.name, f"log line matching {pattern!r}", timeout,
-                           probes.log_tail(self.log_path))  # fmt: skip
+                           readiness.log_tail(self.log_path))  # fmt: skip
         return m
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -825,7 +825,7 @@ class ServiceHandle:
 
     def _freeze(self, frozen: bool) -> None:
         if not self.running:
-            raise ServiceFailed(self.name, self._returncode, probes.log_tail(self.log_path),
+            raise ServiceFailed(self.name, self._returncode, readiness.log_tail(self.log_path),
                                 reason=f"is not running (return code {self._returncode}): cannot "
                                 f"{'pause' if frozen else 'resume'} it")  # fmt: skip
         try:
@@ -850,7 +850,7 @@ class ServiceHandle:
         if not args:
             raise ValueError("exec() needs a command")
         if not self.running:
-            raise ServiceFailed(self.name, self._returncode, probes.log_tail(self.log_path),
+            raise ServiceFailed(self.name, self._returncode, readiness.log_tail(self.log_path),
                                 reason=f"is not running (return code {self._returncode}): "
                                 "cannot exec in it")  # fmt: skip
         try:
@@ -944,13 +944,13 @@ class ServiceHandle:
             unsupported = _unsupported(e)
             if unsupported is not None:
                 raise unsupported from None
-            raise ServiceFailed(self.name, None, probes.log_tail(self.log_path),
+            raise ServiceFailed(self.name, None, readiness.log_tail(self.log_path),
                                 reason=f"could not be started: {e}") from None  # fmt: skip
         self._pid = r["pid"]
         self._ports = {int(p): hp for p, hp in r["ports"].items()}
 
     def _wait_ready(self) -> None:
-        probes.wait_ready(self, self.spec.ready)
+        readiness.wait_ready(self, self.spec.ready)
         if self.runs:
             self.runs[-1]["ready"] = time.time()
         if self._env.on_ready is not None:
@@ -958,7 +958,7 @@ class ServiceHandle:
 
     def _raise_if_exited(self) -> None:
         if not self.running:
-            raise ServiceFailed(self.name, self._returncode, probes.log_tail(self.log_path),
+            raise ServiceFailed(self.name, self._returncode, readiness.log_tail(self.log_path),
                                 reason=self._reason)  # fmt: skip
 
     def _tcp_check(self, port: int) -> bool:

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._protocol import FrameReader, encode, recv_messages
-from .errors import EnvboxError, HostUnsupported
+from pytest_envbox.errors import EnvboxError, HostUnsupported
+from pytest_envbox.supervisor.protocol import FrameReader, encode, recv_messages
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -66,9 +66,9 @@ class SupervisorClient:
         # and exiting cost in proportion to its memory (2.6 ms of CPU at 21 MB, 0.5 ms at 9 MB).
         code = (
             "import sys, types; p = types.ModuleType('pytest_envbox'); "
-            f"p.__path__ = [{str(Path(__file__).resolve().parent)!r}]; "
+            f"p.__path__ = [{str(Path(__file__).resolve().parent.parent)!r}]; "
             "sys.modules['pytest_envbox'] = p; "
-            "from pytest_envbox.supervisor import main; main()"
+            "from pytest_envbox.supervisor.server import main; main()"
         )
         self._proc = subprocess.Popen(
             # -P: not the working directory first on sys.path (a project's json.py, say).

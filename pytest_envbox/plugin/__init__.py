@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from . import _client, fixtures, hookspecs, summary
-from .fixtures import _envbox_auto, envbox  # noqa: F401  (fixtures registered with the plugin)
+from pytest_envbox.engine import client, report
+from pytest_envbox.plugin import fixtures, hookspecs
+from pytest_envbox.plugin.fixtures import _envbox_auto, envbox  # noqa: F401  (fixtures registered with the plugin)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -34,7 +35,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    _client.set_rootless_mode(config.getoption("envbox_rootless"))
+    client.set_rootless_mode(config.getoption("envbox_rootless"))
     config.addinivalue_line(
         "markers",
         "envbox(*services, topology=None, scope='function'): start these services (names from "
@@ -112,16 +113,16 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     """Per service: starts, median time to ready, peak memory against its limit, cpu, OOM kills."""
     if hasattr(config, "workeroutput"):
         return
-    rows = summary.totals(_reports(config))
+    rows = report.totals(_reports(config))
     if not rows:
         return
     terminalreporter.write_sep("-", "envbox services")
-    for line in summary.table(rows):
+    for line in report.table(rows):
         terminalreporter.write_line(line)
     path = config.getoption("envbox_report")
     if path:
         terminalreporter.write_line(f"envbox: report written to {path}")
-    kept = summary.kept(_reports(config))
+    kept = report.kept(_reports(config))
     if kept:
         terminalreporter.write_sep("-", "envbox: kept environments (--envbox-keep)")
         for line in kept:

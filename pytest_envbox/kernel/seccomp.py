@@ -22,7 +22,7 @@ import functools
 import os
 import struct
 
-from . import _linux as L
+from pytest_envbox.kernel import linux as L
 
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2

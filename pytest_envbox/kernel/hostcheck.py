@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _linux as L
+from pytest_envbox.kernel import linux as L
 
 #: sysctls that disable or restrict unprivileged user namespaces: (path, bad value, why, fix)
 _USERNS_SYSCTLS = (
@@ -131,7 +131,7 @@ def try_user_namespace(timeout: float = 10.0) -> dict[str, str | None]:
 
 
 def _steps(uid: int, gid: int, results: dict[str, str | None]) -> None:
-    from . import netlink  # now: the tmpfs mounted on /tmp below may hide the package
+    from pytest_envbox.kernel import netlink  # now: the tmpfs mounted on /tmp below may hide the package
 
     def step(name: str, fn: object) -> None:
         try:
@@ -173,7 +173,7 @@ def network_faults() -> dict[str, str | None]:
     """In a throwaway network namespace (the hub's steps): a bridge, netem on it (``link.delay``),
     and an nf_tables bridge table with a random-drop rule (``link.loss``, ``partition``).
     Returns feature -> None (works) or the kernel's error. Needs CAP_NET_ADMIN."""
-    from . import netlink, nftables
+    from pytest_envbox.kernel import netlink, nftables
 
     results: dict[str, str | None] = {}
     try:

@@ -16,9 +16,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cgroups, hostcheck, state
-from .errors import EnvboxError
-from .summary import enter_command
+from pytest_envbox.engine.report import enter_command
+from pytest_envbox.errors import EnvboxError
+from pytest_envbox.kernel import cgroups, hostcheck
+from pytest_envbox.supervisor import records
 
 
 def _cgroup_check(root: bool) -> tuple[bool, str]:
@@ -108,8 +109,8 @@ def doctor() -> int:
 def _sandbox(out: _Report, root: bool) -> None:
     """Start one real sandboxed service, as a test would (rootless when not root)."""
     try:
-        from .environment import Environment
-        from .spec import Service
+        from pytest_envbox.engine.environment import Environment
+        from pytest_envbox.spec import Service
     except ImportError as e:  # a broken installation (requests missing, say)
         out.line("sandbox", "MISSING", f"the engine cannot be imported: {e}")
         return
@@ -185,8 +186,8 @@ def _rootless(out: _Report, user: str, *, blocked: bool, limits: bool) -> None:
 
 def up(names: Sequence[str], topology: str | None, rootdir: Path) -> int:
     """Start services from the project's declarations and keep them until Ctrl-C."""
-    from .config import load_project_config
-    from .environment import Environment
+    from pytest_envbox.config import load_project_config
+    from pytest_envbox.engine.environment import Environment
 
     catalog = load_project_config(rootdir)
     if not names and topology is None:
@@ -212,7 +213,7 @@ def _stop_kept(timeout: float = 15.0) -> int:
     import select
 
     stopped = 0
-    for name, rec in state.runs():
+    for name, rec in records.runs():
         if not rec or not rec.get("kept") or not rec.get("supervisor"):
             continue
         if os.geteuid() != 0 and rec.get("owner") != os.geteuid():
@@ -251,15 +252,15 @@ def clean() -> int:
     removed = cgroups.clean_stale()
     for path in removed:
         print(f"removed {path}")
-    found = state.clean_stale()
+    found = records.clean_stale()
     for path in found:
         print(f"removed {path}")
-    records = [p for p in found if p.endswith(".json")]
-    temp = len(found) - len(records)
+    files = [p for p in found if p.endswith(".json")]
+    temp = len(found) - len(files)
     print(f"envbox: {kept} kept run{'' if kept == 1 else 's'} stopped, "
           f"{len(removed)} stale cgroup director{'y' if len(removed) == 1 else 'ies'}, "
           f"{temp} temporary director{'y' if temp == 1 else 'ies'} "
-          f"and {len(records)} stale run record{'' if len(records) == 1 else 's'} removed")  # fmt: skip
+          f"and {len(files)} stale run record{'' if len(files) == 1 else 's'} removed")  # fmt: skip
     return 0
 
 
@@ -267,9 +268,9 @@ def ps() -> int:
     """The runs alive on this host (those of this user; all of them as root), and their services."""
     import pwd
 
-    records = state.runs()
-    alive = [(name, rec) for name, rec in records if rec is not None]
-    stale = len(records) - len(alive)
+    found = records.runs()
+    alive = [(name, rec) for name, rec in found if rec is not None]
+    stale = len(found) - len(alive)
     for name, rec in alive:
         try:
             owner = pwd.getpwuid(int(rec.get("owner", -1))).pw_name
@@ -321,6 +322,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"envbox: {e}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

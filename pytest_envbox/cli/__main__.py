@@ -1,0 +1,7 @@
+"""``python -m pytest_envbox.cli``: the ``envbox`` command."""
+
+import sys
+
+from pytest_envbox.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+"""The supervisor layer: the helper process that owns every sandbox resource, and its protocol.
+
+Empty on purpose: the test process imports :mod:`.protocol` alone, and the supervisor's lean
+interpreter imports only what it runs.
+"""
