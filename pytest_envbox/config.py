@@ -19,9 +19,9 @@ from pathlib import Path
 from pytest_envbox.errors import ConfigError
 from pytest_envbox.spec import Service, check_name, parse_subnet, service_from_mapping
 
-__all__ = ["Catalog", "load_project_config", "merge_services", "select", "start_levels"]
+__all__ = ["TOP_LEVEL_KEYS", "Catalog", "load_project_config", "merge_services", "select", "start_levels"]
 
-_TOP_LEVEL_KEYS = ("services", "topologies", "subnet")
+TOP_LEVEL_KEYS = ("services", "topologies", "subnet")
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,8 @@ def load_project_config(rootdir: Path) -> Catalog:
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table with 'services', 'topologies' and 'subnet'")
     for key in table:
-        if key not in _TOP_LEVEL_KEYS:
-            raise ConfigError(f"{_unknown(key, _TOP_LEVEL_KEYS)} (in {where})", key=prefix + key)
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{_unknown(key, TOP_LEVEL_KEYS)} (in {where})", key=prefix + key)
 
     services: dict[str, Service] = {}
     origins: dict[str, str] = {}

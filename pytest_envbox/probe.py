@@ -10,13 +10,246 @@ This module shadows the builtin ``exec`` on purpose: ``probe.exec([...])`` mirro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
-from pytest_envbox.spec import ExecProbe, HttpProbe, LogProbe, TcpProbe
+from pytest_envbox.validate import (
+    argv,
+    as_mapping,
+    check_keys,
+    describe,
+    fail,
+    is_int,
+    port,
+    positive_duration,
+)
 
-__all__ = ["exec", "http", "log", "tcp"]
+__all__ = [
+    "PROBE_KEYS",
+    "ExecProbe",
+    "HttpProbe",
+    "LogProbe",
+    "Probe",
+    "TcpProbe",
+    "exec",
+    "http",
+    "log",
+    "probe_from_mapping",
+    "tcp",
+]
 
 Duration = float | str
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Base of the readiness probes: a ``timeout`` (> 0 s) and an optional poll ``interval``.
+
+    ``interval=None`` leaves the cadence to the engine, which reacts as soon as it can tell.
+    Build probes with :mod:`pytest_envbox.probe` (``probe.tcp(6379)``) or a TOML ``ready`` table.
+    """
+
+    timeout: float = field(default=30.0, kw_only=True)
+    interval: float | None = field(default=None, kw_only=True)
+
+    #: The TOML key that selects this kind of probe (``tcp``, ``http``, ``log``, ``exec``).
+    kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self._normalise(service=None, prefix="")
+
+    def _normalise(self, service: str | None, prefix: str) -> None:
+        object.__setattr__(
+            self, "timeout", positive_duration(self.timeout, service, f"{prefix}timeout")
+        )
+        if self.interval is not None:
+            interval = positive_duration(self.interval, service, f"{prefix}interval")
+            object.__setattr__(self, "interval", interval)
+
+    def describe(self, service: str | None = None) -> str:
+        """One line saying when the service counts as ready, for messages and reports."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TcpProbe(Probe):
+    """Ready when ``port`` accepts a TCP connection inside the service's network."""
+
+    port: int
+    kind: ClassVar[str] = "tcp"
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self, port: int, *, timeout: float | str = 30.0, interval: float | str | None = None
+        ) -> None: ...
+
+    def _normalise(self, service: str | None, prefix: str) -> None:
+        super()._normalise(service, prefix)
+        port(self.port, service, f"{prefix}tcp" if prefix else "port")
+
+    def describe(self, service: str | None = None) -> str:
+        return f"tcp port {self.port} accepts connections"
+
+
+@dataclass(frozen=True)
+class HttpProbe(Probe):
+    """Ready when ``GET path`` on ``port`` answers ``status`` (None: any 2xx)."""
+
+    port: int
+    path: str = "/"
+    status: int | None = None
+    kind: ClassVar[str] = "http"
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            port: int,
+            path: str = "/",
+            status: int | None = None,
+            *,
+            timeout: float | str = 30.0,
+            interval: float | str | None = None,
+        ) -> None: ...
+
+    def _normalise(self, service: str | None, prefix: str) -> None:
+        super()._normalise(service, prefix)
+        port(self.port, service, f"{prefix}http" if prefix else "port")
+        path_key = f"{prefix}path"
+        if not isinstance(self.path, str) or not self.path.startswith("/"):
+            fail(f"{describe(self.path)} is not a URL path; start it with '/'", service, path_key)
+        if any(c.isspace() or not c.isprintable() for c in self.path):
+            fail(
+                f"{self.path!r} holds spaces or control characters; %-encode them",
+                service,
+                path_key,
+            )
+        if self.status is not None and (not is_int(self.status) or not 100 <= self.status <= 599):
+            fail(
+                f"{describe(self.status)} is not an HTTP status; use an int from 100 to 599, "
+                "or leave it out to accept any 2xx",
+                service,
+                f"{prefix}status",
+            )
+
+    def describe(self, service: str | None = None) -> str:
+        expected = "2xx" if self.status is None else str(self.status)
+        return f"GET http://{service or '<svc>'}:{self.port}{self.path} returns {expected}"
+
+
+@dataclass(frozen=True)
+class LogProbe(Probe):
+    """Ready when a line of stdout or stderr matches ``pattern`` (with ``re.search``)."""
+
+    pattern: str
+    kind: ClassVar[str] = "log"
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self, pattern: str, *, timeout: float | str = 30.0, interval: float | str | None = None
+        ) -> None: ...
+
+    def _normalise(self, service: str | None, prefix: str) -> None:
+        super()._normalise(service, prefix)
+        key = f"{prefix}log" if prefix else "pattern"
+        if not isinstance(self.pattern, str) or not self.pattern:
+            # An empty pattern matches the first line of any output: surely not what was meant.
+            fail(
+                f"{describe(self.pattern)} is not a regular expression; give the text that "
+                "the service prints when it is ready",
+                service,
+                key,
+            )
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            fail(f"{self.pattern!r} is not a valid regular expression: {exc}", service, key)
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        """The compiled pattern (``re`` caches compilations, so this is cheap to call)."""
+        return re.compile(self.pattern)
+
+    def describe(self, service: str | None = None) -> str:
+        return f"a log line matches {self.pattern!r}"
+
+
+@dataclass(frozen=True)
+class ExecProbe(Probe):
+    """Ready when ``argv``, run inside the service's namespaces, exits 0."""
+
+    argv: tuple[str, ...]
+    kind: ClassVar[str] = "exec"
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            argv: Sequence[str] | str,
+            *,
+            timeout: float | str = 30.0,
+            interval: float | str | None = None,
+        ) -> None: ...
+
+    def _normalise(self, service: str | None, prefix: str) -> None:
+        super()._normalise(service, prefix)
+        object.__setattr__(
+            self, "argv", argv(self.argv, service, f"{prefix}exec" if prefix else "argv")
+        )
+
+    def describe(self, service: str | None = None) -> str:
+        return f"`{shlex.join(self.argv)}` exits 0"
+
+
+_PROBE_KINDS: dict[str, type[TcpProbe | HttpProbe | LogProbe | ExecProbe]] = {
+    "tcp": TcpProbe,
+    "http": HttpProbe,
+    "log": LogProbe,
+    "exec": ExecProbe,
+}
+PROBE_KEYS = ("tcp", "http", "log", "exec", "path", "status", "timeout", "interval")
+
+
+def probe_from_mapping(value: Mapping[str, object], *, service: str | None) -> Probe:
+    """A probe from its TOML form, e.g. ``{ http = 8000, path = "/health", timeout = "20s" }``.
+
+    Exactly one of ``tcp``, ``http``, ``log``, ``exec`` says the kind; ``path`` and ``status``
+    belong to ``http``; ``timeout`` and ``interval`` apply to all.
+    """
+    table = as_mapping(value, service, "ready", '{ tcp = 6379 } or { http = 8000, path = "/health" }')
+    check_keys(table, PROBE_KEYS, service, "ready.")
+    kinds = [k for k in _PROBE_KINDS if k in table]
+    if len(kinds) != 1:
+        found = f"has {' and '.join(kinds)}" if kinds else "says no kind of probe"
+        fail(f"{found}; give exactly one of tcp, http, log, exec", service, "ready")
+    kind = kinds[0]
+    if kind != "http":
+        for key in ("path", "status"):
+            if key in table:
+                fail(f"only applies to http probes, not {kind}", service, f"ready.{key}")
+    cls = _PROBE_KINDS[kind]
+    common = {k: table[k] for k in ("timeout", "interval") if k in table}
+    extra = {k: table[k] for k in ("path", "status") if k in table}
+    # Check the draft with the service's name and TOML keys, then build the real one.
+    draft = object.__new__(cls)
+    fields = {"timeout": 30.0, "interval": None, **common, **_draft_fields(cls, table[kind], extra)}
+    for name, item in fields.items():
+        object.__setattr__(draft, name, item)
+    draft._normalise(service, "ready.")
+    return dataclasses.replace(draft)
+
+
+def _draft_fields(cls: type[Probe], main: object, extra: Mapping[str, object]) -> dict[str, object]:
+    if cls is HttpProbe:
+        return {"port": main, "path": extra.get("path", "/"), "status": extra.get("status")}
+    return {{TcpProbe: "port", LogProbe: "pattern", ExecProbe: "argv"}[cls]: main}
+
 
 
 def tcp(port: int, *, timeout: Duration = "30s", interval: Duration | None = None) -> TcpProbe:

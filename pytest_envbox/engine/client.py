@@ -229,3 +229,11 @@ def shutdown_supervisor() -> None:
 
 
 atexit.register(shutdown_supervisor)
+
+
+def unsupported(e: SupervisorError, prefix: str = "") -> HostUnsupported | None:
+    """The supervisor's ``unsupported:<why and fix>`` answer as a HostUnsupported, else None."""
+    text = str(e)
+    if "unsupported:" not in text:
+        return None
+    return HostUnsupported(prefix + text.split("unsupported:", 1)[1])

@@ -19,7 +19,7 @@ from pytest_envbox.spec import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe
 from pytest_envbox.wait import FIRST_INTERVAL, Deadline, wait_until
 
 if TYPE_CHECKING:
-    from pytest_envbox.engine.environment import ServiceHandle
+    from pytest_envbox.engine.handle import ServiceHandle
 
 TAIL_LINES = 30
 

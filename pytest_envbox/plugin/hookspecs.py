@@ -14,7 +14,8 @@ import pluggy
 if TYPE_CHECKING:
     import pytest
 
-    from pytest_envbox.engine.environment import Environment, ServiceHandle
+    from pytest_envbox.engine.environment import Environment
+    from pytest_envbox.engine.handle import ServiceHandle
     from pytest_envbox.engine.report import ServiceTotals
     from pytest_envbox.spec import Service
 

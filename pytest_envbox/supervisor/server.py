@@ -41,7 +41,8 @@ from typing import Any
 
 from pytest_envbox.kernel import cgroups, netlink, nftables, seccomp
 from pytest_envbox.kernel import linux as L
-from pytest_envbox.sandbox.init import SandboxPlan, close_fds_except, exec_command, run_spare
+from pytest_envbox.sandbox.init import close_fds_except, exec_command, run_spare
+from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.supervisor import records
 from pytest_envbox.supervisor.protocol import FrameReader, encode
 from pytest_envbox.supervisor.relay import Relay

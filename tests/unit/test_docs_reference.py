@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 from pytest_envbox import Limits, Mount, Service, cli
-from pytest_envbox.config import _TOP_LEVEL_KEYS
-from pytest_envbox.spec import _PROBE_KEYS
+from pytest_envbox.config import TOP_LEVEL_KEYS
+from pytest_envbox.probe import PROBE_KEYS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -18,7 +18,7 @@ def _text(page: str) -> str:
 
 def test_every_configuration_key_is_documented() -> None:
     declaring = _text("declaring.md")
-    keys = {*Service.KEYS, *Limits.KEYS, *Mount.KEYS, *_PROBE_KEYS, *_TOP_LEVEL_KEYS}
+    keys = {*Service.KEYS, *Limits.KEYS, *Mount.KEYS, *PROBE_KEYS, *TOP_LEVEL_KEYS}
     missing = sorted(k for k in keys if f"`{k}" not in declaring)
     assert not missing, f"docs/declaring.md does not document: {missing}"
 

@@ -1,0 +1,509 @@
+"""``ServiceHandle``: one service of an environment, running or stopped; its ``Link`` and ``Stats``."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_envbox.engine import readiness
+from pytest_envbox.engine.client import SupervisorClient, SupervisorError, unsupported
+from pytest_envbox.errors import EnvboxError, NotReady, ServiceFailed
+from pytest_envbox.kernel.cgroups import format_memory
+from pytest_envbox.sandbox.plan import SandboxPlan
+from pytest_envbox.spec import HttpProbe, Service
+from pytest_envbox.wait import Deadline, wait_until
+
+if TYPE_CHECKING:
+    import requests
+
+
+__all__ = ["Link", "ServiceHandle", "Stats", "published_ports", "start_level", "stop_all"]
+
+class Link:
+    """Faults on one service's network link (``handle.link``), for testing how others cope.
+
+    Applied on the environment's side of the service's veth pair, so they hit its traffic with
+    other services and with the test through a published port alike, and the service cannot undo
+    them. What each affects:
+
+    - ``down()`` / ``up()``: the link itself; nothing reaches the service or leaves it.
+    - ``delay(ms, jitter_ms=0)``: packets *to* the service wait ``ms`` (netem); a round trip
+      through it grows by ``ms``. Needs the kernel's ``sch_netem``; ``HostUnsupported`` otherwise.
+    - ``loss(percent)``: that share of packets is dropped at random, in each direction on its
+      own (a drop rule on the environment's bridge, nf_tables).
+    - ``clear()``: no delay, no loss, link up.
+    """
+
+    def __init__(self, handle: ServiceHandle) -> None:
+        self._h = handle
+
+    def __repr__(self) -> str:
+        return f"<Link of {self._h.name!r}>"
+
+    def down(self) -> None:
+        """Cut the service's link: connections to and from it fail until ``up()``."""
+        self._do("down")
+
+    def up(self) -> None:
+        self._do("up")
+
+    def delay(self, ms: float, jitter_ms: float = 0) -> None:
+        """Delay packets to the service by ``ms`` milliseconds (plus or minus ``jitter_ms``)."""
+        for key, v in (("ms", ms), ("jitter_ms", jitter_ms)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"link.delay(): {key} must be a number of milliseconds >= 0, "
+                                 f"not {v!r}")  # fmt: skip
+        self._do("delay", delay_ms=float(ms), jitter_ms=float(jitter_ms))
+
+    def loss(self, percent: float) -> None:
+        """Drop ``percent`` % of the packets crossing the link, each way, at random.
+
+        ``loss(100)`` drops everything (connections fail, the link stays up); ``loss(0)`` none.
+        """
+        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
+            raise ValueError(f"link.loss(): percent must be a number from 0 to 100, not {percent!r}")
+        self._do("loss", percent=round(percent))
+
+    def clear(self) -> None:
+        """Remove every fault from the link: no delay, no loss, link up."""
+        self._do("clear")
+
+    def _do(self, action: str, **kw: Any) -> None:
+        h = self._h
+        try:
+            h._sup.call("link", slot=h._slot, action=action, **kw)
+        except SupervisorError as e:
+            raise (unsupported(e, f"service {h.name!r}: ")
+                   or EnvboxError(f"service {h.name!r}: link.{action}() failed: {e}")) from None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A service's resource use, from its cgroup (see :meth:`ServiceHandle.stats`).
+
+    ``memory_peak_bytes`` is the kernel's high-water mark where it keeps one (cgroup v1, and v2
+    from Linux 5.19), otherwise the highest value seen by ``stats()`` calls. ``oom_kills`` counts
+    processes of the service killed for exceeding its memory limit.
+    """
+
+    memory_bytes: int
+    memory_peak_bytes: int
+    cpu_seconds: float
+    pids: int
+    oom_kills: int
+
+
+def _make_session(base: str) -> requests.Session:
+    import requests
+
+    class BaseUrlSession(requests.Session):
+        """A ``requests.Session`` whose relative URLs resolve against the service's URL."""
+
+        def request(self, method: str | bytes, url: Any, *a: Any, **kw: Any) -> Any:
+            if isinstance(url, str) and not url.startswith(("http://", "https://")):
+                url = base.rstrip("/") + "/" + url.lstrip("/")
+            return super().request(method, url, *a, **kw)
+
+    return BaseUrlSession()
+
+
+
+class ServiceHandle:
+    """A running (or stopped) service of an :class:`Environment`."""
+
+    def __init__(self, spec: Service, plan: SandboxPlan, sup: SupervisorClient, *, env_id: str,
+                 wire: dict[str, Any], workdir: Path,
+                 on_ready: Callable[[ServiceHandle], None] | None = None) -> None:  # fmt: skip
+        """Made by :class:`~pytest_envbox.Environment` (never by a user): ``wire`` is the
+        service's address on the environment's network, ``on_ready`` its readiness callback."""
+        self.spec = spec
+        self.name = spec.name
+        self._plan = plan
+        self._sup = sup
+        self._on_ready = on_ready
+        self._slot = f"{env_id}/{spec.name}"
+        self._net = wire
+        self._hosts = workdir / "hosts"
+        self.log_path = workdir / f"{spec.name}.log"
+        self._log_start = 0
+        self._ports: dict[int, int] = {}
+        self._pid: int | None = None
+        self._returncode: int | None = None
+        self._generation = 0
+        self._exited = threading.Event()
+        self._exited.set()
+        self._lock = threading.Lock()
+        self._session: requests.Session | None = None
+        self._reason = ""
+        self._oom_kills = 0
+        #: one record per start: wall-clock times and, once it ended, its cgroup's totals
+        self.runs: list[dict[str, Any]] = []
+        self._create()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else f"exited {self._returncode}"
+        return f"<ServiceHandle {self.name} pid={self._pid} {state}>"
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """Host pid of the service's main process (None when it is not running)."""
+        return self._pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        return not self._exited.is_set()
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running; the exit code, or 128 + signal number, once it has exited."""
+        return None if self.running else self._returncode
+
+    @property
+    def link(self) -> Link:
+        """Faults on the service's network link: ``down()``, ``up()``, ``delay()``, ``loss()``,
+        ``clear()`` (see :class:`Link`)."""
+        return Link(self)
+
+    @property
+    def ip(self) -> str:
+        """The service's address on the environment's private network (it keeps it on restart)."""
+        return str(self._net["ip"])
+
+    # --- ports and HTTP -----------------------------------------------------------------------
+
+    def port(self, p: int) -> int:
+        """The host port on 127.0.0.1 where the service's port ``p`` is published."""
+        try:
+            return self._ports[p]
+        except KeyError:
+            ports = list(self.spec.ports) or "none"
+            raise KeyError(f"service {self.name!r} publishes no port {p}; its ports are {ports} "
+                           "(declare it in 'ports')") from None  # fmt: skip
+
+    def url(self, path: str = "/", port: int | None = None, scheme: str = "http") -> str:
+        """A URL on 127.0.0.1 reaching ``port`` (default: the first declared) of the service."""
+        if port is None:
+            if not self.spec.ports:
+                raise KeyError(f"service {self.name!r} declares no ports; add 'ports' to use url()")
+            port = self.spec.ports[0]
+        return f"{scheme}://127.0.0.1:{self.port(port)}/{path.lstrip('/')}"
+
+    @property
+    def http(self) -> requests.Session:
+        """A ``requests.Session`` whose relative URLs resolve against :meth:`url`."""
+        if self._session is None:
+            self._session = _make_session(self.url("/"))
+        return self._session
+
+    # --- logs ---------------------------------------------------------------------------------
+
+    def logs(self) -> str:
+        """Everything the service wrote to stdout and stderr so far (all its runs)."""
+        try:
+            return self.log_path.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> Any:
+        """Wait until a line of the log matches ``pattern`` (``re.search``); return the match.
+
+        Lines of the current run are searched, from its start (after ``restart()``, the new
+        run's), including those written before the call.
+        """
+        import re
+
+        regex = re.compile(pattern)
+        follower = readiness.LogFollower(self.log_path, self._log_start)  # this run's output
+        deadline = Deadline(timeout)
+
+        def check() -> re.Match[str] | None:
+            m = follower.search(regex)
+            if m is None and not self.running:
+                m = follower.search(regex)  # what it wrote before exiting
+                if m is None:
+                    raise NotReady(self.name, f"log line matching {pattern!r} (the service "
+                                   f"exited with {self._returncode})", timeout,
+                                   readiness.log_tail(self.log_path))  # fmt: skip
+            return m
+
+        m = wait_until(check, deadline, wake=None)
+        if m is None:
+            raise NotReady(self.name, f"log line matching {pattern!r}", timeout,
+                           readiness.log_tail(self.log_path))  # fmt: skip
+        return m
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the service again after ``stop()`` (same ports, same name) and wait until ready."""
+        if self.running:
+            return
+        self._spawn()
+        self._wait_ready()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` (default: the service's ``stop_timeout``).
+
+        A paused service is resumed first, so that it can shut down cleanly.
+        """
+        if not self.running:
+            return
+        self._signal(signal.SIGTERM, "main", wait=False, thaw=True)
+        self._await_exit(self.spec.stop_timeout if timeout is None else timeout)
+
+    def _await_exit(self, grace: float) -> None:
+        """Wait ``grace`` seconds for the service to exit, then SIGKILL its whole sandbox."""
+        if self._exited.wait(grace):
+            return
+        self._signal(signal.SIGKILL, "init")
+        self._exited.wait(10.0)
+
+    def restart(self) -> None:
+        """Stop, then start again: a new process (new pid), the same published ports."""
+        self.stop()
+        self.start()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the service's main process; for SIGKILL, wait until it is gone.
+
+        SIGKILL resumes a paused service first; another signal sent to a paused service is
+        queued by the kernel and handled on ``resume()``.
+        """
+        if not self.running:
+            return
+        self._signal(sig, "main")
+        if sig == signal.SIGKILL:
+            self._exited.wait(10.0)
+
+    def stats(self) -> Stats:
+        """Memory (now and peak), cpu seconds, process count and OOM kills, from the cgroup.
+
+        The figures of the current run: a restarted service starts from zero.
+        """
+        try:
+            r = self._sup.call("stats", slot=self._slot)
+        except SupervisorError as e:
+            raise self._cgroup_error(e, "stats()") from None
+        return Stats(int(r["memory_bytes"]), int(r["memory_peak_bytes"]), float(r["cpu_seconds"]),
+                     int(r["pids"]), int(r["oom_kills"]))  # fmt: skip
+
+    def pause(self) -> None:
+        """Freeze every process of the service (cgroup freezer): no cpu, no progress, until resume()."""
+        self._freeze(True)
+
+    def resume(self) -> None:
+        """Let a paused service run again."""
+        self._freeze(False)
+
+    def _freeze(self, frozen: bool) -> None:
+        if not self.running:
+            raise ServiceFailed(self.name, self._returncode, readiness.log_tail(self.log_path),
+                                reason=f"is not running (return code {self._returncode}): cannot "
+                                f"{'pause' if frozen else 'resume'} it")  # fmt: skip
+        try:
+            self._sup.call("freeze", slot=self._slot, frozen=frozen)
+        except SupervisorError as e:
+            raise self._cgroup_error(e, "pause()" if frozen else "resume()") from None
+
+    def _cgroup_error(self, e: SupervisorError, what: str) -> EnvboxError:
+        return (unsupported(e, f"service {self.name!r}: {what} needs cgroups; ")
+                or EnvboxError(f"service {self.name!r}: {what} failed: {e}"))
+
+    def exec(self, argv: Sequence[str] | str, *, timeout: float | None = 60.0,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """Run a command inside the service: its namespaces, its user, its environment.
+
+        Like ``subprocess.run(..., capture_output=True, text=True)``: a ``CompletedProcess`` with
+        the exit code and output; ``subprocess.TimeoutExpired`` after ``timeout`` seconds. A
+        command that cannot be run at all gives exit code 127 and says why on stderr, as a shell
+        would.
+        """
+        args = shlex.split(argv) if isinstance(argv, str) else list(argv)
+        if not args:
+            raise ValueError("exec() needs a command")
+        if not self.running:
+            raise ServiceFailed(self.name, self._returncode, readiness.log_tail(self.log_path),
+                                reason=f"is not running (return code {self._returncode}): "
+                                "cannot exec in it")  # fmt: skip
+        try:
+            r = self._sup.call("exec", slot=self._slot, plan=self._plan.to_dict(), argv=args,
+                               input=input, timeout=timeout)  # fmt: skip
+        except SupervisorError as e:
+            raise EnvboxError(f"service {self.name!r}: cannot exec {args[0]!r}: {e}") from None
+        stdout, stderr = r["stdout"], r["stderr"]
+        if r.get("exec_error"):
+            stderr += f"envbox: {r['exec_error']}\n"
+        if r["timed_out"]:
+            raise subprocess.TimeoutExpired(args, timeout or 0.0, stdout, stderr)
+        return subprocess.CompletedProcess(args, r["returncode"], stdout, stderr)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _signal(self, sig: int, target: str, *, wait: bool = True, thaw: bool = False) -> None:
+        (self._sup.call if wait else self._sup.send)("signal", slot=self._slot, sig=int(sig),
+                                                       target=target, thaw=thaw)  # fmt: skip
+
+    def _on_event(self, msg: dict[str, Any]) -> None:
+        if msg["event"] == "supervisor_died":
+            self._reason = "was lost: the envbox supervisor process died"
+            self._exited.set()
+            return
+        with self._lock:
+            if msg.get("generation") != self._generation:
+                return
+            self._returncode = int(msg["returncode"])
+            self._oom_kills = int(msg.get("oom_kills") or 0)
+            if self.runs and self.runs[-1]["stopped"] is None:
+                figures = msg.get("stats") or {}
+                self.runs[-1].update(
+                    stopped=time.time(), returncode=self._returncode, oom_kills=self._oom_kills,
+                    memory_peak_bytes=figures.get("memory_peak_bytes"),
+                    cpu_seconds=figures.get("cpu_seconds"))  # fmt: skip
+            # 137 is the OOM killer's SIGKILL unless the supervisor sent one (stop(), kill()).
+            if self._oom_kills and self._returncode == 128 + signal.SIGKILL and not msg.get("killed"):
+                self._reason = (f"was OOM-killed ({self._memory_limit_text()}), "
+                                f"return code {self._returncode}")  # fmt: skip
+            elif self._oom_kills:  # a child was killed; the main process exited by itself
+                self._reason = (f"exited with return code {self._returncode} after "
+                                f"{self._oom_kills} of its processes were OOM-killed "
+                                f"({self._memory_limit_text()})")  # fmt: skip
+        self._exited.set()
+
+    def _memory_limit_text(self) -> str:
+        limit = self.spec.limits.memory
+        return f"memory limit {format_memory(limit) if limit else 'of a parent cgroup'}"
+
+    def _create(self) -> None:
+        """Give the service its ``/etc`` files and listen for its events.
+
+        ``/etc/hosts`` is the environment's own file (see :meth:`Environment._list_hosts`), bound
+        read-only: services started later are added to it in place, and every service sees them.
+        """
+        self._plan.etc_files = {"/etc/hostname": self.name + "\n"}
+        self._plan.mounts = [*(m for m in self._plan.mounts if m[1] != "/etc/hosts"),
+                             (str(self._hosts), "/etc/hosts", True)]  # fmt: skip
+        self._sup.on_event(self._slot, self._on_event)
+
+    def _spawn(self) -> None:
+        """Fork the sandbox; return once the service's command has been exec'd."""
+        try:
+            self._log_start = self.log_path.stat().st_size
+        except FileNotFoundError:
+            self._log_start = 0
+        with self._lock:
+            self._generation += 1
+            self._returncode = None
+            self._oom_kills = 0
+            self._reason = ""
+            self._exited.clear()
+            self.runs.append({"started": time.time(), "ready": None, "stopped": None,
+                              "returncode": None, "oom_kills": 0, "memory_peak_bytes": None,
+                              "cpu_seconds": None})  # fmt: skip
+        ports = list(self.spec.ports)
+        ready = self.spec.ready
+        if isinstance(ready, HttpProbe) and ready.port not in ports:
+            ports.append(ready.port)  # the HTTP probe goes through a relay like the test does
+        try:
+            # The first start also creates the service's network namespace and publishes its
+            # ports; both outlive restarts, so a restarted service keeps its host ports.
+            lim = self.spec.limits
+            r = self._sup.call("start", slot=self._slot, plan=self._plan.to_dict(),
+                               log_path=str(self.log_path), ports=ports,
+                               generation=self._generation, net=self._net,
+                               limits={"memory": lim.memory, "cpu": lim.cpu, "pids": lim.pids})  # fmt: skip
+        except SupervisorError as e:
+            self._exited.set()
+            refused = unsupported(e)
+            if refused is not None:
+                raise refused from None
+            raise ServiceFailed(self.name, None, readiness.log_tail(self.log_path),
+                                reason=f"could not be started: {e}") from None  # fmt: skip
+        self._pid = r["pid"]
+        self._ports = {int(p): hp for p, hp in r["ports"].items()}
+
+    def _wait_ready(self) -> None:
+        readiness.wait_ready(self, self.spec.ready)
+        if self.runs:
+            self.runs[-1]["ready"] = time.time()
+        if self._on_ready is not None:
+            self._on_ready(self)
+
+    def _raise_if_exited(self) -> None:
+        if not self.running:
+            raise ServiceFailed(self.name, self._returncode, readiness.log_tail(self.log_path),
+                                reason=self._reason)  # fmt: skip
+
+    def _tcp_check(self, port: int) -> bool:
+        return bool(self._sup.call("tcp_check", slot=self._slot, port=port)["ok"])
+
+    def _forget(self) -> None:
+        self._sup.on_event(self._slot, None)
+        self._exited.set()
+        self._pid = None
+
+
+def published_ports(h: ServiceHandle) -> dict[int, int]:
+    """Every port the service publishes (its probe's too), to its host port."""
+    return dict(h._ports)
+
+
+def start_level(sup: SupervisorClient, handles: Sequence[ServiceHandle]) -> None:
+    """Start services that depend on none of each other, together, and wait until all are ready.
+
+    Together means overlapped, not one after the other: the supervisor prepares a sandbox for
+    each at once (``prepare``: namespaces, filesystem, cgroup, each in its own process), the
+    starts are sent together, and the readiness probes run side by side.
+    """
+    if len(handles) == 1:
+        handles[0]._spawn()
+        handles[0]._wait_ready()
+        return
+    sup.send("prepare", count=len(handles))
+    with ThreadPoolExecutor(max_workers=len(handles)) as pool:
+        for step in (ServiceHandle._spawn, ServiceHandle._wait_ready):
+            futures = [pool.submit(step, h) for h in handles]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                # Fail at once: stop the siblings, whose probes then end without waiting
+                # out their own timeouts, and report the first failure.
+                if step is ServiceHandle._spawn:
+                    wait(futures)  # every start answered: none is left half-made
+                for h in handles:
+                    with contextlib.suppress(EnvboxError, OSError):
+                        if h.running:
+                            h._signal(signal.SIGKILL, "init", wait=False)
+                error = failed[0].exception()
+                assert error is not None
+                raise error
+
+
+def stop_all(sup: SupervisorClient, handles: Sequence[ServiceHandle], disown: str | None) -> None:
+    """Stop the services and release their sandboxes; forget ``disown`` (a directory the
+    supervisor was to delete if the test process died first). Never raises.
+
+    SIGTERM to all at once, then wait for each: teardown takes the slowest service's time, not
+    the sum.
+    """
+    for h in handles:
+        with contextlib.suppress(EnvboxError, OSError):
+            if h.running:  # a paused service is resumed first, to handle it
+                h._signal(signal.SIGTERM, "main", wait=False, thaw=True)
+    for h in handles:
+        with contextlib.suppress(EnvboxError, OSError):
+            h._await_exit(h.spec.stop_timeout)
+    with contextlib.suppress(EnvboxError, OSError):
+        sup.call("release", slots=[h._slot for h in handles], disown=disown)
+    for h in handles:
+        h._forget()

@@ -1,0 +1,269 @@
+"""The sandbox's root filesystem, assembled in the child from the host's (read-only) root.
+
+:func:`build_base` makes the part every service shares while a spare waits; :func:`finish_root`
+adds one service's mounts and files once its plan arrives.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from pytest_envbox.kernel import linux as L
+from pytest_envbox.sandbox.plan import HOME, SandboxPlan, SetupError
+
+__all__ = ["RootBuilder", "build_base", "finish_root"]
+
+_DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+_OLD = "/old"  # the host's root, while the new root is assembled
+_NEW = "/new"  # the new root
+
+
+class RootBuilder:
+    """Assembles the new root under ``/new`` from the host's root at ``/old``.
+
+    The host tree is bound read-only as a whole. A path that must exist but does not (a mount
+    target, ``HOME``) is created without touching the host: its nearest host directory is
+    "shadowed" by a tmpfs holding read-only binds of that directory's entries, and the new entry is
+    made in the tmpfs. Directories we created (tmpfs mounts and what we made inside them) are
+    tracked in ``ours``: only there may anything be created.
+    """
+
+    def __init__(self) -> None:
+        self.ours: set[str] = set()
+        self.shadows: list[str] = []
+        self.home = HOME
+
+    def resolve(self, path: str) -> str:
+        """``path`` inside the new root with symlinks followed as the service would see them."""
+        parts = [p for p in path.split("/") if p]
+        out: list[str] = []
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part == ".":
+                continue
+            if part == "..":
+                if out:
+                    out.pop()
+                continue
+            cand = "/" + "/".join([*out, part])
+            try:
+                link = os.readlink(_NEW + cand)
+            except OSError:
+                out.append(part)
+                continue
+            hops += 1
+            if hops > 40:
+                raise SetupError(f"too many symbolic links resolving {path}")
+            parts = [p for p in link.split("/") if p] + parts
+            if link.startswith("/"):
+                out = []
+        return "/" + "/".join(out)
+
+    def tmpfs(self, path: str, options: str = "mode=0755") -> None:
+        L.mount("tmpfs", _NEW + path, "tmpfs", L.MS_NOSUID | L.MS_NODEV, options)
+        self.ours.add(path)
+
+    def shadow(self, d: str) -> None:
+        """Replace directory ``d`` of the new root by a tmpfs mirroring what was there.
+
+        The current view of ``d`` (host binds and whatever we mounted below it already) is first
+        bound aside, recursively, and its entries bound back into the tmpfs, so a shadow hides
+        nothing and the order of shadows does not matter. Binds keep their source's read-only
+        flag.
+        """
+        stage = f"/stage{len(self.shadows)}"
+        os.mkdir(stage)
+        L.mount(_NEW + d, stage, None, L.MS_BIND | L.MS_REC)
+        st = os.stat(stage)
+        try:
+            self.tmpfs(d, f"mode={stat.S_IMODE(st.st_mode):o},uid={st.st_uid},gid={st.st_gid}")
+        except OSError as e:  # rootless: an owner unmapped in the user namespace
+            if e.errno != errno.EINVAL:
+                raise
+            self.tmpfs(d, f"mode={stat.S_IMODE(st.st_mode):o}")
+        self.shadows.append(d)
+        for entry in os.scandir(stage):
+            src, dst = entry.path, _NEW + d.rstrip("/") + "/" + entry.name
+            if entry.is_symlink():
+                os.symlink(os.readlink(src), dst)
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                os.mkdir(dst)
+            else:
+                _touch(dst)
+            L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
+
+    def bind(self, src: str, dst: str, *, readonly: bool) -> None:
+        """Bind ``src`` (recursively) at ``dst``: ``nodev``, ``nosuid``, read-only if asked.
+
+        ``nodev`` and ``nosuid`` even on writable binds, so nothing inside can use a device node
+        or a setuid binary through them. (They do not stop root inside from *creating* such files
+        in a writable host directory; only a user namespace does: the rootless mode.)
+        """
+        L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
+        attrs = L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
+        L.mount_setattr(dst, attrs | L.MOUNT_ATTR_RDONLY if readonly else attrs)
+
+    def ensure(self, path: str, *, is_dir: bool) -> str:
+        """Make ``path`` exist in the new root (as a dir or a file); return it resolved."""
+        path = self.resolve(path)
+        if os.path.lexists(_NEW + path):
+            return path
+        parent = os.path.dirname(path)
+        parent = self.ensure(parent, is_dir=True)
+        if parent not in self.ours:
+            self.shadow(parent)
+        full = _NEW + parent.rstrip("/") + "/" + os.path.basename(path)
+        if is_dir:
+            os.mkdir(full, 0o755)
+            self.ours.add(full[len(_NEW):])
+        else:
+            _touch(full)
+        return full[len(_NEW):]
+
+
+#: The sandbox's own filesystems, which hide the host's directories of the same name.
+_PRIVATE = ("/tmp", "/var/tmp", "/run", "/dev")
+
+
+def _under(path: str, dirs: tuple[str, ...]) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in dirs)
+
+
+def _touch(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+
+# What runc makes read-only and masks by default: writing /proc/sys (kernel.core_pattern, say)
+# would change the host kernel itself, and these files tell the host's secrets.
+_READONLY_PATHS = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
+_MASKED_PATHS = (
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+    "/sys/firmware", "/sys/devices/virtual/powercap",
+)  # fmt: skip
+
+
+def _protect_kernel_files() -> None:
+    for path in _READONLY_PATHS:
+        p = _NEW + path
+        if os.path.exists(p):
+            L.mount(p, p, None, L.MS_BIND | L.MS_REC)
+            L.mount_setattr(p, L.MOUNT_ATTR_RDONLY | L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV)
+    for path in _MASKED_PATHS:
+        p = _NEW + path
+        if os.path.isdir(p):
+            L.mount("tmpfs", p, "tmpfs", L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV, "size=0")
+        elif os.path.exists(p):
+            L.mount(_OLD + "/dev/null", p, None, L.MS_BIND)
+            L.mount_setattr(p, L.MOUNT_ATTR_RDONLY | L.MOUNT_ATTR_NOSUID, recursive=False)
+
+
+def _run_skeleton(b: RootBuilder) -> None:
+    """Recreate the host's ``/run`` subdirectories, empty, as a fresh boot would have them.
+
+    Servers expect their runtime directory (``/run/postgresql``...) to exist and be writable by
+    their user; it does, with the host's owner and mode, but nothing of the host's is in it.
+    """
+    try:
+        entries = list(os.scandir(_OLD + "/run"))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        st = entry.stat(follow_symlinks=False)
+        dst = _NEW + "/run/" + entry.name
+        try:
+            os.mkdir(dst, stat.S_IMODE(st.st_mode))
+            os.chmod(dst, stat.S_IMODE(st.st_mode))
+            os.chown(dst, st.st_uid, st.st_gid)
+        except OSError:
+            pass  # e.g. an id unmapped in a user namespace: the directory stays root's
+        b.ours.add("/run/" + entry.name)
+
+
+def build_base() -> RootBuilder:
+    """The part of the sandbox's filesystem every service shares; done ahead of time.
+
+    Needs a private mount namespace. Leaves the host's root at ``/old`` and the new root, not yet
+    pivoted into, at ``/new``.
+    """
+    L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
+    # bubblewrap's trick: a tmpfs over /tmp becomes the new root of this mount namespace, the
+    # host's root moves below it to /old, with the host's /tmp visible again at /old/tmp.
+    L.mount("tmpfs", "/tmp", "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=0755")
+    os.mkdir("/tmp/old")
+    os.mkdir("/tmp/new")
+    L.pivot_root("/tmp", "/tmp/old")
+    os.chdir("/")
+    b = RootBuilder()
+    b.bind(_OLD, _NEW, readonly=True)
+    # The host's /proc and /dev (with their submounts) are replaced, not covered: fewer mounts to
+    # copy now and to tear down when the service ends.
+    for path in ("/proc", "/dev"):
+        if os.path.ismount(_NEW + path):
+            try:
+                L.umount2(_NEW + path, L.MNT_DETACH)
+            except OSError:
+                pass  # rootless: mounts from the host are locked in a user namespace; covered
+    L.mount("proc", _NEW + "/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    _protect_kernel_files()
+    b.tmpfs("/dev")
+    for node in _DEV_NODES:
+        _touch(f"{_NEW}/dev/{node}")
+        L.mount(f"{_OLD}/dev/{node}", f"{_NEW}/dev/{node}", None, L.MS_BIND)
+    os.mkdir(_NEW + "/dev/pts")
+    L.mount("devpts", _NEW + "/dev/pts", "devpts", L.MS_NOSUID | L.MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=620")  # fmt: skip
+    os.symlink("pts/ptmx", _NEW + "/dev/ptmx")
+    os.mkdir(_NEW + "/dev/shm")
+    b.tmpfs("/dev/shm", "mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, f"{_NEW}/dev/{name}")
+    b.tmpfs("/tmp", "mode=1777")
+    if os.path.isdir(_NEW + "/var/tmp"):
+        b.tmpfs("/var/tmp", "mode=1777")  # the other shared temporary directory (and its sockets)
+    b.tmpfs("/run")
+    _run_skeleton(b)
+    b.home = b.ensure(HOME, is_dir=True)
+    L.mount("tmpfs", _NEW + b.home, "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=0700")
+    return b
+
+
+def finish_root(b: RootBuilder, plan: SandboxPlan) -> None:
+    """The service's own part of the filesystem (its mounts, /etc files); pivot into it."""
+    os.chown(_NEW + b.home, plan.uid, plan.gid)
+    for path in plan.expose:
+        # /tmp itself (say) cannot be exposed: the service's own /tmp is there.
+        if (_under(path, (*_PRIVATE, HOME)) and path not in (*_PRIVATE, HOME)
+                and os.path.exists(_OLD + path)):  # fmt: skip
+            b.bind(_OLD + path, _NEW + b.ensure(path, is_dir=os.path.isdir(_OLD + path)), readonly=True)
+    # Generated files live on the sandbox's own tmpfs, never on the host's disk: nothing to clean.
+    for i, (target, content) in enumerate(plan.etc_files.items()):
+        source = f"/generated{i}"
+        with open(source, "w") as f:
+            f.write(content)
+        b.bind(source, _NEW + b.ensure(target, is_dir=False), readonly=True)
+    for source, target, readonly in sorted(plan.mounts, key=lambda m: m[1].count("/")):
+        try:
+            is_dir = os.path.isdir(_OLD + source)
+            b.bind(_OLD + source, _NEW + b.ensure(target, is_dir=is_dir), readonly=readonly)
+        except OSError as e:
+            raise SetupError(f"mount {source} -> {target}: {e.strerror}") from e
+    for d in b.shadows:
+        L.mount(None, _NEW + d, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | L.MS_NOSUID
+                | L.MS_NODEV)  # fmt: skip
+    os.chdir(_NEW)
+    L.pivot_root(".", ".")
+    L.umount2(".", L.MNT_DETACH)
+    os.chdir("/")
+
+
+# --- process ----------------------------------------------------------------------------------
