@@ -71,13 +71,101 @@ def _ifaddr(index: int, address: str, prefixlen: int) -> bytes:
             + _attr(IFA_ADDRESS, raw))  # fmt: skip
 
 
-class Netlink:
-    """A ``NETLINK_ROUTE`` socket in the namespace it was created in; each request is acked."""
+# --- requests, as bytes ---------------------------------------------------------------------
+# Each request is built by a pure function of its arguments and its sequence number, apart from
+# the socket that sends it: :class:`Netlink` sends exactly what these return, so the bytes can be
+# checked against the kernel's struct layouts without a netlink socket or privileges.
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                  socket.NETLINK_ROUTE)  # fmt: skip
-        self.sock.bind((0, 0))
+
+def encode(kind: int, body: bytes, flags: int, *, seq: int) -> bytes:
+    """One request: ``nlmsghdr`` (asking for an ack, port id 0: the kernel) and its body."""
+    return _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq,
+                       0) + body  # fmt: skip
+
+
+def getlink_request(name: str, *, seq: int) -> bytes:
+    """RTM_GETLINK for link ``name`` (looked up by name: index 0)."""
+    return encode(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name)), 0,
+                  seq=seq)  # fmt: skip
+
+
+def new_bridge_request(name: str, *, seq: int) -> bytes:
+    """RTM_NEWLINK making bridge ``name`` (EEXIST if it exists)."""
+    body = (_IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name))
+            + _nested(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, b"bridge\0")))  # fmt: skip
+    return encode(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL, seq=seq)
+
+
+def new_veth_request(name: str, peer: str, peer_netns: int, master: int | None = None, *,
+                     seq: int) -> bytes:  # fmt: skip
+    """RTM_NEWLINK making a veth pair: ``name`` here (on bridge ``master``), ``peer`` in the
+    namespace of fd ``peer_netns`` (the peer's own ifinfomsg and attributes, in VETH_INFO_PEER)."""
+    peer_info = (_IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(peer))
+                 + _attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns)))  # fmt: skip
+    attrs = [_attr(IFLA_IFNAME, _name(name))]
+    if master is not None:
+        attrs.append(_attr(IFLA_MASTER, struct.pack("=I", master)))
+    attrs.append(_nested(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, b"veth\0"),
+                         _nested(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info))))  # fmt: skip
+    return encode(RTM_NEWLINK, _IFINFO.pack(0, 0, 0, 0, 0) + b"".join(attrs),
+                  NLM_F_CREATE | NLM_F_EXCL, seq=seq)  # fmt: skip
+
+
+def set_up_request(index: int, up: bool = True, *, seq: int) -> bytes:
+    """RTM_NEWLINK changing only IFF_UP of link ``index`` (ifi_change says which flag)."""
+    return encode(RTM_NEWLINK, _IFINFO.pack(0, 0, index, IFF_UP if up else 0, IFF_UP), 0, seq=seq)
+
+
+def dellink_request(index: int, *, seq: int) -> bytes:
+    """RTM_DELLINK of link ``index`` (a veth takes its peer with it)."""
+    return encode(RTM_DELLINK, _IFINFO.pack(0, 0, index, 0, 0), 0, seq=seq)
+
+
+def new_address_request(index: int, address: str, prefixlen: int, *, seq: int) -> bytes:
+    """RTM_NEWADDR: IPv4 ``address``/``prefixlen`` on link ``index`` (EEXIST if it is there)."""
+    return encode(RTM_NEWADDR, _ifaddr(index, address, prefixlen), NLM_F_CREATE | NLM_F_EXCL,
+                  seq=seq)  # fmt: skip
+
+
+def del_address_request(index: int, address: str, prefixlen: int, *, seq: int) -> bytes:
+    """RTM_DELADDR: IPv4 ``address``/``prefixlen`` off link ``index``."""
+    return encode(RTM_DELADDR, _ifaddr(index, address, prefixlen), 0, seq=seq)
+
+
+def netem_request(index: int, delay_ms: float, jitter_ms: float = 0.0, *, seq: int) -> bytes:
+    """RTM_NEWQDISC: netem as root qdisc 1: of link ``index``, replacing any (create or replace).
+
+    The delay and jitter go in TCA_NETEM_LATENCY64/JITTER64 (nanoseconds), which the kernel
+    prefers to tc_netem_qopt's tick fields (left 0).
+    """
+    # A queue of 10000 packets (tc's default is 1000): a delay at a high packet rate
+    # should delay packets, not drop them.
+    opts = _NETEM_QOPT.pack(0, 10000, 0, 0, 0, 0) + _attr(
+        TCA_NETEM_LATENCY64, struct.pack("=q", int(delay_ms * 1e6))) + _attr(
+        TCA_NETEM_JITTER64, struct.pack("=q", int(jitter_ms * 1e6)))  # fmt: skip
+    body = (_TCMSG.pack(0, index, 0x10000, TC_H_ROOT, 0) + _attr(TCA_KIND, b"netem\0")
+            + _attr(TCA_OPTIONS, opts))  # fmt: skip
+    return encode(RTM_NEWQDISC, body, NLM_F_CREATE | NLM_F_REPLACE, seq=seq)
+
+
+def clear_qdisc_request(index: int, *, seq: int) -> bytes:
+    """RTM_DELQDISC of the root qdisc of link ``index``."""
+    return encode(RTM_DELQDISC, _TCMSG.pack(0, index, 0, TC_H_ROOT, 0), 0, seq=seq)
+
+
+class Netlink:
+    """A ``NETLINK_ROUTE`` socket in the namespace it was created in; each request is acked.
+
+    ``sock``: another transport with ``send``/``recv`` of whole datagrams (tests use a
+    socketpair); by default a new ``NETLINK_ROUTE`` socket.
+    """
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        if sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                 socket.NETLINK_ROUTE)  # fmt: skip
+            sock.bind((0, 0))
+        self.sock = sock
         self.seq = 0
 
     def close(self) -> None:
@@ -89,21 +177,25 @@ class Netlink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, kind: int, body: bytes, flags: int = 0, what: str = "") -> list[bytes]:
-        """Send one request, wait for its ack; raise ``OSError`` (errno, what) on a kernel error."""
+    def next_seq(self) -> int:
+        """The sequence number of the next request (each is numbered, so its ack is found)."""
         self.seq += 1
-        msg = _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags,
-                          self.seq, 0) + body  # fmt: skip
+        return self.seq
+
+    def request(self, msg: bytes, what: str = "") -> list[bytes]:
+        """Send one encoded request (numbered by :meth:`next_seq`), wait for its ack; return the
+        replies before it; raise ``OSError`` (errno, what) on a kernel error."""
+        seq = _NLMSG.unpack_from(msg)[3]
         self.sock.send(msg)
         replies: list[bytes] = []
         while True:
             data = self.sock.recv(65536)
             off = 0
             while off + _NLMSG.size <= len(data):
-                length, mtype, _flags, seq, _pid = _NLMSG.unpack_from(data, off)
+                length, mtype, _flags, rseq, _pid = _NLMSG.unpack_from(data, off)
                 payload = data[off + _NLMSG.size: off + length]
                 off += (length + 3) & ~3
-                if seq != self.seq:
+                if rseq != seq:
                     continue
                 if mtype == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", payload)[0]
@@ -118,42 +210,33 @@ class Netlink:
 
     def index(self, name: str) -> int:
         """The index of link ``name`` in this namespace."""
-        body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name))
-        replies = self.request(RTM_GETLINK, body, 0, f"link {name}")
+        replies = self.request(getlink_request(name, seq=self.next_seq()), f"link {name}")
         if not replies:
             raise OSError(errno.ENODEV, f"link {name}: no such device")
         return int(_IFINFO.unpack_from(replies[0], 0)[2])
 
     def add_bridge(self, name: str) -> None:
-        body = (_IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name))
-                + _nested(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, b"bridge\0")))  # fmt: skip
-        self.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL, f"create bridge {name}")
+        self.request(new_bridge_request(name, seq=self.next_seq()), f"create bridge {name}")
 
     def add_veth(self, name: str, peer: str, peer_netns: int, master: int | None = None) -> None:
         """A veth pair: ``name`` here (on bridge ``master``), ``peer`` in namespace ``peer_netns``."""
-        peer_info = (_IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(peer))
-                     + _attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns)))  # fmt: skip
-        attrs = [_attr(IFLA_IFNAME, _name(name))]
-        if master is not None:
-            attrs.append(_attr(IFLA_MASTER, struct.pack("=I", master)))
-        attrs.append(_nested(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, b"veth\0"),
-                             _nested(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info))))  # fmt: skip
-        self.request(RTM_NEWLINK, _IFINFO.pack(0, 0, 0, 0, 0) + b"".join(attrs),
-                     NLM_F_CREATE | NLM_F_EXCL, f"create veth {name}/{peer}")  # fmt: skip
+        self.request(new_veth_request(name, peer, peer_netns, master, seq=self.next_seq()),
+                     f"create veth {name}/{peer}")  # fmt: skip
 
     def set_up(self, index: int, up: bool = True) -> None:
-        body = _IFINFO.pack(0, 0, index, IFF_UP if up else 0, IFF_UP)
-        self.request(RTM_NEWLINK, body, 0, f"set link {index} {'up' if up else 'down'}")
+        self.request(set_up_request(index, up, seq=self.next_seq()),
+                     f"set link {index} {'up' if up else 'down'}")  # fmt: skip
 
     def delete(self, index: int) -> None:
-        self.request(RTM_DELLINK, _IFINFO.pack(0, 0, index, 0, 0), 0, f"delete link {index}")
+        self.request(dellink_request(index, seq=self.next_seq()), f"delete link {index}")
 
     def add_address(self, index: int, address: str, prefixlen: int) -> None:
-        self.request(RTM_NEWADDR, _ifaddr(index, address, prefixlen), NLM_F_CREATE | NLM_F_EXCL,
+        self.request(new_address_request(index, address, prefixlen, seq=self.next_seq()),
                      f"add address {address}")  # fmt: skip
 
     def del_address(self, index: int, address: str, prefixlen: int) -> None:
-        self.request(RTM_DELADDR, _ifaddr(index, address, prefixlen), 0, f"delete address {address}")
+        self.request(del_address_request(index, address, prefixlen, seq=self.next_seq()),
+                     f"delete address {address}")  # fmt: skip
 
     # --- queueing disciplines -----------------------------------------------------------------
 
@@ -163,19 +246,13 @@ class Netlink:
         ENOENT when the kernel has no ``sch_netem`` (the kernel loads the module by itself
         where it has one).
         """
-        # A queue of 10000 packets (tc's default is 1000): a delay at a high packet rate
-        # should delay packets, not drop them.
-        opts = _NETEM_QOPT.pack(0, 10000, 0, 0, 0, 0) + _attr(
-            TCA_NETEM_LATENCY64, struct.pack("=q", int(delay_ms * 1e6))) + _attr(
-            TCA_NETEM_JITTER64, struct.pack("=q", int(jitter_ms * 1e6)))  # fmt: skip
-        body = (_TCMSG.pack(0, index, 0x10000, TC_H_ROOT, 0) + _attr(TCA_KIND, b"netem\0")
-                + _attr(TCA_OPTIONS, opts))  # fmt: skip
-        self.request(RTM_NEWQDISC, body, NLM_F_CREATE | NLM_F_REPLACE, "add netem qdisc")
+        self.request(netem_request(index, delay_ms, jitter_ms, seq=self.next_seq()),
+                     "add netem qdisc")  # fmt: skip
 
     def clear_qdisc(self, index: int) -> None:
         """Back to the link's default qdisc (none to remove is fine)."""
         try:
-            self.request(RTM_DELQDISC, _TCMSG.pack(0, index, 0, TC_H_ROOT, 0), 0, "delete qdisc")
+            self.request(clear_qdisc_request(index, seq=self.next_seq()), "delete qdisc")
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.EINVAL):
                 raise

@@ -106,12 +106,19 @@ class Batch:
         self.msgs.append(_NLMSG.pack(_NLMSG.size + len(body), kind,
                                      NLM_F_REQUEST | NLM_F_ACK | flags, self.seq, 0) + body)  # fmt: skip
 
-    def send(self, sock: socket.socket) -> None:
+    def encode(self) -> bytes:
+        """The whole transaction as one datagram, exactly as :meth:`send` sends it: the
+        messages between NFNL_MSG_BATCH_BEGIN (sequence 0) and NFNL_MSG_BATCH_END (the last
+        message's sequence + 1), both addressed to the nf_tables subsystem (res_id)."""
         begin = _NLMSG.pack(_NLMSG.size + 4, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, 0) + \
             _NFGEN.pack(0, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
         end = _NLMSG.pack(_NLMSG.size + 4, NFNL_MSG_BATCH_END, NLM_F_REQUEST, self.seq + 1, 0) + \
             _NFGEN.pack(0, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
-        sock.send(begin + b"".join(self.msgs) + end)
+        return begin + b"".join(self.msgs) + end
+
+    def send(self, sock: socket.socket) -> None:
+        """Send the batch, read one ack per message; raise ``OSError`` on the first error."""
+        sock.send(self.encode())
         pending = set(range(1, self.seq + 1))
         error: OSError | None = None
         while pending:
@@ -131,11 +138,11 @@ class Batch:
             raise error
 
 
-def replace_table(name: str, drops: Sequence[Drop]) -> None:
-    """Make bridge table ``name`` hold exactly ``drops``, atomically, in this thread's netns.
+def table_batch(name: str, drops: Sequence[Drop]) -> Batch:
+    """The batch that makes bridge table ``name`` hold exactly ``drops`` (see :func:`replace_table`).
 
-    The table has the three bridge hooks a hub's traffic crosses: forward (service to service),
-    output (the hub's own sockets, i.e. published ports, to a service) and input (back).
+    Pure, apart from the socket that sends it (``table_batch(...).encode()`` are the bytes sent),
+    so its messages can be checked against the kernel's ABI without privileges.
     """
     b = Batch()
     table = _attr(1, _str(name))  # NFTA_TABLE_NAME
@@ -166,6 +173,16 @@ def replace_table(name: str, drops: Sequence[Drop]) -> None:
                 b.add(NFT_MSG_NEWRULE, NFPROTO_BRIDGE, NLM_F_CREATE | NLM_F_APPEND,
                       _attr(1, _str(name)), _attr(2, _str(chain)),  # TABLE, CHAIN
                       _nest(4, *exprs))  # EXPRESSIONS
+    return b
+
+
+def replace_table(name: str, drops: Sequence[Drop]) -> None:
+    """Make bridge table ``name`` hold exactly ``drops``, atomically, in this thread's netns.
+
+    The table has the three bridge hooks a hub's traffic crosses: forward (service to service),
+    output (the hub's own sockets, i.e. published ports, to a service) and input (back).
+    """
+    b = table_batch(name, drops)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        NETLINK_NETFILTER) as sock:  # fmt: skip
         # One ack per message: hundreds of rules (a partition of many services) overflow the

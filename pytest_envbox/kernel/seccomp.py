@@ -69,8 +69,6 @@ _CLONE_CALLS = {"x86_64": {"unshare": 272, "clone": 56}, "aarch64": {"unshare": 
 #: clone3 passes its flags in memory, out of a filter's reach: ENOSYS makes libc fall back to clone
 _CLONE3 = 435
 
-DENIED = tuple(sorted(_TABLES["x86_64"][1]))
-
 
 def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
