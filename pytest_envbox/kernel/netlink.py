@@ -50,25 +50,25 @@ _TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
 _NETEM_QOPT = struct.Struct("=IIIIII")  # latency, limit, loss, gap, duplicate, jitter
 
 
-def _attr(kind: int, data: bytes) -> bytes:
+def attr(kind: int, data: bytes) -> bytes:
     """One netlink attribute, padded to 4 bytes."""
     n = 4 + len(data)
     return struct.pack("=HH", n, kind) + data + b"\0" * (-n % 4)
 
 
-def _nested(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+def nested(kind: int, *attrs: bytes) -> bytes:
+    return attr(kind | NLA_F_NESTED, b"".join(attrs))
 
 
-def _name(name: str) -> bytes:
+def cstring(name: str) -> bytes:
     return name.encode() + b"\0"
 
 
 def _ifaddr(index: int, address: str, prefixlen: int) -> bytes:
     """An IPv4 address on interface ``index``: the body of RTM_NEWADDR and RTM_DELADDR."""
     raw = socket.inet_pton(socket.AF_INET, address)
-    return (_IFADDR.pack(socket.AF_INET, prefixlen, 0, 0, index) + _attr(IFA_LOCAL, raw)
-            + _attr(IFA_ADDRESS, raw))  # fmt: skip
+    return (_IFADDR.pack(socket.AF_INET, prefixlen, 0, 0, index) + attr(IFA_LOCAL, raw)
+            + attr(IFA_ADDRESS, raw))  # fmt: skip
 
 
 # --- requests, as bytes ---------------------------------------------------------------------
@@ -85,14 +85,14 @@ def encode(kind: int, body: bytes, flags: int, *, seq: int) -> bytes:
 
 def getlink_request(name: str, *, seq: int) -> bytes:
     """RTM_GETLINK for link ``name`` (looked up by name: index 0)."""
-    return encode(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name)), 0,
+    return encode(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0) + attr(IFLA_IFNAME, cstring(name)), 0,
                   seq=seq)  # fmt: skip
 
 
 def new_bridge_request(name: str, *, seq: int) -> bytes:
     """RTM_NEWLINK making bridge ``name`` (EEXIST if it exists)."""
-    body = (_IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name))
-            + _nested(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, b"bridge\0")))  # fmt: skip
+    body = (_IFINFO.pack(0, 0, 0, 0, 0) + attr(IFLA_IFNAME, cstring(name))
+            + nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"bridge\0")))  # fmt: skip
     return encode(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL, seq=seq)
 
 
@@ -100,13 +100,13 @@ def new_veth_request(name: str, peer: str, peer_netns: int, master: int | None =
                      seq: int) -> bytes:  # fmt: skip
     """RTM_NEWLINK making a veth pair: ``name`` here (on bridge ``master``), ``peer`` in the
     namespace of fd ``peer_netns`` (the peer's own ifinfomsg and attributes, in VETH_INFO_PEER)."""
-    peer_info = (_IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(peer))
-                 + _attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns)))  # fmt: skip
-    attrs = [_attr(IFLA_IFNAME, _name(name))]
+    peer_info = (_IFINFO.pack(0, 0, 0, 0, 0) + attr(IFLA_IFNAME, cstring(peer))
+                 + attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns)))  # fmt: skip
+    attrs = [attr(IFLA_IFNAME, cstring(name))]
     if master is not None:
-        attrs.append(_attr(IFLA_MASTER, struct.pack("=I", master)))
-    attrs.append(_nested(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, b"veth\0"),
-                         _nested(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info))))  # fmt: skip
+        attrs.append(attr(IFLA_MASTER, struct.pack("=I", master)))
+    attrs.append(nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"veth\0"),
+                         nested(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_info))))  # fmt: skip
     return encode(RTM_NEWLINK, _IFINFO.pack(0, 0, 0, 0, 0) + b"".join(attrs),
                   NLM_F_CREATE | NLM_F_EXCL, seq=seq)  # fmt: skip
 
@@ -114,11 +114,6 @@ def new_veth_request(name: str, peer: str, peer_netns: int, master: int | None =
 def set_up_request(index: int, up: bool = True, *, seq: int) -> bytes:
     """RTM_NEWLINK changing only IFF_UP of link ``index`` (ifi_change says which flag)."""
     return encode(RTM_NEWLINK, _IFINFO.pack(0, 0, index, IFF_UP if up else 0, IFF_UP), 0, seq=seq)
-
-
-def dellink_request(index: int, *, seq: int) -> bytes:
-    """RTM_DELLINK of link ``index`` (a veth takes its peer with it)."""
-    return encode(RTM_DELLINK, _IFINFO.pack(0, 0, index, 0, 0), 0, seq=seq)
 
 
 def new_address_request(index: int, address: str, prefixlen: int, *, seq: int) -> bytes:
@@ -140,11 +135,11 @@ def netem_request(index: int, delay_ms: float, jitter_ms: float = 0.0, *, seq: i
     """
     # A queue of 10000 packets (tc's default is 1000): a delay at a high packet rate
     # should delay packets, not drop them.
-    opts = _NETEM_QOPT.pack(0, 10000, 0, 0, 0, 0) + _attr(
-        TCA_NETEM_LATENCY64, struct.pack("=q", int(delay_ms * 1e6))) + _attr(
+    opts = _NETEM_QOPT.pack(0, 10000, 0, 0, 0, 0) + attr(
+        TCA_NETEM_LATENCY64, struct.pack("=q", int(delay_ms * 1e6))) + attr(
         TCA_NETEM_JITTER64, struct.pack("=q", int(jitter_ms * 1e6)))  # fmt: skip
-    body = (_TCMSG.pack(0, index, 0x10000, TC_H_ROOT, 0) + _attr(TCA_KIND, b"netem\0")
-            + _attr(TCA_OPTIONS, opts))  # fmt: skip
+    body = (_TCMSG.pack(0, index, 0x10000, TC_H_ROOT, 0) + attr(TCA_KIND, b"netem\0")
+            + attr(TCA_OPTIONS, opts))  # fmt: skip
     return encode(RTM_NEWQDISC, body, NLM_F_CREATE | NLM_F_REPLACE, seq=seq)
 
 
@@ -226,9 +221,6 @@ class Netlink:
     def set_up(self, index: int, up: bool = True) -> None:
         self.request(set_up_request(index, up, seq=self.next_seq()),
                      f"set link {index} {'up' if up else 'down'}")  # fmt: skip
-
-    def delete(self, index: int) -> None:
-        self.request(dellink_request(index, seq=self.next_seq()), f"delete link {index}")
 
     def add_address(self, index: int, address: str, prefixlen: int) -> None:
         self.request(new_address_request(index, address, prefixlen, seq=self.next_seq()),

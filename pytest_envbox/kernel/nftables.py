@@ -17,7 +17,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pytest_envbox.kernel.netlink import _attr, _name, _nested
+from pytest_envbox.kernel.netlink import attr, cstring, nested
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -35,8 +35,6 @@ _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big-endian)
 
 
 # Netlink attributes are the same everywhere: one place makes them.
-_str = _name
-_nest = _nested
 
 
 def _be32(v: int) -> bytes:
@@ -44,7 +42,7 @@ def _be32(v: int) -> bytes:
 
 
 def _expr(name: str, *attrs: bytes) -> bytes:
-    return _nest(1, _attr(1, _str(name)), _nest(2, *attrs))  # NFTA_LIST_ELEM{NAME, DATA}
+    return nested(1, attr(1, cstring(name)), nested(2, *attrs))  # NFTA_LIST_ELEM{NAME, DATA}
 
 
 REG1 = 1  # NFT_REG_1: a 16-byte register (an interface name fits)
@@ -54,9 +52,9 @@ def _ifname(hook_key: int, name: str) -> list[bytes]:
     """meta iifname/oifname == name (the kernel compares all 16 bytes, zero-padded)."""
     value = name.encode().ljust(16, b"\0")
     return [
-        _expr("meta", _attr(1, _be32(REG1)), _attr(2, _be32(hook_key))),  # DREG, KEY
-        _expr("cmp", _attr(1, _be32(REG1)), _attr(2, _be32(0)),  # SREG, OP eq
-              _nest(3, _attr(1, value))),  # DATA{VALUE}
+        _expr("meta", attr(1, _be32(REG1)), attr(2, _be32(hook_key))),  # DREG, KEY
+        _expr("cmp", attr(1, _be32(REG1)), attr(2, _be32(0)),  # SREG, OP eq
+              nested(3, attr(1, value))),  # DATA{VALUE}
     ]
 
 
@@ -70,17 +68,17 @@ def _random_below(percent: int) -> list[bytes]:
     nft itself does).
     """
     return [
-        _expr("numgen", _attr(1, _be32(REG1)), _attr(2, _be32(100)), _attr(3, _be32(1))),
-        _expr("byteorder", _attr(1, _be32(REG1)), _attr(2, _be32(REG1)), _attr(3, _be32(1)),
-              _attr(4, _be32(4)), _attr(5, _be32(4))),  # SREG, DREG, OP hton, LEN, SIZE
-        _expr("cmp", _attr(1, _be32(REG1)), _attr(2, _be32(2)),  # OP lt
-              _nest(3, _attr(1, struct.pack(">I", percent)))),
+        _expr("numgen", attr(1, _be32(REG1)), attr(2, _be32(100)), attr(3, _be32(1))),
+        _expr("byteorder", attr(1, _be32(REG1)), attr(2, _be32(REG1)), attr(3, _be32(1)),
+              attr(4, _be32(4)), attr(5, _be32(4))),  # SREG, DREG, OP hton, LEN, SIZE
+        _expr("cmp", attr(1, _be32(REG1)), attr(2, _be32(2)),  # OP lt
+              nested(3, attr(1, struct.pack(">I", percent)))),
     ]
 
 
 def _drop() -> bytes:
-    return _expr("immediate", _attr(1, _be32(0)),  # DREG verdict
-                 _nest(2, _nest(2, _attr(1, _be32(NF_DROP)))))  # DATA{VERDICT{CODE}}
+    return _expr("immediate", attr(1, _be32(0)),  # DREG verdict
+                 nested(2, nested(2, attr(1, _be32(NF_DROP)))))  # DATA{VERDICT{CODE}}
 
 
 @dataclass(frozen=True)
@@ -145,7 +143,7 @@ def table_batch(name: str, drops: Sequence[Drop]) -> Batch:
     so its messages can be checked against the kernel's ABI without privileges.
     """
     b = Batch()
-    table = _attr(1, _str(name))  # NFTA_TABLE_NAME
+    table = attr(1, cstring(name))  # NFTA_TABLE_NAME
     # add-then-delete makes the delete succeed whether or not the table existed.
     b.add(NFT_MSG_NEWTABLE, NFPROTO_BRIDGE, NLM_F_CREATE, table)
     b.add(NFT_MSG_DELTABLE, NFPROTO_BRIDGE, 0, table)
@@ -154,9 +152,9 @@ def table_batch(name: str, drops: Sequence[Drop]) -> Batch:
         chains = {"in": NF_BR_LOCAL_IN, "fwd": NF_BR_FORWARD, "out": NF_BR_LOCAL_OUT}
         for chain, hook in chains.items():
             b.add(NFT_MSG_NEWCHAIN, NFPROTO_BRIDGE, NLM_F_CREATE,
-                  _attr(1, _str(name)), _attr(3, _str(chain)),  # TABLE, NAME
-                  _nest(4, _attr(1, _be32(hook)), _attr(2, _be32(0))),  # HOOK{NUM, PRIORITY}
-                  _attr(5, _be32(NF_ACCEPT)), _attr(7, _str("filter")))  # POLICY, TYPE
+                  attr(1, cstring(name)), attr(3, cstring(chain)),  # TABLE, NAME
+                  nested(4, attr(1, _be32(hook)), attr(2, _be32(0))),  # HOOK{NUM, PRIORITY}
+                  attr(5, _be32(NF_ACCEPT)), attr(7, cstring("filter")))  # POLICY, TYPE
         for d in drops:
             exprs: list[bytes] = []
             if d.iif is not None:
@@ -171,8 +169,8 @@ def table_batch(name: str, drops: Sequence[Drop]) -> Batch:
                 if (chain == "out" and d.iif is not None) or (chain == "in" and d.oif is not None):
                     continue
                 b.add(NFT_MSG_NEWRULE, NFPROTO_BRIDGE, NLM_F_CREATE | NLM_F_APPEND,
-                      _attr(1, _str(name)), _attr(2, _str(chain)),  # TABLE, CHAIN
-                      _nest(4, *exprs))  # EXPRESSIONS
+                      attr(1, cstring(name)), attr(2, cstring(chain)),  # TABLE, CHAIN
+                      nested(4, *exprs))  # EXPRESSIONS
     return b
 
 

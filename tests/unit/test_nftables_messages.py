@@ -37,8 +37,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_envbox import nftables
-from pytest_envbox.nftables import Drop
+from pytest_envbox.kernel import nftables
+from pytest_envbox.kernel.nftables import Drop
 
 # <linux/netlink.h>
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800

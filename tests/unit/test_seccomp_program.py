@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_envbox import seccomp
+from pytest_envbox.kernel import seccomp
 
 # <linux/seccomp.h>
 SECCOMP_RET_ALLOW = 0x7FFF0000
