@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import signal
 import subprocess
@@ -16,11 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_envbox.engine import readiness
 from pytest_envbox.engine.client import SupervisorClient, SupervisorError, unsupported
-from pytest_envbox.errors import EnvboxError, NotReady, ServiceFailed
+from pytest_envbox.errors import EnvboxError, ServiceFailed
 from pytest_envbox.kernel.cgroups import format_memory
 from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.spec import HttpProbe, Service
-from pytest_envbox.wait import Deadline, wait_until
 
 if TYPE_CHECKING:
     import requests
@@ -215,33 +215,14 @@ class ServiceHandle:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> Any:
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
         """Wait until a line of the log matches ``pattern`` (``re.search``); return the match.
 
         Lines of the current run are searched, from its start (after ``restart()``, the new
-        run's), including those written before the call.
+        run's), including those written before the call. ``NotReady``, with the log's tail, on
+        timeout or when the service exits first.
         """
-        import re
-
-        regex = re.compile(pattern)
-        follower = readiness.LogFollower(self.log_path, self._log_start)  # this run's output
-        deadline = Deadline(timeout)
-
-        def check() -> re.Match[str] | None:
-            m = follower.search(regex)
-            if m is None and not self.running:
-                m = follower.search(regex)  # what it wrote before exiting
-                if m is None:
-                    raise NotReady(self.name, f"log line matching {pattern!r} (the service "
-                                   f"exited with {self._returncode})", timeout,
-                                   readiness.log_tail(self.log_path))  # fmt: skip
-            return m
-
-        m = wait_until(check, deadline, wake=None)
-        if m is None:
-            raise NotReady(self.name, f"log line matching {pattern!r}", timeout,
-                           readiness.log_tail(self.log_path))  # fmt: skip
-        return m
+        return readiness.wait_for_log(_ReadinessView(self), pattern, timeout)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -433,7 +414,7 @@ class ServiceHandle:
         self._ports = {int(p): hp for p, hp in r["ports"].items()}
 
     def _wait_ready(self) -> None:
-        readiness.wait_ready(self, self.spec.ready)
+        readiness.wait_ready(_ReadinessView(self), self.spec.ready)
         if self.runs:
             self.runs[-1]["ready"] = time.time()
         if self._on_ready is not None:
@@ -451,6 +432,48 @@ class ServiceHandle:
         self._sup.on_event(self._slot, None)
         self._exited.set()
         self._pid = None
+
+
+class _ReadinessView:
+    """A handle as :mod:`~pytest_envbox.engine.readiness` sees it (a ``ReadinessTarget``): the
+    current run's log, exit and checks, without the rest of the handle."""
+
+    __slots__ = ("_h",)
+
+    def __init__(self, handle: ServiceHandle) -> None:
+        self._h = handle
+
+    @property
+    def name(self) -> str:
+        return self._h.name
+
+    @property
+    def log_path(self) -> Path:
+        return self._h.log_path
+
+    @property
+    def log_start(self) -> int:
+        return self._h._log_start
+
+    @property
+    def exited(self) -> threading.Event:
+        return self._h._exited
+
+    @property
+    def returncode(self) -> int | None:
+        return self._h.returncode
+
+    def raise_if_exited(self) -> None:
+        self._h._raise_if_exited()
+
+    def tcp_check(self, port: int) -> bool:
+        return self._h._tcp_check(port)
+
+    def port(self, p: int) -> int:
+        return self._h.port(p)
+
+    def exec(self, argv: Sequence[str], *, timeout: float | None) -> subprocess.CompletedProcess[str]:
+        return self._h.exec(argv, timeout=timeout)
 
 
 def published_ports(h: ServiceHandle) -> dict[int, int]:
