@@ -12,6 +12,7 @@ to clean up.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import shutil
@@ -242,7 +243,7 @@ class Environment:
         for name, h in self._handles.items():
             lim = h.spec.limits
             services[name] = {"limits": {"memory": lim.memory, "cpu": lim.cpu, "pids": lim.pids},
-                              "ip": h.ip, "runs": [dict(r) for r in h.runs],
+                              "ip": h.ip, "runs": [dataclasses.asdict(r) for r in h.runs],
                               "log": str(h.log_path)}  # fmt: skip
             if self._kept:  # how to reach it now: its host pid and published ports
                 services[name].update(pid=h.pid, ports={str(p): hp for p, hp in published_ports(h).items()})

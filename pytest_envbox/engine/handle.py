@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import requests
 
 
-__all__ = ["Link", "ServiceHandle", "Stats", "published_ports", "start_level", "stop_all"]
+__all__ = ["Link", "Run", "ServiceHandle", "Stats", "published_ports", "start_level", "stop_all"]
 
 class Link:
     """Faults on one service's network link (``handle.link``), for testing how others cope.
@@ -102,6 +102,28 @@ class Stats:
     oom_kills: int
 
 
+@dataclass(frozen=True)
+class Run:
+    """One start of a service (see :attr:`ServiceHandle.runs`): when it started, became ready and
+    stopped, as Unix time (``time.time()``), and, once it has ended, how it ended and its cgroup's
+    totals.
+
+    ``ready`` is None until the readiness probe has passed (and stays None for a run that never
+    became ready); ``stopped``, ``returncode``, ``memory_peak_bytes`` and ``cpu_seconds`` are None
+    while it runs (the last two also without cgroups). ``oom_kills`` counts processes of the run
+    killed for exceeding its memory limit. ``Environment.report()`` writes each run as a JSON
+    object with these fields as keys, in this order.
+    """
+
+    started: float
+    ready: float | None = None
+    stopped: float | None = None
+    returncode: int | None = None
+    oom_kills: int = 0
+    memory_peak_bytes: int | None = None
+    cpu_seconds: float | None = None
+
+
 def _make_session(base: str) -> requests.Session:
     import requests
 
@@ -145,8 +167,7 @@ class ServiceHandle:
         self._session: requests.Session | None = None
         self._reason = ""
         self._oom_kills = 0
-        #: one record per start: wall-clock times and, once it ended, its cgroup's totals
-        self.runs: list[dict[str, Any]] = []
+        self._runs: list[Run] = []
         self._create()
 
     def __repr__(self) -> str:
@@ -168,6 +189,12 @@ class ServiceHandle:
     def returncode(self) -> int | None:
         """None while running; the exit code, or 128 + signal number, once it has exited."""
         return None if self.running else self._returncode
+
+    @property
+    def runs(self) -> tuple[Run, ...]:
+        """One :class:`Run` per start of the service, oldest first: its times and, once it has
+        ended, its return code and its cgroup's totals (a snapshot: later changes are not seen)."""
+        return tuple(self._runs)
 
     @property
     def link(self) -> Link:
@@ -345,12 +372,13 @@ class ServiceHandle:
                 return
             self._returncode = int(msg["returncode"])
             self._oom_kills = int(msg.get("oom_kills") or 0)
-            if self.runs and self.runs[-1]["stopped"] is None:
+            if self._runs and self._runs[-1].stopped is None:
                 figures = msg.get("stats") or {}
-                self.runs[-1].update(
-                    stopped=time.time(), returncode=self._returncode, oom_kills=self._oom_kills,
-                    memory_peak_bytes=figures.get("memory_peak_bytes"),
-                    cpu_seconds=figures.get("cpu_seconds"))  # fmt: skip
+                peak, cpu = figures.get("memory_peak_bytes"), figures.get("cpu_seconds")
+                self._runs[-1] = replace(
+                    self._runs[-1], stopped=time.time(), returncode=self._returncode,
+                    oom_kills=self._oom_kills, memory_peak_bytes=None if peak is None else int(peak),
+                    cpu_seconds=None if cpu is None else float(cpu))  # fmt: skip
             # 137 is the OOM killer's SIGKILL unless the supervisor sent one (stop(), kill()).
             if self._oom_kills and self._returncode == 128 + signal.SIGKILL and not msg.get("killed"):
                 self._reason = (f"was OOM-killed ({self._memory_limit_text()}), "
@@ -388,9 +416,7 @@ class ServiceHandle:
             self._oom_kills = 0
             self._reason = ""
             self._exited.clear()
-            self.runs.append({"started": time.time(), "ready": None, "stopped": None,
-                              "returncode": None, "oom_kills": 0, "memory_peak_bytes": None,
-                              "cpu_seconds": None})  # fmt: skip
+            self._runs.append(Run(started=time.time()))
         ports = list(self.spec.ports)
         ready = self.spec.ready
         if isinstance(ready, HttpProbe) and ready.port not in ports:
@@ -415,8 +441,9 @@ class ServiceHandle:
 
     def _wait_ready(self) -> None:
         readiness.wait_ready(_ReadinessView(self), self.spec.ready)
-        if self.runs:
-            self.runs[-1]["ready"] = time.time()
+        with self._lock:  # the exit event may be recording the end of this run meanwhile
+            if self._runs:
+                self._runs[-1] = replace(self._runs[-1], ready=time.time())
         if self._on_ready is not None:
             self._on_ready(self)
 

@@ -232,6 +232,8 @@ def test_terminal_summary_and_json_report(project: pytest.Pytester) -> None:
     runs = [r for e in envs for r in e["services"]["web"]["runs"]]
     assert len(runs) == 3  # test_one restarted it
     for r in runs:
+        assert list(r) == ["started", "ready", "stopped", "returncode", "oom_kills",
+                           "memory_peak_bytes", "cpu_seconds"]  # fmt: skip
         assert r["started"] <= r["ready"] <= r["stopped"]
         assert r["returncode"] is not None and r["oom_kills"] == 0
         if measured:
