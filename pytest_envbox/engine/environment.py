@@ -93,7 +93,7 @@ class Environment:
         self.network = Network(self)
         self._sup: SupervisorClient | None = None
         self._closed = False
-        #: why the environment is to outlive the process (``--envbox-keep``), see ``_keep()``
+        #: why the environment is to outlive the process (``--envbox-keep``), see ``keep()``
         self._keep_reason: str | None = None
         self._kept = False
 
@@ -250,10 +250,29 @@ class Environment:
         return {"id": self.id, "subnet": str(self._net.network), "services": services,
                 "kept": self._keep_reason if self._kept else None, "rootless": rootless()}  # fmt: skip
 
-    def _keep(self, why: str) -> None:
-        """Leave the services running at ``close()``, and after this process ends, until
-        ``envbox clean`` (the plugin's ``--envbox-keep``, for a failed test)."""
-        self._keep_reason = why
+    def keep(self, reason: str) -> None:
+        """Leave the services running when the environment closes, and after this process ends,
+        until ``envbox clean`` stops them (the plugin's ``--envbox-keep`` does this for a failed
+        test's environments).
+
+        ``reason`` says why; ``envbox clean`` and the report (``report()["kept"]``) show it, and
+        the report then has each service's pid and published ports, to reach it. Call it before
+        :meth:`close`, which does the keeping; an environment none of whose services is running
+        any more is closed as usual. A later call replaces the reason.
+
+        Example::
+
+            env = Environment(["api"])
+            env.open()
+            try:
+                run_the_scenario(env)
+            except Exception:
+                env.keep("the scenario failed: inspect it, then run `envbox clean`")
+                raise
+            finally:
+                env.close()
+        """
+        self._keep_reason = reason
 
     def close(self) -> None:
         """Stop every service (reverse start order) and release everything. Idempotent."""

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     import requests
 
 
-__all__ = ["Link", "Run", "ServiceHandle", "Stats", "published_ports", "start_level", "stop_all"]
+__all__ = ["Link", "Run", "ServiceHandle", "Stats", "memory_limit_text", "published_ports", "start_level",
+           "stop_all"]
 
 class Link:
     """Faults on one service's network link (``handle.link``), for testing how others cope.
@@ -189,6 +190,25 @@ class ServiceHandle:
     def returncode(self) -> int | None:
         """None while running; the exit code, or 128 + signal number, once it has exited."""
         return None if self.running else self._returncode
+
+    @property
+    def exit_reason(self) -> str | None:
+        """Why the service is not running, as words to follow its name; None while it runs.
+
+        ``"exited with return code 3"`` for a plain exit; after an OOM kill, ``"was OOM-killed
+        (memory limit 48Mi), return code 137"``, or, when the main process exited by itself after
+        losing some of its processes, ``"exited with return code 1 after 2 of its processes were
+        OOM-killed (memory limit 48Mi)"``; ``"was lost: the envbox supervisor process died"``;
+        ``"could not be started"`` when its start failed (the error raised then said why). Meant
+        for messages; code should test :attr:`returncode` and ``runs[-1].oom_kills``.
+        """
+        if self.running:
+            return None
+        if self._reason:
+            return self._reason
+        if self._returncode is None:
+            return "could not be started"
+        return f"exited with return code {self._returncode}"
 
     @property
     def runs(self) -> tuple[Run, ...]:
@@ -381,17 +401,13 @@ class ServiceHandle:
                     cpu_seconds=None if cpu is None else float(cpu))  # fmt: skip
             # 137 is the OOM killer's SIGKILL unless the supervisor sent one (stop(), kill()).
             if self._oom_kills and self._returncode == 128 + signal.SIGKILL and not msg.get("killed"):
-                self._reason = (f"was OOM-killed ({self._memory_limit_text()}), "
+                self._reason = (f"was OOM-killed ({memory_limit_text(self.spec)}), "
                                 f"return code {self._returncode}")  # fmt: skip
             elif self._oom_kills:  # a child was killed; the main process exited by itself
                 self._reason = (f"exited with return code {self._returncode} after "
                                 f"{self._oom_kills} of its processes were OOM-killed "
-                                f"({self._memory_limit_text()})")  # fmt: skip
+                                f"({memory_limit_text(self.spec)})")  # fmt: skip
         self._exited.set()
-
-    def _memory_limit_text(self) -> str:
-        limit = self.spec.limits.memory
-        return f"memory limit {format_memory(limit) if limit else 'of a parent cgroup'}"
 
     def _create(self) -> None:
         """Give the service its ``/etc`` files and listen for its events.
@@ -501,6 +517,13 @@ class _ReadinessView:
 
     def exec(self, argv: Sequence[str], *, timeout: float | None) -> subprocess.CompletedProcess[str]:
         return self._h.exec(argv, timeout=timeout)
+
+
+def memory_limit_text(spec: Service) -> str:
+    """The memory limit an OOM kill of ``spec``'s processes is blamed on, for messages:
+    ``"memory limit 48Mi"``, or ``"memory limit of a parent cgroup"`` when it declares none."""
+    limit = spec.limits.memory
+    return f"memory limit {format_memory(limit) if limit else 'of a parent cgroup'}"
 
 
 def published_ports(h: ServiceHandle) -> dict[int, int]:

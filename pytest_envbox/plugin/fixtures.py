@@ -20,6 +20,7 @@ import pytest
 from pytest_envbox.config import Catalog, load_project_config, merge_services
 from pytest_envbox.engine import report
 from pytest_envbox.engine.environment import Environment
+from pytest_envbox.engine.handle import memory_limit_text
 from pytest_envbox.engine.readiness import log_tail
 from pytest_envbox.errors import ConfigError, EnvboxError
 from pytest_envbox.spec import Service
@@ -204,10 +205,10 @@ def _envbox_auto(request: pytest.FixtureRequest) -> None:
 
 
 def keep_environments(item: pytest.Item, why: str) -> None:
-    """--envbox-keep: the item's environments stay up after the run (see Environment._keep)."""
+    """--envbox-keep: the item's environments stay up after the run (see Environment.keep)."""
     for env in item.stash.get(_USED, []):
         if len(env):
-            env._keep(why)
+            env.keep(why)
 
 
 def log_sections(item: pytest.Item) -> list[tuple[str, str]]:
@@ -215,8 +216,7 @@ def log_sections(item: pytest.Item) -> list[tuple[str, str]]:
     out = []
     for env in item.stash.get(_USED, []):
         for name, h in env.services.items():
-            state = ("running" if h.running else
-                     h._reason or f"exited with return code {h.returncode}")  # fmt: skip
+            state = h.exit_reason or "running"
             text = log_tail(h.log_path, 50)
             out.append((name, f"[{name}: {state}; full log: {h.log_path}]\n{text}"))
     return out
@@ -228,12 +228,12 @@ def oom_notes(item: pytest.Item) -> list[str]:
     for env in item.stash.get(_USED, []):
         for name, h in env.services.items():
             if not h.running:
-                if h._oom_kills:
-                    notes.append(f"service {name!r} {h._reason}")
+                if h.runs and h.runs[-1].oom_kills:
+                    notes.append(f"service {name!r} {h.exit_reason}")
                 continue
             with contextlib.suppress(EnvboxError):
                 kills = h.stats().oom_kills
                 if kills:
                     notes.append(f"service {name!r} had {kills} process(es) OOM-killed "
-                                 f"({h._memory_limit_text()})")
+                                 f"({memory_limit_text(h.spec)})")
     return notes
