@@ -1,8 +1,9 @@
-"""``Environment`` and ``ServiceHandle``: the engine's public face, usable without pytest.
+"""``Environment`` and its ``Network``: the engine's public face, usable without pytest.
 
 An :class:`Environment` is a set of services started together (in dependency order, independent
-ones in parallel) and torn down together. Each running service is a :class:`ServiceHandle`, which
-refers to its :class:`~pytest_envbox.spec.Service` (the frozen declaration) but never is one.
+ones in parallel) and torn down together. Each running service is a
+:class:`~pytest_envbox.engine.handle.ServiceHandle`, which refers to its
+:class:`~pytest_envbox.spec.Service` (the frozen declaration) but never is one.
 
 Everything is checked before anything is started: users, commands, working directories and mount
 sources are resolved when the environment is built, so bad input is a ``ConfigError`` with nothing
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pytest_envbox.config import Catalog, select, start_levels
 from pytest_envbox.engine.client import (
@@ -36,10 +37,6 @@ from pytest_envbox.engine.planning import DEFAULT_SUBNET, Subnet, check_cgroups,
 from pytest_envbox.errors import EnvboxError, HostUnsupported
 from pytest_envbox.spec import Service
 
-if TYPE_CHECKING:
-    pass
-
-
 _env_ids = itertools.count(1)
 
 
@@ -52,7 +49,7 @@ class Environment:
                                   ready=probe.http(8000))]) as env:
             assert env["web"].http.get("/").status_code == 200
 
-    ``services`` are :class:`Service` objects or names from ``catalog`` (the project's
+    ``services`` are :class:`~pytest_envbox.Service` objects or names from ``catalog`` (the project's
     declarations); every dependency is added. ``rootdir`` anchors relative paths (default: the
     current directory). Logs and generated files go to ``workdir`` (default: a temporary directory
     removed on exit, which also holds the logs: pass a directory to keep them).

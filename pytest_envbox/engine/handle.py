@@ -141,7 +141,7 @@ def _make_session(base: str) -> requests.Session:
 
 
 class ServiceHandle:
-    """A running (or stopped) service of an :class:`Environment`."""
+    """A running (or stopped) service of an :class:`~pytest_envbox.Environment`."""
 
     def __init__(self, spec: Service, plan: SandboxPlan, sup: SupervisorClient, *, env_id: str,
                  wire: dict[str, Any], workdir: Path,
@@ -412,7 +412,7 @@ class ServiceHandle:
     def _create(self) -> None:
         """Give the service its ``/etc`` files and listen for its events.
 
-        ``/etc/hosts`` is the environment's own file (see :meth:`Environment._list_hosts`), bound
+        ``/etc/hosts`` is the environment's own file (see ``Environment._list_hosts``), bound
         read-only: services started later are added to it in place, and every service sees them.
         """
         self._plan.etc_files = {"/etc/hostname": self.name + "\n"}

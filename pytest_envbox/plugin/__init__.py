@@ -1,7 +1,8 @@
 """The pytest front end: options, the marker, hooks. Thin by design: the work is in the engine.
 
-The ``envbox`` fixture lives in :mod:`pytest_envbox.fixtures`; report sections are added here from
-what the fixture recorded in the item's stash.
+The ``envbox`` fixture lives in :mod:`pytest_envbox.plugin.fixtures`, the hookspecs in
+:mod:`pytest_envbox.plugin.hookspecs`; report sections, the summary and ``--envbox-report`` are
+made here from what the fixture recorded in the item's and the config's stash.
 """
 
 from __future__ import annotations
