@@ -1,8 +1,22 @@
-"""The one place where pytest-envbox waits: a deadline on the monotonic clock.
+"""Waiting for a condition, with a deadline on the monotonic clock: :class:`Deadline` and
+:func:`wait_until`.
 
-Every wait in the package (readiness, ``wait_for_log``, ``stop``) goes through :func:`wait_until`,
-which checks a condition, then sleeps on an event that any state change sets (a service exiting),
-so a wait ends as soon as its answer is known rather than at the next poll.
+:func:`wait_until` checks a condition, then sleeps on an event that the state change sets (a
+service exiting), or, without one, for a pause that grows from 1 to 20 ms, so a wait ends as soon
+as its answer is known rather than at a coarse poll. The engine's waits on what a service does go
+through it: readiness probes and ``ServiceHandle.wait_for_log``
+(:mod:`pytest_envbox.engine.readiness`).
+
+Other waits do not (yet):
+
+- ``ServiceHandle.stop()``, ``kill()`` and teardown wait on the service's exit event itself
+  (``threading.Event.wait`` with the grace as its timeout: no loop to write);
+- the loops of :mod:`pytest_envbox.kernel.cgroups` that wait for a cgroup to empty, freeze or
+  go away sleep on their own (to be moved onto :func:`wait_until`);
+- ``SupervisorClient.call`` (:mod:`pytest_envbox.engine.client`) waits for the supervisor's
+  answer with no deadline: the answer comes, or the supervisor's death wakes every caller;
+- the supervisor's threads, ``envbox up`` (until Ctrl-C) and ``envbox clean`` (on a pidfd,
+  with a timeout) wait in their own ways.
 """
 
 from __future__ import annotations

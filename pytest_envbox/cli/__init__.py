@@ -1,7 +1,8 @@
-"""The ``envbox`` command: the engine without pytest (``doctor``, ``up``, ``clean``).
+"""The ``envbox`` command: the engine without pytest (``doctor``, ``up``, ``ps``, ``clean``).
 
-It imports nothing from pytest: it reads the project's declarations with :mod:`.config` and runs
-them with :class:`~pytest_envbox.Environment`, as the plugin does.
+It imports nothing from pytest: ``up`` reads the project's declarations with
+:mod:`pytest_envbox.config` and runs them with :class:`~pytest_envbox.Environment`, as the plugin
+does; ``ps`` and ``clean`` read the records of live runs (:mod:`pytest_envbox.supervisor.records`).
 """
 
 from __future__ import annotations

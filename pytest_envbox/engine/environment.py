@@ -1,8 +1,9 @@
-"""``Environment`` and ``ServiceHandle``: the engine's public face, usable without pytest.
+"""``Environment`` and its ``Network``: the engine's public face, usable without pytest.
 
 An :class:`Environment` is a set of services started together (in dependency order, independent
-ones in parallel) and torn down together. Each running service is a :class:`ServiceHandle`, which
-refers to its :class:`~pytest_envbox.spec.Service` (the frozen declaration) but never is one.
+ones in parallel) and torn down together. Each running service is a
+:class:`~pytest_envbox.engine.handle.ServiceHandle`, which refers to its
+:class:`~pytest_envbox.spec.Service` (the frozen declaration) but never is one.
 
 Everything is checked before anything is started: users, commands, working directories and mount
 sources are resolved when the environment is built, so bad input is a ``ConfigError`` with nothing
@@ -12,6 +13,7 @@ to clean up.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import shutil
@@ -20,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pytest_envbox.config import Catalog, select, start_levels
 from pytest_envbox.engine.client import (
@@ -35,10 +37,6 @@ from pytest_envbox.engine.planning import DEFAULT_SUBNET, Subnet, check_cgroups,
 from pytest_envbox.errors import EnvboxError, HostUnsupported
 from pytest_envbox.spec import Service
 
-if TYPE_CHECKING:
-    pass
-
-
 _env_ids = itertools.count(1)
 
 
@@ -51,7 +49,7 @@ class Environment:
                                   ready=probe.http(8000))]) as env:
             assert env["web"].http.get("/").status_code == 200
 
-    ``services`` are :class:`Service` objects or names from ``catalog`` (the project's
+    ``services`` are :class:`~pytest_envbox.Service` objects or names from ``catalog`` (the project's
     declarations); every dependency is added. ``rootdir`` anchors relative paths (default: the
     current directory). Logs and generated files go to ``workdir`` (default: a temporary directory
     removed on exit, which also holds the logs: pass a directory to keep them).
@@ -92,7 +90,7 @@ class Environment:
         self.network = Network(self)
         self._sup: SupervisorClient | None = None
         self._closed = False
-        #: why the environment is to outlive the process (``--envbox-keep``), see ``_keep()``
+        #: why the environment is to outlive the process (``--envbox-keep``), see ``keep()``
         self._keep_reason: str | None = None
         self._kept = False
 
@@ -242,17 +240,36 @@ class Environment:
         for name, h in self._handles.items():
             lim = h.spec.limits
             services[name] = {"limits": {"memory": lim.memory, "cpu": lim.cpu, "pids": lim.pids},
-                              "ip": h.ip, "runs": [dict(r) for r in h.runs],
+                              "ip": h.ip, "runs": [dataclasses.asdict(r) for r in h.runs],
                               "log": str(h.log_path)}  # fmt: skip
             if self._kept:  # how to reach it now: its host pid and published ports
                 services[name].update(pid=h.pid, ports={str(p): hp for p, hp in published_ports(h).items()})
         return {"id": self.id, "subnet": str(self._net.network), "services": services,
                 "kept": self._keep_reason if self._kept else None, "rootless": rootless()}  # fmt: skip
 
-    def _keep(self, why: str) -> None:
-        """Leave the services running at ``close()``, and after this process ends, until
-        ``envbox clean`` (the plugin's ``--envbox-keep``, for a failed test)."""
-        self._keep_reason = why
+    def keep(self, reason: str) -> None:
+        """Leave the services running when the environment closes, and after this process ends,
+        until ``envbox clean`` stops them (the plugin's ``--envbox-keep`` does this for a failed
+        test's environments).
+
+        ``reason`` says why; ``envbox clean`` and the report (``report()["kept"]``) show it, and
+        the report then has each service's pid and published ports, to reach it. Call it before
+        :meth:`close`, which does the keeping; an environment none of whose services is running
+        any more is closed as usual. A later call replaces the reason.
+
+        Example::
+
+            env = Environment(["api"])
+            env.open()
+            try:
+                run_the_scenario(env)
+            except Exception:
+                env.keep("the scenario failed: inspect it, then run `envbox clean`")
+                raise
+            finally:
+                env.close()
+        """
+        self._keep_reason = reason
 
     def close(self) -> None:
         """Stop every service (reverse start order) and release everything. Idempotent."""

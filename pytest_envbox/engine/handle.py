@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import signal
 import subprocess
@@ -10,23 +11,23 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_envbox.engine import readiness
 from pytest_envbox.engine.client import SupervisorClient, SupervisorError, unsupported
-from pytest_envbox.errors import EnvboxError, NotReady, ServiceFailed
+from pytest_envbox.errors import EnvboxError, ServiceFailed
 from pytest_envbox.kernel.cgroups import format_memory
 from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.spec import HttpProbe, Service
-from pytest_envbox.wait import Deadline, wait_until
 
 if TYPE_CHECKING:
     import requests
 
 
-__all__ = ["Link", "ServiceHandle", "Stats", "published_ports", "start_level", "stop_all"]
+__all__ = ["Link", "Run", "ServiceHandle", "Stats", "memory_limit_text", "published_ports", "start_level",
+           "stop_all"]
 
 class Link:
     """Faults on one service's network link (``handle.link``), for testing how others cope.
@@ -102,6 +103,28 @@ class Stats:
     oom_kills: int
 
 
+@dataclass(frozen=True)
+class Run:
+    """One start of a service (see :attr:`ServiceHandle.runs`): when it started, became ready and
+    stopped, as Unix time (``time.time()``), and, once it has ended, how it ended and its cgroup's
+    totals.
+
+    ``ready`` is None until the readiness probe has passed (and stays None for a run that never
+    became ready); ``stopped``, ``returncode``, ``memory_peak_bytes`` and ``cpu_seconds`` are None
+    while it runs (the last two also without cgroups). ``oom_kills`` counts processes of the run
+    killed for exceeding its memory limit. ``Environment.report()`` writes each run as a JSON
+    object with these fields as keys, in this order.
+    """
+
+    started: float
+    ready: float | None = None
+    stopped: float | None = None
+    returncode: int | None = None
+    oom_kills: int = 0
+    memory_peak_bytes: int | None = None
+    cpu_seconds: float | None = None
+
+
 def _make_session(base: str) -> requests.Session:
     import requests
 
@@ -118,7 +141,7 @@ def _make_session(base: str) -> requests.Session:
 
 
 class ServiceHandle:
-    """A running (or stopped) service of an :class:`Environment`."""
+    """A running (or stopped) service of an :class:`~pytest_envbox.Environment`."""
 
     def __init__(self, spec: Service, plan: SandboxPlan, sup: SupervisorClient, *, env_id: str,
                  wire: dict[str, Any], workdir: Path,
@@ -145,8 +168,7 @@ class ServiceHandle:
         self._session: requests.Session | None = None
         self._reason = ""
         self._oom_kills = 0
-        #: one record per start: wall-clock times and, once it ended, its cgroup's totals
-        self.runs: list[dict[str, Any]] = []
+        self._runs: list[Run] = []
         self._create()
 
     def __repr__(self) -> str:
@@ -168,6 +190,31 @@ class ServiceHandle:
     def returncode(self) -> int | None:
         """None while running; the exit code, or 128 + signal number, once it has exited."""
         return None if self.running else self._returncode
+
+    @property
+    def exit_reason(self) -> str | None:
+        """Why the service is not running, as words to follow its name; None while it runs.
+
+        ``"exited with return code 3"`` for a plain exit; after an OOM kill, ``"was OOM-killed
+        (memory limit 48Mi), return code 137"``, or, when the main process exited by itself after
+        losing some of its processes, ``"exited with return code 1 after 2 of its processes were
+        OOM-killed (memory limit 48Mi)"``; ``"was lost: the envbox supervisor process died"``;
+        ``"could not be started"`` when its start failed (the error raised then said why). Meant
+        for messages; code should test :attr:`returncode` and ``runs[-1].oom_kills``.
+        """
+        if self.running:
+            return None
+        if self._reason:
+            return self._reason
+        if self._returncode is None:
+            return "could not be started"
+        return f"exited with return code {self._returncode}"
+
+    @property
+    def runs(self) -> tuple[Run, ...]:
+        """One :class:`Run` per start of the service, oldest first: its times and, once it has
+        ended, its return code and its cgroup's totals (a snapshot: later changes are not seen)."""
+        return tuple(self._runs)
 
     @property
     def link(self) -> Link:
@@ -215,33 +262,14 @@ class ServiceHandle:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> Any:
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
         """Wait until a line of the log matches ``pattern`` (``re.search``); return the match.
 
         Lines of the current run are searched, from its start (after ``restart()``, the new
-        run's), including those written before the call.
+        run's), including those written before the call. ``NotReady``, with the log's tail, on
+        timeout or when the service exits first.
         """
-        import re
-
-        regex = re.compile(pattern)
-        follower = readiness.LogFollower(self.log_path, self._log_start)  # this run's output
-        deadline = Deadline(timeout)
-
-        def check() -> re.Match[str] | None:
-            m = follower.search(regex)
-            if m is None and not self.running:
-                m = follower.search(regex)  # what it wrote before exiting
-                if m is None:
-                    raise NotReady(self.name, f"log line matching {pattern!r} (the service "
-                                   f"exited with {self._returncode})", timeout,
-                                   readiness.log_tail(self.log_path))  # fmt: skip
-            return m
-
-        m = wait_until(check, deadline, wake=None)
-        if m is None:
-            raise NotReady(self.name, f"log line matching {pattern!r}", timeout,
-                           readiness.log_tail(self.log_path))  # fmt: skip
-        return m
+        return readiness.wait_for_log(_ReadinessView(self), pattern, timeout)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -364,30 +392,27 @@ class ServiceHandle:
                 return
             self._returncode = int(msg["returncode"])
             self._oom_kills = int(msg.get("oom_kills") or 0)
-            if self.runs and self.runs[-1]["stopped"] is None:
+            if self._runs and self._runs[-1].stopped is None:
                 figures = msg.get("stats") or {}
-                self.runs[-1].update(
-                    stopped=time.time(), returncode=self._returncode, oom_kills=self._oom_kills,
-                    memory_peak_bytes=figures.get("memory_peak_bytes"),
-                    cpu_seconds=figures.get("cpu_seconds"))  # fmt: skip
+                peak, cpu = figures.get("memory_peak_bytes"), figures.get("cpu_seconds")
+                self._runs[-1] = replace(
+                    self._runs[-1], stopped=time.time(), returncode=self._returncode,
+                    oom_kills=self._oom_kills, memory_peak_bytes=None if peak is None else int(peak),
+                    cpu_seconds=None if cpu is None else float(cpu))  # fmt: skip
             # 137 is the OOM killer's SIGKILL unless the supervisor sent one (stop(), kill()).
             if self._oom_kills and self._returncode == 128 + signal.SIGKILL and not msg.get("killed"):
-                self._reason = (f"was OOM-killed ({self._memory_limit_text()}), "
+                self._reason = (f"was OOM-killed ({memory_limit_text(self.spec)}), "
                                 f"return code {self._returncode}")  # fmt: skip
             elif self._oom_kills:  # a child was killed; the main process exited by itself
                 self._reason = (f"exited with return code {self._returncode} after "
                                 f"{self._oom_kills} of its processes were OOM-killed "
-                                f"({self._memory_limit_text()})")  # fmt: skip
+                                f"({memory_limit_text(self.spec)})")  # fmt: skip
         self._exited.set()
-
-    def _memory_limit_text(self) -> str:
-        limit = self.spec.limits.memory
-        return f"memory limit {format_memory(limit) if limit else 'of a parent cgroup'}"
 
     def _create(self) -> None:
         """Give the service its ``/etc`` files and listen for its events.
 
-        ``/etc/hosts`` is the environment's own file (see :meth:`Environment._list_hosts`), bound
+        ``/etc/hosts`` is the environment's own file (see ``Environment._list_hosts``), bound
         read-only: services started later are added to it in place, and every service sees them.
         """
         self._plan.etc_files = {"/etc/hostname": self.name + "\n"}
@@ -407,9 +432,7 @@ class ServiceHandle:
             self._oom_kills = 0
             self._reason = ""
             self._exited.clear()
-            self.runs.append({"started": time.time(), "ready": None, "stopped": None,
-                              "returncode": None, "oom_kills": 0, "memory_peak_bytes": None,
-                              "cpu_seconds": None})  # fmt: skip
+            self._runs.append(Run(started=time.time()))
         ports = list(self.spec.ports)
         ready = self.spec.ready
         if isinstance(ready, HttpProbe) and ready.port not in ports:
@@ -433,9 +456,10 @@ class ServiceHandle:
         self._ports = {int(p): hp for p, hp in r["ports"].items()}
 
     def _wait_ready(self) -> None:
-        readiness.wait_ready(self, self.spec.ready)
-        if self.runs:
-            self.runs[-1]["ready"] = time.time()
+        readiness.wait_ready(_ReadinessView(self), self.spec.ready)
+        with self._lock:  # the exit event may be recording the end of this run meanwhile
+            if self._runs:
+                self._runs[-1] = replace(self._runs[-1], ready=time.time())
         if self._on_ready is not None:
             self._on_ready(self)
 
@@ -451,6 +475,55 @@ class ServiceHandle:
         self._sup.on_event(self._slot, None)
         self._exited.set()
         self._pid = None
+
+
+class _ReadinessView:
+    """A handle as :mod:`~pytest_envbox.engine.readiness` sees it (a ``ReadinessTarget``): the
+    current run's log, exit and checks, without the rest of the handle."""
+
+    __slots__ = ("_h",)
+
+    def __init__(self, handle: ServiceHandle) -> None:
+        self._h = handle
+
+    @property
+    def name(self) -> str:
+        return self._h.name
+
+    @property
+    def log_path(self) -> Path:
+        return self._h.log_path
+
+    @property
+    def log_start(self) -> int:
+        return self._h._log_start
+
+    @property
+    def exited(self) -> threading.Event:
+        return self._h._exited
+
+    @property
+    def returncode(self) -> int | None:
+        return self._h.returncode
+
+    def raise_if_exited(self) -> None:
+        self._h._raise_if_exited()
+
+    def tcp_check(self, port: int) -> bool:
+        return self._h._tcp_check(port)
+
+    def port(self, p: int) -> int:
+        return self._h.port(p)
+
+    def exec(self, argv: Sequence[str], *, timeout: float | None) -> subprocess.CompletedProcess[str]:
+        return self._h.exec(argv, timeout=timeout)
+
+
+def memory_limit_text(spec: Service) -> str:
+    """The memory limit an OOM kill of ``spec``'s processes is blamed on, for messages:
+    ``"memory limit 48Mi"``, or ``"memory limit of a parent cgroup"`` when it declares none."""
+    limit = spec.limits.memory
+    return f"memory limit {format_memory(limit) if limit else 'of a parent cgroup'}"
 
 
 def published_ports(h: ServiceHandle) -> dict[int, int]:

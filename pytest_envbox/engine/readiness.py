@@ -1,8 +1,12 @@
 """Readiness: run a service's probe until it passes, the service dies, or the deadline passes.
 
-Each probe kind is one small check function; the waiting is done once, by
-:func:`pytest_envbox._wait.wait_until`, which wakes at once when the service exits so that a crash
-during start-up fails the test immediately, not at the timeout.
+Each probe kind is one small check function; the waiting is done by
+:func:`pytest_envbox.wait.wait_until`, which wakes at once when the service exits so that a crash
+during start-up fails the test immediately, not at the timeout. :func:`wait_for_log` (behind
+``ServiceHandle.wait_for_log``) searches the log the same way the log probe does.
+
+This module sees a service only through :class:`ReadinessTarget`, the few things a probe needs;
+``ServiceHandle`` hands it an adapter, so nothing here depends on the handle's insides.
 """
 
 from __future__ import annotations
@@ -10,18 +14,56 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pytest_envbox.errors import NotReady
 from pytest_envbox.spec import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe
 from pytest_envbox.wait import FIRST_INTERVAL, Deadline, wait_until
 
-if TYPE_CHECKING:
-    from pytest_envbox.engine.handle import ServiceHandle
-
 TAIL_LINES = 30
+
+
+class ReadinessTarget(Protocol):
+    """What probing a service needs of it: the current run, seen from outside.
+
+    Implemented by an adapter in :mod:`pytest_envbox.engine.handle` over a ``ServiceHandle``;
+    a test can implement it with a small fake.
+    """
+
+    @property
+    def name(self) -> str:
+        """The service's name, for error messages."""
+
+    @property
+    def log_path(self) -> Path:
+        """The service's log file (stdout and stderr of every run, appended)."""
+
+    @property
+    def log_start(self) -> int:
+        """Where this run's output starts in the log file (a byte offset)."""
+
+    @property
+    def exited(self) -> threading.Event:
+        """Set when this run has ended: waits sleep on it, so that an exit wakes them at once."""
+
+    @property
+    def returncode(self) -> int | None:
+        """The run's exit code (or 128 + signal number) once it has ended; None before."""
+
+    def raise_if_exited(self) -> None:
+        """Raise ``ServiceFailed`` (return code, log tail, reason) if this run has ended."""
+
+    def tcp_check(self, port: int) -> bool:
+        """Whether ``port`` accepts a connection inside the service's network namespace."""
+
+    def port(self, p: int) -> int:
+        """The host port on 127.0.0.1 where port ``p`` of the service is published."""
+
+    def exec(self, argv: Sequence[str], *, timeout: float | None) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside the service, as ``ServiceHandle.exec`` does."""
 
 
 class LogFollower:
@@ -71,13 +113,13 @@ def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.rstrip("\n").split("\n")[-lines:])
 
 
-def _check_for(handle: ServiceHandle, probe: Probe, deadline: Deadline) -> Callable[[], bool]:
+def _check_for(target: ReadinessTarget, probe: Probe, deadline: Deadline) -> Callable[[], bool]:
     if isinstance(probe, TcpProbe):
-        return lambda: handle._tcp_check(probe.port)
+        return lambda: target.tcp_check(probe.port)
     if isinstance(probe, HttpProbe):
         import requests
 
-        url = f"http://127.0.0.1:{handle.port(probe.port)}{probe.path}"
+        url = f"http://127.0.0.1:{target.port(probe.port)}{probe.path}"
         session = requests.Session()
 
         def http_ok() -> bool:
@@ -93,13 +135,13 @@ def _check_for(handle: ServiceHandle, probe: Probe, deadline: Deadline) -> Calla
 
         return http_ok
     if isinstance(probe, LogProbe):
-        follower = LogFollower(handle.log_path, handle._log_start)
+        follower = LogFollower(target.log_path, target.log_start)
         return lambda: follower.search(probe.regex) is not None
     if isinstance(probe, ExecProbe):
         def exec_ok() -> bool:
             left = deadline.remaining()
             try:
-                r = handle.exec(list(probe.argv), timeout=max(0.01, left if left is not None else 30.0))
+                r = target.exec(list(probe.argv), timeout=max(0.01, left if left is not None else 30.0))
             except subprocess.TimeoutExpired:
                 return False  # a hung check is "not ready yet"; the deadline decides
             return r.returncode == 0
@@ -108,24 +150,51 @@ def _check_for(handle: ServiceHandle, probe: Probe, deadline: Deadline) -> Calla
     raise TypeError(f"unknown probe {probe!r}")
 
 
-def wait_ready(handle: ServiceHandle, probe: Probe | None) -> None:
+def wait_ready(target: ReadinessTarget, probe: Probe | None) -> None:
     """Return when ``probe`` passes; raise ``ServiceFailed`` or ``NotReady`` otherwise.
 
     Without a probe a service is ready once it has been exec'd.
     """
     if probe is None:
-        handle._raise_if_exited()
+        target.raise_if_exited()
         return
     deadline = Deadline(probe.timeout)
-    check = _check_for(handle, probe, deadline)
+    check = _check_for(target, probe, deadline)
 
     def step() -> bool | None:
-        handle._raise_if_exited()
+        target.raise_if_exited()
         return True if check() else None
 
     # A tcp check is one cheap request to the supervisor, and a fast server listens within a
     # millisecond of its exec: look again sooner than the other probes do.
     first = 0.0002 if isinstance(probe, TcpProbe) else FIRST_INTERVAL
-    if wait_until(step, deadline, wake=handle._exited, interval=probe.interval, first=first) is None:
-        handle._raise_if_exited()
-        raise NotReady(handle.name, probe.describe(), probe.timeout, log_tail(handle.log_path))
+    if wait_until(step, deadline, wake=target.exited, interval=probe.interval, first=first) is None:
+        target.raise_if_exited()
+        raise NotReady(target.name, probe.describe(), probe.timeout, log_tail(target.log_path))
+
+
+def wait_for_log(target: ReadinessTarget, pattern: str, timeout: float) -> re.Match[str]:
+    """The first line of this run's output matching ``pattern`` (``re.search``), once written.
+
+    Lines written before the call count. ``NotReady`` (with the log tail) on timeout, or at once
+    when the service has exited without writing such a line.
+    """
+    regex = re.compile(pattern)
+    follower = LogFollower(target.log_path, target.log_start)  # this run's output
+    deadline = Deadline(timeout)
+
+    def check() -> re.Match[str] | None:
+        m = follower.search(regex)
+        if m is None and target.exited.is_set():
+            m = follower.search(regex)  # what it wrote before exiting
+            if m is None:
+                raise NotReady(target.name, f"log line matching {pattern!r} (the service "
+                               f"exited with {target.returncode})", timeout,
+                               log_tail(target.log_path))  # fmt: skip
+        return m
+
+    m = wait_until(check, deadline, wake=None)
+    if m is None:
+        raise NotReady(target.name, f"log line matching {pattern!r}", timeout,
+                       log_tail(target.log_path))  # fmt: skip
+    return m

@@ -1,6 +1,6 @@
 """The end-of-run figures: per service, over every environment of the run (and every xdist worker).
 
-Pure functions over :meth:`Environment.report` dicts, so that the terminal summary, the
+Pure functions over :meth:`~pytest_envbox.Environment.report` dicts, so that the terminal summary, the
 ``--envbox-report`` JSON and their tests need no running service.
 """
 

@@ -1,7 +1,8 @@
 """The pytest front end: options, the marker, hooks. Thin by design: the work is in the engine.
 
-The ``envbox`` fixture lives in :mod:`pytest_envbox.fixtures`; report sections are added here from
-what the fixture recorded in the item's stash.
+The ``envbox`` fixture lives in :mod:`pytest_envbox.plugin.fixtures`, the hookspecs in
+:mod:`pytest_envbox.plugin.hookspecs`; report sections, the summary and ``--envbox-report`` are
+made here from what the fixture recorded in the item's and the config's stash.
 """
 
 from __future__ import annotations
@@ -81,6 +82,21 @@ def pytest_runtest_makereport(
 
 
 _WORKER_REPORTS = pytest.StashKey[list[dict[str, Any]]]()
+#: whether this process is a pytest-xdist worker, which leaves the reporting to the controller
+_XDIST_WORKER = pytest.StashKey[bool]()
+
+
+def _is_xdist_worker(session: pytest.Session) -> bool:
+    """pytest-xdist's own answer (``xdist.is_xdist_worker``); False when xdist is not installed."""
+    try:
+        import xdist
+    except ImportError:
+        return False
+    return bool(xdist.is_xdist_worker(session))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_XDIST_WORKER] = _is_xdist_worker(session)
 
 
 def _reports(config: pytest.Config) -> list[dict[str, Any]]:
@@ -99,8 +115,10 @@ def pytest_testnodedown(node: Any, error: object) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
-    if hasattr(config, "workeroutput"):  # an xdist worker: the controller reports for all
-        config.workeroutput["envbox_reports"] = json.dumps(_reports(config))
+    if config.stash.get(_XDIST_WORKER, False):  # the controller reports for all
+        # xdist sends a worker's ``config.workeroutput`` to the controller's testnodedown hook.
+        workeroutput: dict[str, Any] = config.workeroutput  # type: ignore[attr-defined]
+        workeroutput["envbox_reports"] = json.dumps(_reports(config))
         return
     path = config.getoption("envbox_report")
     if path:
@@ -111,7 +129,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     """Per service: starts, median time to ready, peak memory against its limit, cpu, OOM kills."""
-    if hasattr(config, "workeroutput"):
+    if config.stash.get(_XDIST_WORKER, False):
         return
     rows = report.totals(_reports(config))
     if not rows:

@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pluggy
 import pytest
 
 from pytest_envbox.config import Catalog, load_project_config, merge_services
 from pytest_envbox.engine import report
 from pytest_envbox.engine.environment import Environment
+from pytest_envbox.engine.handle import memory_limit_text
 from pytest_envbox.engine.readiness import log_tail
 from pytest_envbox.errors import ConfigError, EnvboxError
 from pytest_envbox.spec import Service
@@ -61,6 +63,37 @@ def parse_marker(marker: pytest.Mark) -> EnvboxMarker:
     return _signature(*marker.args, **marker.kwargs)
 
 
+def _each_plugin(config: pytest.Config, hook: str, *, call_order: bool
+                 ) -> list[tuple[str, str, pluggy.HookCaller]]:  # fmt: skip
+    """Each plugin implementing ``hook``: (its name, where it is, a hook caller of its
+    implementations alone).
+
+    Called through pluggy's hook caller, never ``impl.function``, so that ``wrapper=True`` and
+    ``hookwrapper=True`` implementations and pluggy's tracing work; one plugin at a time, so that
+    every result is known to come from that place. Plugins come in registration order, or with
+    ``call_order`` in the order pluggy calls them (last registered first, ``tryfirst`` and
+    ``trylast`` respected).
+    """
+    pm = config.pluginmanager
+    impls = getattr(pm.hook, hook).get_hookimpls()
+    plugins: list[tuple[object, str]] = []
+    for impl in reversed(impls) if call_order else impls:
+        if not any(p is impl.plugin for p, _ in plugins):
+            plugins.append((impl.plugin, impl.plugin_name))
+    callers = []
+    for plugin, name in plugins:
+        caller = pm.subset_hook_caller(hook, remove_plugins=[p for p, _ in plugins if p is not plugin])
+        strays = [i.plugin_name for i in caller.get_hookimpls() if i.plugin is not plugin]
+        if strays:
+            # pluggy (up to 1.6) leaves in a plugin whose implementation is named otherwise
+            # (``@hookimpl(specname=...)``): it would be called once per plugin.
+            raise ConfigError(f"{hook} in {strays[0]} is a function of another name "
+                              f"(hookimpl specname=...); name it {hook} so that pytest-envbox "
+                              "can call it alone and say where its results come from")  # fmt: skip
+        callers.append((name, str(getattr(plugin, "__file__", None) or name), caller))
+    return callers
+
+
 def project_catalog(config: pytest.Config) -> Catalog:
     """The project's services: config files plus every ``pytest_envbox_services`` hook result."""
     cached = config.stash.get(_CATALOG, None)
@@ -68,17 +101,20 @@ def project_catalog(config: pytest.Config) -> Catalog:
         return cached
     catalog = load_project_config(Path(config.rootpath))
     extra: list[tuple[Service, str]] = []
-    for impl in config.pluginmanager.hook.pytest_envbox_services.get_hookimpls():
-        args = {"config": config}
-        result: object = impl.function(*[args[a] for a in impl.argnames])
-        if result is not None and not isinstance(result, list | tuple):
-            raise ConfigError(f"pytest_envbox_services must return a list of Service objects, "
-                              f"not {type(result).__name__} (in {impl.plugin_name})")
-        origin = f"pytest_envbox_services in {getattr(impl.plugin, '__file__', impl.plugin_name)}"
-        for svc in result or ():
-            if not isinstance(svc, Service):
-                raise ConfigError(f"{origin} returned {svc!r}; return Service objects")
-            extra.append((svc, origin))
+    for name, where, call in _each_plugin(config, "pytest_envbox_services", call_order=False):
+        results: object = call(config=config)  # one list per implementation that returned one
+        origin = f"pytest_envbox_services in {where}"
+        if not isinstance(results, list):
+            raise ConfigError(f"{origin}: a wrapper returned {type(results).__name__}; return the "
+                              "list of results its yield gave (changed or not)")  # fmt: skip
+        for result in results:
+            if not isinstance(result, list | tuple):
+                raise ConfigError(f"pytest_envbox_services must return a list of Service objects, "
+                                  f"not {type(result).__name__} (in {name})")  # fmt: skip
+            for svc in result:
+                if not isinstance(svc, Service):
+                    raise ConfigError(f"{origin} returned {svc!r}; return Service objects")
+                extra.append((svc, origin))
     catalog = merge_services(catalog, extra)
     catalog = dataclasses.replace(
         catalog, services={n: modified(config, svc) for n, svc in catalog.services.items()})
@@ -87,13 +123,21 @@ def project_catalog(config: pytest.Config) -> Catalog:
 
 
 def modified(config: pytest.Config, service: Service) -> Service:
-    """``service`` after every ``pytest_envbox_modify_service`` implementation, in turn."""
-    for impl in reversed(config.pluginmanager.hook.pytest_envbox_modify_service.get_hookimpls()):
-        args = {"config": config, "service": service}
-        result = impl.function(*[args[a] for a in impl.argnames])
-        if result is None:
+    """``service`` after every ``pytest_envbox_modify_service`` implementation, in turn: each
+    plugin, in pluggy's call order, gets what the previous one returned."""
+    for _name, where, call in _each_plugin(config, "pytest_envbox_modify_service", call_order=True):
+        results: object = call(config=config, service=service)  # [] when it returned None
+        origin = f"pytest_envbox_modify_service in {where}"
+        if not isinstance(results, list):
+            raise ConfigError(f"{origin}: a wrapper returned {type(results).__name__}; return the "
+                              "list of results its yield gave (changed or not)")  # fmt: skip
+        if not results:
             continue
-        origin = f"pytest_envbox_modify_service in {getattr(impl.plugin, '__file__', impl.plugin_name)}"
+        if len(results) > 1:
+            raise ConfigError(f"{origin} returned {len(results)} services for service "
+                              f"{service.name!r} (several implementations in one plugin each "
+                              "changed the service as it came in); return one")  # fmt: skip
+        result = results[0]
         if not isinstance(result, Service):
             raise ConfigError(f"{origin} returned {result!r} for service {service.name!r}; return "
                               "a Service (dataclasses.replace(service, ...)) or None")  # fmt: skip
@@ -204,10 +248,10 @@ def _envbox_auto(request: pytest.FixtureRequest) -> None:
 
 
 def keep_environments(item: pytest.Item, why: str) -> None:
-    """--envbox-keep: the item's environments stay up after the run (see Environment._keep)."""
+    """--envbox-keep: the item's environments stay up after the run (see Environment.keep)."""
     for env in item.stash.get(_USED, []):
         if len(env):
-            env._keep(why)
+            env.keep(why)
 
 
 def log_sections(item: pytest.Item) -> list[tuple[str, str]]:
@@ -215,8 +259,7 @@ def log_sections(item: pytest.Item) -> list[tuple[str, str]]:
     out = []
     for env in item.stash.get(_USED, []):
         for name, h in env.services.items():
-            state = ("running" if h.running else
-                     h._reason or f"exited with return code {h.returncode}")  # fmt: skip
+            state = h.exit_reason or "running"
             text = log_tail(h.log_path, 50)
             out.append((name, f"[{name}: {state}; full log: {h.log_path}]\n{text}"))
     return out
@@ -228,12 +271,12 @@ def oom_notes(item: pytest.Item) -> list[str]:
     for env in item.stash.get(_USED, []):
         for name, h in env.services.items():
             if not h.running:
-                if h._oom_kills:
-                    notes.append(f"service {name!r} {h._reason}")
+                if h.runs and h.runs[-1].oom_kills:
+                    notes.append(f"service {name!r} {h.exit_reason}")
                 continue
             with contextlib.suppress(EnvboxError):
                 kills = h.stats().oom_kills
                 if kills:
                     notes.append(f"service {name!r} had {kills} process(es) OOM-killed "
-                                 f"({h._memory_limit_text()})")
+                                 f"({memory_limit_text(h.spec)})")
     return notes

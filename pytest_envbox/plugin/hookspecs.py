@@ -1,7 +1,9 @@
 """Hooks that conftest files and plugins implement to extend pytest-envbox.
 
 Registered with ``pytest_addhooks``; implement them in a ``conftest.py`` or a plugin like any
-pytest hook.
+pytest hook. None is ``firstresult``: each docstring says why. pytest-envbox calls every hook
+through pluggy's hook caller, so ``tryfirst``/``trylast``, ``wrapper=True``, ``hookwrapper=True``
+and pluggy's tracing apply as to any hook.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ def pytest_envbox_services(config: pytest.Config) -> Sequence[Service] | None:
 
     Called once per session. Every implementation is called and the results are merged with the
     services of ``pyproject.toml`` / ``envbox.toml``; a name declared twice is a ``ConfigError``
-    naming both places.
+    naming both places. Not ``firstresult``: every conftest's and plugin's services count.
+
+    To name those places, each conftest or plugin is called on its own (in registration order),
+    so a ``wrapper=True`` (or ``hookwrapper=True``) implementation wraps the implementations of
+    its own conftest or plugin only: its ``yield`` gives their results, a list with one list
+    per implementation that returned one (empty when there is none), and it returns such a
+    list (``[*results, [Service(...)]]`` adds services).
 
     :param config: The pytest config object.
     :return: The services this conftest or plugin declares (or None for none).
@@ -47,7 +55,16 @@ def pytest_envbox_modify_service(config: pytest.Config, service: Service) -> Ser
 
     Called once per declared service (``[tool.envbox]``, ``envbox.toml`` or
     ``pytest_envbox_services``) and once per ``Service`` written in a marker. Implementations are
-    chained: each gets what the previous one returned. The name cannot change.
+    chained: each gets what the previous one returned. The name cannot change. Not
+    ``firstresult``: every implementation's change applies, not only the first one's.
+
+    To chain them and name the one that returned something wrong, each conftest or plugin is
+    called on its own, in the order pluggy calls implementations (the last registered first,
+    ``tryfirst``/``trylast`` respected, a conftest or plugin whose implementation is a wrapper
+    before the others). A ``wrapper=True`` (or ``hookwrapper=True``) implementation wraps the
+    implementations of its own conftest or plugin only: its ``yield`` gives their results as a
+    list (empty when there is none or they returned None), and it returns a list of at most one
+    ``Service`` (``[dataclasses.replace(service, ...)]``).
 
     :param config: The pytest config object.
     :param service: The service as declared (or as an earlier implementation returned it).
@@ -68,7 +85,8 @@ def pytest_envbox_service_ready(handle: ServiceHandle) -> None:
     """A service of an environment has started and passed its readiness probe.
 
     Called on each start (``restart()`` too), from the thread that waited for it: services of
-    one dependency level may call it side by side. Seed data, warm caches, or log, here.
+    one dependency level may call it side by side. Seed data, warm caches, or log, here. Not
+    ``firstresult``: a notification, every implementation is called; results are ignored.
 
     :param handle: The service's :class:`~pytest_envbox.ServiceHandle`.
     """
@@ -78,6 +96,8 @@ def pytest_envbox_service_ready(handle: ServiceHandle) -> None:
 def pytest_envbox_environment_closed(environment: Environment,
                                      stats: Mapping[str, ServiceTotals]) -> None:  # fmt: skip
     """An environment has been torn down: every service stopped, everything released.
+
+    Not ``firstresult``: a notification, every implementation is called; results are ignored.
 
     :param environment: The :class:`~pytest_envbox.Environment`; ``environment.report()`` has
         each run's times and figures.

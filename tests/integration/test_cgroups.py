@@ -91,7 +91,7 @@ def test_oom_kill_while_running_is_counted() -> None:
         st = h.stats()
         assert st.oom_kills >= 1
         assert 40 << 20 <= st.memory_peak_bytes <= (48 << 20) + (1 << 20)
-        assert "was OOM-killed (memory limit 48Mi)" in h._reason
+        assert "was OOM-killed (memory limit 48Mi)" in (h.exit_reason or "")
 
 
 @pytest.mark.needs_cgroups
@@ -243,7 +243,7 @@ def test_a_worker_oom_killed_is_told_apart_from_the_service_oom_killed(end: str)
             assert _until(lambda: not h.running, 10)
             code = 1
         assert h.returncode == code
-        assert h._reason == (f"exited with return code {code} after {h._oom_kills} of its "
+        assert h.exit_reason == (f"exited with return code {code} after {h.runs[-1].oom_kills} of its "
                              "processes were OOM-killed (memory limit 48Mi)")  # fmt: skip
 
 

@@ -97,11 +97,15 @@ def test_returncode_is_128_plus_signal_and_kill_waits() -> None:
     with Environment([Service("victim", ["sleep", "1000"])]) as env:
         v = env["victim"]
         pid = v.pid
+        assert v.exit_reason is None and v.runs[-1].stopped is None
         v.kill()
         assert not v.running and v.returncode == 128 + signal.SIGKILL
+        assert v.exit_reason == "exited with return code 137"
+        assert v.runs[-1].returncode == 137 and v.runs[-1].oom_kills == 0
         assert not alive(pid)  # type: ignore[arg-type]
         v.start()
-        assert v.running
+        assert v.running and v.exit_reason is None
+        assert len(v.runs) == 2 and v.runs[1].started >= v.runs[0].stopped  # type: ignore[operator]
 
 
 def test_orphans_are_reaped_no_zombies() -> None:

@@ -232,6 +232,8 @@ def test_terminal_summary_and_json_report(project: pytest.Pytester) -> None:
     runs = [r for e in envs for r in e["services"]["web"]["runs"]]
     assert len(runs) == 3  # test_one restarted it
     for r in runs:
+        assert list(r) == ["started", "ready", "stopped", "returncode", "oom_kills",
+                           "memory_peak_bytes", "cpu_seconds"]  # fmt: skip
         assert r["started"] <= r["ready"] <= r["stopped"]
         assert r["returncode"] is not None and r["oom_kills"] == 0
         if measured:
@@ -312,6 +314,86 @@ def test_a_modify_hook_that_renames_a_service_is_a_config_error(project: pytest.
     result = run(project)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*renamed service 'web' to 'other'; the name cannot change*"])
+
+
+WRAPPERS = {
+    # wrapper=True: the yield gives the results of this conftest's other implementations (none).
+    "wrapper": """
+        import dataclasses
+        import pytest
+        from pytest_envbox import Service
+
+        @pytest.hookimpl(wrapper=True)
+        def pytest_envbox_services(config):
+            results = yield
+            return [*results, [Service("extra", ["sleep", "1000"])]]
+
+        @pytest.hookimpl(wrapper=True)
+        def pytest_envbox_modify_service(config, service):
+            results = yield
+            assert results == []
+            return [dataclasses.replace(service, env={**service.env, "WRAPPED": service.name})]
+    """,
+    "hookwrapper": """
+        import dataclasses
+        import pytest
+        from pytest_envbox import Service
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_envbox_services(config):
+            outcome = yield
+            outcome.force_result([*outcome.get_result(), [Service("extra", ["sleep", "1000"])]])
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_envbox_modify_service(config, service):
+            outcome = yield
+            outcome.force_result([dataclasses.replace(service, env={**service.env,
+                                                                    "WRAPPED": service.name})])
+    """,
+}
+
+
+@pytest.mark.parametrize("style", ["wrapper", "hookwrapper"])
+def test_wrapper_implementations_of_the_services_and_modify_hooks_work(
+    project: pytest.Pytester, style: str
+) -> None:
+    project.makeconftest(WRAPPERS[style])
+    # A plain implementation in a plugin: pluggy calls the conftest's wrapper first, and each
+    # plugin gets the service as the one before left it.
+    project.makepyfile(plain="""
+        import dataclasses
+
+        def pytest_envbox_modify_service(config, service):
+            return dataclasses.replace(service, env={**service.env,
+                                                     "AFTER": service.env.get("WRAPPED", "-")})
+    """)
+    project.syspathinsert()
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.envbox("extra", "web")
+        def test_it(envbox):
+            for name in ("extra", "web"):
+                out = envbox[name].exec(["printenv", "WRAPPED", "AFTER"]).stdout
+                assert out == f"{name}\\n{name}\\n"
+    """)
+    run(project, "-p", "plain").assert_outcomes(passed=1)
+
+
+def test_a_services_hook_that_returns_no_list_names_its_conftest(project: pytest.Pytester) -> None:
+    project.makeconftest("""
+        from pytest_envbox import Service
+
+        def pytest_envbox_services(config):
+            return Service("extra", ["true"])
+    """)
+    project.makepyfile("""
+        def test_it(envbox):
+            pass
+    """)
+    result = run(project)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*must return a list of Service objects, not Service (in *conftest.py)*"])
 
 
 SCOPE_CONFTEST = """

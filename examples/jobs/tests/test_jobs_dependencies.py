@@ -19,8 +19,8 @@ def test_the_gateway_brings_up_the_api_and_the_queue(envbox: Environment) -> Non
     assert all(s.running for s in (redis, api, gateway))
 
     # Each one was started only once what it depends on had passed its readiness probe.
-    assert redis.runs[0]["ready"] <= api.runs[0]["started"]
-    assert api.runs[0]["ready"] <= gateway.runs[0]["started"]
+    assert redis.runs[0].ready is not None and redis.runs[0].ready <= api.runs[0].started
+    assert api.runs[0].ready is not None and api.runs[0].ready <= gateway.runs[0].started
     assert "Ready to accept connections" in redis.logs()  # redis's own readiness line
 
     # Without a worker, a job is accepted and queued, and stays so.
