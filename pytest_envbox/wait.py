@@ -26,6 +26,13 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+__all__ = [
+    "FIRST_INTERVAL",
+    "MAX_INTERVAL",
+    "Deadline",
+    "wait_until",
+]
+
 T = TypeVar("T")
 
 #: First and largest pause between two checks of a condition that has no event of its own.

@@ -22,6 +22,13 @@ from pytest_envbox.errors import EnvboxError
 from pytest_envbox.kernel import cgroups, hostcheck
 from pytest_envbox.supervisor import records
 
+__all__ = [
+    "clean",
+    "doctor",
+    "main",
+    "ps",
+    "up",
+]
 
 def _cgroup_check(root: bool) -> tuple[bool, str]:
     """Can services get cgroups here? Tries for real: makes this process's run directory, removes it."""

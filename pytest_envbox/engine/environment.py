@@ -37,6 +37,11 @@ from pytest_envbox.engine.planning import DEFAULT_SUBNET, Subnet, check_cgroups,
 from pytest_envbox.errors import EnvboxError, HostUnsupported
 from pytest_envbox.spec import Service
 
+__all__ = [
+    "Environment",
+    "Network",
+]
+
 _env_ids = itertools.count(1)
 
 

@@ -23,6 +23,15 @@ from pytest_envbox.errors import NotReady
 from pytest_envbox.spec import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe
 from pytest_envbox.wait import FIRST_INTERVAL, Deadline, wait_until
 
+__all__ = [
+    "TAIL_LINES",
+    "LogFollower",
+    "ReadinessTarget",
+    "log_tail",
+    "wait_for_log",
+    "wait_ready",
+]
+
 TAIL_LINES = 30
 
 

@@ -13,6 +13,13 @@ from typing import Any
 
 from pytest_envbox.kernel.cgroups import format_memory
 
+__all__ = [
+    "ServiceTotals",
+    "enter_command",
+    "kept",
+    "table",
+    "totals",
+]
 
 @dataclass
 class ServiceTotals:

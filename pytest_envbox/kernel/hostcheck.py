@@ -22,6 +22,14 @@ from pathlib import Path
 
 from pytest_envbox.kernel import linux as L
 
+__all__ = [
+    "SubIds",
+    "network_faults",
+    "subids",
+    "try_user_namespace",
+    "userns_sysctls",
+]
+
 #: sysctls that disable or restrict unprivileged user namespaces: (path, bad value, why, fix)
 _USERNS_SYSCTLS = (
     ("/proc/sys/user/max_user_namespaces", "0",

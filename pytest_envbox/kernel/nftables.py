@@ -19,6 +19,35 @@ from dataclasses import dataclass
 
 from pytest_envbox.kernel.netlink import attr, cstring, nested
 
+__all__ = [
+    "META_IIFNAME",
+    "META_OIFNAME",
+    "NETLINK_NETFILTER",
+    "NFNL_MSG_BATCH_BEGIN",
+    "NFNL_MSG_BATCH_END",
+    "NFNL_SUBSYS_NFTABLES",
+    "NFPROTO_BRIDGE",
+    "NFT_MSG_DELTABLE",
+    "NFT_MSG_NEWCHAIN",
+    "NFT_MSG_NEWRULE",
+    "NFT_MSG_NEWTABLE",
+    "NF_ACCEPT",
+    "NF_BR_FORWARD",
+    "NF_BR_LOCAL_IN",
+    "NF_BR_LOCAL_OUT",
+    "NF_DROP",
+    "NLMSG_ERROR",
+    "NLM_F_ACK",
+    "NLM_F_APPEND",
+    "NLM_F_CREATE",
+    "NLM_F_REQUEST",
+    "REG1",
+    "Batch",
+    "Drop",
+    "replace_table",
+    "table_batch",
+]
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11

@@ -24,6 +24,15 @@ import struct
 
 from pytest_envbox.kernel import linux as L
 
+__all__ = [
+    "PR_SET_SECCOMP",
+    "SECCOMP_MODE_FILTER",
+    "SECCOMP_RET_ALLOW",
+    "SECCOMP_RET_ERRNO",
+    "install",
+    "program",
+]
+
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 SECCOMP_RET_ALLOW = 0x7FFF0000

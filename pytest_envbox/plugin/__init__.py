@@ -15,8 +15,21 @@ import pytest
 
 from pytest_envbox.engine import client, report
 from pytest_envbox.plugin import fixtures, hookspecs
-from pytest_envbox.plugin.fixtures import _envbox_auto, envbox  # noqa: F401  (fixtures registered with the plugin)
 
+# The fixtures, registered with the plugin (the autouse one is named _envbox_auto in pytest).
+from pytest_envbox.plugin.fixtures import envbox, envbox_autostart  # noqa: F401
+
+__all__ = [
+    "pytest_addhooks",
+    "pytest_addoption",
+    "pytest_collection_modifyitems",
+    "pytest_configure",
+    "pytest_runtest_makereport",
+    "pytest_sessionfinish",
+    "pytest_sessionstart",
+    "pytest_terminal_summary",
+    "pytest_testnodedown",
+]
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspecs)

@@ -26,6 +26,21 @@ from pytest_envbox.engine.readiness import log_tail
 from pytest_envbox.errors import ConfigError, EnvboxError
 from pytest_envbox.spec import Service
 
+__all__ = [
+    "BAD_MARKER",
+    "ENVIRONMENTS",
+    "SCOPES",
+    "EnvboxMarker",
+    "envbox",
+    "envbox_autostart",
+    "keep_environments",
+    "log_sections",
+    "modified",
+    "oom_notes",
+    "parse_marker",
+    "project_catalog",
+]
+
 SCOPES = ("function", "class", "module", "package", "session")
 BAD_MARKER = pytest.StashKey[str]()
 _USED = pytest.StashKey[list[Environment]]()
@@ -236,8 +251,8 @@ def _shared_env(request: pytest.FixtureRequest, m: EnvboxMarker, catalog: Catalo
     return env
 
 
-@pytest.fixture(autouse=True)
-def _envbox_auto(request: pytest.FixtureRequest) -> None:
+@pytest.fixture(autouse=True, name="_envbox_auto")
+def envbox_autostart(request: pytest.FixtureRequest) -> None:
     """Start a marked test's services even when it does not ask for ``envbox`` by name."""
     node = request.node
     bad = node.stash.get(BAD_MARKER, None)

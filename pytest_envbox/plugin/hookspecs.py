@@ -21,6 +21,14 @@ if TYPE_CHECKING:
     from pytest_envbox.engine.report import ServiceTotals
     from pytest_envbox.spec import Service
 
+__all__ = [
+    "hookspec",
+    "pytest_envbox_environment_closed",
+    "pytest_envbox_modify_service",
+    "pytest_envbox_service_ready",
+    "pytest_envbox_services",
+]
+
 hookspec = pluggy.HookspecMarker("pytest")
 
 
