@@ -12,14 +12,29 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_envbox.engine import readiness
-from pytest_envbox.engine.client import SupervisorClient, SupervisorError, unsupported
-from pytest_envbox.errors import EnvboxError, NotReady, ServiceFailed
+from pytest_envbox.engine.client import SupervisorClient, SupervisorError
+from pytest_envbox.errors import EnvboxError, HostUnsupported, NotReady, ServiceFailed
 from pytest_envbox.kernel.cgroups import format_memory
 from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.spec import HttpProbe, Service
+from pytest_envbox.supervisor.protocol import (
+    CgroupLimits,
+    ExecRequest,
+    ExitedEvent,
+    FreezeRequest,
+    LinkRequest,
+    NetWiring,
+    PrepareRequest,
+    ReleaseRequest,
+    SignalRequest,
+    StartRequest,
+    StatsRequest,
+    SupervisorDied,
+    TcpCheckRequest,
+)
 from pytest_envbox.wait import Deadline, wait_until
 
 if TYPE_CHECKING:
@@ -51,10 +66,10 @@ class Link:
 
     def down(self) -> None:
         """Cut the service's link: connections to and from it fail until ``up()``."""
-        self._do("down")
+        self._do(LinkRequest(self._h._slot, "down"))
 
     def up(self) -> None:
-        self._do("up")
+        self._do(LinkRequest(self._h._slot, "up"))
 
     def delay(self, ms: float, jitter_ms: float = 0) -> None:
         """Delay packets to the service by ``ms`` milliseconds (plus or minus ``jitter_ms``)."""
@@ -62,7 +77,7 @@ class Link:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"link.delay(): {key} must be a number of milliseconds >= 0, "
                                  f"not {v!r}")  # fmt: skip
-        self._do("delay", delay_ms=float(ms), jitter_ms=float(jitter_ms))
+        self._do(LinkRequest(self._h._slot, "delay", delay_ms=float(ms), jitter_ms=float(jitter_ms)))
 
     def loss(self, percent: float) -> None:
         """Drop ``percent`` % of the packets crossing the link, each way, at random.
@@ -71,19 +86,20 @@ class Link:
         """
         if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
             raise ValueError(f"link.loss(): percent must be a number from 0 to 100, not {percent!r}")
-        self._do("loss", percent=round(percent))
+        self._do(LinkRequest(self._h._slot, "loss", percent=round(percent)))
 
     def clear(self) -> None:
         """Remove every fault from the link: no delay, no loss, link up."""
-        self._do("clear")
+        self._do(LinkRequest(self._h._slot, "clear"))
 
-    def _do(self, action: str, **kw: Any) -> None:
+    def _do(self, request: LinkRequest) -> None:
         h = self._h
         try:
-            h._sup.call("link", slot=h._slot, action=action, **kw)
+            h._sup.call(request)
+        except HostUnsupported as e:
+            raise HostUnsupported(f"service {h.name!r}: {e}") from None
         except SupervisorError as e:
-            raise (unsupported(e, f"service {h.name!r}: ")
-                   or EnvboxError(f"service {h.name!r}: link.{action}() failed: {e}")) from None
+            raise EnvboxError(f"service {h.name!r}: link.{request.action}() failed: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -121,7 +137,7 @@ class ServiceHandle:
     """A running (or stopped) service of an :class:`Environment`."""
 
     def __init__(self, spec: Service, plan: SandboxPlan, sup: SupervisorClient, *, env_id: str,
-                 wire: dict[str, Any], workdir: Path,
+                 wire: NetWiring, workdir: Path,
                  on_ready: Callable[[ServiceHandle], None] | None = None) -> None:  # fmt: skip
         """Made by :class:`~pytest_envbox.Environment` (never by a user): ``wire`` is the
         service's address on the environment's network, ``on_ready`` its readiness callback."""
@@ -178,7 +194,7 @@ class ServiceHandle:
     @property
     def ip(self) -> str:
         """The service's address on the environment's private network (it keeps it on restart)."""
-        return str(self._net["ip"])
+        return self._net.ip
 
     # --- ports and HTTP -----------------------------------------------------------------------
 
@@ -292,11 +308,10 @@ class ServiceHandle:
         The figures of the current run: a restarted service starts from zero.
         """
         try:
-            r = self._sup.call("stats", slot=self._slot)
-        except SupervisorError as e:
+            r = self._sup.call(StatsRequest(self._slot))
+        except (HostUnsupported, SupervisorError) as e:
             raise self._cgroup_error(e, "stats()") from None
-        return Stats(int(r["memory_bytes"]), int(r["memory_peak_bytes"]), float(r["cpu_seconds"]),
-                     int(r["pids"]), int(r["oom_kills"]))  # fmt: skip
+        return Stats(r.memory_bytes, r.memory_peak_bytes, r.cpu_seconds, r.pids, r.oom_kills)
 
     def pause(self) -> None:
         """Freeze every process of the service (cgroup freezer): no cpu, no progress, until resume()."""
@@ -312,13 +327,14 @@ class ServiceHandle:
                                 reason=f"is not running (return code {self._returncode}): cannot "
                                 f"{'pause' if frozen else 'resume'} it")  # fmt: skip
         try:
-            self._sup.call("freeze", slot=self._slot, frozen=frozen)
-        except SupervisorError as e:
+            self._sup.call(FreezeRequest(self._slot, frozen))
+        except (HostUnsupported, SupervisorError) as e:
             raise self._cgroup_error(e, "pause()" if frozen else "resume()") from None
 
-    def _cgroup_error(self, e: SupervisorError, what: str) -> EnvboxError:
-        return (unsupported(e, f"service {self.name!r}: {what} needs cgroups; ")
-                or EnvboxError(f"service {self.name!r}: {what} failed: {e}"))
+    def _cgroup_error(self, e: HostUnsupported | SupervisorError, what: str) -> EnvboxError:
+        if isinstance(e, HostUnsupported):
+            return HostUnsupported(f"service {self.name!r}: {what} needs cgroups; {e}")
+        return EnvboxError(f"service {self.name!r}: {what} failed: {e}")
 
     def exec(self, argv: Sequence[str] | str, *, timeout: float | None = 60.0,
              input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
@@ -337,41 +353,42 @@ class ServiceHandle:
                                 reason=f"is not running (return code {self._returncode}): "
                                 "cannot exec in it")  # fmt: skip
         try:
-            r = self._sup.call("exec", slot=self._slot, plan=self._plan.to_dict(), argv=args,
-                               input=input, timeout=timeout)  # fmt: skip
+            r = self._sup.call(ExecRequest(self._slot, self._plan, args, input, timeout))
         except SupervisorError as e:
             raise EnvboxError(f"service {self.name!r}: cannot exec {args[0]!r}: {e}") from None
-        stdout, stderr = r["stdout"], r["stderr"]
-        if r.get("exec_error"):
-            stderr += f"envbox: {r['exec_error']}\n"
-        if r["timed_out"]:
+        stdout, stderr = r.stdout, r.stderr
+        if r.exec_error:
+            stderr += f"envbox: {r.exec_error}\n"
+        if r.timed_out:
             raise subprocess.TimeoutExpired(args, timeout or 0.0, stdout, stderr)
-        return subprocess.CompletedProcess(args, r["returncode"], stdout, stderr)
+        return subprocess.CompletedProcess(args, r.returncode, stdout, stderr)
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _signal(self, sig: int, target: str, *, wait: bool = True, thaw: bool = False) -> None:
-        (self._sup.call if wait else self._sup.send)("signal", slot=self._slot, sig=int(sig),
-                                                       target=target, thaw=thaw)  # fmt: skip
+    def _signal(self, sig: int, target: Literal["main", "init"], *, wait: bool = True,
+                thaw: bool = False) -> None:  # fmt: skip
+        request = SignalRequest(self._slot, int(sig), target, thaw)
+        if wait:
+            self._sup.call(request)
+        else:
+            self._sup.send(request)
 
-    def _on_event(self, msg: dict[str, Any]) -> None:
-        if msg["event"] == "supervisor_died":
+    def _on_event(self, msg: ExitedEvent | SupervisorDied) -> None:
+        if isinstance(msg, SupervisorDied):
             self._reason = "was lost: the envbox supervisor process died"
             self._exited.set()
             return
         with self._lock:
-            if msg.get("generation") != self._generation:
+            if msg.generation != self._generation:
                 return
-            self._returncode = int(msg["returncode"])
-            self._oom_kills = int(msg.get("oom_kills") or 0)
+            self._returncode = msg.returncode
+            self._oom_kills = msg.oom_kills
             if self.runs and self.runs[-1]["stopped"] is None:
-                figures = msg.get("stats") or {}
                 self.runs[-1].update(
                     stopped=time.time(), returncode=self._returncode, oom_kills=self._oom_kills,
-                    memory_peak_bytes=figures.get("memory_peak_bytes"),
-                    cpu_seconds=figures.get("cpu_seconds"))  # fmt: skip
+                    memory_peak_bytes=msg.memory_peak_bytes, cpu_seconds=msg.cpu_seconds)  # fmt: skip
             # 137 is the OOM killer's SIGKILL unless the supervisor sent one (stop(), kill()).
-            if self._oom_kills and self._returncode == 128 + signal.SIGKILL and not msg.get("killed"):
+            if self._oom_kills and self._returncode == 128 + signal.SIGKILL and not msg.killed:
                 self._reason = (f"was OOM-killed ({self._memory_limit_text()}), "
                                 f"return code {self._returncode}")  # fmt: skip
             elif self._oom_kills:  # a child was killed; the main process exited by itself
@@ -418,19 +435,18 @@ class ServiceHandle:
             # The first start also creates the service's network namespace and publishes its
             # ports; both outlive restarts, so a restarted service keeps its host ports.
             lim = self.spec.limits
-            r = self._sup.call("start", slot=self._slot, plan=self._plan.to_dict(),
-                               log_path=str(self.log_path), ports=ports,
-                               generation=self._generation, net=self._net,
-                               limits={"memory": lim.memory, "cpu": lim.cpu, "pids": lim.pids})  # fmt: skip
+            r = self._sup.call(StartRequest(
+                self._slot, self._plan, str(self.log_path), ports, self._generation,
+                CgroupLimits(lim.memory, lim.cpu, lim.pids), self._net))  # fmt: skip
+        except HostUnsupported:
+            self._exited.set()
+            raise
         except SupervisorError as e:
             self._exited.set()
-            refused = unsupported(e)
-            if refused is not None:
-                raise refused from None
             raise ServiceFailed(self.name, None, readiness.log_tail(self.log_path),
                                 reason=f"could not be started: {e}") from None  # fmt: skip
-        self._pid = r["pid"]
-        self._ports = {int(p): hp for p, hp in r["ports"].items()}
+        self._pid = r.pid
+        self._ports = r.ports
 
     def _wait_ready(self) -> None:
         readiness.wait_ready(self, self.spec.ready)
@@ -445,7 +461,7 @@ class ServiceHandle:
                                 reason=self._reason)  # fmt: skip
 
     def _tcp_check(self, port: int) -> bool:
-        return bool(self._sup.call("tcp_check", slot=self._slot, port=port)["ok"])
+        return self._sup.call(TcpCheckRequest(self._slot, port)).ok
 
     def _forget(self) -> None:
         self._sup.on_event(self._slot, None)
@@ -469,7 +485,7 @@ def start_level(sup: SupervisorClient, handles: Sequence[ServiceHandle]) -> None
         handles[0]._spawn()
         handles[0]._wait_ready()
         return
-    sup.send("prepare", count=len(handles))
+    sup.send(PrepareRequest(len(handles)))
     with ThreadPoolExecutor(max_workers=len(handles)) as pool:
         for step in (ServiceHandle._spawn, ServiceHandle._wait_ready):
             futures = [pool.submit(step, h) for h in handles]
@@ -504,6 +520,6 @@ def stop_all(sup: SupervisorClient, handles: Sequence[ServiceHandle], disown: st
         with contextlib.suppress(EnvboxError, OSError):
             h._await_exit(h.spec.stop_timeout)
     with contextlib.suppress(EnvboxError, OSError):
-        sup.call("release", slots=[h._slot for h in handles], disown=disown)
+        sup.call(ReleaseRequest([h._slot for h in handles], disown))
     for h in handles:
         h._forget()

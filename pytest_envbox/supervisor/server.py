@@ -44,7 +44,41 @@ from pytest_envbox.kernel import linux as L
 from pytest_envbox.sandbox.init import close_fds_except, exec_command, run_spare
 from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.supervisor import records
-from pytest_envbox.supervisor.protocol import FrameReader, encode
+from pytest_envbox.supervisor.protocol import (
+    CensusReply,
+    CensusRequest,
+    CgroupLimits,
+    Done,
+    ErrorReply,
+    ExecReply,
+    ExecRequest,
+    ExitedEvent,
+    FrameReader,
+    FreezeRequest,
+    HealRequest,
+    HelloReply,
+    HelloRequest,
+    KeepRequest,
+    LinkRequest,
+    Message,
+    NetWiring,
+    OwnDirRequest,
+    PartitionRequest,
+    PrepareRequest,
+    ReleaseRequest,
+    Reply,
+    ShutdownReply,
+    ShutdownRequest,
+    SignalRequest,
+    StartReply,
+    StartRequest,
+    StatsReply,
+    StatsRequest,
+    TcpCheckReply,
+    TcpCheckRequest,
+    Unsupported,
+    encode,
+)
 from pytest_envbox.supervisor.relay import Relay
 
 _NS_FOR_EXEC = (("ipc", L.CLONE_NEWIPC), ("uts", L.CLONE_NEWUTS), ("net", L.CLONE_NEWNET),
@@ -253,15 +287,15 @@ class Supervisor:
         finally:
             self.teardown()
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: Message, req_id: int | None = None) -> None:
         try:
-            self.sock.sendall(encode(msg))
+            self.sock.sendall(encode(msg, req_id))
         except OSError:  # the test process is gone: tear down (unless it asked to keep, see _detach)
             if not (self.detached or self.kept):
                 self.running = False
 
-    def _reply(self, req_id: int, **kw: Any) -> None:
-        self._send({"id": req_id, **kw})
+    def _reply(self, req_id: int, reply: Reply) -> None:
+        self._send(reply, req_id)
 
     def _on_control(self) -> None:
         try:
@@ -277,23 +311,23 @@ class Supervisor:
             else:
                 self.running = False
             return
-        for msg in self.reader.feed(data):
-            req_id = msg.pop("id")
-            op = msg.pop("op")
-            handler = _OPS.get(op)
+        for req_id, msg in self.reader.feed(data):
+            handler = _HANDLERS.get(type(msg))
+            result: Reply | None
             try:
-                if handler is None:
-                    raise ValueError(f"unknown operation {op!r}")
-                result = handler(self, req_id, **msg)
+                if handler is None or req_id is None:
+                    raise ValueError(f"not a request: {type(msg).__name__}")
+                result = handler(self, req_id, msg)
+            except Unsupported as e:  # the caller raises HostUnsupported
+                result = ErrorReply("unsupported", str(e))
             except Exception as e:  # reported to the caller, who raises it
-                self._reply(req_id, error=f"{type(e).__name__}: {e}", errno=getattr(e, "errno", None))
-                continue
+                result = ErrorReply("failed", f"{type(e).__name__}: {e}")
             if result is not None:
-                self._reply(req_id, **result)
+                self._reply(req_id or 0, result)
 
     # --- operations --------------------------------------------------------------------------
 
-    def op_hello(self, req_id: int, watch: list[int] | None = None) -> dict[str, Any]:
+    def op_hello(self, req_id: int, req: HelloRequest) -> HelloReply:
         """Greet; also tear down when any of ``watch`` dies (as when the test process does).
 
         The cgroups are made here, not in ``__init__``: the caller gets any problem with them in
@@ -301,11 +335,11 @@ class Supervisor:
         """
         if self.refused is not None:
             self.running = False
-            raise ValueError(f"unsupported:{self.refused}")
+            raise Unsupported(self.refused)
         self.cgroups = cgroups.CgroupTree(self.cgroups_host, cgroups.run_name(os.getpid()))
-        self.watched = list(watch or ())
+        self.watched = list(req.watch)
         self.state_dirty = True
-        for pid in watch or ():
+        for pid in req.watch:
             try:
                 fd = os.pidfd_open(pid)
             except OSError:  # already gone
@@ -313,9 +347,7 @@ class Supervisor:
                 continue
             self.watch_fds.append(fd)
             self.sel.register(fd, selectors.EVENT_READ, "watched")
-        return {"pid": os.getpid(), "cgroups": {"version": self.cgroups.host.version,
-                                                "problem": self.cgroups.problem},
-                "ids": {"uid": _id_map("uid_map"), "gid": _id_map("gid_map")}}
+        return HelloReply(os.getpid(), self.cgroups.problem, _id_map("uid_map"), _id_map("gid_map"))
 
     def _start_zygote(self) -> None:
         """Fork the process that forks spares, while this one is still small and single-threaded.
@@ -395,22 +427,21 @@ class Supervisor:
             return None, [], False  # then the start moves it (see _give_cgroup)
         return cg, fds, False
 
-    def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
-                 ports: list[int], generation: int, limits: dict[str, Any] | None = None,
-                 net: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
+    def op_start(self, req_id: int, req: StartRequest) -> None:
         """Start a service (see :meth:`_start`); a start that fails leaves no cgroup behind."""
         try:
-            self._start(req_id, slot, plan, log_path, ports, generation, limits, net)
+            self._start(req_id, req.slot, req.plan, req.log_path, req.ports, req.generation,
+                        req.limits, req.net)  # fmt: skip
         except BaseException:
-            s = self.slots.get(slot)
+            s = self.slots.get(req.slot)
             if s is None or s.init_pid is None:
-                self.cgroups.release(slot)
+                self.cgroups.release(req.slot)
             raise
         return None  # the reply comes when the sandbox says it started (_start_done)
 
-    def _start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
-               ports: list[int], generation: int, limits: dict[str, Any] | None,
-               net: dict[str, Any] | None) -> None:  # fmt: skip
+    def _start(self, req_id: int, slot: str, plan: SandboxPlan, log_path: str,
+               ports: list[int], generation: int, limits: CgroupLimits,
+               net: NetWiring | None) -> None:  # fmt: skip
         """Start a service in ``slot`` (created on first use, with its published ports).
 
         A new slot takes the spare's own network namespace; a restarted service goes back into its
@@ -421,8 +452,8 @@ class Supervisor:
         old = self.slots.get(slot)
         if old is not None and old.init_pid is not None:
             raise ValueError(f"{slot} is already running")
-        if not self.cgroups.usable and limits and any(v is not None for v in limits.values()):
-            raise ValueError(f"unsupported:{self.cgroups.problem}")
+        if not self.cgroups.usable and limits.any():
+            raise Unsupported(str(self.cgroups.problem))
         # Not O_APPEND (splice refuses it): only this process writes the file, at its end.
         log_file = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         os.lseek(log_file, 0, os.SEEK_END)
@@ -449,26 +480,28 @@ class Supervisor:
                         try:
                             wired = self._wire(slot, netns, net)
                         except OSError as e:  # not the spare's fault: no retry with another
-                            raise ValueError(_network_unsupported(e)) from None
+                            raise _network_error(e) from None
                     fds = [log_fd] if new else [log_fd, self.slots[slot].netns_fd]
-                    socket.send_fds(ctl, [json.dumps(plan).encode()], fds)
-                except (OSError, SpareFailed, ValueError) as e:
+                    socket.send_fds(ctl, [json.dumps(plan.to_dict()).encode()], fds)
+                except (OSError, SpareFailed, ValueError, Unsupported) as e:
                     ctl.close()  # the spare, if alive, exits on this end-of-file
                     if spare.cgroup is not None:
                         self.cgroups.discard(spare.cgroup)
                     if netns is not None:
                         os.close(netns)
-                    if isinstance(e, ValueError):
+                    if not isinstance(e, (OSError, SpareFailed)):  # refused: not the spare's fault
                         raise
                     self.want_spare = False  # no background preparing until a start succeeds
-                    if attempt == 2 or str(e).startswith("unsupported:"):
+                    if isinstance(e, SpareUnsupported):
+                        raise
+                    if attempt == 2:
                         raise SpareFailed(str(e) or "the sandbox could not be prepared") from None
                     continue
                 if new:
                     self.slots[slot] = _Slot(netns_fd=netns)
                     if wired is not None and net is not None:
                         s_new = self.slots[slot]
-                        s_new.ip = net["ip"]
+                        s_new.ip = net.ip
                         s_new.veth, s_new.veth_index = wired
                 else:
                     os.close(netns)
@@ -527,7 +560,7 @@ class Supervisor:
                 pend.main_pid = pend.main_pid or (pid if pid > 0 else None)
         if msg.startswith(b"error:"):
             pend.error = msg[6:].decode(errors="replace")
-        elif msg.startswith(b"unsupported:"):
+        elif msg.startswith(b"unsupported:"):  # kept: a start's reply says so (_start_done)
             pend.error = msg.decode(errors="replace")
         elif msg == b"exec" and pend.kind == "start":
             pend.got_exec = True
@@ -549,17 +582,17 @@ class Supervisor:
                 ex.synced = True
                 self._maybe_finish_exec(ex)
 
-    def _wire(self, slot: str, netns: int, net: dict[str, Any]) -> tuple[str, int]:
+    def _wire(self, slot: str, netns: int, net: NetWiring) -> tuple[str, int]:
         """Put a new service on its environment's network: a veth pair, ``eth0`` inside with its
         address (and the subnet's route, no default route: nothing beyond the network), the
         other end on the environment's bridge. Four netlink requests (see netlink.py)."""
         hub = self._hub(_env_of(slot), net)
         hub.veths += 1
         name = f"v{hub.veths}"
-        index = netlink.attach(hub.nl, hub.bridge, name, netns, net["ip"], int(net["prefix"]))
+        index = netlink.attach(hub.nl, hub.bridge, name, netns, net.ip, net.prefix)
         return name, index
 
-    def _hub(self, env: str, net: dict[str, Any]) -> _Hub:
+    def _hub(self, env: str, net: NetWiring) -> _Hub:
         """The environment's hub: the one made ahead if there is one (a new network namespace
         costs about a millisecond, and more while the kernel is freeing others), with its
         address now; its next one is made when the loop is idle (see serve)."""
@@ -575,7 +608,7 @@ class Supervisor:
                 self.want_hub = False  # it failed: made on demand from now on (its error shown)
             hub = _Hub(*(made or netlink.make_hub()))
             self.want_hub = True
-        gateway = (net["gateway"], int(net["prefix"]))
+        gateway = (net.gateway, net.prefix)
         try:
             hub.nl.add_address(hub.bridge, *gateway)  # published ports reach services from here
         except BaseException:
@@ -616,7 +649,7 @@ class Supervisor:
         hub.nl.close()
         os.close(hub.netns)
 
-    def _give_cgroup(self, slot: str, spare: _Spare, pid: int, limits: dict[str, Any] | None) -> None:
+    def _give_cgroup(self, slot: str, spare: _Spare, pid: int, limits: CgroupLimits) -> None:
         """The service's cgroup for this run: the spare's own, with the limits in place before
         the service's first instruction. A spare prepared before cgroups were set up (or without
         one) is moved into a new cgroup here, on the start's path (see :meth:`CgroupTree.new`)."""
@@ -630,14 +663,14 @@ class Supervisor:
                 raise
         self.cgroups.adopt(slot, cg)
         try:
-            cg.set_limits(**(limits or {}))
+            cg.set_limits(memory=limits.memory, cpu=limits.cpu, pids=limits.pids)
         except OSError as e:
             why = e.strerror
             if e.errno == errno.EBUSY:
                 used = cg.stats()["memory_bytes"]
                 why = (f"the sandbox's init already uses {cgroups.format_memory(int(used))} "
                        "of memory; raise the memory limit")  # fmt: skip
-            raise ValueError(f"the kernel refused the limits {limits}: {why}") from None
+            raise ValueError(f"the kernel refused the limits {limits.as_dict()}: {why}") from None
 
     def _start_done(self, pend: _Pending) -> None:
         pend.replied = True
@@ -652,8 +685,8 @@ class Supervisor:
                 s.main_pidfd, pidfd = pidfd, None
             if pidfd is not None:
                 os.close(pidfd)
-            self._reply(pend.req_id, pid=pend.main_pid,
-                        ports={str(p): r.host_port for p, r in s.relays.items()})  # fmt: skip
+            self._reply(pend.req_id, StartReply(pend.main_pid,
+                                                {p: r.host_port for p, r in s.relays.items()}))
         else:
             if pidfd is not None:
                 os.close(pidfd)
@@ -663,35 +696,34 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pend.pid, signal.SIGKILL)
                 self.cgroups.release(pend.slot)
-            self._reply(pend.req_id, error=pend.error or "the sandbox exited during setup",
-                        setup=True)  # fmt: skip
+            error = pend.error or "the sandbox exited during setup"
+            if error.startswith("unsupported:"):  # the sandbox's word for it (init.py)
+                self._reply(pend.req_id, ErrorReply("unsupported", error[len("unsupported:"):]))
+            else:
+                self._reply(pend.req_id, ErrorReply("failed", error))
 
-    def op_signal(self, req_id: int, slot: str, sig: int, target: str = "init",
-                  thaw: bool = False) -> dict[str, Any]:  # fmt: skip
+    def op_signal(self, req_id: int, req: SignalRequest) -> Done:
         """Signal the service (through its pidfd) or its init. Never a pid that is not ours.
 
         A paused service handles no signal until it is thawed: ``thaw`` (stop) and SIGKILL
         resume it first; any other signal waits, queued by the kernel, until ``resume()``.
         """
-        s = self.slots[slot]
-        if thaw or sig == signal.SIGKILL:
-            self._thaw(slot)
+        s = self.slots[req.slot]
+        sig = req.sig
+        if req.thaw or sig == signal.SIGKILL:
+            self._thaw(req.slot)
         if sig == signal.SIGKILL:
             s.killed = True
-        try:
-            if target == "main" and s.main_pidfd is not None:
+        with contextlib.suppress(ProcessLookupError):  # gone already: its exit event says so
+            if req.target == "main" and s.main_pidfd is not None:
                 signal.pidfd_send_signal(s.main_pidfd, sig)
             elif s.init_pid is not None and s.init_pid > 0:
                 os.kill(s.init_pid, sig)
-            else:
-                return {"sent": False}
-        except ProcessLookupError:
-            return {"sent": False}
-        return {"sent": True}
+        return Done()
 
-    def op_tcp_check(self, req_id: int, slot: str, port: int) -> dict[str, Any]:
+    def op_tcp_check(self, req_id: int, req: TcpCheckRequest) -> TcpCheckReply:
         """Does ``port`` accept a connection on the service's loopback, in its namespace?"""
-        s = self.slots[slot]
+        s = self.slots[req.slot]
 
         def make() -> list[tuple[socket.socket, str]]:
             socks = []
@@ -710,12 +742,12 @@ class Supervisor:
                 sk.settimeout(0.2)  # loopback answers at once; a full backlog is "not yet"
                 if not ok:
                     with contextlib.suppress(OSError):
-                        sk.connect((addr, port))
+                        sk.connect((addr, req.port))
                         ok = True
-        return {"ok": ok}
+        return TcpCheckReply(ok)
 
-    def op_exec(self, req_id: int, slot: str, plan: dict[str, Any], argv: list[str],
-                input: str | None, timeout: float | None) -> None:  # fmt: skip
+    def op_exec(self, req_id: int, req: ExecRequest) -> None:
+        slot, p, timeout = req.slot, req.plan, req.timeout
         s = self.slots[slot]
         if s.init_pid is None:
             raise ValueError("the service is not running")
@@ -723,7 +755,6 @@ class Supervisor:
         if cg is not None and cg.frozen:
             raise ValueError("the service is paused: its cgroup would freeze the command too; "
                              "resume() it first")  # fmt: skip
-        p = SandboxPlan.from_dict(plan)
         ns_fds = [(os.open(f"/proc/{s.init_pid}/ns/{n}", os.O_RDONLY | os.O_CLOEXEC), t)
                   for n, t in _NS_FOR_EXEC]  # fmt: skip
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr
@@ -739,7 +770,7 @@ class Supervisor:
                 # (glibc's malloc locks, say) and hang the child.
                 with contextlib.suppress(OSError):
                     into = os.open(cg.unified, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            pid = _fork_running(_exec_helper, p, argv, ns_fds, [] if into is not None else procs,
+            pid = _fork_running(_exec_helper, p, req.argv, ns_fds, [] if into is not None else procs,
                                 (pipes[0][0], pipes[1][1], pipes[2][1]), child, into,
                                 close=parent, code=126)  # fmt: skip
         finally:
@@ -752,7 +783,7 @@ class Supervisor:
             os.close(pipes[2][1])
             child.close()
         ex = _Exec(req_id, pid, time.monotonic() + timeout if timeout is not None else None,
-                   (input or "").encode())  # fmt: skip
+                   (req.input or "").encode())  # fmt: skip
         self.execs[pid] = ex
         for fd, kind, ev in ((pipes[0][1], "in", selectors.EVENT_WRITE),
                              (pipes[1][0], "out", selectors.EVENT_READ),
@@ -801,12 +832,18 @@ class Supervisor:
             os.close(fd)
         ex.fds.clear()
         del self.execs[ex.pid]
-        self._reply(ex.req_id, returncode=ex.status, stdout=ex.out.decode(errors="replace"),
-                    stderr=ex.err.decode(errors="replace"), timed_out=ex.timed_out,
-                    exec_error=ex.error)  # fmt: skip
+        self._reply(ex.req_id, ExecReply(ex.status, ex.out.decode(errors="replace"),
+                                         ex.err.decode(errors="replace"), ex.timed_out,
+                                         ex.error))  # fmt: skip
 
-    def op_release(self, req_id: int, slots: list[str], disown: str | None = None) -> dict[str, Any]:
+    def op_release(self, req_id: int, req: ReleaseRequest) -> Done:
         """Free the slots (killing anything still running there); forget a directory."""
+        self._release_slots(req.slots)
+        if req.disown is not None:
+            self.dirs.discard(req.disown)
+        return Done()
+
+    def _release_slots(self, slots: list[str]) -> None:
         for slot in slots:  # each step of each slot, whatever an earlier one did
             self._thaw(slot)
             s = self.slots.pop(slot, None)
@@ -825,12 +862,8 @@ class Supervisor:
         for env in {_env_of(slot) for slot in slots}:
             if not any(_env_of(other) == env for other in self.slots):
                 self._drop_hub(env)  # its last service is gone: so is its network
-        if disown is not None:
-            self.dirs.discard(disown)
-        return {}
 
-    def op_link(self, req_id: int, slot: str, action: str, delay_ms: float = 0.0,
-                jitter_ms: float = 0.0, percent: int = 0) -> dict[str, Any]:  # fmt: skip
+    def op_link(self, req_id: int, req: LinkRequest) -> Done:
         """A fault on the service's link, applied on the hub's end of its veth pair.
 
         ``down``/``up``: the link state (the service's ``eth0`` loses its carrier). ``delay``:
@@ -838,6 +871,7 @@ class Supervisor:
         delay). ``loss``: a drop rule on the bridge for that share of packets, each way.
         ``clear``: none of these, link up. The service, without CAP_NET_ADMIN, can undo none.
         """
+        slot, action = req.slot, req.action
         s = self.slots.get(slot)
         hub = self.hubs.get(_env_of(slot))
         if s is None or hub is None or s.veth is None:
@@ -846,19 +880,19 @@ class Supervisor:
             hub.nl.set_up(s.veth_index, action == "up")
         elif action == "delay":
             try:
-                hub.nl.netem(s.veth_index, delay_ms, jitter_ms)
+                hub.nl.netem(s.veth_index, req.delay_ms, req.jitter_ms)
             except OSError as e:
                 if e.errno == errno.ENOENT:
-                    raise ValueError(
-                        "unsupported:link.delay() needs the kernel's netem queueing discipline "
+                    raise Unsupported(
+                        "link.delay() needs the kernel's netem queueing discipline "
                         "(sch_netem), which this kernel does not have: load it with `modprobe "
                         "sch_netem` (Debian and Ubuntu ship it in linux-modules-extra or the "
                         "stock kernel), or use a kernel built with CONFIG_NET_SCH_NETEM") from None
                 raise
         elif action == "loss":
             loss = {k: v for k, v in hub.loss.items() if k != s.veth}
-            if percent:
-                loss[s.veth] = percent
+            if req.percent:
+                loss[s.veth] = req.percent
             self._apply_faults(hub, loss=loss)
         elif action == "clear":
             hub.nl.clear_qdisc(s.veth_index)
@@ -867,15 +901,16 @@ class Supervisor:
                 self._apply_faults(hub, loss={k: v for k, v in hub.loss.items() if k != s.veth})
         else:
             raise ValueError(f"unknown link action {action!r}")
-        return {}
+        return Done()
 
-    def op_partition(self, req_id: int, env: str, a: list[str], b: list[str]) -> dict[str, Any]:
+    def op_partition(self, req_id: int, req: PartitionRequest) -> Done:
         """Drop all traffic between the services of group ``a`` and those of group ``b``."""
+        env = req.env
         hub = self.hubs.get(env)
         if hub is None:
             raise ValueError("the environment has no network yet (no service was started)")
         veths = []
-        for group in (a, b):
+        for group in (req.a, req.b):
             names = []
             for name in group:
                 s = self.slots.get(f"{env}/{name}")
@@ -886,13 +921,13 @@ class Supervisor:
         cut = (sorted(veths[0]), sorted(veths[1]))
         if cut not in hub.partitions and cut[::-1] not in hub.partitions:
             self._apply_faults(hub, partitions=[*hub.partitions, cut])
-        return {}
+        return Done()
 
-    def op_heal(self, req_id: int, env: str) -> dict[str, Any]:
-        hub = self.hubs.get(env)
+    def op_heal(self, req_id: int, req: HealRequest) -> Done:
+        hub = self.hubs.get(req.env)
         if hub is not None and hub.partitions:
             self._apply_faults(hub, partitions=[])
-        return {}
+        return Done()
 
     def _apply_faults(self, hub: _Hub, loss: dict[str, int] | None = None,
                       partitions: list[tuple[list[str], list[str]]] | None = None) -> None:  # fmt: skip
@@ -914,8 +949,8 @@ class Supervisor:
             hub.loss, hub.partitions = dict(loss), list(partitions)
         except OSError as e:
             if e.errno in (errno.EPROTONOSUPPORT, errno.ENOENT, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
-                raise ValueError(
-                    "unsupported:link.loss() and network.partition() need nf_tables with its "
+                raise Unsupported(
+                    "link.loss() and network.partition() need nf_tables with its "
                     "bridge family and numgen (CONFIG_NF_TABLES, CONFIG_NF_TABLES_BRIDGE, "
                     f"CONFIG_NFT_NUMGEN; the kernel said: {e.strerror}): load them with "
                     "`modprobe nf_tables nft_numgen nf_tables_bridge`, or use a kernel that "
@@ -949,56 +984,60 @@ class Supervisor:
     def _cgroup(self, slot: str) -> cgroups.ServiceCgroup:
         cg = self.cgroups.services.get(slot)
         if cg is None:
-            raise ValueError(f"unsupported:{self.cgroups.problem or 'the service has no cgroup'}")
+            raise Unsupported(self.cgroups.problem or "the service has no cgroup")
         return cg
 
-    def op_stats(self, req_id: int, slot: str) -> dict[str, Any]:
-        return self._cgroup(slot).stats()
+    def op_stats(self, req_id: int, req: StatsRequest) -> StatsReply:
+        f = self._cgroup(req.slot).stats()
+        return StatsReply(int(f["memory_bytes"]), int(f["memory_peak_bytes"]), float(f["cpu_seconds"]),
+                          int(f["pids"]), int(f["oom_kills"]))  # fmt: skip
 
-    def op_freeze(self, req_id: int, slot: str, frozen: bool) -> dict[str, Any]:
+    def op_freeze(self, req_id: int, req: FreezeRequest) -> Done:
+        frozen = req.frozen
         try:
-            self._cgroup(slot).freeze(frozen)
+            self._cgroup(req.slot).freeze(frozen)
         except (cgroups.CgroupError, OSError) as e:
             raise ValueError(f"could not {'pause' if frozen else 'resume'} the service: {e}") from None
-        return {}
+        return Done()
 
-    def op_prepare(self, req_id: int, count: int) -> dict[str, Any]:
+    def op_prepare(self, req_id: int, req: PrepareRequest) -> Done:
         """Have ``count`` sandboxes prepared at once, in parallel: a level of services follows.
         As many are kept ready from now on, for the next environment like this one."""
+        count = req.count
         self.spare_target = max(1, min(count, 8))
         while len(self.spares) < min(count, 64):
             self._spawn_spare()
-        return {}
+        return Done()
 
-    def op_census(self, req_id: int) -> dict[str, Any]:
+    def op_census(self, req_id: int, req: CensusRequest) -> CensusReply:
         """What this supervisor holds now (for ``envbox ps`` and for tests that check teardown)."""
-        return {"slots": sorted(self.slots), "hubs": sorted(self.hubs), "spares": len(self.spares),
-                "hub_netns": {env: os.fstat(h.netns).st_ino for env, h in self.hubs.items()},
-                "spare_hubs": len(self.free_hubs) + int(self.hub_ahead is not None
-                                                        and self.hub_ahead.ready())}  # fmt: skip
+        return CensusReply(slots=sorted(self.slots), hubs=sorted(self.hubs), spares=len(self.spares),
+                           hub_netns={env: os.fstat(h.netns).st_ino for env, h in self.hubs.items()},
+                           spare_hubs=len(self.free_hubs) + int(self.hub_ahead is not None
+                                                                and self.hub_ahead.ready()))  # fmt: skip
 
-    def op_own_dir(self, req_id: int, path: str, own: bool) -> dict[str, Any]:
+    def op_own_dir(self, req_id: int, req: OwnDirRequest) -> Done:
         """Directories to delete if the test process dies before it can.
 
         Recorded at once in the run's record: if this supervisor is SIGKILLed too, `envbox clean`
         (or the next run) removes them."""
-        (self.dirs.add if own else self.dirs.discard)(path)
+        (self.dirs.add if req.own else self.dirs.discard)(req.path)
         self._write_state()
-        return {}
+        return Done()
 
-    def op_shutdown(self, req_id: int) -> dict[str, Any]:
+    def op_shutdown(self, req_id: int, req: ShutdownRequest) -> ShutdownReply:
         """End; or, with environments to keep, free everything else and serve those alone."""
         if not self.kept:
             self.running = False
-            return {}
+            return ShutdownReply([])
         self._detach()
-        return {"kept": sorted(self.kept)}
+        return ShutdownReply(sorted(self.kept))
 
-    def op_keep(self, req_id: int, env: str, why: str) -> dict[str, Any]:
+    def op_keep(self, req_id: int, req: KeepRequest) -> Done:
         """Keep environment ``env`` running after the test process ends (``--envbox-keep``)."""
-        self.kept[env] = why
+        self.kept[req.env] = req.why
         self.state_dirty = True
-        return {}
+        return Done()
 
     def _detach(self) -> None:
         """Outlive the test process for the kept environments: release every other slot,
@@ -1007,7 +1046,7 @@ class Supervisor:
         self.detached = True
         others = [slot for slot in self.slots if _env_of(slot) not in self.kept]
         with contextlib.suppress(Exception):
-            self.op_release(0, others)
+            self._release_slots(others)
         with contextlib.suppress(Exception):  # each step whatever an earlier one did
             self._drop_spares()
         self.want_spare = self.want_hub = False
@@ -1132,10 +1171,11 @@ class Supervisor:
                     if cg is not None:  # the run's totals, read before its cgroup goes
                         with contextlib.suppress(OSError):
                             figures = cg.stats()
-                    self._send({"event": "exited", "slot": slot, "returncode": code,
-                                "generation": s.generation, "killed": s.killed,
-                                "oom_kills": figures.get("oom_kills", 0),
-                                "stats": figures})  # fmt: skip
+                    peak, cpu = figures.get("memory_peak_bytes"), figures.get("cpu_seconds")
+                    self._send(ExitedEvent(slot, s.generation, code, s.killed,
+                                           int(figures.get("oom_kills", 0)),
+                                           None if peak is None else int(peak),
+                                           None if cpu is None else float(cpu)))  # fmt: skip
                     self._maybe_done()
             ex = self.execs.get(pid)
             if ex is not None:
@@ -1212,7 +1252,25 @@ class Supervisor:
             self.cgroups.remove()
 
 
-_OPS = {name[3:]: fn for name, fn in vars(Supervisor).items() if name.startswith("op_")}
+#: Each request's handler: its reply, or None when the reply comes later (a start, an exec).
+_HANDLERS: dict[type[Message], Callable[[Supervisor, int, Any], Reply | None]] = {
+    HelloRequest: Supervisor.op_hello,
+    StartRequest: Supervisor.op_start,
+    SignalRequest: Supervisor.op_signal,
+    TcpCheckRequest: Supervisor.op_tcp_check,
+    ExecRequest: Supervisor.op_exec,
+    ReleaseRequest: Supervisor.op_release,
+    LinkRequest: Supervisor.op_link,
+    PartitionRequest: Supervisor.op_partition,
+    HealRequest: Supervisor.op_heal,
+    StatsRequest: Supervisor.op_stats,
+    FreezeRequest: Supervisor.op_freeze,
+    PrepareRequest: Supervisor.op_prepare,
+    CensusRequest: Supervisor.op_census,
+    OwnDirRequest: Supervisor.op_own_dir,
+    ShutdownRequest: Supervisor.op_shutdown,
+    KeepRequest: Supervisor.op_keep,
+}
 
 
 class _HubAhead:
@@ -1294,15 +1352,15 @@ class _Spare:
     cgroup: cgroups.ServiceCgroup | None
 
 
-def _network_unsupported(e: OSError) -> str:
-    """Why an environment's network could not be made, and what to do (an ``unsupported:``
-    message when the kernel lacks what it needs)."""
+def _network_error(e: OSError) -> Exception:
+    """Why an environment's network could not be made, and what to do (:class:`Unsupported`
+    when the kernel lacks what it needs)."""
     if e.errno in (errno.EOPNOTSUPP, errno.ENOENT, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
-        return (f"unsupported:the environment's private network needs bridge and veth devices "
+        return Unsupported(f"the environment's private network needs bridge and veth devices "
                 f"in the kernel (CONFIG_BRIDGE, CONFIG_VETH; the kernel said: {e}): load them "
                 "with `modprobe bridge veth`, or use a kernel that has them (every major "
                 "distribution's does)")  # fmt: skip
-    return f"the environment's network could not be set up: {e}"
+    return ValueError(f"the environment's network could not be set up: {e}")
 
 
 def _env_of(slot: str) -> str:
@@ -1312,6 +1370,10 @@ def _env_of(slot: str) -> str:
 
 class SpareFailed(Exception):
     """A prepared sandbox died before it could be used; the message says why."""
+
+
+class SpareUnsupported(Unsupported, SpareFailed):
+    """A sandbox could not be prepared because the host lacks something: no retry."""
 
 
 def _await_ready(ctl: socket.socket) -> tuple[int, int]:
@@ -1339,6 +1401,8 @@ def _await_ready(ctl: socket.socket) -> tuple[int, int]:
     for fd in fds:
         os.close(fd)
     text = msg.decode(errors="replace")
+    if text.startswith("unsupported:"):
+        raise SpareUnsupported(text[len("unsupported:"):])
     raise SpareFailed(text[6:] if text.startswith("error:") else text or "the sandbox died")
 
 
@@ -1521,10 +1585,16 @@ def enter_user_namespace() -> None:
             raise OSError(errno.EPERM, "newgidmap failed after newuidmap: check /etc/subgid")
 
 
-def _id_map(name: str) -> list[list[int]]:
-    """Our user namespace's id map: ``[inside, outside, count]`` lines."""
+def _id_map(name: str) -> list[tuple[int, int]]:
+    """Our user namespace's id map: ``(first id inside, count)`` of each line (the ids outside
+    are no business of the test process's)."""
+    ranges = []
     with open(f"/proc/self/{name}") as f:
-        return [[int(x) for x in line.split()] for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                inside, _outside, count = (int(x) for x in line.split())
+                ranges.append((inside, count))
+    return ranges
 
 
 def _no_user_namespace(e: OSError) -> str:
