@@ -25,48 +25,14 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 from pytest_envbox.sandbox.plan import SandboxPlan
 
 __all__ = [
-    "MAX_FRAME",
-    "MESSAGE_TYPES",
-    "CensusReply",
-    "CensusRequest",
-    "CgroupLimits",
-    "Done",
-    "ErrorReply",
-    "Event",
-    "ExecReply",
-    "ExecRequest",
-    "ExitedEvent",
-    "FrameReader",
-    "FreezeRequest",
-    "HealRequest",
-    "HelloReply",
-    "HelloRequest",
-    "KeepRequest",
-    "LinkRequest",
-    "Message",
-    "NetWiring",
-    "OwnDirRequest",
-    "PartitionRequest",
-    "PrepareRequest",
-    "ProtocolError",
-    "ReleaseRequest",
-    "Reply",
-    "Request",
-    "ShutdownReply",
-    "ShutdownRequest",
-    "SignalRequest",
-    "StartReply",
-    "StartRequest",
-    "StatsReply",
-    "StatsRequest",
-    "SupervisorDied",
-    "TcpCheckReply",
-    "TcpCheckRequest",
-    "Unsupported",
-    "decode",
-    "encode",
-    "recv_messages",
-]
+    "MAX_FRAME", "MESSAGE_TYPES", "CensusReply", "CensusRequest", "CgroupLimits", "Done",
+    "ErrorReply", "Event", "ExecReply", "ExecRequest", "ExitedEvent", "FrameReader",
+    "FreezeRequest", "Handlers", "HealRequest", "HelloReply", "HelloRequest", "KeepRequest",
+    "LinkRequest", "Message", "NetWiring", "OwnDirRequest", "PartitionRequest", "PrepareRequest",
+    "ProtocolError", "ReleaseRequest", "Reply", "ReplyT", "Request", "ShutdownReply", "ShutdownRequest",
+    "SignalRequest", "StartReply", "StartRequest", "StatsReply", "StatsRequest", "SupervisorDied",
+    "TcpCheckReply", "TcpCheckRequest", "Unsupported", "decode", "encode", "recv_messages",
+]  # fmt: skip
 
 _HEADER = struct.Struct(">I")
 #: The largest frame either end accepts (its JSON, not counting the 4-byte header).
@@ -417,6 +383,11 @@ class SupervisorDied(Event):
 
     TAG: ClassVar[str] = "supervisor_died"
     slot: str
+
+
+#: A concern's request handlers: each takes the request's id and the request, and returns the
+#: reply, or None when the reply comes later (a start, an exec).
+Handlers = dict[type[Message], Callable[[int, Any], Reply | None]]
 
 
 # --- the codec --------------------------------------------------------------------------------
