@@ -193,6 +193,8 @@ class SignalRequest(Request[Done]):
 
 @dataclass(frozen=True, slots=True)
 class TcpCheckReply(Reply):
+    """Whether the port accepted a connection."""
+
     TAG: ClassVar[str] = "tcp_check_reply"
     ok: bool
 
@@ -285,6 +287,8 @@ class StatsReply(Reply):
 
 @dataclass(frozen=True, slots=True)
 class StatsRequest(Request[StatsReply]):
+    """The figures of the slot's current run."""
+
     TAG: ClassVar[str] = "stats"
     slot: str
 
@@ -321,6 +325,8 @@ class CensusReply(Reply):
 
 @dataclass(frozen=True, slots=True)
 class CensusRequest(Request[CensusReply]):
+    """What the supervisor holds (for ``envbox ps`` and the teardown tests)."""
+
     TAG: ClassVar[str] = "census"
 
 
@@ -343,6 +349,8 @@ class ShutdownReply(Reply):
 
 @dataclass(frozen=True, slots=True)
 class ShutdownRequest(Request[ShutdownReply]):
+    """Tear everything down and exit, or detach with the environments to keep."""
+
     TAG: ClassVar[str] = "shutdown"
 
 
