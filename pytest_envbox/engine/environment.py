@@ -298,11 +298,11 @@ class Network:
         if both:
             raise ValueError(f"network.partition(): {sorted(both)} in both groups; a service "
                              "cannot be cut off from itself")  # fmt: skip
-        self._call("partition", PartitionRequest(self._env.id, a, b))
+        self._call(PartitionRequest(self._env.id, a, b))
 
     def heal(self) -> None:
         """Undo every partition."""
-        self._call("heal", HealRequest(self._env.id))
+        self._call(HealRequest(self._env.id))
 
     def _names(self, group: Iterable[str | ServiceHandle]) -> list[str]:
         if isinstance(group, str):
@@ -317,15 +317,15 @@ class Network:
             raise ValueError("network.partition(): each group needs at least one service")
         return names
 
-    def _call(self, op: str, request: PartitionRequest | HealRequest) -> None:
+    def _call(self, request: PartitionRequest | HealRequest) -> None:
         sup = self._env._sup
         if sup is None:
-            if op == "heal":
+            if isinstance(request, HealRequest):
                 return
             raise EnvboxError("network.partition(): the environment is not open")
         try:
             sup.call(request)
         except SupervisorError as e:
-            raise EnvboxError(f"network.{op}() failed: {e}") from None
+            raise EnvboxError(f"network.{request.TAG}() failed: {e}") from None
 
 

@@ -63,7 +63,7 @@ from pytest_envbox.supervisor.spares import Spares
 from pytest_envbox.supervisor.sync import Pending
 from pytest_envbox.supervisor.userns import enter_user_namespace, id_map, no_user_namespace
 
-__all__ = ["Supervisor", "main"]
+__all__ = ["Supervisor", "handler_table", "main"]
 
 
 class Supervisor:
@@ -115,12 +115,7 @@ class Supervisor:
         self.service_cgroups = ServiceCgroups(self)
         self.execs = Execs(self)
         self.services = Services(self, LinuxSlotKernel(self))
-        #: Each request's handler, from the concern it belongs to.
-        self.handlers: Handlers = {
-            HelloRequest: self.hello, CensusRequest: self.census, ShutdownRequest: self.shutdown,
-            **self.services.handlers(), **self.spares.handlers(), **self.network.handlers(),
-            **self.service_cgroups.handlers(), **self.execs.handlers(), **self.record.handlers(),
-        }  # fmt: skip
+        self.handlers = handler_table(self)
         self.spares.start_zygote()
 
     def _stop(self) -> None:
@@ -305,6 +300,23 @@ class Supervisor:
             self.network.drop_hub(env)
         with contextlib.suppress(Exception):
             self.cgroups.remove()
+
+
+def handler_table(sup: Supervisor) -> Handlers:
+    """Each request's handler, from the table of the concern it belongs to (a request type
+    claimed twice is a bug)."""
+    tables: list[Handlers] = [
+        {HelloRequest: sup.hello, CensusRequest: sup.census, ShutdownRequest: sup.shutdown},
+        sup.services.handlers(), sup.spares.handlers(), sup.network.handlers(),
+        sup.service_cgroups.handlers(), sup.execs.handlers(), sup.record.handlers(),
+    ]  # fmt: skip
+    table: Handlers = {}
+    for t in tables:
+        for request_type, handler in t.items():
+            if request_type in table:
+                raise RuntimeError(f"two handlers for {request_type.__name__}")
+            table[request_type] = handler
+    return table
 
 
 def main(fd: int | None = None) -> None:

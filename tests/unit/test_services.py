@@ -333,3 +333,24 @@ def test_release_drops_the_network_after_its_last_service(
     assert kernel.cgroups == set() and services.slots == {} and services.inits == {}
     assert host.disowned == ["/tmp/envbox-x"]
     assert len(kernel.called("end_init")) == 2
+
+
+def test_every_request_type_has_exactly_one_handler_in_the_supervisors_table() -> None:
+    from types import SimpleNamespace
+
+    from pytest_envbox.supervisor import protocol
+    from pytest_envbox.supervisor.exec import Execs
+    from pytest_envbox.supervisor.limits import ServiceCgroups
+    from pytest_envbox.supervisor.network import Network
+    from pytest_envbox.supervisor.records import RunRecord
+    from pytest_envbox.supervisor.server import handler_table
+    from pytest_envbox.supervisor.spares import Spares
+
+    sup = SimpleNamespace(hello=print, census=print, shutdown=print,
+                          services=Services(FakeHost(), FakeKernel()))  # type: ignore[arg-type]  # fmt: skip
+    for name, concern in (("spares", Spares), ("network", Network), ("execs", Execs),
+                          ("service_cgroups", ServiceCgroups), ("record", RunRecord)):  # fmt: skip
+        setattr(sup, name, concern(sup))  # type: ignore[arg-type]
+    table = handler_table(sup)  # type: ignore[arg-type]
+    requests = {t for t in protocol.MESSAGE_TYPES if issubclass(t, protocol.Request)}
+    assert set(table) == requests
