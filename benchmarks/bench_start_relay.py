@@ -343,12 +343,12 @@ def instrument_supervisor_calls() -> Iterator[dict[str, list[float]]]:
     per_op: dict[str, list[float]] = defaultdict(list)
     orig = _client.SupervisorClient.call
 
-    def timed(self: Any, op: str, **kw: Any) -> dict[str, Any]:
+    def timed(self: Any, request: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return orig(self, op, **kw)
+            return orig(self, request)
         finally:
-            per_op[op].append(time.perf_counter() - t0)
+            per_op[request.TAG].append(time.perf_counter() - t0)
 
     _client.SupervisorClient.call = timed  # type: ignore[method-assign]
     try:

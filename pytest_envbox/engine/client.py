@@ -12,20 +12,45 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from pytest_envbox.errors import EnvboxError, HostUnsupported
-from pytest_envbox.supervisor.protocol import FrameReader, encode, recv_messages
+from pytest_envbox.supervisor.protocol import (
+    ErrorReply,
+    ExitedEvent,
+    FrameReader,
+    HelloRequest,
+    Reply,
+    ReplyT,
+    Request,
+    ShutdownRequest,
+    SupervisorDied,
+    encode,
+    recv_messages,
+)
 
-EventHandler = Callable[[dict[str, Any]], None]
+__all__ = [
+    "EventHandler",
+    "SupervisorClient",
+    "SupervisorError",
+    "get_supervisor",
+    "rootless",
+    "set_rootless_mode",
+    "shutdown_supervisor",
+]
+
+EventHandler = Callable[[ExitedEvent | SupervisorDied], None]
 
 
 class SupervisorError(EnvboxError):
-    """The supervisor refused an operation or died; ``setup`` marks a sandbox setup failure."""
+    """The supervisor refused an operation, failed to carry it out, or died."""
 
-    def __init__(self, message: str, *, setup: bool = False) -> None:
-        super().__init__(message)
-        self.setup = setup
+
+def _raise(error: ErrorReply) -> None:
+    """The one place where the supervisor's error replies become exceptions."""
+    if error.kind == "unsupported":
+        raise HostUnsupported(error.message)
+    raise SupervisorError(error.message)
 
 
 #: ``auto`` (rootless when not root), ``yes`` or ``no``: from ``--envbox-rootless``, or the
@@ -82,7 +107,7 @@ class SupervisorClient:
         self._sock = ours
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[threading.Event, list[dict[str, Any]]]] = {}
+        self._waiting: dict[int, tuple[threading.Event, list[Reply]]] = {}
         self._handlers: dict[str, EventHandler] = {}
         self._lock = threading.Lock()
         self.dead = False
@@ -90,21 +115,19 @@ class SupervisorClient:
         self._reader = threading.Thread(target=self._read_loop, name="envbox-supervisor", daemon=True)
         self._reader.start()
         try:
-            hello = self.call("hello", watch=_processes_to_outlive())
-        except SupervisorError as e:
-            if "unsupported:" in str(e):
-                self.close()
-                raise HostUnsupported(str(e).split("unsupported:", 1)[1]) from None
+            hello = self.call(HelloRequest(watch=_processes_to_outlive()))
+        except HostUnsupported:
+            self.close()
             raise
-        self.pid: int = hello["pid"]
-        #: ``{"version": "v1"|"v2"|"hybrid"|"none", "problem": None or why cgroups are unusable}``
-        self.cgroups: dict[str, Any] = hello.get("cgroups") or {"version": "none", "problem": None}
-        #: the id maps of its user namespace, ``{"uid": [[inside, outside, count]...], "gid": ...}``
-        self.ids: dict[str, list[list[int]]] = hello.get("ids") or {}
+        self.pid = hello.pid
+        #: why the supervisor's cgroups are unusable (no limits, stats, pause), None if they are
+        self.cgroup_problem = hello.cgroup_problem
+        #: the id maps of its user namespace, ``{"uid": [(first inside, count)...], "gid": ...}``
+        self.ids = {"uid": hello.uid_map, "gid": hello.gid_map}
 
     def maps(self, kind: str, ident: int) -> bool:
         """Is ``ident`` (a uid or gid inside) mapped in the supervisor's user namespace?"""
-        return any(start <= ident < start + count for start, _out, count in self.ids.get(kind, []))
+        return any(start <= ident < start + count for start, count in self.ids.get(kind, []))
 
     def _read_loop(self) -> None:
         reader = FrameReader()
@@ -115,14 +138,16 @@ class SupervisorClient:
                 msgs = None
             if msgs is None:
                 break
-            for msg in msgs:
-                if "event" in msg:
-                    handler = self._handlers.get(msg.get("slot", ""))
+            for req_id, msg in msgs:
+                if isinstance(msg, ExitedEvent):
+                    handler = self._handlers.get(msg.slot)
                     if handler is not None:
                         handler(msg)
                     continue
+                if not isinstance(msg, Reply) or req_id is None:
+                    continue  # nothing else comes from the supervisor
                 with self._lock:
-                    waiter = self._waiting.pop(msg["id"], None)
+                    waiter = self._waiting.pop(req_id, None)
                 if waiter is not None:
                     waiter[1].append(msg)
                     waiter[0].set()
@@ -134,34 +159,39 @@ class SupervisorClient:
         for ev, _ in waiting:
             ev.set()
         for slot, handler in handlers:
-            handler({"event": "supervisor_died", "slot": slot})
+            handler(SupervisorDied(slot))
 
-    def call(self, op: str, **kw: Any) -> dict[str, Any]:
-        """Send one request and wait for its answer; raise :class:`SupervisorError` on failure."""
+    def call(self, request: Request[ReplyT]) -> ReplyT:
+        """Send one request and wait for its reply.
+
+        Raises :class:`~pytest_envbox.errors.HostUnsupported` when the host lacks what it needs,
+        :class:`SupervisorError` when it fails otherwise (or the supervisor died).
+        """
         req_id = next(self._ids)
         done = threading.Event()
-        box: list[dict[str, Any]] = []
+        box: list[Reply] = []
         with self._lock:
             if self.dead:
                 raise SupervisorError("the envbox supervisor process has died")
             self._waiting[req_id] = (done, box)
         with self._send_lock:
-            self._sock.sendall(encode({"id": req_id, "op": op, **kw}))
+            self._sock.sendall(encode(request, req_id))
         done.wait()
         if not box:
             raise SupervisorError("the envbox supervisor process has died")
-        msg = box[0]
-        if msg.get("error"):
-            raise SupervisorError(msg["error"], setup=bool(msg.get("setup")))
-        return msg
+        reply = box[0]
+        if isinstance(reply, ErrorReply):
+            _raise(reply)
+        # Each request is answered by its own reply type (or an error): see protocol.py.
+        return cast(ReplyT, reply)
 
-    def send(self, op: str, **kw: Any) -> None:
-        """Send a request without waiting for its answer (errors are then ignored)."""
+    def send(self, request: Request[Reply]) -> None:
+        """Send a request without waiting for its reply (errors are then ignored)."""
         with self._lock:
             if self.dead:
                 raise SupervisorError("the envbox supervisor process has died")
         with self._send_lock:
-            self._sock.sendall(encode({"id": next(self._ids), "op": op, **kw}))
+            self._sock.sendall(encode(request, next(self._ids)))
 
     def on_event(self, slot: str, handler: EventHandler | None) -> None:
         with self._lock:
@@ -179,7 +209,7 @@ class SupervisorClient:
         kept = None
         if not self.dead:
             with contextlib.suppress(EnvboxError, OSError):
-                kept = self.call("shutdown").get("kept")
+                kept = self.call(ShutdownRequest()).kept
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         if kept:
@@ -230,10 +260,3 @@ def shutdown_supervisor() -> None:
 
 atexit.register(shutdown_supervisor)
 
-
-def unsupported(e: SupervisorError, prefix: str = "") -> HostUnsupported | None:
-    """The supervisor's ``unsupported:<why and fix>`` answer as a HostUnsupported, else None."""
-    text = str(e)
-    if "unsupported:" not in text:
-        return None
-    return HostUnsupported(prefix + text.split("unsupported:", 1)[1])

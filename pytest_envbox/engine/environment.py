@@ -25,17 +25,12 @@ from types import TracebackType
 from typing import Any
 
 from pytest_envbox.config import Catalog, select, start_levels
-from pytest_envbox.engine.client import (
-    SupervisorClient,
-    SupervisorError,
-    get_supervisor,
-    rootless,
-    unsupported,
-)
+from pytest_envbox.engine.client import SupervisorClient, SupervisorError, get_supervisor, rootless
 from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_level, stop_all
 from pytest_envbox.engine.planning import DEFAULT_SUBNET, Subnet, check_cgroups, check_ids, plan_for
 from pytest_envbox.errors import EnvboxError, HostUnsupported
 from pytest_envbox.spec import Service
+from pytest_envbox.supervisor.protocol import HealRequest, KeepRequest, OwnDirRequest, PartitionRequest
 
 __all__ = [
     "Environment",
@@ -165,7 +160,7 @@ class Environment:
             self.workdir = self._given_workdir
         else:
             self.workdir = Path(tempfile.mkdtemp(prefix="envbox-"))
-            self._sup.send("own_dir", path=str(self.workdir), own=True)
+            self._sup.send(OwnDirRequest(str(self.workdir), own=True))
         try:
             self._list_hosts(self._specs.values(), fresh=True)
             self._start_levels(self._levels)
@@ -285,7 +280,7 @@ class Environment:
         handles = [self._handles[n] for n in reversed(self._order)]
         if self._keep_reason is not None and any(h.running for h in handles):
             with contextlib.suppress(EnvboxError, OSError):
-                self._sup.call("keep", env=self.id, why=self._keep_reason)
+                self._sup.call(KeepRequest(self.id, self._keep_reason))
                 self._kept = True
         if self._kept:
             if self.on_close is not None:
@@ -325,11 +320,11 @@ class Network:
         if both:
             raise ValueError(f"network.partition(): {sorted(both)} in both groups; a service "
                              "cannot be cut off from itself")  # fmt: skip
-        self._call("partition", a=a, b=b)
+        self._call(PartitionRequest(self._env.id, a, b))
 
     def heal(self) -> None:
         """Undo every partition."""
-        self._call("heal")
+        self._call(HealRequest(self._env.id))
 
     def _names(self, group: Iterable[str | ServiceHandle]) -> list[str]:
         if isinstance(group, str):
@@ -344,15 +339,15 @@ class Network:
             raise ValueError("network.partition(): each group needs at least one service")
         return names
 
-    def _call(self, op: str, **kw: Any) -> None:
+    def _call(self, request: PartitionRequest | HealRequest) -> None:
         sup = self._env._sup
         if sup is None:
-            if op == "heal":
+            if isinstance(request, HealRequest):
                 return
             raise EnvboxError("network.partition(): the environment is not open")
         try:
-            sup.call(op, env=self._env.id, **kw)
+            sup.call(request)
         except SupervisorError as e:
-            raise unsupported(e) or EnvboxError(f"network.{op}() failed: {e}") from None
+            raise EnvboxError(f"network.{request.TAG}() failed: {e}") from None
 
 

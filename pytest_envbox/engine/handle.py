@@ -13,14 +13,29 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_envbox.engine import readiness
-from pytest_envbox.engine.client import SupervisorClient, SupervisorError, unsupported
-from pytest_envbox.errors import EnvboxError, ServiceFailed
+from pytest_envbox.engine.client import SupervisorClient, SupervisorError
+from pytest_envbox.errors import EnvboxError, HostUnsupported, ServiceFailed
 from pytest_envbox.kernel.cgroups import format_memory
 from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.spec import HttpProbe, Service
+from pytest_envbox.supervisor.protocol import (
+    CgroupLimits,
+    ExecRequest,
+    ExitedEvent,
+    FreezeRequest,
+    LinkRequest,
+    NetWiring,
+    PrepareRequest,
+    ReleaseRequest,
+    SignalRequest,
+    StartRequest,
+    StatsRequest,
+    SupervisorDied,
+    TcpCheckRequest,
+)
 
 if TYPE_CHECKING:
     import requests
@@ -52,10 +67,10 @@ class Link:
 
     def down(self) -> None:
         """Cut the service's link: connections to and from it fail until ``up()``."""
-        self._do("down")
+        self._do(LinkRequest(self._h._slot, "down"))
 
     def up(self) -> None:
-        self._do("up")
+        self._do(LinkRequest(self._h._slot, "up"))
 
     def delay(self, ms: float, jitter_ms: float = 0) -> None:
         """Delay packets to the service by ``ms`` milliseconds (plus or minus ``jitter_ms``)."""
@@ -63,7 +78,7 @@ class Link:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"link.delay(): {key} must be a number of milliseconds >= 0, "
                                  f"not {v!r}")  # fmt: skip
-        self._do("delay", delay_ms=float(ms), jitter_ms=float(jitter_ms))
+        self._do(LinkRequest(self._h._slot, "delay", delay_ms=float(ms), jitter_ms=float(jitter_ms)))
 
     def loss(self, percent: float) -> None:
         """Drop ``percent`` % of the packets crossing the link, each way, at random.
@@ -72,19 +87,20 @@ class Link:
         """
         if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
             raise ValueError(f"link.loss(): percent must be a number from 0 to 100, not {percent!r}")
-        self._do("loss", percent=round(percent))
+        self._do(LinkRequest(self._h._slot, "loss", percent=round(percent)))
 
     def clear(self) -> None:
         """Remove every fault from the link: no delay, no loss, link up."""
-        self._do("clear")
+        self._do(LinkRequest(self._h._slot, "clear"))
 
-    def _do(self, action: str, **kw: Any) -> None:
+    def _do(self, request: LinkRequest) -> None:
         h = self._h
         try:
-            h._sup.call("link", slot=h._slot, action=action, **kw)
+            h._sup.call(request)
+        except HostUnsupported as e:
+            raise HostUnsupported(f"service {h.name!r}: {e}") from None
         except SupervisorError as e:
-            raise (unsupported(e, f"service {h.name!r}: ")
-                   or EnvboxError(f"service {h.name!r}: link.{action}() failed: {e}")) from None
+            raise EnvboxError(f"service {h.name!r}: link.{request.action}() failed: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -144,7 +160,7 @@ class ServiceHandle:
     """A running (or stopped) service of an :class:`~pytest_envbox.Environment`."""
 
     def __init__(self, spec: Service, plan: SandboxPlan, sup: SupervisorClient, *, env_id: str,
-                 wire: dict[str, Any], workdir: Path,
+                 wire: NetWiring, workdir: Path,
                  on_ready: Callable[[ServiceHandle], None] | None = None) -> None:  # fmt: skip
         """Made by :class:`~pytest_envbox.Environment` (never by a user): ``wire`` is the
         service's address on the environment's network, ``on_ready`` its readiness callback."""
@@ -225,7 +241,7 @@ class ServiceHandle:
     @property
     def ip(self) -> str:
         """The service's address on the environment's private network (it keeps it on restart)."""
-        return str(self._net["ip"])
+        return self._net.ip
 
     # --- ports and HTTP -----------------------------------------------------------------------
 
@@ -320,11 +336,10 @@ class ServiceHandle:
         The figures of the current run: a restarted service starts from zero.
         """
         try:
-            r = self._sup.call("stats", slot=self._slot)
-        except SupervisorError as e:
+            r = self._sup.call(StatsRequest(self._slot))
+        except (HostUnsupported, SupervisorError) as e:
             raise self._cgroup_error(e, "stats()") from None
-        return Stats(int(r["memory_bytes"]), int(r["memory_peak_bytes"]), float(r["cpu_seconds"]),
-                     int(r["pids"]), int(r["oom_kills"]))  # fmt: skip
+        return Stats(r.memory_bytes, r.memory_peak_bytes, r.cpu_seconds, r.pids, r.oom_kills)
 
     def pause(self) -> None:
         """Freeze every process of the service (cgroup freezer): no cpu, no progress, until resume()."""
@@ -340,13 +355,14 @@ class ServiceHandle:
                                 reason=f"is not running (return code {self._returncode}): cannot "
                                 f"{'pause' if frozen else 'resume'} it")  # fmt: skip
         try:
-            self._sup.call("freeze", slot=self._slot, frozen=frozen)
-        except SupervisorError as e:
+            self._sup.call(FreezeRequest(self._slot, frozen))
+        except (HostUnsupported, SupervisorError) as e:
             raise self._cgroup_error(e, "pause()" if frozen else "resume()") from None
 
-    def _cgroup_error(self, e: SupervisorError, what: str) -> EnvboxError:
-        return (unsupported(e, f"service {self.name!r}: {what} needs cgroups; ")
-                or EnvboxError(f"service {self.name!r}: {what} failed: {e}"))
+    def _cgroup_error(self, e: HostUnsupported | SupervisorError, what: str) -> EnvboxError:
+        if isinstance(e, HostUnsupported):
+            return HostUnsupported(f"service {self.name!r}: {what} needs cgroups; {e}")
+        return EnvboxError(f"service {self.name!r}: {what} failed: {e}")
 
     def exec(self, argv: Sequence[str] | str, *, timeout: float | None = 60.0,
              input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
@@ -365,42 +381,43 @@ class ServiceHandle:
                                 reason=f"is not running (return code {self._returncode}): "
                                 "cannot exec in it")  # fmt: skip
         try:
-            r = self._sup.call("exec", slot=self._slot, plan=self._plan.to_dict(), argv=args,
-                               input=input, timeout=timeout)  # fmt: skip
+            r = self._sup.call(ExecRequest(self._slot, self._plan, args, input, timeout))
         except SupervisorError as e:
             raise EnvboxError(f"service {self.name!r}: cannot exec {args[0]!r}: {e}") from None
-        stdout, stderr = r["stdout"], r["stderr"]
-        if r.get("exec_error"):
-            stderr += f"envbox: {r['exec_error']}\n"
-        if r["timed_out"]:
+        stdout, stderr = r.stdout, r.stderr
+        if r.exec_error:
+            stderr += f"envbox: {r.exec_error}\n"
+        if r.timed_out:
             raise subprocess.TimeoutExpired(args, timeout or 0.0, stdout, stderr)
-        return subprocess.CompletedProcess(args, r["returncode"], stdout, stderr)
+        return subprocess.CompletedProcess(args, r.returncode, stdout, stderr)
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _signal(self, sig: int, target: str, *, wait: bool = True, thaw: bool = False) -> None:
-        (self._sup.call if wait else self._sup.send)("signal", slot=self._slot, sig=int(sig),
-                                                       target=target, thaw=thaw)  # fmt: skip
+    def _signal(self, sig: int, target: Literal["main", "init"], *, wait: bool = True,
+                thaw: bool = False) -> None:  # fmt: skip
+        request = SignalRequest(self._slot, int(sig), target, thaw)
+        if wait:
+            self._sup.call(request)
+        else:
+            self._sup.send(request)
 
-    def _on_event(self, msg: dict[str, Any]) -> None:
-        if msg["event"] == "supervisor_died":
+    def _on_event(self, msg: ExitedEvent | SupervisorDied) -> None:
+        if isinstance(msg, SupervisorDied):
             self._reason = "was lost: the envbox supervisor process died"
             self._exited.set()
             return
         with self._lock:
-            if msg.get("generation") != self._generation:
+            if msg.generation != self._generation:
                 return
-            self._returncode = int(msg["returncode"])
-            self._oom_kills = int(msg.get("oom_kills") or 0)
+            self._returncode = msg.returncode
+            self._oom_kills = msg.oom_kills
             if self._runs and self._runs[-1].stopped is None:
-                figures = msg.get("stats") or {}
-                peak, cpu = figures.get("memory_peak_bytes"), figures.get("cpu_seconds")
                 self._runs[-1] = replace(
                     self._runs[-1], stopped=time.time(), returncode=self._returncode,
-                    oom_kills=self._oom_kills, memory_peak_bytes=None if peak is None else int(peak),
-                    cpu_seconds=None if cpu is None else float(cpu))  # fmt: skip
+                    oom_kills=self._oom_kills, memory_peak_bytes=msg.memory_peak_bytes,
+                    cpu_seconds=msg.cpu_seconds)  # fmt: skip
             # 137 is the OOM killer's SIGKILL unless the supervisor sent one (stop(), kill()).
-            if self._oom_kills and self._returncode == 128 + signal.SIGKILL and not msg.get("killed"):
+            if self._oom_kills and self._returncode == 128 + signal.SIGKILL and not msg.killed:
                 self._reason = (f"was OOM-killed ({memory_limit_text(self.spec)}), "
                                 f"return code {self._returncode}")  # fmt: skip
             elif self._oom_kills:  # a child was killed; the main process exited by itself
@@ -441,19 +458,18 @@ class ServiceHandle:
             # The first start also creates the service's network namespace and publishes its
             # ports; both outlive restarts, so a restarted service keeps its host ports.
             lim = self.spec.limits
-            r = self._sup.call("start", slot=self._slot, plan=self._plan.to_dict(),
-                               log_path=str(self.log_path), ports=ports,
-                               generation=self._generation, net=self._net,
-                               limits={"memory": lim.memory, "cpu": lim.cpu, "pids": lim.pids})  # fmt: skip
+            r = self._sup.call(StartRequest(
+                self._slot, self._plan, str(self.log_path), ports, self._generation,
+                CgroupLimits(lim.memory, lim.cpu, lim.pids), self._net))  # fmt: skip
+        except HostUnsupported:
+            self._exited.set()
+            raise
         except SupervisorError as e:
             self._exited.set()
-            refused = unsupported(e)
-            if refused is not None:
-                raise refused from None
             raise ServiceFailed(self.name, None, readiness.log_tail(self.log_path),
                                 reason=f"could not be started: {e}") from None  # fmt: skip
-        self._pid = r["pid"]
-        self._ports = {int(p): hp for p, hp in r["ports"].items()}
+        self._pid = r.pid
+        self._ports = r.ports
 
     def _wait_ready(self) -> None:
         readiness.wait_ready(_ReadinessView(self), self.spec.ready)
@@ -469,7 +485,7 @@ class ServiceHandle:
                                 reason=self._reason)  # fmt: skip
 
     def _tcp_check(self, port: int) -> bool:
-        return bool(self._sup.call("tcp_check", slot=self._slot, port=port)["ok"])
+        return self._sup.call(TcpCheckRequest(self._slot, port)).ok
 
     def _forget(self) -> None:
         self._sup.on_event(self._slot, None)
@@ -542,7 +558,7 @@ def start_level(sup: SupervisorClient, handles: Sequence[ServiceHandle]) -> None
         handles[0]._spawn()
         handles[0]._wait_ready()
         return
-    sup.send("prepare", count=len(handles))
+    sup.send(PrepareRequest(len(handles)))
     with ThreadPoolExecutor(max_workers=len(handles)) as pool:
         for step in (ServiceHandle._spawn, ServiceHandle._wait_ready):
             futures = [pool.submit(step, h) for h in handles]
@@ -577,6 +593,6 @@ def stop_all(sup: SupervisorClient, handles: Sequence[ServiceHandle], disown: st
         with contextlib.suppress(EnvboxError, OSError):
             h._await_exit(h.spec.stop_timeout)
     with contextlib.suppress(EnvboxError, OSError):
-        sup.call("release", slots=[h._slot for h in handles], disown=disown)
+        sup.call(ReleaseRequest([h._slot for h in handles], disown))
     for h in handles:
         h._forget()

@@ -13,12 +13,12 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import astuple
 from pathlib import Path
-from typing import Any
 
 from pytest_envbox.engine.client import SupervisorClient, rootless
 from pytest_envbox.errors import ConfigError, HostUnsupported
 from pytest_envbox.sandbox.plan import HOME, SandboxPlan
 from pytest_envbox.spec import Service, parse_subnet
+from pytest_envbox.supervisor.protocol import NetWiring
 
 __all__ = ["DEFAULT_SUBNET", "Subnet", "check_cgroups", "check_ids", "plan_for"]
 
@@ -50,8 +50,8 @@ class Subnet:
                                   f"{name!r}; choose a larger subnet") from None  # fmt: skip
         return self.assigned[name]
 
-    def wire(self, name: str) -> dict[str, Any]:
-        return {"ip": self.address(name), "prefix": self.network.prefixlen, "gateway": self.gateway}
+    def wire(self, name: str) -> NetWiring:
+        return NetWiring(self.address(name), self.network.prefixlen, self.gateway)
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -175,7 +175,7 @@ _warned_no_cgroups = False
 def check_cgroups(sup: SupervisorClient, specs: Iterable[Service]) -> None:
     """Refuse limits where cgroups cannot be written, before anything starts; else warn once."""
     global _warned_no_cgroups
-    problem = sup.cgroups.get("problem")
+    problem = sup.cgroup_problem
     if not problem:
         return
     limited = [s.name for s in specs if any(v is not None for v in astuple(s.limits))]

@@ -13,10 +13,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pytest_envbox.kernel.cgroups import RUN_PREFIX, _is_stale
+from pytest_envbox.kernel.cgroups import RUN_PREFIX, _is_stale, run_name
+from pytest_envbox.supervisor.protocol import Done, Handlers, KeepRequest, OwnDirRequest
+
+if TYPE_CHECKING:
+    from pytest_envbox.supervisor.server import Supervisor
+
+__all__ = ["RunRecord", "StateWriter", "clean_stale", "janitor", "outer_uid", "remove", "runs",
+           "state_dir", "write"]  # fmt: skip
 
 
 def outer_uid() -> int:
@@ -146,3 +155,102 @@ def _remove_dirs(record_path: str) -> list[str]:
             shutil.rmtree(real, ignore_errors=True)
             gone.append(real)
     return gone
+
+
+class RunRecord:
+    """This supervisor's own record (for ``envbox ps``), rewritten when idle once ``dirty``;
+    and the directories to delete if the test process dies before it can."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.name = run_name(os.getpid())
+        self.dirty = False
+        self.dirs: set[str] = set()
+        self.writer: StateWriter | None = None  # started on first use (after the zygote)
+
+    def handlers(self) -> Handlers:
+        return {OwnDirRequest: self.own_dir, KeepRequest: self.keep}
+
+    def write(self) -> None:
+        """This run's record for ``envbox ps``: whose it is, its services' pids and addresses."""
+        self.dirty = False
+        sup = self.sup
+        envs: dict[str, dict[str, Any]] = {}
+        for slot, s in sup.services.slots.items():
+            env, _, name = slot.partition("/")
+            envs.setdefault(env, {})[name] = {"pid": s.main_pid, "init": s.init_pid, "ip": s.ip}
+        tests = [sup.test_pid, *(p for p in sup.watched if p != sup.test_pid)]
+        record = {"supervisor": os.getpid(), "owner": outer_uid(), "tests": tests,
+                  "cwd": os.getcwd(), "environments": envs, "kept": sup.kept,
+                  "dirs": sorted(self.dirs),
+                  "rootless": "in-userns" in sys.argv}  # fmt: skip
+        if self.writer is None:
+            self.writer = StateWriter(self.name)
+        self.writer.put(record)
+
+    def own_dir(self, req_id: int, req: OwnDirRequest) -> Done:
+        """Directories to delete if the test process dies before it can.
+
+        Recorded at once in the run's record: if this supervisor is SIGKILLed too, `envbox clean`
+        (or the next run) removes them."""
+        (self.dirs.add if req.own else self.dirs.discard)(req.path)
+        self.write()
+        return Done()
+
+    def keep(self, req_id: int, req: KeepRequest) -> Done:
+        """Keep environment ``env`` running after the test process ends (``--envbox-keep``)."""
+        self.sup.kept[req.env] = req.why
+        self.dirty = True
+        return Done()
+
+    def close(self) -> None:
+        """The owned directories go, then the record (its last write done first)."""
+        import shutil  # only here: the supervisor stays small, and so do its forks
+
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self.dirs.clear()
+        if self.writer is not None:
+            self.writer.close()  # its last write done before the record goes
+        with contextlib.suppress(OSError):
+            remove(self.name)
+
+
+class StateWriter:
+    """Writes the run's record on a thread of its own, the newest version only.
+
+    A write is a file replaced by rename, which on ext4 (``auto_da_alloc``) waits for the new
+    file's data to reach the disk: a millisecond or more under I/O load, which a request on the
+    loop would otherwise wait out (every ``open()`` of an environment records its directory).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cond = threading.Condition()
+        self.record: dict[str, Any] | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="state", daemon=True)
+        self.thread.start()
+
+    def put(self, record: dict[str, Any]) -> None:
+        with self.cond:
+            self.record = record  # an older one not yet written is superseded
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while self.record is None and not self.closed:
+                    self.cond.wait()
+                record, self.record = self.record, None
+                if record is None:
+                    return  # closed, and nothing left to write
+            with contextlib.suppress(OSError):
+                write(self.name, record)
+
+    def close(self) -> None:
+        """Write what is pending, then stop."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(timeout=5)

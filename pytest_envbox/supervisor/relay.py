@@ -23,6 +23,8 @@ import threading
 
 from pytest_envbox.kernel import linux as L
 
+__all__ = ["Relay"]
+
 _CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 

@@ -11,7 +11,7 @@ import pytest
 
 from pytest_envbox import Environment, Service, probe
 from pytest_envbox.engine.client import get_supervisor
-from pytest_envbox.supervisor.server import LOG_CAP, LOG_TAIL
+from pytest_envbox.supervisor.logs import LOG_CAP, LOG_TAIL
 from pytest_envbox.wait import Deadline, wait_until
 from tests.kernel import alive, cgroup_dirs, read_cgroup_file, rss_kib
 

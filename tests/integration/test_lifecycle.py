@@ -387,7 +387,7 @@ def test_pid_is_the_service_and_an_immediate_stop_is_graceful() -> None:
 
 def test_a_reaped_service_has_no_pid_to_signal() -> None:
     """The kernel reports a reaped process's pidfd as pid -1: never use it as a pid."""
-    from pytest_envbox.supervisor.server import _pidfd_pid
+    from pytest_envbox.supervisor.sync import pidfd_pid as _pidfd_pid
 
     child = subprocess.Popen(["true"])
     fd = os.pidfd_open(child.pid)

@@ -16,6 +16,7 @@ import requests
 
 from pytest_envbox import Environment, HostUnsupported, Service, probe
 from pytest_envbox.engine.client import SupervisorClient, get_supervisor
+from pytest_envbox.supervisor.protocol import CensusRequest
 from pytest_envbox.wait import Deadline, wait_until
 
 PY = sys.executable
@@ -176,9 +177,9 @@ def _net_namespaces(pid: int) -> set[str]:
 def _holds_nothing_but_its_own(sup: SupervisorClient) -> bool:
     """The supervisor holds its own namespace and, once networks were used, one hub made ahead:
     nothing of any environment (relay threads end as their connections close)."""
-    census = sup.call("census")
-    expected = 1 + int(census["spare_hubs"])
-    return not census["slots"] and not census["hubs"] and len(_net_namespaces(sup.pid)) == expected
+    census = sup.call(CensusRequest())
+    expected = 1 + int(census.spare_hubs)
+    return not census.slots and not census.hubs and len(_net_namespaces(sup.pid)) == expected
 
 
 def test_teardown_leaves_no_network_namespace_or_link() -> None:
@@ -189,7 +190,7 @@ def test_teardown_leaves_no_network_namespace_or_link() -> None:
             assert len(_net_namespaces(sup.pid)) >= 4  # its own, the hub, two services
             assert env["web"].http.get("/").text == "web"
     assert wait_until(lambda: _holds_nothing_but_its_own(sup) or None, Deadline(5)), (
-        sup.call("census"), _net_namespaces(sup.pid))
+        sup.call(CensusRequest()), _net_namespaces(sup.pid))
     assert sorted(os.listdir("/sys/class/net")) == before_links  # nothing on the host, ever
 
 
@@ -205,11 +206,11 @@ def test_the_next_environment_reuses_the_hub_and_inherits_nothing_from_it() -> N
         first.network.partition(["client"], ["web"])
         first["client"].link.loss(100)
         assert fetch(first, "http://web:8000/", timeout=1.0).startswith("failed")
-        hub = sup.call("census")["hub_netns"][first.id]
-    assert wait_until(lambda: sup.call("census")["spare_hubs"] >= 1 or None, Deadline(5))
+        hub = sup.call(CensusRequest()).hub_netns[first.id]
+    assert wait_until(lambda: sup.call(CensusRequest()).spare_hubs >= 1 or None, Deadline(5))
     with Environment([web("two"), client()]) as second:
         assert second["web"].ip == first["web"].ip  # the same address, a new MAC behind it
-        assert sup.call("census")["hub_netns"][second.id] == hub  # the same hub
+        assert sup.call(CensusRequest()).hub_netns[second.id] == hub  # the same hub
         assert second["web"].http.get("/", timeout=5).text == "two"
         assert fetch(second, "http://web:8000/", timeout=5.0) == "two"
         assert fetch(second, "http://client:8000/", timeout=1.0).startswith("failed")  # sanity
@@ -368,7 +369,7 @@ def test_200_environments_leave_the_host_as_it_was() -> None:
                 assert env["peer"].ip != env["client"].ip
     assert host_state() == before
     assert wait_until(lambda: _holds_nothing_but_its_own(sup) or None, Deadline(5)), (
-        sup.call("census"), _net_namespaces(sup.pid))
+        sup.call(CensusRequest()), _net_namespaces(sup.pid))
 
 
 def test_a_loopback_only_service_is_published_on_its_loopback_without_the_links_faults() -> None:

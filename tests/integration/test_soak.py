@@ -9,6 +9,7 @@ import pytest
 
 from pytest_envbox import Environment, Service, probe
 from pytest_envbox.engine.client import get_supervisor
+from pytest_envbox.supervisor.protocol import CensusRequest
 from pytest_envbox.wait import Deadline, wait_until
 from tests.conftest import cgroups_problem
 from tests.kernel import children, rss_kib
@@ -66,8 +67,8 @@ def test_hundreds_of_cycles_of_a_three_service_environment_leave_the_host_as_it_
     sup = get_supervisor().pid
 
     def settled() -> tuple[int, int, int, int] | None:
-        census = get_supervisor().call("census")
-        if census["slots"] or census["hubs"]:
+        census = get_supervisor().call(CensusRequest())
+        if census.slots or census.hubs:
             return None
         # Prepared ahead: at most one spare (an init and nothing below it) and one hub.
         return (len(descendants(sup)), fds(sup), fds(os.getpid()), len(run_dirs(sup)))
