@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pytest_envbox import probe
 from pytest_envbox.engine.environment import Environment
-from pytest_envbox.engine.handle import ServiceHandle, Stats
+from pytest_envbox.engine.figures import Stats
+from pytest_envbox.engine.handle import ServiceHandle
 from pytest_envbox.errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
 from pytest_envbox.spec import Limits, Mount, Service
 

@@ -25,17 +25,15 @@ from types import TracebackType
 from typing import Any
 
 from pytest_envbox.config import Catalog, select, start_levels
-from pytest_envbox.engine.client import SupervisorClient, SupervisorError, get_supervisor, rootless
+from pytest_envbox.engine.client import SupervisorClient, get_supervisor, rootless
+from pytest_envbox.engine.faults import Network
 from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_level, stop_all
 from pytest_envbox.engine.planning import DEFAULT_SUBNET, Subnet, check_cgroups, check_ids, plan_for
 from pytest_envbox.errors import EnvboxError, HostUnsupported
 from pytest_envbox.spec import Service
-from pytest_envbox.supervisor.protocol import HealRequest, KeepRequest, OwnDirRequest, PartitionRequest
+from pytest_envbox.supervisor.protocol import KeepRequest, OwnDirRequest
 
-__all__ = [
-    "Environment",
-    "Network",
-]
+__all__ = ["Environment"]
 
 _env_ids = itertools.count(1)
 
@@ -87,7 +85,8 @@ class Environment:
         self._handles: dict[str, ServiceHandle] = {}
         self._order: list[str] = []  # start order, for teardown in reverse
         self._listed: set[str] = set()  # services in the environment's /etc/hosts
-        self.network = Network(self)
+        self.network = Network(self.id, str(self._net.network), lambda: self._handles.keys(),
+                               lambda: self._sup)  # fmt: skip
         self._sup: SupervisorClient | None = None
         self._closed = False
         #: why the environment is to outlive the process (``--envbox-keep``), see ``keep()``
@@ -292,62 +291,3 @@ class Environment:
             shutil.rmtree(self.workdir, ignore_errors=True)
         if self.on_close is not None:
             self.on_close(self)
-
-
-class Network:
-    """An environment's private network (``env.network``): partitions between groups of services.
-
-    ``partition(["api"], ["cache", "db"])`` drops every packet between a service of the first
-    group and one of the second, both ways, until ``heal()``; other traffic, and the test's own
-    through published ports, is untouched. Partitions add up: each call cuts more pairs.
-    """
-
-    def __init__(self, env: Environment) -> None:
-        self._env = env
-
-    def __repr__(self) -> str:
-        return f"<Network of {self._env.id}: {self._env._net.network}>"
-
-    @property
-    def subnet(self) -> str:
-        return str(self._env._net.network)
-
-    def partition(self, group_a: Iterable[str | ServiceHandle],
-                  group_b: Iterable[str | ServiceHandle]) -> None:  # fmt: skip
-        """Cut all traffic between the services of ``group_a`` and those of ``group_b``."""
-        a, b = self._names(group_a), self._names(group_b)
-        both = set(a) & set(b)
-        if both:
-            raise ValueError(f"network.partition(): {sorted(both)} in both groups; a service "
-                             "cannot be cut off from itself")  # fmt: skip
-        self._call(PartitionRequest(self._env.id, a, b))
-
-    def heal(self) -> None:
-        """Undo every partition."""
-        self._call(HealRequest(self._env.id))
-
-    def _names(self, group: Iterable[str | ServiceHandle]) -> list[str]:
-        if isinstance(group, str):
-            group = [group]  # one name, not its letters
-        names = [g.name if isinstance(g, ServiceHandle) else g for g in group]
-        for n in names:
-            if n not in self._env._handles:
-                known = ", ".join(sorted(self._env._handles)) or "none"
-                raise KeyError(f"network.partition(): no service {n!r} in this environment; it "
-                               f"has: {known}")  # fmt: skip
-        if not names:
-            raise ValueError("network.partition(): each group needs at least one service")
-        return names
-
-    def _call(self, request: PartitionRequest | HealRequest) -> None:
-        sup = self._env._sup
-        if sup is None:
-            if isinstance(request, HealRequest):
-                return
-            raise EnvboxError("network.partition(): the environment is not open")
-        try:
-            sup.call(request)
-        except SupervisorError as e:
-            raise EnvboxError(f"network.{request.TAG}() failed: {e}") from None
-
-

@@ -11,14 +11,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_envbox.engine import readiness
 from pytest_envbox.engine.client import SupervisorClient, SupervisorError
+from pytest_envbox.engine.faults import Link
+from pytest_envbox.engine.figures import Run, Stats, memory_limit_text
 from pytest_envbox.errors import EnvboxError, HostUnsupported, ServiceFailed
-from pytest_envbox.kernel.cgroups import format_memory
 from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.spec import HttpProbe, Service
 from pytest_envbox.supervisor.protocol import (
@@ -26,7 +27,6 @@ from pytest_envbox.supervisor.protocol import (
     ExecRequest,
     ExitedEvent,
     FreezeRequest,
-    LinkRequest,
     NetWiring,
     PrepareRequest,
     ReleaseRequest,
@@ -41,104 +41,7 @@ if TYPE_CHECKING:
     import requests
 
 
-__all__ = ["Link", "Run", "ServiceHandle", "Stats", "memory_limit_text", "published_ports", "start_level",
-           "stop_all"]
-
-class Link:
-    """Faults on one service's network link (``handle.link``), for testing how others cope.
-
-    Applied on the environment's side of the service's veth pair, so they hit its traffic with
-    other services and with the test through a published port alike, and the service cannot undo
-    them. What each affects:
-
-    - ``down()`` / ``up()``: the link itself; nothing reaches the service or leaves it.
-    - ``delay(ms, jitter_ms=0)``: packets *to* the service wait ``ms`` (netem); a round trip
-      through it grows by ``ms``. Needs the kernel's ``sch_netem``; ``HostUnsupported`` otherwise.
-    - ``loss(percent)``: that share of packets is dropped at random, in each direction on its
-      own (a drop rule on the environment's bridge, nf_tables).
-    - ``clear()``: no delay, no loss, link up.
-    """
-
-    def __init__(self, handle: ServiceHandle) -> None:
-        self._h = handle
-
-    def __repr__(self) -> str:
-        return f"<Link of {self._h.name!r}>"
-
-    def down(self) -> None:
-        """Cut the service's link: connections to and from it fail until ``up()``."""
-        self._do(LinkRequest(self._h._slot, "down"))
-
-    def up(self) -> None:
-        self._do(LinkRequest(self._h._slot, "up"))
-
-    def delay(self, ms: float, jitter_ms: float = 0) -> None:
-        """Delay packets to the service by ``ms`` milliseconds (plus or minus ``jitter_ms``)."""
-        for key, v in (("ms", ms), ("jitter_ms", jitter_ms)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"link.delay(): {key} must be a number of milliseconds >= 0, "
-                                 f"not {v!r}")  # fmt: skip
-        self._do(LinkRequest(self._h._slot, "delay", delay_ms=float(ms), jitter_ms=float(jitter_ms)))
-
-    def loss(self, percent: float) -> None:
-        """Drop ``percent`` % of the packets crossing the link, each way, at random.
-
-        ``loss(100)`` drops everything (connections fail, the link stays up); ``loss(0)`` none.
-        """
-        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
-            raise ValueError(f"link.loss(): percent must be a number from 0 to 100, not {percent!r}")
-        self._do(LinkRequest(self._h._slot, "loss", percent=round(percent)))
-
-    def clear(self) -> None:
-        """Remove every fault from the link: no delay, no loss, link up."""
-        self._do(LinkRequest(self._h._slot, "clear"))
-
-    def _do(self, request: LinkRequest) -> None:
-        h = self._h
-        try:
-            h._sup.call(request)
-        except HostUnsupported as e:
-            raise HostUnsupported(f"service {h.name!r}: {e}") from None
-        except SupervisorError as e:
-            raise EnvboxError(f"service {h.name!r}: link.{request.action}() failed: {e}") from None
-
-
-@dataclass(frozen=True)
-class Stats:
-    """A service's resource use, from its cgroup (see :meth:`ServiceHandle.stats`).
-
-    ``memory_peak_bytes`` is the kernel's high-water mark where it keeps one (cgroup v1, and v2
-    from Linux 5.19), otherwise the highest value seen by ``stats()`` calls. ``oom_kills`` counts
-    processes of the service killed for exceeding its memory limit.
-    """
-
-    memory_bytes: int
-    memory_peak_bytes: int
-    cpu_seconds: float
-    pids: int
-    oom_kills: int
-
-
-@dataclass(frozen=True)
-class Run:
-    """One start of a service (see :attr:`ServiceHandle.runs`): when it started, became ready and
-    stopped, as Unix time (``time.time()``), and, once it has ended, how it ended and its cgroup's
-    totals.
-
-    ``ready`` is None until the readiness probe has passed (and stays None for a run that never
-    became ready); ``stopped``, ``returncode``, ``memory_peak_bytes`` and ``cpu_seconds`` are None
-    while it runs (the last two also without cgroups). ``oom_kills`` counts processes of the run
-    killed for exceeding its memory limit. ``Environment.report()`` writes each run as a JSON
-    object with these fields as keys, in this order.
-    """
-
-    started: float
-    ready: float | None = None
-    stopped: float | None = None
-    returncode: int | None = None
-    oom_kills: int = 0
-    memory_peak_bytes: int | None = None
-    cpu_seconds: float | None = None
+__all__ = ["ServiceHandle", "published_ports", "start_level", "stop_all"]
 
 
 def _make_session(base: str) -> requests.Session:
@@ -236,7 +139,7 @@ class ServiceHandle:
     def link(self) -> Link:
         """Faults on the service's network link: ``down()``, ``up()``, ``delay()``, ``loss()``,
         ``clear()`` (see :class:`Link`)."""
-        return Link(self)
+        return Link(self._sup, self._slot, self.name)
 
     @property
     def ip(self) -> str:
@@ -533,13 +436,6 @@ class _ReadinessView:
 
     def exec(self, argv: Sequence[str], *, timeout: float | None) -> subprocess.CompletedProcess[str]:
         return self._h.exec(argv, timeout=timeout)
-
-
-def memory_limit_text(spec: Service) -> str:
-    """The memory limit an OOM kill of ``spec``'s processes is blamed on, for messages:
-    ``"memory limit 48Mi"``, or ``"memory limit of a parent cgroup"`` when it declares none."""
-    limit = spec.limits.memory
-    return f"memory limit {format_memory(limit) if limit else 'of a parent cgroup'}"
 
 
 def published_ports(h: ServiceHandle) -> dict[int, int]:

@@ -21,7 +21,7 @@ import pytest
 from pytest_envbox.config import Catalog, load_project_config, merge_services
 from pytest_envbox.engine import report
 from pytest_envbox.engine.environment import Environment
-from pytest_envbox.engine.handle import memory_limit_text
+from pytest_envbox.engine.figures import memory_limit_text
 from pytest_envbox.engine.readiness import log_tail
 from pytest_envbox.errors import ConfigError, EnvboxError
 from pytest_envbox.spec import Service
