@@ -31,7 +31,7 @@ def _cgroup_check(root: bool) -> tuple[bool, str]:
         return False, (f"{host.describe()}; cgroup {host.version} hierarchies cannot be delegated "
                        "to a user: limits, stats() and pause() need root here (cgroup v2 with "
                        "a delegated subtree would do)")  # fmt: skip
-    # A dry run: it never moves the test run's processes (cgroups._vacate), it says it would.
+    # A dry run: it never moves the test run's processes (cgroups.delegation.vacate), it says it would.
     tree = cgroups.CgroupTree(host, cgroups.run_name(os.getpid()), may_move=False)
     try:
         if not tree.usable:
@@ -223,7 +223,7 @@ def _stop_kept(timeout: float = 15.0) -> int:
         except OSError:
             continue  # gone meanwhile
         try:
-            if cgroups._is_stale(name):  # the pid was reused: not that supervisor any more
+            if cgroups.is_stale(name):  # the pid was reused: not that supervisor any more
                 continue
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
             if not select.select([pidfd], [], [], timeout)[0]:

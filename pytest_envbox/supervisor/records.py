@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from pytest_envbox.kernel.cgroups import RUN_PREFIX, _is_stale
+from pytest_envbox.kernel.cgroups.runs import RUN_PREFIX, is_stale
 
 
 def outer_uid() -> int:
@@ -68,7 +68,7 @@ def runs(directory: str | None = None) -> list[tuple[str, dict[str, Any] | None]
         return []
     out: list[tuple[str, dict[str, Any] | None]] = []
     for name in names:
-        if _is_stale(name):
+        if is_stale(name):
             out.append((name, None))
             continue
         try:
@@ -113,7 +113,7 @@ def clean_stale(directory: str | None = None) -> list[str]:
     removed = []
     with contextlib.suppress(OSError):  # a supervisor killed while it wrote its record
         for n in os.listdir(d):
-            if n.startswith(RUN_PREFIX) and n.endswith(".json.tmp") and _is_stale(n[:-9]):
+            if n.startswith(RUN_PREFIX) and n.endswith(".json.tmp") and is_stale(n[:-9]):
                 os.unlink(os.path.join(d, n))
     for name, record in runs(d):
         if record is None:

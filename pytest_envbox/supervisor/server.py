@@ -1440,7 +1440,7 @@ def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int
         keep = [] if cgroup_fd is None else [cgroup_fd]
         close_fds_except([fd for fd, _ in ns_fds] + [*stdio, sync.fileno(), *keep])
         for path in cgroup_procs:  # into the service's cgroup: its limits count the command too
-            cgroups._write(path, "0")
+            cgroups.write(path, "0")
         for fd, nstype in ns_fds:
             L.setns(fd, nstype)
         pid = os.fork() if cgroup_fd is None else L.fork_with(0, cgroup_fd=cgroup_fd)
