@@ -11,9 +11,15 @@ import contextlib
 import errno
 import os
 import signal
-import time
 
-__all__ = ["keyed", "kill_dir", "read", "read_int", "rmdir", "rmtree", "thaw_tree", "tree_pids", "write"]
+from pytest_envbox.wait import Deadline, wait_until
+
+__all__ = ["RETRY", "keyed", "kill_dir", "read", "read_int", "rmdir", "rmtree", "thaw_tree", "tree_pids",
+           "write"]  # fmt: skip
+
+#: The pause between two looks at a cgroup that the kernel is still emptying or removing: short,
+#: since that takes it well under a millisecond, and a stop or a restart waits for it.
+RETRY = 0.001
 
 
 def write(path: str, value: str) -> None:
@@ -56,21 +62,25 @@ def keyed(path: str, key: str) -> int | None:
     return None
 
 
-def rmdir(path: str, deadline: float) -> None:
-    """Remove a cgroup directory; an emptied cgroup can take a moment to become removable."""
-    while True:
+def rmdir(path: str, deadline: Deadline) -> None:
+    """Remove a cgroup directory; an emptied cgroup can take a moment to become removable (EBUSY)."""
+
+    def removed() -> bool | None:
         try:
             os.rmdir(path)
-            return
         except FileNotFoundError:
-            return
+            pass
         except OSError as e:
-            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+            if e.errno != errno.EBUSY:
                 raise
-            time.sleep(0.001)
+            return None
+        return True
+
+    if wait_until(removed, deadline, interval=RETRY) is None:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
 
 
-def rmtree(d: str, deadline: float) -> None:
+def rmtree(d: str, deadline: Deadline) -> None:
     """Remove a cgroup and the cgroups below it, deepest first (cgroupfs has no recursive rmdir).
 
     One rmdir first: a service's cgroup rarely has cgroups below it, and walking a cgroup
@@ -114,6 +124,4 @@ def kill_dir(d: str) -> None:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         thaw_tree(d)
-    deadline = time.monotonic() + 2.0
-    while tree_pids(d) and time.monotonic() < deadline:
-        time.sleep(0.001)
+    wait_until(lambda: None if tree_pids(d) else True, Deadline(2.0), interval=RETRY)

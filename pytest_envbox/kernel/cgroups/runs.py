@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 
 from pytest_envbox.kernel.cgroups.cgroupfs import kill_dir, rmtree
 from pytest_envbox.kernel.cgroups.delegation import v2_base
 from pytest_envbox.kernel.cgroups.host import CgroupHost, detect
+from pytest_envbox.wait import Deadline
 
 __all__ = ["RUN_PREFIX", "clean_stale", "is_stale", "run_name"]
 
@@ -70,6 +70,6 @@ def clean_stale(host: CgroupHost | None = None) -> list[str]:
             run = os.path.join(own, name)
             with contextlib.suppress(OSError):
                 kill_dir(run)
-                rmtree(run, time.monotonic() + 2.0)
+                rmtree(run, Deadline(2.0))
                 removed.append(run)
     return removed

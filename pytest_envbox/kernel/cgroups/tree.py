@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import time
 
 from pytest_envbox.kernel.cgroups.cgroupfs import (
+    RETRY,
     keyed,
     kill_dir,
     read,
@@ -23,8 +23,13 @@ from pytest_envbox.kernel.cgroups.cgroupfs import (
 from pytest_envbox.kernel.cgroups.delegation import delegated, enable_controllers, movable, v2_base, vacate
 from pytest_envbox.kernel.cgroups.host import V2_CONTROLLERS, CgroupHost
 from pytest_envbox.kernel.cgroups.quantities import cpu_quota
+from pytest_envbox.wait import Deadline, wait_until
 
-__all__ = ["CgroupError", "CgroupTree", "ServiceCgroup"]
+__all__ = ["FREEZE_POLL", "CgroupError", "CgroupTree", "ServiceCgroup"]
+
+#: The pause between two looks at a freezer that is not done yet: a freeze usually completes in
+#: well under a millisecond, and a pause() or a stop waits for it.
+FREEZE_POLL = 0.0005
 
 
 class CgroupError(Exception):
@@ -180,7 +185,7 @@ class CgroupTree:
 
     def _remove_dirs(self) -> None:
         """Remove the run directories, with anything still below them (ours alone)."""
-        deadline = time.monotonic() + 2.0
+        deadline = Deadline(2.0)
         for d in {*self.v1.values(), *([self.unified] if self.unified else [])}:
             with contextlib.suppress(OSError):
                 if any(os.path.isdir(os.path.join(d, n)) for n in os.listdir(d)):
@@ -312,15 +317,14 @@ class ServiceCgroup:
 
     def _set_frozen(self, frozen: bool, timeout: float) -> None:
         f = self._freeze_file()
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         if f is not None:
             write(f, "1" if frozen else "0")
-            events = f"{self.unified}/cgroup.events"
-            while keyed(events, "frozen") != (1 if frozen else 0):
-                if time.monotonic() > deadline:
-                    raise CgroupError("the cgroup did not " + ("freeze" if frozen else "thaw")
-                                      + f" within {timeout:g} s")  # fmt: skip
-                time.sleep(0.0005)
+            events, done = f"{self.unified}/cgroup.events", 1 if frozen else 0
+            if wait_until(lambda: True if keyed(events, "frozen") == done else None, deadline,
+                          interval=FREEZE_POLL) is None:  # fmt: skip
+                raise CgroupError("the cgroup did not " + ("freeze" if frozen else "thaw")
+                                  + f" within {timeout:g} s")  # fmt: skip
             return
         if "freezer" not in self.dirs:
             raise CgroupError("no freezer here: neither cgroup.freeze (cgroup v2, Linux 5.2+) "
@@ -328,11 +332,15 @@ class ServiceCgroup:
         state = f"{self.dirs['freezer']}/freezer.state"
         want = "FROZEN" if frozen else "THAWED"
         write(state, want)
-        while read(state).strip() != want:
-            if time.monotonic() > deadline:
-                raise CgroupError(f"the cgroup did not reach {want} within {timeout:g} s")
-            write(state, want)
-            time.sleep(0.0005)
+
+        def reached() -> bool | None:
+            if read(state).strip() == want:
+                return True
+            write(state, want)  # still FREEZING: ask again (a task busy in the kernel may be done)
+            return None
+
+        if wait_until(reached, deadline, interval=FREEZE_POLL) is None:
+            raise CgroupError(f"the cgroup did not reach {want} within {timeout:g} s")
 
     def _dirs(self) -> list[str]:
         return [*dict.fromkeys(self.dirs.values()), *([self.unified] if self.unified else [])]
@@ -376,13 +384,11 @@ class ServiceCgroup:
 
         Return False (and leave them) when the processes did not die within ``timeout``.
         """
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         if not self.is_empty():
             self.kill()
-            while not self.is_empty():
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.001)
+            if wait_until(lambda: True if self.is_empty() else None, deadline, interval=RETRY) is None:
+                return False
         ok = True
         for d in self._dirs():
             try:
