@@ -349,7 +349,7 @@ class Supervisor:
             if into and cg is not None:  # a fork of ours moves itself in, the v1 way
                 for fd in fds:
                     os.close(fd)
-                fds, into = [os.open(f, os.O_WRONLY | os.O_CLOEXEC) for f in cg.procs_files()], False
+                fds, into = cg.placement(clone=False).open_procs(), False
             # The child is PID 1 of a new PID namespace (cloned so: unshare and setns back would
             # not do in rootless mode, where our own PID namespace is out of reach once left).
             # A raw clone is safe only in a single-threaded process, and we have relay threads:
@@ -373,26 +373,21 @@ class Supervisor:
         self.spares.append(_Spare(parent, cg))
 
     def _spare_cgroup(self) -> tuple[cgroups.ServiceCgroup | None, list[int], bool]:
-        """A new cgroup for the next spare, and how it gets in, off the start's path: on cgroup
-        v2 the zygote clones it straight in (the cgroup's directory fd, ``True``: no move at
-        all); otherwise the spare writes itself into the ``cgroup.procs`` files opened here."""
-        if not self.cgroups.usable:
-            return None, [], False
-        fds: list[int] = []
+        """A new cgroup for the next spare, and how it gets in as its backend says, off the
+        start's path: the zygote clones it straight in (the cgroup's directory fd, ``True``: no
+        move at all, cgroup v2), or the spare writes itself into the ``cgroup.procs`` files
+        opened here. None without cgroups (CgroupsUnavailable) or when the kernel refused."""
         cg = None
         try:
             cg = self.cgroups.new()
-            if cg.v2 and cg.unified is not None:
-                return cg, [os.open(cg.unified, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)], True
-            for path in cg.procs_files():
-                fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            place = cg.placement()
+            if place.cgroup_fd is not None:
+                return cg, [place.cgroup_fd], True
+            return cg, place.open_procs(), False
         except (OSError, cgroups.CgroupError):
-            for fd in fds:
-                os.close(fd)
             if cg is not None:
                 self.cgroups.discard(cg)
             return None, [], False  # then the start moves it (see _give_cgroup)
-        return cg, fds, False
 
     def op_start(self, req_id: int, slot: str, plan: dict[str, Any], log_path: str,
                  ports: list[int], generation: int, limits: dict[str, Any] | None = None,
@@ -420,8 +415,10 @@ class Supervisor:
         old = self.slots.get(slot)
         if old is not None and old.init_pid is not None:
             raise ValueError(f"{slot} is already running")
-        if not self.cgroups.usable and limits and any(v is not None for v in limits.values()):
-            raise ValueError(f"unsupported:{self.cgroups.problem}")
+        try:
+            self.cgroups.check_limits(**(limits or {}))
+        except cgroups.CgroupsUnavailable as e:
+            raise ValueError(f"unsupported:{e}") from None
         # Not O_APPEND (splice refuses it): only this process writes the file, at its end.
         log_file = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         os.lseek(log_file, 0, os.SEEK_END)
@@ -440,8 +437,7 @@ class Supervisor:
                 netns = None
                 try:
                     netns, pid = _await_ready(ctl)
-                    if self.cgroups.usable:
-                        self._give_cgroup(slot, spare, pid, limits)
+                    self._give_cgroup(slot, spare, pid, limits)
                     new = old is None and slot not in self.slots
                     wired = None
                     if new and net:
@@ -621,7 +617,10 @@ class Supervisor:
         one) is moved into a new cgroup here, on the start's path (see :meth:`CgroupTree.new`)."""
         cg, spare.cgroup = spare.cgroup, None
         if cg is None:
-            cg = self.cgroups.new()
+            try:
+                cg = self.cgroups.new()
+            except cgroups.CgroupsUnavailable:
+                return  # none in this run: the service runs without (and declared no limits)
             try:
                 cg.add(pid)  # the init, so every process of the service, from the start
             except OSError:
@@ -728,22 +727,17 @@ class Supervisor:
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the command's host pid
-        procs = cg.procs_files() if cg is not None else []
-        into = None
+        # Into the service's cgroup as its backend says: on cgroup v2 the command is cloned
+        # straight in (no move, no grace-period wait). By the helper, which is single-threaded:
+        # a raw clone3 here, beside the supervisor's other threads, could copy a lock one of
+        # them holds (glibc's malloc locks, say) and hang the child.
+        place = cg.placement() if cg is not None else cgroups.NOWHERE
         try:
-            if cg is not None and cg.v2 and cg.unified is not None:
-                # The command is cloned straight into the service's cgroup: no move, no
-                # grace-period wait. By the helper, which is single-threaded: a raw clone3 here,
-                # beside the supervisor's other threads, could copy a lock one of them holds
-                # (glibc's malloc locks, say) and hang the child.
-                with contextlib.suppress(OSError):
-                    into = os.open(cg.unified, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            pid = _fork_running(_exec_helper, p, argv, ns_fds, [] if into is not None else procs,
-                                (pipes[0][0], pipes[1][1], pipes[2][1]), child, into,
+            pid = _fork_running(_exec_helper, p, argv, ns_fds, place,
+                                (pipes[0][0], pipes[1][1], pipes[2][1]), child,
                                 close=parent, code=126)  # fmt: skip
         finally:
-            if into is not None:
-                os.close(into)
+            place.close()
             for fd, _ in ns_fds:
                 os.close(fd)
             os.close(pipes[0][0])
@@ -946,10 +940,10 @@ class Supervisor:
                 cg.freeze(False, timeout=1.0)
 
     def _cgroup(self, slot: str) -> cgroups.ServiceCgroup:
-        cg = self.cgroups.services.get(slot)
-        if cg is None:
-            raise ValueError(f"unsupported:{self.cgroups.problem or 'the service has no cgroup'}")
-        return cg
+        try:
+            return self.cgroups.service(slot)
+        except cgroups.CgroupsUnavailable as e:
+            raise ValueError(f"unsupported:{e}") from None
 
     def op_stats(self, req_id: int, slot: str) -> dict[str, Any]:
         return self._cgroup(slot).stats()
@@ -1423,13 +1417,14 @@ def _close(obj: Any, attr: str) -> None:
 
 
 def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int]],
-                 cgroup_procs: list[str], stdio: tuple[int, int, int],
-                 sync: socket.socket, cgroup_fd: int | None = None) -> None:  # fmt: skip
+                 place: cgroups.Placement, stdio: tuple[int, int, int],
+                 sync: socket.socket) -> None:  # fmt: skip
     """Join a running sandbox's namespaces and run ``argv`` there as the service would.
 
     Not dumpable: while it still holds the supervisor's privileges, nothing inside the sandbox may
     ptrace it. It forks once more because joining a PID namespace only applies to children;
-    with ``cgroup_fd`` (cgroup v2) that child starts in the service's cgroup (clone3).
+    with ``place.cgroup_fd`` (cgroup v2) that child starts in the service's cgroup (clone3),
+    otherwise the helper enters the cgroup first and the child inherits it.
     """
     code = 126
     try:
@@ -1437,13 +1432,12 @@ def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         L.set_dumpable(False)
-        keep = [] if cgroup_fd is None else [cgroup_fd]
+        keep = [] if place.cgroup_fd is None else [place.cgroup_fd]
         close_fds_except([fd for fd, _ in ns_fds] + [*stdio, sync.fileno(), *keep])
-        for path in cgroup_procs:  # into the service's cgroup: its limits count the command too
-            cgroups.write(path, "0")
+        place.enter()  # into the service's cgroup: its limits count the command too
         for fd, nstype in ns_fds:
             L.setns(fd, nstype)
-        pid = os.fork() if cgroup_fd is None else L.fork_with(0, cgroup_fd=cgroup_fd)
+        pid = os.fork() if place.cgroup_fd is None else L.fork_with(0, cgroup_fd=place.cgroup_fd)
         if pid == 0:
             L.set_pdeathsig(signal.SIGKILL)
             exec_command(plan, argv, sync, stdio)

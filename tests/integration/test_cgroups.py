@@ -487,8 +487,8 @@ def test_v2_an_unprivileged_user_uses_a_subtree_delegated_to_it() -> None:
         child = subprocess.Popen(["sleep", "1000"])
         svc.add(child.pid)
         st = svc.stats()
-        assert svc.unified is not None
-        limit = read_cgroup_file(f"{svc.unified}/memory.max").strip()
+        assert isinstance(svc, cgroups.V2Cgroup)
+        limit = read_cgroup_file(f"{svc.path}/memory.max")
         svc.freeze(True)
         svc.freeze(False)
         svc.kill()

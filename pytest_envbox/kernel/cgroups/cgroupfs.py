@@ -14,8 +14,8 @@ import signal
 
 from pytest_envbox.wait import Deadline, wait_until
 
-__all__ = ["RETRY", "keyed", "kill_dir", "read", "read_int", "rmdir", "rmtree", "thaw_tree", "tree_pids",
-           "write"]  # fmt: skip
+__all__ = ["RETRY", "keyed", "kill_dir", "make_dirs", "read", "read_int", "remove_all", "rmdir", "rmtree",
+           "thaw_tree", "tree_pids", "write"]  # fmt: skip
 
 #: The pause between two looks at a cgroup that the kernel is still emptying or removing: short,
 #: since that takes it well under a millisecond, and a stop or a restart waits for it.
@@ -125,3 +125,28 @@ def kill_dir(d: str) -> None:
                 os.kill(pid, signal.SIGKILL)
         thaw_tree(d)
     wait_until(lambda: None if tree_pids(d) else True, Deadline(2.0), interval=RETRY)
+
+
+def make_dirs(paths: list[str]) -> None:
+    """Make each directory, or none: the ones made are removed again if one fails (OSError)."""
+    made: list[str] = []
+    try:
+        for d in paths:
+            os.mkdir(d)
+            made.append(d)
+    except OSError:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
+
+
+def remove_all(dirs: list[str]) -> None:
+    """Remove run directories with anything still below them (ours alone), killing what is left;
+    never raises (what cannot be removed stays, for the next run's :func:`~.runs.clean_stale`)."""
+    deadline = Deadline(2.0)
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            if any(os.path.isdir(os.path.join(d, n)) for n in os.listdir(d)):
+                kill_dir(d)
+            rmtree(d, deadline)
