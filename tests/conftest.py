@@ -33,10 +33,10 @@ def cgroups_problem() -> str | None:
     """Why services cannot get cgroups in this run (rootless on cgroup v1, say), or None."""
     global _cgroups_problem
     if _cgroups_problem is None:
-        from pytest_envbox.cli import _cgroup_check
+        from pytest_envbox.cli import cgroup_check
         from pytest_envbox.engine.client import rootless
 
-        good, text = _cgroup_check(os.geteuid() == 0)
+        good, text = cgroup_check(os.geteuid() == 0)
         _cgroups_problem = "" if good or not rootless() else text
     return _cgroups_problem or None
 

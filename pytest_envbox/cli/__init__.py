@@ -30,7 +30,7 @@ __all__ = [
     "up",
 ]
 
-def _cgroup_check(root: bool) -> tuple[bool, str]:
+def cgroup_check(root: bool) -> tuple[bool, str]:
     """Can services get cgroups here? Tries for real: makes this process's run directory, removes it."""
     host = cgroups.detect()
     if host.version == "none":
@@ -39,16 +39,12 @@ def _cgroup_check(root: bool) -> tuple[bool, str]:
         return False, (f"{host.describe()}; cgroup {host.version} hierarchies cannot be delegated "
                        "to a user: limits, stats() and pause() need root here (cgroup v2 with "
                        "a delegated subtree would do)")  # fmt: skip
-    # A dry run: it never moves the test run's processes (cgroups._vacate), it says it would.
+    # A dry run: it never moves the test run's processes (cgroups.delegation.vacate), it says it would.
     tree = cgroups.CgroupTree(host, cgroups.run_name(os.getpid()), may_move=False)
     try:
-        if not tree.usable:
-            return False, tree.problem or "unusable"
-        probe_dir = tree.unified or host.unified  # the run directory just made, if any
-        freezer = "freezer" in tree.v1 or (
-            probe_dir is not None and os.path.exists(os.path.join(probe_dir, "cgroup.freeze"))
-        )  # cgroup.freeze: cgroup v2 from Linux 5.2 (a root cgroup has none)
-        usable = "memory cpu pids" + (" freezer" if freezer else "")
+        if tree.problem is not None:
+            return False, tree.problem
+        usable = "memory cpu pids" + (" freezer" if tree.backend.can_freeze() else "")
         if host.version == "v2":
             assert host.unified is not None
             where = cgroups.v2_base(host.unified)
@@ -56,7 +52,7 @@ def _cgroup_check(root: bool) -> tuple[bool, str]:
                 where += (f" (a test run first moves the processes of {where} into "
                           f"{where}/{cgroups.LEAF}: the cgroup is delegated to it)")  # fmt: skip
         else:
-            where = os.path.dirname(tree.v1["memory"])
+            where = host.v1["memory"]
         return True, (f"{host.describe()}; usable: {usable}; services' cgroups go in "
                       f"envbox-<pid>-<start>/ below {where}")
     finally:
@@ -103,7 +99,7 @@ def doctor() -> int:
             f"{why}: enable with `{fix}`" for why, fix in blocked))  # fmt: skip
     else:
         out.line("user namespaces", "OK", "available to unprivileged users")
-    good, text = _cgroup_check(root)
+    good, text = cgroup_check(root)
     # Not fatal: services without limits run without cgroups (with a warning).
     out.line("cgroups", "OK" if good else "NOTE", text)
     if root:
@@ -231,7 +227,7 @@ def _stop_kept(timeout: float = 15.0) -> int:
         except OSError:
             continue  # gone meanwhile
         try:
-            if cgroups._is_stale(name):  # the pid was reused: not that supervisor any more
+            if cgroups.is_stale(name):  # the pid was reused: not that supervisor any more
                 continue
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
             if not select.select([pidfd], [], [], timeout)[0]:

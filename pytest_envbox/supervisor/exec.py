@@ -71,22 +71,17 @@ class Execs:
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]  # stdin, stdout, stderr
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the command's host pid
-        procs = cg.procs_files() if cg is not None else []
-        into = None
+        # Into the service's cgroup as its backend says: on cgroup v2 the command is cloned
+        # straight in (no move, no grace-period wait). By the helper, which is single-threaded:
+        # a raw clone3 here, beside the supervisor's other threads, could copy a lock one of
+        # them holds (glibc's malloc locks, say) and hang the child.
+        place = cg.placement() if cg is not None else cgroups.NOWHERE
         try:
-            if cg is not None and cg.v2 and cg.unified is not None:
-                # The command is cloned straight into the service's cgroup: no move, no
-                # grace-period wait. By the helper, which is single-threaded: a raw clone3 here,
-                # beside the supervisor's other threads, could copy a lock one of them holds
-                # (glibc's malloc locks, say) and hang the child.
-                with contextlib.suppress(OSError):
-                    into = os.open(cg.unified, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            pid = fork_running(_exec_helper, p, req.argv, ns_fds, [] if into is not None else procs,
-                               (pipes[0][0], pipes[1][1], pipes[2][1]), child, into,
+            pid = fork_running(_exec_helper, p, req.argv, ns_fds, place,
+                               (pipes[0][0], pipes[1][1], pipes[2][1]), child,
                                close=parent, code=126)  # fmt: skip
         finally:
-            if into is not None:
-                os.close(into)
+            place.close()
             for fd, _ in ns_fds:
                 os.close(fd)
             os.close(pipes[0][0])
@@ -189,13 +184,14 @@ class Execs:
 
 
 def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int]],
-                 cgroup_procs: list[str], stdio: tuple[int, int, int],
-                 sync: socket.socket, cgroup_fd: int | None = None) -> None:  # fmt: skip
+                 place: cgroups.Placement, stdio: tuple[int, int, int],
+                 sync: socket.socket) -> None:  # fmt: skip
     """Join a running sandbox's namespaces and run ``argv`` there as the service would.
 
     Not dumpable: while it still holds the supervisor's privileges, nothing inside the sandbox may
     ptrace it. It forks once more because joining a PID namespace only applies to children;
-    with ``cgroup_fd`` (cgroup v2) that child starts in the service's cgroup (clone3).
+    with ``place.cgroup_fd`` (cgroup v2) that child starts in the service's cgroup (clone3),
+    otherwise the helper enters the cgroup first and the child inherits it.
     """
     code = 126
     try:
@@ -203,13 +199,12 @@ def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         L.set_dumpable(False)
-        keep = [] if cgroup_fd is None else [cgroup_fd]
+        keep = [] if place.cgroup_fd is None else [place.cgroup_fd]
         close_fds_except([fd for fd, _ in ns_fds] + [*stdio, sync.fileno(), *keep])
-        for path in cgroup_procs:  # into the service's cgroup: its limits count the command too
-            cgroups._write(path, "0")
+        place.enter()  # into the service's cgroup: its limits count the command too
         for fd, nstype in ns_fds:
             L.setns(fd, nstype)
-        pid = os.fork() if cgroup_fd is None else L.fork_with(0, cgroup_fd=cgroup_fd)
+        pid = os.fork() if place.cgroup_fd is None else L.fork_with(0, cgroup_fd=place.cgroup_fd)
         if pid == 0:
             L.set_pdeathsig(signal.SIGKILL)
             exec_command(plan, argv, sync, stdio)

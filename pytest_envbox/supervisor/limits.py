@@ -37,10 +37,14 @@ class ServiceCgroups:
     def give(self, slot: str, spare: Spare, pid: int, limits: CgroupLimits) -> None:
         """The service's cgroup for this run: the spare's own, with the limits in place before
         the service's first instruction. A spare prepared before cgroups were set up (or without
-        one) is moved into a new cgroup here, on the start's path (see :meth:`CgroupTree.new`)."""
+        one) is moved into a new cgroup here, on the start's path (see
+        :meth:`~pytest_envbox.kernel.cgroups.CgroupTree.new`)."""
         cg, spare.cgroup = spare.cgroup, None
         if cg is None:
-            cg = self.sup.cgroups.new()
+            try:
+                cg = self.sup.cgroups.new()
+            except cgroups.CgroupsUnavailable:
+                return  # none in this run: the service runs without (and declared no limits)
             try:
                 cg.add(pid)  # the init, so every process of the service, from the start
             except OSError:
@@ -75,10 +79,10 @@ class ServiceCgroups:
         return figures
 
     def _cgroup(self, slot: str) -> cgroups.ServiceCgroup:
-        cg = self.sup.cgroups.services.get(slot)
-        if cg is None:
-            raise Unsupported(self.sup.cgroups.problem or "the service has no cgroup")
-        return cg
+        try:
+            return self.sup.cgroups.service(slot)
+        except cgroups.CgroupsUnavailable as e:
+            raise Unsupported(str(e)) from None
 
     def stats(self, req_id: int, req: StatsRequest) -> StatsReply:
         f = self._cgroup(req.slot).stats()

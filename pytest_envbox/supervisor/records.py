@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pytest_envbox.kernel.cgroups import RUN_PREFIX, _is_stale, run_name
+from pytest_envbox.kernel.cgroups.runs import RUN_PREFIX, is_stale, run_name
 from pytest_envbox.supervisor.protocol import Done, Handlers, KeepRequest, OwnDirRequest
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def runs(directory: str | None = None) -> list[tuple[str, dict[str, Any] | None]
         return []
     out: list[tuple[str, dict[str, Any] | None]] = []
     for name in names:
-        if _is_stale(name):
+        if is_stale(name):
             out.append((name, None))
             continue
         try:
@@ -122,7 +122,7 @@ def clean_stale(directory: str | None = None) -> list[str]:
     removed = []
     with contextlib.suppress(OSError):  # a supervisor killed while it wrote its record
         for n in os.listdir(d):
-            if n.startswith(RUN_PREFIX) and n.endswith(".json.tmp") and _is_stale(n[:-9]):
+            if n.startswith(RUN_PREFIX) and n.endswith(".json.tmp") and is_stale(n[:-9]):
                 os.unlink(os.path.join(d, n))
     for name, record in runs(d):
         if record is None:

@@ -90,7 +90,7 @@ class Supervisor:
         self.sel.register(r, selectors.EVENT_READ, "sigchld")
         # Orphans of our sandboxes (and the spares, see Spares.start_zygote) are reaped here.
         L.set_child_subreaper()
-        # Every service gets a cgroup below ours (see cgroups.py); runs SIGKILLed earlier left
+        # Every service gets a cgroup below ours (see kernel/cgroups/); runs SIGKILLed earlier left
         # theirs behind, empty: remove them first.
         self.cgroups_host = cgroups.detect()
         # This run's record for `envbox ps` (records.py), written when idle.

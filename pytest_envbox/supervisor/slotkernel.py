@@ -17,6 +17,7 @@ import signal
 import socket
 from typing import TYPE_CHECKING, Protocol
 
+from pytest_envbox.kernel import cgroups
 from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.supervisor.protocol import CgroupLimits, NetWiring
 from pytest_envbox.supervisor.relay import Relay
@@ -91,7 +92,11 @@ class LinuxSlotKernel:
         self.sup = sup
 
     def limits_refused(self) -> str | None:
-        return None if self.sup.cgroups.usable else str(self.sup.cgroups.problem)
+        try:
+            self.sup.cgroups.backend.require()
+        except cgroups.CgroupsUnavailable as e:
+            return str(e)
+        return None
 
     def take_spare(self, direct: bool) -> Spare:
         return self.sup.spares.take(direct)
@@ -100,8 +105,7 @@ class LinuxSlotKernel:
         return await_ready(spare.ctl)
 
     def give_cgroup(self, slot: str, spare: Spare, pid: int, limits: CgroupLimits) -> None:
-        if self.sup.cgroups.usable:
-            self.sup.service_cgroups.give(slot, spare, pid, limits)
+        self.sup.service_cgroups.give(slot, spare, pid, limits)
 
     def wire(self, slot: str, netns: int, net: NetWiring) -> tuple[str, int]:
         return self.sup.network.wire(slot, netns, net)

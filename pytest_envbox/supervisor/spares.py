@@ -98,7 +98,7 @@ class Spares:
             if into and cg is not None:  # a fork of ours moves itself in, the v1 way
                 for fd in fds:
                     os.close(fd)
-                fds, into = [os.open(f, os.O_WRONLY | os.O_CLOEXEC) for f in cg.procs_files()], False
+                fds, into = cg.placement(clone=False).open_procs(), False
             # The child is PID 1 of a new PID namespace (cloned so: unshare and setns back would
             # not do in rootless mode, where our own PID namespace is out of reach once left).
             # A raw clone is safe only in a single-threaded process, and we have relay threads:
@@ -122,26 +122,21 @@ class Spares:
         self.spares.append(Spare(parent, cg))
 
     def _spare_cgroup(self) -> tuple[cgroups.ServiceCgroup | None, list[int], bool]:
-        """A new cgroup for the next spare, and how it gets in, off the start's path: on cgroup
-        v2 the zygote clones it straight in (the cgroup's directory fd, ``True``: no move at
-        all); otherwise the spare writes itself into the ``cgroup.procs`` files opened here."""
-        if not self.sup.cgroups.usable:
-            return None, [], False
-        fds: list[int] = []
+        """A new cgroup for the next spare, and how it gets in as its backend says, off the
+        start's path: the zygote clones it straight in (the cgroup's directory fd, ``True``: no
+        move at all, cgroup v2), or the spare writes itself into the ``cgroup.procs`` files
+        opened here. None without cgroups (CgroupsUnavailable) or when the kernel refused."""
         cg = None
         try:
             cg = self.sup.cgroups.new()
-            if cg.v2 and cg.unified is not None:
-                return cg, [os.open(cg.unified, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)], True
-            for path in cg.procs_files():
-                fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            place = cg.placement()
+            if place.cgroup_fd is not None:
+                return cg, [place.cgroup_fd], True
+            return cg, place.open_procs(), False
         except (OSError, cgroups.CgroupError):
-            for fd in fds:
-                os.close(fd)
             if cg is not None:
                 self.sup.cgroups.discard(cg)
             return None, [], False  # then the start moves it (see ServiceCgroups.give)
-        return cg, fds, False
 
     def take(self, direct: bool) -> Spare:
         """The oldest spare, or a new one (``direct``: by a fork of ours, not the zygote's)."""

@@ -345,7 +345,7 @@ def test_v2_test_run_in_a_cgroup_with_processes(case: str) -> None:
 
     own = detect().unified
     assert own is not None
-    cgroups._enable(own)  # the parent of a cgroup made for a test run passes the controllers on
+    cgroups.enable_controllers(own)  # the parent of a cgroup made for a test run passes the controllers on
     cg = os.path.join(own, f"envbox-test-{os.getpid()}")
     os.mkdir(cg)
     if case != "not-delegated":
@@ -470,7 +470,7 @@ def test_v2_an_unprivileged_user_uses_a_subtree_delegated_to_it() -> None:
 
     own = detect().unified
     assert own is not None
-    cgroups._enable(own)  # what systemd does for a delegated unit's parent
+    cgroups.enable_controllers(own)  # what systemd does for a delegated unit's parent
     cg = os.path.join(own, f"envbox-user-{os.getpid()}")
     os.mkdir(cg)
     uid = 4321
@@ -487,8 +487,8 @@ def test_v2_an_unprivileged_user_uses_a_subtree_delegated_to_it() -> None:
         child = subprocess.Popen(["sleep", "1000"])
         svc.add(child.pid)
         st = svc.stats()
-        assert svc.unified is not None
-        limit = cgroups._read(f"{svc.unified}/memory.max").strip()
+        assert isinstance(svc, cgroups.V2Cgroup)
+        limit = read_cgroup_file(f"{svc.path}/memory.max")
         svc.freeze(True)
         svc.freeze(False)
         svc.kill()
@@ -522,7 +522,7 @@ def test_v2_rootless_services_get_their_limits_in_a_subtree_delegated_to_the_use
         pytest.skip("no system python3 for the unprivileged user's supervisor")
     own = detect().unified
     assert own is not None
-    cgroups._enable(own)
+    cgroups.enable_controllers(own)
     cg = os.path.join(own, f"envbox-rootless-{os.getpid()}")
     os.mkdir(cg)
     uid = 4322

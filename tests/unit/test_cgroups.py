@@ -119,10 +119,10 @@ def test_runs_go_next_to_the_leaf_a_previous_run_moved_the_shell_into() -> None:
 
 def test_only_a_delegated_cgroup_or_the_top_of_the_mount_is_ours_to_reorganise(tmp_path: Path) -> None:
     d = str(tmp_path)
-    assert cgroups._delegated("/sys/fs/cgroup", "/sys/fs/cgroup")  # a container's whole view
+    assert cgroups.delegated("/sys/fs/cgroup", "/sys/fs/cgroup")  # a container's whole view
     if os.geteuid() != 0:
-        assert cgroups._delegated(d, "/sys/fs/cgroup")  # owned by the (non-root) user: delegated
+        assert cgroups.delegated(d, "/sys/fs/cgroup")  # owned by the (non-root) user: delegated
         pytest.skip("trusted.* attributes need root")
-    assert not cgroups._delegated(d, "/sys/fs/cgroup")  # root's, unmarked
+    assert not cgroups.delegated(d, "/sys/fs/cgroup")  # root's, unmarked
     os.setxattr(d, "trusted.delegate", b"1")  # as systemd marks a Delegate=yes unit
-    assert cgroups._delegated(d, "/sys/fs/cgroup")
+    assert cgroups.delegated(d, "/sys/fs/cgroup")
