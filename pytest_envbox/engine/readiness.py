@@ -1,7 +1,7 @@
 """Readiness: run a service's probe until it passes, the service dies, or the deadline passes.
 
 Each probe kind is one small check function; the waiting is done once, by
-:func:`pytest_envbox._wait.wait_until`, which wakes at once when the service exits so that a crash
+:func:`pytest_envbox.wait.wait_until`, which wakes at once when the service exits so that a crash
 during start-up fails the test immediately, not at the timeout.
 """
 

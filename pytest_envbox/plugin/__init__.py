@@ -1,6 +1,6 @@
 """The pytest front end: options, the marker, hooks. Thin by design: the work is in the engine.
 
-The ``envbox`` fixture lives in :mod:`pytest_envbox.fixtures`; report sections are added here from
+The ``envbox`` fixture lives in :mod:`pytest_envbox.plugin.fixtures`; report sections are added here from
 what the fixture recorded in the item's stash.
 """
 

@@ -1,6 +1,6 @@
 """The supervisor: one helper process per test process that owns every sandbox resource.
 
-It is started once per pytest process (and per xdist worker) by :mod:`pytest_envbox._client`, from
+It is started once per pytest process (and per xdist worker) by :mod:`pytest_envbox.engine.client`, from
 a fresh interpreter so that nothing of the test process (threads, locks, open files) leaks into it.
 It then forks every sandbox from itself, a warm process, which costs far less than a new interpreter
 per service.
@@ -333,7 +333,7 @@ class Supervisor:
         self.zygote: socket.socket | None = ours
 
     def _spawn_spare(self, direct: bool = False) -> None:
-        """Have the next sandbox's init prepared (see :func:`sandbox.run_spare`).
+        """Have the next sandbox's init prepared (see :func:`sandbox.init.run_spare`).
 
         By the zygote; by a fork of our own (slower) when it is gone or ``direct`` is asked.
         """
@@ -619,7 +619,7 @@ class Supervisor:
     def _give_cgroup(self, slot: str, spare: _Spare, pid: int, limits: dict[str, Any] | None) -> None:
         """The service's cgroup for this run: the spare's own, with the limits in place before
         the service's first instruction. A spare prepared before cgroups were set up (or without
-        one) is moved into a new cgroup here, on the start's path (see :meth:`CgroupTree.new`)."""
+        one) is moved into a new cgroup here, on the start's path (see :meth:`cgroups.CgroupTree.new`)."""
         cg, spare.cgroup = spare.cgroup, None
         if cg is None:
             cg = self.cgroups.new()
