@@ -13,7 +13,7 @@ Other waits do not (yet):
   (``threading.Event.wait`` with the grace as its timeout: no loop to write);
 - the loops of :mod:`pytest_envbox.kernel.cgroups` that wait for a cgroup to empty, freeze or
   go away sleep on their own (to be moved onto :func:`wait_until`);
-- ``SupervisorClient.call`` (:mod:`pytest_envbox.engine.client`) waits for the supervisor's
+- ``engine.client.SupervisorClient.call`` waits for the supervisor's
   answer with no deadline: the answer comes, or the supervisor's death wakes every caller;
 - the supervisor's threads, ``envbox up`` (until Ctrl-C) and ``envbox clean`` (on a pidfd,
   with a timeout) wait in their own ways.

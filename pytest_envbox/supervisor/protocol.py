@@ -1,7 +1,8 @@
 """The supervisor's protocol: every message a frozen dataclass, and their one codec.
 
-A request names its reply's type (``Request[ReplyT]``), so that ``client.call(StartRequest(...))``
-is a ``StartReply`` to the type checker. Every message crosses the socket as one frame: a 4-byte
+A request names its reply's type (``Request[ReplyT]``), so that the client's
+``call(StartRequest(...))`` is a ``StartReply`` to the type checker
+(:meth:`~pytest_envbox.engine.client.SupervisorClient.call`). Every message crosses the socket as one frame: a 4-byte
 big-endian length, then a JSON object with the message's type tag (``t``), its request id
 (``id``; none on events) and its fields. Nested values (the sandbox plan, limits, the network
 wiring) are JSON objects; :func:`decode` turns them back into their types, and the int keys of
@@ -99,7 +100,7 @@ class CgroupLimits:
         return self.memory is not None or self.cpu is not None or self.pids is not None
 
     def as_dict(self) -> dict[str, int | float | None]:
-        """As the keyword arguments of ``ServiceCgroup.set_limits`` (and as errors show them)."""
+        """As the keyword arguments of ``cgroups.ServiceCgroup.set_limits`` (and as errors show them)."""
         return {"memory": self.memory, "cpu": self.cpu, "pids": self.pids}
 
 

@@ -2,7 +2,7 @@
 
 A spare is a sandbox's init that has already made its namespaces and filesystem and waits for
 its plan (see :func:`sandbox.init.run_spare`); a start takes one, so that it pays for none of
-that. They are prepared while the loop is idle (see ``Supervisor.serve``).
+that. They are prepared while the loop is idle (see ``server.Supervisor.serve``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class Spares:
             self.spawn()
 
     def spawn(self, direct: bool = False) -> None:
-        """Have the next sandbox's init prepared (see :func:`sandbox.run_spare`).
+        """Have the next sandbox's init prepared (see :func:`~pytest_envbox.sandbox.init.run_spare`).
 
         By the zygote; by a fork of our own (slower) when it is gone or ``direct`` is asked.
         """

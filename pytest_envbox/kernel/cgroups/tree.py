@@ -73,7 +73,7 @@ class CgroupTree:
         """A new, empty cgroup for one run of a service: ``<run dir>/<n>``.
 
         Made ahead of time, for a spare sandbox that moves itself in while it is prepared (see
-        ``sandbox.run_spare``): moving a process between cgroups waits for an RCU grace period
+        ``sandbox.init.run_spare``): moving a process between cgroups waits for an RCU grace period
         (cgroup_threadgroup_rwsem), about 6 ms after the kernel has been idle, which must not be
         spent on a start. A number, not the service's name: a spare's service is not known yet,
         and cgroup v2 cannot rename a cgroup. :class:`CgroupsUnavailable` without cgroups.
