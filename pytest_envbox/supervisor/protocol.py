@@ -2,11 +2,11 @@
 
 A request names its reply's type (``Request[ReplyT]``), so that the client's
 ``call(StartRequest(...))`` is a ``StartReply`` to the type checker
-(:meth:`~pytest_envbox.engine.client.SupervisorClient.call`). Every message crosses the socket
-as one frame: a 4-byte big-endian length, then a JSON object with the message's type tag
-(``t``), its request id (``id``; none on events) and its fields. Nested values (the sandbox plan, limits, the network
-wiring) are JSON objects; :func:`decode` turns them back into their types, and the int keys of
-published ports back into ints.
+(:meth:`~pytest_envbox.engine.client.SupervisorClient.call`). Every message crosses the
+socket as one frame: a 4-byte big-endian length, then a JSON object with the message's type
+tag (``t``), its request id (``id``; none on events) and its fields. Nested values (the
+sandbox plan, limits, the network wiring) are JSON objects; :func:`decode` turns them back
+into their types, and the int keys of published ports back into ints.
 
 JSON rather than pickle: the two ends are the same package, but nothing that crosses a process
 boundary should be able to execute code when decoded.
