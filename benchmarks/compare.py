@@ -2,13 +2,14 @@
 
     python3 benchmarks/compare.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 7] [--cycles 20]
 
-For a refactoring that must not cost speed ("within 10% of before, in the same run"). Each round
-runs, for each checkout in turn (the order alternating, so that drift and background load hit both
-alike), the two figures ``tox -e bench`` reports for the engine and the plugin:
+For a refactoring that must not cost speed ("within 10% of before, in the same run"). The two
+figures ``tox -e bench`` reports for the engine and the plugin, each interleaved between the two
+checkouts (the order alternating, so that drift and background load hit both alike):
 
-- ``start+stop``: ``--cycles`` start-to-ready and stop of one ``busybox httpd`` service with
-  memory, cpu and pids limits (``envbox_limits`` in ``run.py``), in a fresh process per round
-  whose supervisor is warmed up first; the round's median;
+- ``start+stop``: start-to-ready and stop of one ``busybox httpd`` service with memory, cpu
+  and pids limits (``envbox_limits`` in ``run.py``), ``--cycles`` per round: one process per
+  checkout, asked for one cycle at a time, alternately, so that both see the same moment of
+  the machine (whose speed drifts by half within minutes here);
 - ``pytest 100``: the wall time of a pytest run of 100 tests, each with a function-scoped
   2-service environment (``run.py``'s ``pytest`` section).
 
@@ -30,21 +31,20 @@ import textwrap
 import time
 from pathlib import Path
 
-CYCLE = """
-import json, statistics, sys, time
+#: A worker per checkout: one start+stop cycle per line it reads, its time on a line back.
+WORKER = """
+import sys, time
 from pytest_envbox import Environment, Service, probe
 
-bb, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+bb, port = sys.argv[1], int(sys.argv[2])
 limits = {"memory": "64Mi", "cpu": 0.5, "pids": 64}
-times = []
-for i in range(n + 3):  # three to warm up: the supervisor, its spares and hubs
+for i, _ in enumerate(sys.stdin):
     env = Environment([Service(f"web{i}", [bb, "httpd", "-f", "-p", str(port), "-h", "/tmp"],
                                ports=[port], ready=probe.tcp(port), limits=limits)])
     t0 = time.perf_counter()
     env.open()
     env.close()
-    times.append(time.perf_counter() - t0)
-print(json.dumps(statistics.median(times[3:])))
+    print(time.perf_counter() - t0, flush=True)
 """
 
 TESTS = '''
@@ -61,12 +61,28 @@ def _env(checkout: Path) -> dict[str, str]:
     return {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": str(checkout)}
 
 
-def start_stop(checkout: Path, bb: str, cycles: int) -> float:
-    p = subprocess.run([sys.executable, "-c", CYCLE, bb, "8080", str(cycles)], env=_env(checkout),
-                       capture_output=True, text=True, cwd=tempfile.gettempdir())  # fmt: skip
-    if p.returncode != 0:
-        raise SystemExit(f"start+stop with {checkout} failed:\n{p.stderr[-3000:]}")
-    return float(json.loads(p.stdout))
+class Worker:
+    """A process running one checkout's engine, which does a start+stop cycle when asked."""
+
+    def __init__(self, checkout: Path, bb: str, port: int) -> None:
+        self.checkout = checkout
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, bb, str(port)], env=_env(checkout),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=tempfile.gettempdir())  # fmt: skip
+
+    def cycle(self) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"start+stop with {self.checkout} failed (see its stderr above)")
+        return float(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def pytest_run(checkout: Path, project: Path) -> float:
@@ -99,10 +115,19 @@ def main() -> int:
         svc = f'command = ["{bb}", "httpd", "-f", "-p", "8080", "-h", "/tmp"]\nports = [8080]\nready = {{ tcp = 8080 }}\n'
         (project / "pyproject.toml").write_text(f"[tool.envbox.services.a]\n{svc}\n[tool.envbox.services.b]\n{svc}")
         (project / "test_function.py").write_text(textwrap.dedent(TESTS))
+        # Cycle by cycle, alternating: the two see the same moment of the machine's drift.
+        workers = {k: Worker(path, bb, 8080) for k, path in checkouts.items()}
+        try:
+            for i in range(args.cycles * args.rounds + 6):  # six to warm up: supervisors, spares, hubs
+                for which in (["old", "new"] if i % 2 == 0 else ["new", "old"]):
+                    took = workers[which].cycle()
+                    if i >= 6:
+                        figures[which]["start+stop"].append(took)
+        finally:
+            for w in workers.values():
+                w.close()
         for r in range(args.rounds):
-            order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
-            for which in order:
-                figures[which]["start+stop"].append(start_stop(checkouts[which], bb, args.cycles))
+            for which in (["old", "new"] if r % 2 == 0 else ["new", "old"]):
                 figures[which]["pytest 100"].append(pytest_run(checkouts[which], project))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     worst = 0.0
