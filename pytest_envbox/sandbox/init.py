@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from pytest_envbox.kernel import linux as L
 from pytest_envbox.kernel import seccomp
+from pytest_envbox.sandbox import status
 from pytest_envbox.sandbox.plan import SandboxPlan, SetupError
 from pytest_envbox.sandbox.rootfs import build_base, finish_root
 
@@ -42,9 +43,9 @@ def close_fds_except(keep: Iterable[int]) -> None:
     os.closerange(lo, 1 << 20)
 
 
-def _report(sync: socket.socket, msg: str) -> None:
+def _report(sync: socket.socket, msg: bytes) -> None:
     try:
-        sync.send(msg.encode()[:4000])
+        sync.send(msg)
     except OSError:
         pass
 
@@ -107,15 +108,15 @@ def exec_command(plan: SandboxPlan, argv: list[str], sync: socket.socket,
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         L.close_range_cloexec(3)
-        sync.send(b"exec")  # carries our pid (SO_PASSCRED) to the supervisor
+        sync.send(status.EXEC)  # carries our pid (SO_PASSCRED) to the supervisor
         os.execvpe(argv[0], argv, plan.env)
     except SetupError as e:
-        _report(sync, f"error:{e}")
+        _report(sync, status.error(f"{e}"))
     except OSError as e:
         what = argv[0] if e.filename is None else os.fsdecode(e.filename)
-        _report(sync, f"error:{what}: {e.strerror}")
+        _report(sync, status.error(f"{what}: {e.strerror}"))
     except BaseException as e:
-        _report(sync, f"error:{type(e).__name__}: {e}")
+        _report(sync, status.error(f"{type(e).__name__}: {e}"))
     os._exit(127)
 
 
@@ -160,7 +161,7 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = (), *,
         builder = build_base()
         # The bounding set limits only what later execs get: cut it now, ahead of time.
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
-        socket.send_fds(ctl, [b"ready"], [netns])
+        socket.send_fds(ctl, [status.READY], [netns])
         os.close(netns)
         msg, fds, _flags, _addr = socket.recv_fds(ctl, 256 << 10, 2, socket.MSG_CMSG_CLOEXEC)
         if not msg or not fds:
@@ -201,7 +202,7 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = (), *,
         forwarder.started(pid)
         pidfd = os.pidfd_open(pid)
         try:
-            socket.send_fds(ctl, [b"exec"], [pidfd])
+            socket.send_fds(ctl, [status.EXEC], [pidfd])
         except OSError:  # the supervisor died before the death signal was set again
             os.kill(pid, signal.SIGKILL)
             raise
@@ -210,15 +211,15 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = (), *,
         ctl.close()
         _be_init(pid)
     except SetupError as e:
-        _report(ctl, f"error:{e}")
+        _report(ctl, status.error(f"{e}"))
     except OSError as e:
         if e.errno == errno.ENOSYS:
-            _report(ctl, f"unsupported:this kernel lacks a system call pytest-envbox needs ({e}); "
-                    "use Linux 5.12 or newer")  # fmt: skip
+            _report(ctl, status.unsupported(f"this kernel lacks a system call pytest-envbox needs ({e}); "
+                                            "use Linux 5.12 or newer"))  # fmt: skip
         else:
-            _report(ctl, f"error:sandbox setup failed: {e}")
+            _report(ctl, status.error(f"sandbox setup failed: {e}"))
     except BaseException as e:
-        _report(ctl, f"error:sandbox setup failed: {type(e).__name__}: {e}")
+        _report(ctl, status.error(f"sandbox setup failed: {type(e).__name__}: {e}"))
     os._exit(code)
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pytest_envbox.kernel import cgroups
 from pytest_envbox.kernel import linux as L
+from pytest_envbox.sandbox import status
 from pytest_envbox.sandbox.init import close_fds_except, exec_command
 from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.supervisor.protocol import ExecReply, ExecRequest, Handlers
@@ -129,7 +130,7 @@ class Execs:
         close_sync(self.sup.sel, self.sup.pending, pend)
         ex = self.execs.get(pend.pid)
         if ex is not None:
-            ex.error = pend.error
+            ex.error = None if pend.error is None else pend.error.text
             ex.command_pid = pend.main_pid
             ex.synced = True
             self._maybe_finish(ex)
@@ -211,10 +212,10 @@ def _exec_helper(plan: SandboxPlan, argv: list[str], ns_fds: list[tuple[int, int
         sync.close()
         for fd in stdio:
             os.close(fd)
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
+        _, wait_status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(wait_status)
         code = 128 - code if code < 0 else code
     except BaseException as e:
         with contextlib.suppress(OSError):
-            sync.send(f"error:exec setup failed: {e}".encode())
+            sync.send(status.error(f"exec setup failed: {e}"))
     os._exit(code)

@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pytest_envbox.sandbox.status import Why
 from pytest_envbox.supervisor.logs import LogSink, close_sink, drain, open_log
 from pytest_envbox.supervisor.network import env_of, network_error
 from pytest_envbox.supervisor.protocol import (
@@ -224,11 +225,8 @@ class Services:
                 with contextlib.suppress(ProcessLookupError):
                     self.kernel.kill(pend.pid)
                 self.kernel.release_cgroup(pend.slot)
-            error = pend.error or "the sandbox exited during setup"
-            if error.startswith("unsupported:"):  # the sandbox's word for it (init.py)
-                self.host.reply(pend.req_id, ErrorReply("unsupported", error[len("unsupported:"):]))
-            else:
-                self.host.reply(pend.req_id, ErrorReply("failed", error))
+            why = pend.error or Why("the sandbox exited during setup")
+            self.host.reply(pend.req_id, ErrorReply("unsupported" if why.unsupported else "failed", why.text))
 
     # --- signals, output, exits ----------------------------------------------------------------
 

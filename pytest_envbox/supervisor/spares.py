@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_envbox.kernel import cgroups, seccomp
 from pytest_envbox.kernel import linux as L
+from pytest_envbox.sandbox import status
 from pytest_envbox.sandbox.init import close_fds_except, run_spare
 from pytest_envbox.supervisor.protocol import Done, Handlers, PrepareRequest, Unsupported
 
@@ -173,7 +174,8 @@ class Spares:
 def await_ready(ctl: socket.socket) -> tuple[int, int]:
     """Wait for a spare to be ready; return the fd of its network namespace, and its pid.
 
-    A spare that could not prepare itself says why (``error:``/``unsupported:``) and exits.
+    A spare that could not prepare itself says why (:func:`~pytest_envbox.sandbox.status.why`)
+    and exits.
     """
     ctl.settimeout(30.0)
     try:
@@ -190,14 +192,14 @@ def await_ready(ctl: socket.socket) -> tuple[int, int]:
             fds += array.array("i", data[: len(data) - len(data) % 4])
         elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
             pid = int.from_bytes(data[:4], sys.byteorder)
-    if msg == b"ready" and len(fds) == 1 and pid is not None:
+    if msg == status.READY and len(fds) == 1 and pid is not None:
         return fds[0], pid
     for fd in fds:
         os.close(fd)
-    text = msg.decode(errors="replace")
-    if text.startswith("unsupported:"):
-        raise SpareUnsupported(text[len("unsupported:"):])
-    raise SpareFailed(text[6:] if text.startswith("error:") else text or "the sandbox died")
+    why = status.why(msg)
+    if why is not None and why.unsupported:
+        raise SpareUnsupported(why.text)
+    raise SpareFailed(why.text if why is not None else msg.decode(errors="replace") or "the sandbox died")
 
 
 def _zygote(sock: socket.socket) -> None:
@@ -225,7 +227,7 @@ def _zygote(sock: socket.socket) -> None:
         except OSError as e:
             # Say why; the supervisor then forks a spare itself (see Services.start's second try).
             with contextlib.suppress(OSError):
-                os.write(fds[0], f"error:clone: {e.strerror}".encode())
+                os.write(fds[0], status.error(f"clone: {e.strerror}"))
             pid = -1
         if pid == 0:
             try:

@@ -10,6 +10,8 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from pytest_envbox.sandbox import status
+
 __all__ = ["Pending", "close_sync", "pidfd_pid", "receive"]
 
 
@@ -25,7 +27,8 @@ class Pending:
     main_pid: int | None = None
     pidfd: int | None = None
     got_exec: bool = False
-    error: str | None = None
+    #: why it failed, as the sandbox said (see :mod:`pytest_envbox.sandbox.status`)
+    error: status.Why | None = None
     replied: bool = False
 
 
@@ -48,11 +51,10 @@ def receive(pend: Pending) -> bytes:
             # exec's command reports itself; a start's init sends a pidfd of the service.
             pid = int.from_bytes(data[:4], sys.byteorder, signed=True)
             pend.main_pid = pend.main_pid or (pid if pid > 0 else None)
-    if msg.startswith(b"error:"):
-        pend.error = msg[6:].decode(errors="replace")
-    elif msg.startswith(b"unsupported:"):  # kept: a start's reply says so (Services.start_done)
-        pend.error = msg.decode(errors="replace")
-    elif msg == b"exec" and pend.kind == "start":
+    why = status.why(msg)
+    if why is not None:
+        pend.error = why
+    elif msg == status.EXEC and pend.kind == "start":
         pend.got_exec = True
     return msg
 
