@@ -3,16 +3,15 @@
 
 :func:`wait_until` checks a condition, then sleeps on an event that the state change sets (a
 service exiting), or, without one, for a pause that grows from 1 to 20 ms, so a wait ends as soon
-as its answer is known rather than at a coarse poll. The engine's waits on what a service does go
-through it: readiness probes and ``ServiceHandle.wait_for_log``
-(:mod:`pytest_envbox.engine.readiness`).
+as its answer is known rather than at a coarse poll. Through it go the engine's waits on what a
+service does (readiness probes and ``ServiceHandle.wait_for_log``, in
+:mod:`pytest_envbox.engine.readiness`) and the kernel layer's waits for a cgroup to empty, freeze,
+thaw or become removable (:mod:`pytest_envbox.kernel.cgroups`, at fixed 0.5-1 ms intervals).
 
-Other waits do not (yet):
+Other waits do not:
 
 - ``ServiceHandle.stop()``, ``kill()`` and teardown wait on the service's exit event itself
   (``threading.Event.wait`` with the grace as its timeout: no loop to write);
-- the loops of :mod:`pytest_envbox.kernel.cgroups` that wait for a cgroup to empty, freeze or
-  go away sleep on their own (to be moved onto :func:`wait_until`);
 - ``engine.client.SupervisorClient.call`` waits for the supervisor's
   answer with no deadline: the answer comes, or the supervisor's death wakes every caller;
 - the supervisor's threads, ``envbox up`` (until Ctrl-C) and ``envbox clean`` (on a pidfd,

@@ -91,7 +91,7 @@ class Supervisor:
         # Orphans of our sandboxes (and the spares, see Spares.start_zygote) are reaped here.
         L.set_child_subreaper()
         # Every service gets a cgroup below ours (see kernel/cgroups/); runs SIGKILLed earlier left
-        # theirs behind, empty: remove them first.
+        # theirs behind, empty: the janitor removes them below.
         self.cgroups_host = cgroups.detect()
         # This run's record for `envbox ps` (records.py), written when idle.
         self.record = records.RunRecord(self)
