@@ -39,3 +39,22 @@ def test_every_command_is_documented() -> None:
     assert commands == {"doctor", "up", "ps", "clean"}
     api = _text("python-api.md")
     assert not sorted(c for c in commands if f"envbox {c}" not in api)
+
+
+def test_every_source_file_the_docs_name_exists() -> None:
+    """A file the docs name (``engine/handle.py``, ``records.py``) is one the repository has:
+    a path must exist from the repository's root or the package's; a bare name somewhere in the
+    package (after a move, the docs would otherwise name a file that is gone)."""
+    root = DOCS.parent
+    package = root / "pytest_envbox"
+    files = {p.name for p in root.rglob("*.py") if ".tox" not in p.parts}
+    missing = []
+    for page in sorted([*DOCS.glob("*.md"), root / "README.md"]):
+        for name in sorted(set(re.findall(r"`((?:[\w.-]+/)*[\w-]+\.py)`", page.read_text()))):
+            if "/" in name:
+                ok = (root / name).exists() or (package / name).exists()
+            else:
+                ok = name in files
+            if not ok:
+                missing.append(f"{page.relative_to(root)}: {name}")
+    assert not missing, "the docs name files that do not exist:\n" + "\n".join(missing)
