@@ -51,10 +51,7 @@ def test_every_source_file_the_docs_name_exists() -> None:
     missing = []
     for page in sorted([*DOCS.glob("*.md"), root / "README.md"]):
         for name in sorted(set(re.findall(r"`((?:[\w.-]+/)*[\w-]+\.py)`", page.read_text()))):
-            if "/" in name:
-                ok = (root / name).exists() or (package / name).exists()
-            else:
-                ok = name in files
-            if not ok:
+            found = ((root / name).exists() or (package / name).exists()) if "/" in name else name in files
+            if not found:
                 missing.append(f"{page.relative_to(root)}: {name}")
     assert not missing, "the docs name files that do not exist:\n" + "\n".join(missing)
