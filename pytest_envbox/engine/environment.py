@@ -225,11 +225,16 @@ class Environment:
             for spec in level:
                 h = ServiceHandle(spec, self._plans[spec.name], self._sup, env_id=self.id,
                                   wire=self._net.wire(spec.name), workdir=self.workdir,
-                                  on_ready=self.on_ready)  # fmt: skip
+                                  on_ready=self._service_ready)  # fmt: skip
                 self._handles[spec.name] = h
                 self._order.append(spec.name)
                 handles.append(h)
             start_level(self._sup, handles)
+
+    def _service_ready(self, handle: ServiceHandle) -> None:
+        # ``on_ready`` as it is at each start (it may be set after open()), not as it was.
+        if self.on_ready is not None:
+            self.on_ready(handle)
 
     def report(self) -> dict[str, Any]:
         """What happened in this environment: per service, its limits and one record per run

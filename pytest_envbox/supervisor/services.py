@@ -115,10 +115,9 @@ class Services:
         old = self.slots.get(slot)
         if old is not None and old.init_pid is not None:
             raise ValueError(f"{slot} is already running")
-        if req.limits.any():
-            refused = k.limits_refused()
-            if refused is not None:
-                raise Unsupported(refused)
+        refused = k.limits_refused(req.limits)
+        if refused is not None:
+            raise Unsupported(refused)
         sink, log_fd = open_log(req.log_path)
         try:
             for attempt in (1, 2):  # a spare may have died while it waited: then one fresh try

@@ -33,8 +33,8 @@ __all__ = ["LinuxSlotKernel", "SlotKernel"]
 class SlotKernel(Protocol):
     """The kernel-facing operations of a slot's lifecycle."""
 
-    def limits_refused(self) -> str | None:
-        """Why limits cannot be set on this host (None: they can)."""
+    def limits_refused(self, limits: CgroupLimits) -> str | None:
+        """Why these limits cannot be set on this host (None: they can, or none is declared)."""
 
     def take_spare(self, direct: bool) -> Spare:
         """A prepared sandbox (``direct``: a fresh one, forked by the supervisor itself)."""
@@ -91,9 +91,9 @@ class LinuxSlotKernel:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
 
-    def limits_refused(self) -> str | None:
+    def limits_refused(self, limits: CgroupLimits) -> str | None:
         try:
-            self.sup.cgroups.backend.require()
+            self.sup.cgroups.check_limits(limits.memory, limits.cpu, limits.pids)
         except cgroups.CgroupsUnavailable as e:
             return str(e)
         return None

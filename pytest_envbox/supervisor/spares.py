@@ -99,6 +99,7 @@ class Spares:
             if into and cg is not None:  # a fork of ours moves itself in, the v1 way
                 for fd in fds:
                     os.close(fd)
+                fds = []  # closed: if the next line fails, the finally below closes nothing twice
                 fds, into = cg.placement(clone=False).open_procs(), False
             # The child is PID 1 of a new PID namespace (cloned so: unshare and setns back would
             # not do in rootless mode, where our own PID namespace is out of reach once left).

@@ -61,8 +61,8 @@ class FakeKernel:
         self.next_pid = 100
         self.refused: str | None = None
 
-    def limits_refused(self) -> str | None:
-        return self.refused
+    def limits_refused(self, limits: CgroupLimits) -> str | None:
+        return self.refused if limits.any() else None
 
     def take_spare(self, direct: bool) -> Spare:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
