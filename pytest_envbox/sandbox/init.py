@@ -107,7 +107,7 @@ def drop_privileges(plan: SandboxPlan) -> None:
     L.capset(eff & mask, perm & mask, 0)
     L.clear_ambient_caps()
     L.set_no_new_privs()
-    seccomp.install()  # Docker's deny-list; inherited by everything the service starts
+    seccomp.install()  # Docker's allow-list; inherited by everything the service starts
 
 
 def _chdir_inside(cwd: str) -> None:
