@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pytest_envbox.engine.report import enter_command
 from pytest_envbox.errors import EnvboxError
-from pytest_envbox.kernel import cgroups, hostcheck
+from pytest_envbox.kernel import cgroups, hostcheck, seccomp
 from pytest_envbox.supervisor import records
 
 __all__ = [
@@ -106,8 +106,19 @@ def doctor() -> int:
         _network(out)
     else:
         _rootless(out, user, blocked=bool(blocked), limits=good)
+    _seccomp(out)
     _sandbox(out, root)
     return 0 if out.ok else 1
+
+
+def _seccomp(out: _Report) -> None:
+    """The services' system call filter: its kind and size on this machine."""
+    rules = seccomp.policy()
+    if rules is None:
+        out.line("seccomp", "NOTE", f"no system call table for {platform.machine()} here: services "
+                 "run without a seccomp filter (their capabilities still limit them)")  # fmt: skip
+    else:
+        out.line("seccomp", "OK", rules.summary())
 
 
 def _sandbox(out: _Report, root: bool) -> None:

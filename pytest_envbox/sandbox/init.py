@@ -24,7 +24,15 @@ from pytest_envbox.sandbox import status
 from pytest_envbox.sandbox.plan import SandboxPlan, SetupError
 from pytest_envbox.sandbox.rootfs import build_base, finish_root
 
-__all__ = ["FORWARDED_SIGNALS", "close_fds_except", "drop_privileges", "exec_command", "run_spare"]
+__all__ = [
+    "FORWARDED_SIGNALS",
+    "NET_SYSCTLS",
+    "close_fds_except",
+    "drop_privileges",
+    "exec_command",
+    "refuse_router_advice",
+    "run_spare",
+]
 
 #: Signals the init passes on to the service (as tini does).
 FORWARDED_SIGNALS = (
@@ -41,6 +49,32 @@ def close_fds_except(keep: Iterable[int]) -> None:
             os.closerange(lo, fd)
             lo = fd + 1
     os.closerange(lo, 1 << 20)
+
+
+#: Written in each sandbox's new network namespace before its ``eth0`` exists (an interface takes
+#: ``default``'s values when it arrives): no IPv6 router advertisement, autoconfiguration or
+#: redirect, no IPv4 redirect. Otherwise a service that forges a router advertisement on the
+#: shared bridge becomes its neighbours' default router (Docker's CVE-2020-13401).
+NET_SYSCTLS = tuple(
+    (f"/proc/sys/net/{path}", "0")
+    for conf in ("all", "default")
+    for path in (f"ipv6/conf/{conf}/accept_ra", f"ipv6/conf/{conf}/autoconf",
+                 f"ipv6/conf/{conf}/accept_redirects", f"ipv4/conf/{conf}/accept_redirects")
+)  # fmt: skip
+
+
+def refuse_router_advice() -> None:
+    """Apply :data:`NET_SYSCTLS` in the calling thread's network namespace (``/proc/sys/net`` is
+    the opener's namespace's). A host without IPv6 has no ``ipv6`` directory: nothing to refuse."""
+    for path, value in NET_SYSCTLS:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
 
 
 def _report(sync: socket.socket, msg: bytes) -> None:
@@ -73,7 +107,7 @@ def drop_privileges(plan: SandboxPlan) -> None:
     L.capset(eff & mask, perm & mask, 0)
     L.clear_ambient_caps()
     L.set_no_new_privs()
-    seccomp.install()  # Docker's deny-list; inherited by everything the service starts
+    seccomp.install()  # Docker's allow-list; inherited by everything the service starts
 
 
 def _chdir_inside(cwd: str) -> None:
@@ -156,6 +190,7 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = (), *,
         placed = bool(cgroup_procs) or in_cgroup
         L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET
                   | (L.CLONE_NEWCGROUP if placed else 0))
+        refuse_router_advice()
         L.loopback_up()
         netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         builder = build_base()

@@ -144,8 +144,11 @@ def test_doctor_as_root_says_every_piece_works_here_and_which_faults_this_kernel
     assert r.returncode == 0, r.stdout + r.stderr
     lines = {ln[:18].strip(): ln[19:] for ln in r.stdout.splitlines()}
     assert list(lines) == ["linux", "kernel", "privileges", "user namespaces", "cgroups", "network",
-                           "sandbox"]  # fmt: skip
+                           "seccomp", "sandbox"]  # fmt: skip
     assert "MISSING" not in r.stdout
+    # The filter's policy: its kind, its size on this machine, the ENOSYS rule.
+    assert lines["seccomp"].startswith("OK      allow-list"), lines["seccomp"]
+    assert "refused with EPERM" in lines["seccomp"] and "answer ENOSYS" in lines["seccomp"]
     # The network line agrees with what link.delay() does here (this kernel may lack netem).
     with Environment([Service("w", ["sleep", "1000"])]) as env:
         try:
