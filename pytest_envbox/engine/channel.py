@@ -70,6 +70,7 @@ class Channel:
         self._lock = threading.Lock()
         self.dead = False
         self._why = DIED  # why calls fail once dead
+        self._hung_up: str | None = None  # why we closed the stream ourselves
         self._reader = threading.Thread(target=self._read_loop, name="envbox-supervisor", daemon=True)
         self._reader.start()
 
@@ -85,6 +86,7 @@ class Channel:
                 except OSError:
                     msgs = None
                 if msgs is None:
+                    why = self._hung_up or DIED
                     break
                 for req_id, msg in msgs:
                     try:
@@ -94,8 +96,7 @@ class Channel:
         except BaseException as e:  # a bug here: no call may wait for a reply that cannot come
             _log.exception("envbox: the client stopped reading its supervisor")
             why = f"the envbox client stopped reading its supervisor ({type(e).__name__}: {e})"
-            with contextlib.suppress(OSError):  # the supervisor sees EOF and tears down
-                self._sock.shutdown(socket.SHUT_RDWR)
+            self._hang_up(why)
         finally:
             self._die(why)
 
@@ -199,7 +200,7 @@ class Channel:
             frame = memoryview(encode(msg, req_id))
         except ProtocolError as e:
             raise SupervisorError(f"cannot send this {type(msg).__name__}: {e}") from None
-        late = f"the envbox supervisor did not read a {type(msg).__name__} in time"
+        late = f"the envbox supervisor did not take the {type(msg).__name__} in time"
         left = _left(deadline)
         if not self._send_lock.acquire(timeout=-1 if left is None else left):
             raise SupervisorError(late)
@@ -218,11 +219,17 @@ class Channel:
                 poll.register(self._sock, select.POLLOUT)
                 if left == 0 or not poll.poll(None if left is None else left * 1000):
                     if sent:  # half a frame is on the wire: the stream is lost, and the calls on it
-                        with contextlib.suppress(OSError):
-                            self._sock.shutdown(socket.SHUT_RDWR)
+                        self._hang_up(f"the envbox client hung up on its supervisor: {late}")
                     raise SupervisorError(late)
         finally:
             self._send_lock.release()
+
+    def _hang_up(self, why: str) -> None:
+        """End the stream from this side: the reader then fails every call with ``why``, and the
+        supervisor, at end-of-file, tears down."""
+        self._hung_up = self._hung_up or why
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def on_event(self, slot: str, handler: EventHandler | None) -> None:
         with self._lock:

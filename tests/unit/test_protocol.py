@@ -381,9 +381,11 @@ def test_a_supervisor_that_stops_reading_cannot_hold_a_call_past_its_timeout(sup
     # Parts that fill the socket, which nobody reads: the send gives up at the deadline.
     parts = [ExecOutput("stdout", bytes(EXEC_CHUNK)) for _ in range(64)]
     deadline = Deadline(10)
-    with pytest.raises(SupervisorError, match="did not read"):
+    with pytest.raises(SupervisorError, match="did not take the ExecOutput in time"):
         sup.call(timeout=0.5, parts=parts).result(timeout=10)
     assert deadline.remaining() > 7
     # Half a frame went out: the stream is lost, so the channel has hung up (the supervisor
     # tears down), and says so.
     assert wait_until(lambda: sup.channel.dead or None, Deadline(5))
+    with pytest.raises(SupervisorError, match="hung up on its supervisor"):
+        sup.channel.call(StatsRequest("e/a"))
