@@ -1,33 +1,20 @@
-"""The test process's side of the supervisor: start it on first use, call it, hear its events."""
+"""The test process's side of the supervisor: start it on first use, call it, hear its events
+(the calls and events go through :class:`~pytest_envbox.engine.channel.Channel`)."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import itertools
 import os
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
+from pytest_envbox.engine.channel import Channel, EventHandler, SupervisorError
 from pytest_envbox.errors import EnvboxError, HostUnsupported
-from pytest_envbox.supervisor.protocol import (
-    ErrorReply,
-    ExitedEvent,
-    FrameReader,
-    HelloRequest,
-    Reply,
-    ReplyT,
-    Request,
-    ShutdownRequest,
-    SupervisorDied,
-    encode,
-    recv_messages,
-)
+from pytest_envbox.supervisor.protocol import HelloRequest, ShutdownRequest
 
 __all__ = [
     "EventHandler",
@@ -38,20 +25,6 @@ __all__ = [
     "set_rootless_mode",
     "shutdown_supervisor",
 ]
-
-EventHandler = Callable[[ExitedEvent | SupervisorDied], None]
-
-
-class SupervisorError(EnvboxError):
-    """The supervisor refused an operation, failed to carry it out, or died."""
-
-
-def _raise(error: ErrorReply) -> None:
-    """The one place where the supervisor's error replies become exceptions."""
-    if error.kind == "unsupported":
-        raise HostUnsupported(error.message)
-    raise SupervisorError(error.message)
-
 
 #: ``auto`` (rootless when not root), ``yes`` or ``no``: from ``--envbox-rootless``, or the
 #: ``ENVBOX_ROOTLESS`` environment variable for the engine without pytest.
@@ -76,8 +49,9 @@ def rootless() -> bool:
     return os.geteuid() != 0
 
 
-class SupervisorClient:
-    """Calls into one supervisor process. Thread-safe: calls may come from several threads."""
+class SupervisorClient(Channel):
+    """Calls into one supervisor process, which it starts. Thread-safe: calls may come from
+    several threads."""
 
     def __init__(self) -> None:
         if not sys.platform.startswith("linux"):
@@ -104,16 +78,8 @@ class SupervisorClient:
             start_new_session=True,  # the terminal's Ctrl-C is for pytest, which tears down
         )
         theirs.close()
-        self._sock = ours
-        self._send_lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[threading.Event, list[Reply]]] = {}
-        self._handlers: dict[str, EventHandler] = {}
-        self._lock = threading.Lock()
-        self.dead = False
         self.owner_pid = os.getpid()
-        self._reader = threading.Thread(target=self._read_loop, name="envbox-supervisor", daemon=True)
-        self._reader.start()
+        super().__init__(ours)
         try:
             hello = self.call(HelloRequest(watch=_processes_to_outlive()))
         except HostUnsupported:
@@ -129,77 +95,6 @@ class SupervisorClient:
         """Is ``ident`` (a uid or gid inside) mapped in the supervisor's user namespace?"""
         return any(start <= ident < start + count for start, count in self.ids.get(kind, []))
 
-    def _read_loop(self) -> None:
-        reader = FrameReader()
-        while True:
-            try:
-                msgs = recv_messages(self._sock, reader)
-            except OSError:
-                msgs = None
-            if msgs is None:
-                break
-            for req_id, msg in msgs:
-                if isinstance(msg, ExitedEvent):
-                    handler = self._handlers.get(msg.slot)
-                    if handler is not None:
-                        handler(msg)
-                    continue
-                if not isinstance(msg, Reply) or req_id is None:
-                    continue  # nothing else comes from the supervisor
-                with self._lock:
-                    waiter = self._waiting.pop(req_id, None)
-                if waiter is not None:
-                    waiter[1].append(msg)
-                    waiter[0].set()
-        with self._lock:
-            self.dead = True
-            waiting = list(self._waiting.values())
-            self._waiting.clear()
-            handlers = list(self._handlers.items())
-        for ev, _ in waiting:
-            ev.set()
-        for slot, handler in handlers:
-            handler(SupervisorDied(slot))
-
-    def call(self, request: Request[ReplyT]) -> ReplyT:
-        """Send one request and wait for its reply.
-
-        Raises :class:`~pytest_envbox.errors.HostUnsupported` when the host lacks what it needs,
-        :class:`SupervisorError` when it fails otherwise (or the supervisor died).
-        """
-        req_id = next(self._ids)
-        done = threading.Event()
-        box: list[Reply] = []
-        with self._lock:
-            if self.dead:
-                raise SupervisorError("the envbox supervisor process has died")
-            self._waiting[req_id] = (done, box)
-        with self._send_lock:
-            self._sock.sendall(encode(request, req_id))
-        done.wait()
-        if not box:
-            raise SupervisorError("the envbox supervisor process has died")
-        reply = box[0]
-        if isinstance(reply, ErrorReply):
-            _raise(reply)
-        # Each request is answered by its own reply type (or an error): see protocol.py.
-        return cast(ReplyT, reply)
-
-    def send(self, request: Request[Reply]) -> None:
-        """Send a request without waiting for its reply (errors are then ignored)."""
-        with self._lock:
-            if self.dead:
-                raise SupervisorError("the envbox supervisor process has died")
-        with self._send_lock:
-            self._sock.sendall(encode(request, next(self._ids)))
-
-    def on_event(self, slot: str, handler: EventHandler | None) -> None:
-        with self._lock:
-            if handler is None:
-                self._handlers.pop(slot, None)
-            else:
-                self._handlers[slot] = handler
-
     def close(self) -> None:
         """Ask the supervisor to tear everything down and wait until it has exited.
 
@@ -208,8 +103,8 @@ class SupervisorClient:
         """
         kept = None
         if not self.dead:
-            with contextlib.suppress(EnvboxError, OSError):
-                kept = self.call(ShutdownRequest()).kept
+            with contextlib.suppress(EnvboxError, OSError):  # it answers at once, then tears down
+                kept = self.call(ShutdownRequest(), timeout=30).kept
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         if kept:

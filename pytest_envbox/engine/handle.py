@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pytest_envbox.engine import readiness
 from pytest_envbox.engine.client import SupervisorClient, SupervisorError
+from pytest_envbox.engine.commands import run_command
 from pytest_envbox.engine.faults import Link
 from pytest_envbox.engine.figures import Run, Stats, memory_limit_text
 from pytest_envbox.errors import EnvboxError, HostUnsupported, ServiceFailed
@@ -24,7 +25,6 @@ from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.spec import HttpProbe, Service
 from pytest_envbox.supervisor.protocol import (
     CgroupLimits,
-    ExecRequest,
     ExitedEvent,
     FreezeRequest,
     NetWiring,
@@ -274,7 +274,9 @@ class ServiceHandle:
         Like ``subprocess.run(..., capture_output=True, text=True)``: a ``CompletedProcess`` with
         the exit code and output; ``subprocess.TimeoutExpired`` after ``timeout`` seconds. A
         command that cannot be run at all gives exit code 127 and says why on stderr, as a shell
-        would.
+        would. Each of stdout, stderr and ``input`` may hold up to 256 MiB
+        (:mod:`~pytest_envbox.engine.commands`); a command that writes more is killed, and
+        ``EnvboxError`` says how to move it through a mount instead.
         """
         args = shlex.split(argv) if isinstance(argv, str) else list(argv)
         if not args:
@@ -283,16 +285,7 @@ class ServiceHandle:
             raise ServiceFailed(self.name, self._returncode, readiness.log_tail(self.log_path),
                                 reason=f"is not running (return code {self._returncode}): "
                                 "cannot exec in it")  # fmt: skip
-        try:
-            r = self._sup.call(ExecRequest(self._slot, self._plan, args, input, timeout))
-        except SupervisorError as e:
-            raise EnvboxError(f"service {self.name!r}: cannot exec {args[0]!r}: {e}") from None
-        stdout, stderr = r.stdout, r.stderr
-        if r.exec_error:
-            stderr += f"envbox: {r.exec_error}\n"
-        if r.timed_out:
-            raise subprocess.TimeoutExpired(args, timeout or 0.0, stdout, stderr)
-        return subprocess.CompletedProcess(args, r.returncode, stdout, stderr)
+        return run_command(self._sup, self.name, self._slot, self._plan, args, timeout=timeout, input=input)
 
     # --- internals ----------------------------------------------------------------------------
 

@@ -1,47 +1,42 @@
-"""The supervisor's protocol: every message a frozen dataclass, and their one codec.
+"""The supervisor's protocol: every message a frozen dataclass.
 
 A request names its reply's type (``Request[ReplyT]``), so that the client's
 ``call(StartRequest(...))`` is a ``StartReply`` to the type checker
-(:meth:`~pytest_envbox.engine.client.SupervisorClient.call`). Every message crosses the
-socket as one frame: a 4-byte big-endian length, then a JSON object with the message's type
-tag (``t``), its request id (``id``; none on events) and its fields. Nested values (the
-sandbox plan, limits, the network wiring) are JSON objects; :func:`decode` turns them back
-into their types, and the int keys of published ports back into ints.
+(:meth:`~pytest_envbox.engine.client.SupervisorClient.call`). How a message crosses the socket
+(one frame each, and their one codec) is :mod:`.wire`'s.
 
-JSON rather than pickle: the two ends are the same package, but nothing that crosses a process
-boundary should be able to execute code when decoded.
+Most messages are a request, its reply, or an event. ``exec`` also streams: a command's output
+comes back as :class:`ExecOutput` parts under the request's id before its :class:`ExecReply`,
+and a large ``input=`` goes out as :class:`ExecInput` parts after the :class:`ExecRequest`, so
+that no frame grows with a command's output (a 12 MB ``pg_dump`` to stdout is a fair use).
 
 Imported by the supervisor's lean interpreter (``python -S``): the standard library only.
 """
 
 from __future__ import annotations
 
-import json
-import socket
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pytest_envbox.sandbox.plan import SandboxPlan
 
 __all__ = [
-    "MAX_FRAME", "MESSAGE_TYPES", "CensusReply", "CensusRequest", "CgroupLimits", "Done",
-    "ErrorReply", "Event", "ExecReply", "ExecRequest", "ExitedEvent", "FrameReader",
+    "EXEC_CHUNK", "EXEC_STREAM_CAP", "MESSAGE_TYPES", "CensusReply", "CensusRequest", "CgroupLimits",
+    "Done", "ErrorReply", "Event", "ExecInput", "ExecOutput", "ExecReply", "ExecRequest", "ExitedEvent",
     "FreezeRequest", "Handlers", "HealRequest", "HelloReply", "HelloRequest", "KeepRequest",
     "LinkRequest", "Message", "NetWiring", "OwnDirRequest", "PartitionRequest", "PrepareRequest",
-    "ProtocolError", "ReleaseRequest", "Reply", "ReplyT", "Request", "ShutdownReply", "ShutdownRequest",
+    "ReleaseRequest", "Reply", "ReplyT", "Request", "ShutdownReply", "ShutdownRequest",
     "SignalRequest", "StartReply", "StartRequest", "StatsReply", "StatsRequest", "SupervisorDied",
-    "TcpCheckReply", "TcpCheckRequest", "Unsupported", "decode", "encode", "recv_messages",
+    "TcpCheckReply", "TcpCheckRequest", "Unsupported",
 ]  # fmt: skip
 
-_HEADER = struct.Struct(">I")
-#: The largest frame either end accepts (its JSON, not counting the 4-byte header).
-MAX_FRAME = 64 << 20
-
-
-class ProtocolError(ValueError):
-    """A frame that is not a message of this protocol (too large, an unknown type tag...)."""
+#: The most bytes of a command's input or output that one exec part (or its reply) carries.
+EXEC_CHUNK = 1 << 20
+#: The most bytes ``exec`` takes as input, or collects from each of stdout and stderr: past it,
+#: the command is killed and the call fails (its whole output is held in the test process's
+#: memory, as ``subprocess.run`` holds it).
+EXEC_STREAM_CAP = 256 << 20
 
 
 class Unsupported(Exception):
@@ -211,26 +206,54 @@ class TcpCheckRequest(Request[TcpCheckReply]):
 
 @dataclass(frozen=True, slots=True)
 class ExecReply(Reply):
-    """The command's exit code and output; ``exec_error`` says why it could not be run."""
+    """The command has ended: its exit code and the last of its output (the rest came before,
+    as :class:`ExecOutput`); ``exec_error`` says why it could not be run; ``overflow`` names the
+    stream that passed :data:`EXEC_STREAM_CAP`, for which the command was killed."""
 
     TAG: ClassVar[str] = "exec_reply"
     returncode: int
-    stdout: str
-    stderr: str
+    stdout: bytes
+    stderr: bytes
     timed_out: bool
     exec_error: str | None
+    overflow: Literal["stdout", "stderr"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ExecRequest(Request[ExecReply]):
-    """Run ``argv`` inside the running service of ``slot``, as ``plan`` says (its user, env...)."""
+    """Run ``argv`` inside the running service of ``slot``, as ``plan`` says (its user, env...).
+
+    ``input``: the first :data:`EXEC_CHUNK` bytes of its stdin; with ``more_input``, the rest
+    follows as :class:`ExecInput` parts (the last with ``end``); without, stdin ends there.
+    """
 
     TAG: ClassVar[str] = "exec"
     slot: str
     plan: SandboxPlan
     argv: list[str]
-    input: str | None
+    input: bytes
+    more_input: bool
     timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecInput(Message):
+    """More of an exec's stdin (at most :data:`EXEC_CHUNK` bytes), under its request's id;
+    ``end``: the last part. Unanswered: a part for an exec that is over is dropped."""
+
+    TAG: ClassVar[str] = "exec_input"
+    data: bytes
+    end: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ExecOutput(Message):
+    """Output of a running exec (at most :data:`EXEC_CHUNK` bytes of one stream), under its
+    request's id; the client joins the parts to the reply's own."""
+
+    TAG: ClassVar[str] = "exec_output"
+    stream: Literal["stdout", "stderr"]
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,106 +417,16 @@ class SupervisorDied(Event):
     slot: str
 
 
-#: A concern's request handlers: each takes the request's id and the request, and returns the
-#: reply, or None when the reply comes later (a start, an exec).
+#: A concern's handlers: each takes a request's id and the request (or a part of one, an
+#: :class:`ExecInput`), and returns the reply, or None when the reply comes later (a start, an
+#: exec) or there is none (a part).
 Handlers = dict[type[Message], Callable[[int, Any], Reply | None]]
-
-
-# --- the codec --------------------------------------------------------------------------------
 
 #: Every message type, each with its own ``TAG``.
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Done, ErrorReply, HelloReply, HelloRequest, StartReply, StartRequest, SignalRequest,
-    TcpCheckReply, TcpCheckRequest, ExecReply, ExecRequest, ReleaseRequest, LinkRequest,
-    PartitionRequest, HealRequest, StatsReply, StatsRequest, FreezeRequest, PrepareRequest,
-    CensusReply, CensusRequest, OwnDirRequest, ShutdownReply, ShutdownRequest, KeepRequest,
-    ExitedEvent, SupervisorDied,
+    TcpCheckReply, TcpCheckRequest, ExecReply, ExecRequest, ExecInput, ExecOutput, ReleaseRequest,
+    LinkRequest, PartitionRequest, HealRequest, StatsReply, StatsRequest, FreezeRequest,
+    PrepareRequest, CensusReply, CensusRequest, OwnDirRequest, ShutdownReply, ShutdownRequest,
+    KeepRequest, ExitedEvent, SupervisorDied,
 )  # fmt: skip
-_BY_TAG: dict[str, type[Message]] = {t.TAG: t for t in MESSAGE_TYPES}
-#: Each message's field names, in order (``__slots__`` holds them too, but says less).
-_FIELDS: dict[type[Any], tuple[str, ...]] = {
-    t: tuple(f.name for f in fields(t))
-    for t in (*MESSAGE_TYPES, CgroupLimits, NetWiring)
-}
-
-
-def _plan(d: dict[str, Any]) -> SandboxPlan:
-    return SandboxPlan.from_dict(d)
-
-
-def _ranges(v: list[list[int]]) -> list[tuple[int, int]]:
-    return [(a, b) for a, b in v]
-
-
-#: The fields JSON does not give back as they were sent: field -> what makes them so again.
-_DECODE: dict[type[Message], dict[str, Callable[[Any], Any]]] = {
-    StartRequest: {"plan": _plan, "limits": lambda d: CgroupLimits(**d),
-                   "net": lambda d: None if d is None else NetWiring(**d)},
-    StartReply: {"ports": lambda d: {int(k): v for k, v in d.items()}},
-    ExecRequest: {"plan": _plan},
-    HelloReply: {"uid_map": _ranges, "gid_map": _ranges},
-}  # fmt: skip
-
-
-def _nested(obj: Any) -> Any:
-    """json's ``default``: a nested value as a JSON object."""
-    if isinstance(obj, SandboxPlan):
-        return obj.to_dict()
-    names = _FIELDS.get(type(obj))
-    if names is None:
-        raise TypeError(f"{type(obj).__name__} cannot be sent to the supervisor")
-    return {name: getattr(obj, name) for name in names}
-
-
-def encode(msg: Message, req_id: int | None = None) -> bytes:
-    """``msg`` as one frame; ``req_id`` for a request and its reply (None for an event)."""
-    obj: dict[str, Any] = {"t": msg.TAG}
-    if req_id is not None:
-        obj["id"] = req_id
-    for name in _FIELDS[type(msg)]:
-        obj[name] = getattr(msg, name)
-    data = json.dumps(obj, separators=(",", ":"), default=_nested).encode()
-    return _HEADER.pack(len(data)) + data
-
-
-def decode(obj: dict[str, Any]) -> tuple[int | None, Message]:
-    """A frame's JSON object as its request id (None for an event) and its message."""
-    try:
-        cls = _BY_TAG[obj.pop("t")]
-    except KeyError:
-        raise ProtocolError(f"not a message of the supervisor's protocol: {obj!r:.200}") from None
-    req_id = obj.pop("id", None)
-    for name, convert in _DECODE.get(cls, {}).items():
-        obj[name] = convert(obj[name])
-    try:
-        return req_id, cls(**obj)
-    except TypeError as e:
-        raise ProtocolError(f"a {cls.__name__} with the wrong fields: {e}") from None
-
-
-class FrameReader:
-    """Incremental decoder: feed bytes, get whole messages (with their request ids)."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[int | None, Message]]:
-        self._buf += data
-        out: list[tuple[int | None, Message]] = []
-        while len(self._buf) >= _HEADER.size:
-            (n,) = _HEADER.unpack_from(self._buf)
-            if n > MAX_FRAME:
-                raise ProtocolError(f"frame of {n} bytes is too large")
-            if len(self._buf) < _HEADER.size + n:
-                break
-            out.append(decode(json.loads(self._buf[_HEADER.size : _HEADER.size + n])))
-            del self._buf[: _HEADER.size + n]
-        return out
-
-
-def recv_messages(sock: socket.socket, reader: FrameReader) -> list[tuple[int | None, Message]] | None:
-    """Read what is available (blocking for at least one byte); None at EOF."""
-    data = sock.recv(1 << 16)
-    if not data:
-        return None
-    return reader.feed(data)

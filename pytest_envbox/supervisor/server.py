@@ -46,7 +46,6 @@ from pytest_envbox.supervisor.protocol import (
     CensusReply,
     CensusRequest,
     ErrorReply,
-    FrameReader,
     Handlers,
     HelloReply,
     HelloRequest,
@@ -55,13 +54,13 @@ from pytest_envbox.supervisor.protocol import (
     ShutdownReply,
     ShutdownRequest,
     Unsupported,
-    encode,
 )
 from pytest_envbox.supervisor.services import Services
 from pytest_envbox.supervisor.slotkernel import LinuxSlotKernel
 from pytest_envbox.supervisor.spares import Spares
 from pytest_envbox.supervisor.sync import Pending
 from pytest_envbox.supervisor.userns import enter_user_namespace, id_map, no_user_namespace
+from pytest_envbox.supervisor.wire import BadFrame, FrameReader, ProtocolError, encode
 
 __all__ = ["Supervisor", "handler_table", "main"]
 
@@ -159,7 +158,14 @@ class Supervisor:
 
     def send(self, msg: Message, req_id: int | None = None) -> None:
         try:
-            self.sock.sendall(encode(msg, req_id))
+            frame = encode(msg, req_id)
+        except ProtocolError as e:  # too large to send: that call fails, not the client's reader
+            if req_id is None:
+                _log(f"an event could not be sent: {e}")
+                return
+            frame = encode(ErrorReply("failed", f"its reply could not be sent: {e}"), req_id)
+        try:
+            self.sock.sendall(frame)
         except OSError:  # the test process is gone: tear down (unless it asked to keep, see _detach)
             if not (self.detached or self.kept):
                 self.running = False
@@ -188,10 +194,17 @@ class Supervisor:
                 self.running = False
             return
         for req_id, msg in self.reader.feed(data):
+            # A bad frame fails its call, or is skipped: the loop serves on either way.
+            if req_id is None:
+                _log(f"ignored a message without a request id: {msg!r:.200}")
+                continue
+            if isinstance(msg, BadFrame):
+                self.reply(req_id, ErrorReply("failed", f"ProtocolError: {msg.reason}"))
+                continue
             handler = self.handlers.get(type(msg))
             result: Reply | None
             try:
-                if handler is None or req_id is None:
+                if handler is None:
                     raise ValueError(f"not a request: {type(msg).__name__}")
                 result = handler(req_id, msg)
             except Unsupported as e:  # the caller raises HostUnsupported
@@ -199,7 +212,7 @@ class Supervisor:
             except Exception as e:  # reported to the caller, who raises it
                 result = ErrorReply("failed", f"{type(e).__name__}: {e}")
             if result is not None:
-                self.reply(req_id or 0, result)
+                self.reply(req_id, result)
 
     def _reap(self) -> None:
         while True:
@@ -300,6 +313,13 @@ class Supervisor:
             self.network.drop_hub(env)
         with contextlib.suppress(Exception):
             self.cgroups.remove()
+
+
+def _log(text: str) -> None:
+    """A note on the test process's stderr (where pytest captures it): for what has no caller
+    to tell."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"envbox supervisor: {text}", file=sys.stderr, flush=True)
 
 
 def handler_table(sup: Supervisor) -> Handlers:
