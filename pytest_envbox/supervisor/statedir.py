@@ -21,7 +21,6 @@ import errno
 import os
 import re
 import stat
-import tempfile
 from types import TracebackType
 
 from pytest_envbox.errors import HostUnsupported
@@ -204,7 +203,8 @@ def remove_temp_dir(path: str) -> str | None:
     ``shutil.rmtree`` with ``dir_fd`` removes the tree through descriptors, never following a link
     inside. In the sticky ``/tmp``, a directory that is ours stays ours until we remove it.
     """
-    import shutil
+    import shutil  # (these two only here: the supervisor stays small, and so do its forks)
+    import tempfile
 
     tmp = tempfile.gettempdir()
     parent, name = os.path.split(path)
