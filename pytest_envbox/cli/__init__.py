@@ -20,7 +20,7 @@ from pathlib import Path
 from pytest_envbox.engine.report import enter_command
 from pytest_envbox.errors import EnvboxError
 from pytest_envbox.kernel import cgroups, hostcheck, seccomp
-from pytest_envbox.supervisor import records
+from pytest_envbox.supervisor import records, statedir
 
 __all__ = [
     "clean",
@@ -93,6 +93,9 @@ def doctor() -> int:
     out.line("privileges", "OK" if root else "NOTE", "root" if root else
              f"not root ({user}): services run rootless, in a user namespace; the rootless "
              "lines below say what that can do here")  # fmt: skip
+    unsafe = statedir.problem()
+    out.line("state directory", "MISSING" if unsafe else "OK", unsafe or
+             f"{statedir.state_dir()}: yours alone (mode 0700), for `envbox ps` and `envbox clean`")
     blocked = hostcheck.userns_sysctls()
     if blocked:
         out.line("user namespaces", "NOTE" if root else "MISSING", "; ".join(

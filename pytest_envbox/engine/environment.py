@@ -158,6 +158,8 @@ class Environment:
             self._given_workdir.mkdir(parents=True, exist_ok=True)
             self.workdir = self._given_workdir
         else:
+            # mkdtemp: a new directory, mode 0700, of a random name; that name is what the
+            # janitor recognises (supervisor/statedir.py) if this process dies before removing it.
             self.workdir = Path(tempfile.mkdtemp(prefix="envbox-"))
             self._sup.send(OwnDirRequest(str(self.workdir), own=True))
         try:

@@ -5,7 +5,10 @@ whose it is and which services it runs (pids, addresses); it is rewritten when t
 the supervisor is idle, off any start's path) and removed when the supervisor ends. A file whose
 supervisor is gone (SIGKILLed) is stale: the next supervisor, or ``envbox clean``, removes it.
 Standard library only: the lean supervisor imports it. Writes are atomic (a temporary file,
-renamed), so a reader never sees half a file.
+renamed), so a reader never sees half a file. Every file goes through
+:class:`~pytest_envbox.supervisor.statedir.StateDir`: a directory that is the user's alone, in
+which no link is followed; and a record's list of directories to delete is only a list of
+candidates, each removed only if it proves to be envbox's own.
 """
 
 from __future__ import annotations
@@ -18,73 +21,55 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pytest_envbox.errors import HostUnsupported
 from pytest_envbox.kernel.cgroups.runs import RUN_PREFIX, is_stale, run_name
 from pytest_envbox.supervisor.protocol import Done, Handlers, KeepRequest, OwnDirRequest
+from pytest_envbox.supervisor.statedir import StateDir, outer_uid, remove_temp_dir, state_dir
 
 if TYPE_CHECKING:
     from pytest_envbox.supervisor.server import Supervisor
 
-__all__ = ["RunRecord", "StateWriter", "clean_stale", "janitor", "outer_uid", "remove", "runs",
-           "state_dir", "write"]  # fmt: skip
-
-
-def outer_uid() -> int:
-    """Our uid on the host, also inside a user namespace (rootless mode: root in there)."""
-    uid = os.geteuid()
-    if uid == 0:
-        try:
-            with open("/proc/self/uid_map") as f:
-                inside, outside, _count = f.readline().split()
-            if inside == "0":
-                return int(outside)
-        except (OSError, ValueError):
-            pass
-    return uid
-
-
-def state_dir() -> str:
-    """Where the records are: ``/run/envbox`` for root, the user's runtime directory otherwise."""
-    uid = outer_uid()
-    if uid == 0:
-        return "/run/envbox"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "envbox")
-    return f"/tmp/envbox-{uid}"
+__all__ = ["RunRecord", "StateWriter", "clean_stale", "janitor", "remove", "runs", "state_dir",
+           "write"]  # fmt: skip
 
 
 def write(name: str, record: dict[str, Any], directory: str | None = None) -> None:
-    d = directory or state_dir()
-    os.makedirs(d, mode=0o755, exist_ok=True)
-    path = os.path.join(d, name + ".json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    """Write run ``name``'s record, replacing the last one at once (a reader never sees half)."""
+    with StateDir.open(directory) as d:
+        d.write(name + ".json", json.dumps(record).encode())
 
 
 def remove(name: str, directory: str | None = None) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(directory or state_dir(), name + ".json"))
+    with contextlib.suppress(FileNotFoundError), StateDir.open(directory, create=False) as d:
+        d.unlink(name + ".json")
 
 
 def runs(directory: str | None = None) -> list[tuple[str, dict[str, Any] | None]]:
     """Every record: (run name, its content), content None when its supervisor is gone."""
-    d = directory or state_dir()
     try:
-        names = sorted(n[:-5] for n in os.listdir(d) if n.startswith(RUN_PREFIX) and n.endswith(".json"))
+        d = StateDir.open(directory, create=False)
     except FileNotFoundError:
         return []
+    with d:
+        return _runs(d)
+
+
+def _runs(d: StateDir) -> list[tuple[str, dict[str, Any] | None]]:
+    names = sorted(n[:-5] for n in d.names() if n.startswith(RUN_PREFIX) and n.endswith(".json"))
     out: list[tuple[str, dict[str, Any] | None]] = []
     for name in names:
         if is_stale(name):
             out.append((name, None))
             continue
-        try:
-            with open(os.path.join(d, name + ".json")) as f:
-                out.append((name, json.load(f)))
-        except (OSError, ValueError):
+        data = d.read(name + ".json")
+        if data is None:
             continue  # removed meanwhile
+        try:
+            record = json.loads(data)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append((name, record))
     return out
 
 
@@ -94,16 +79,15 @@ def janitor(directory: str | None = None) -> Iterator[bool]:
     once) that should clean up after dead runs now, False for the others, who need not wait.
 
     ``flock`` (stdlib: the lean supervisor cannot import ``filelock``); released at exit, even
-    by SIGKILL.
+    by SIGKILL. An unsafe state directory raises :class:`~pytest_envbox.errors.HostUnsupported`.
     """
     import fcntl
 
-    d = directory or state_dir()
-    try:
-        os.makedirs(d, mode=0o755, exist_ok=True)
-        fd = os.open(os.path.join(d, "janitor.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
-        yield True  # no state directory: clean anyway (cleaning is idempotent)
+    fd = None
+    with contextlib.suppress(OSError), StateDir.open(directory) as d:
+        fd = d.lock_file("janitor.lock")
+    if fd is None:
+        yield True  # no lock file: clean anyway (cleaning is idempotent)
         return
     try:
         try:
@@ -117,44 +101,36 @@ def janitor(directory: str | None = None) -> Iterator[bool]:
 
 
 def clean_stale(directory: str | None = None) -> list[str]:
-    """Remove the records of supervisors that are gone; return their paths."""
-    d = directory or state_dir()
+    """Remove the records of supervisors that are gone, and the temporary directories they list
+    (only those that prove to be envbox's, see :func:`~.statedir.remove_temp_dir`); return the
+    paths removed."""
+    try:
+        d = StateDir.open(directory, create=False)
+    except FileNotFoundError:
+        return []
     removed = []
-    with contextlib.suppress(OSError):  # a supervisor killed while it wrote its record
-        for n in os.listdir(d):
-            if n.startswith(RUN_PREFIX) and n.endswith(".json.tmp") and is_stale(n[:-9]):
-                os.unlink(os.path.join(d, n))
-    for name, record in runs(d):
-        if record is None:
-            path = os.path.join(d, name + ".json")
-            removed += _remove_dirs(path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed.append(path)
+    with d:
+        with contextlib.suppress(OSError):  # a supervisor killed while it wrote its record
+            for n in d.names():
+                if n.startswith(RUN_PREFIX) and n.endswith(".json.tmp") and is_stale(n[:-9]):
+                    d.unlink(n)
+        for name, record in _runs(d):
+            if record is None:
+                removed += _remove_dirs(d, name + ".json")
+                if d.unlink(name + ".json"):
+                    removed.append(os.path.join(d.path, name + ".json"))
     return removed
 
 
-def _remove_dirs(record_path: str) -> list[str]:
+def _remove_dirs(d: StateDir, record_name: str) -> list[str]:
     """The temporary directories a dead run's record lists (an ``Environment`` without a
-    ``workdir`` makes one): removed, if they still look like ours."""
-    import shutil
-    import tempfile
-
+    ``workdir`` makes one): removed, if they prove to be ours."""
     try:
-        with open(record_path) as f:
-            dirs = json.load(f).get("dirs") or []
-    except (OSError, ValueError, AttributeError):
+        dirs = json.loads(d.read(record_name) or b"{}").get("dirs") or []
+    except (ValueError, AttributeError):
         return []
-    tmp = os.path.realpath(tempfile.gettempdir())
-    gone = []
-    for d in dirs:
-        real = os.path.realpath(str(d))
-        # Only what envbox makes: tempfile.mkdtemp(prefix="envbox-") in the temporary directory.
-        if os.path.dirname(real) == tmp and os.path.basename(real).startswith("envbox-") \
-                and os.path.isdir(real) and not os.path.islink(str(d)):  # fmt: skip
-            shutil.rmtree(real, ignore_errors=True)
-            gone.append(real)
-    return gone
+    gone = [remove_temp_dir(p) for p in dirs if isinstance(p, str)] if isinstance(dirs, list) else []
+    return [p for p in gone if p is not None]
 
 
 class RunRecord:
@@ -205,14 +181,12 @@ class RunRecord:
 
     def close(self) -> None:
         """The owned directories go, then the record (its last write done first)."""
-        import shutil  # only here: the supervisor stays small, and so do its forks
-
         for d in self.dirs:
-            shutil.rmtree(d, ignore_errors=True)
+            remove_temp_dir(d)  # a path the test process sent: removed only if it proves ours
         self.dirs.clear()
         if self.writer is not None:
             self.writer.close()  # its last write done before the record goes
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, HostUnsupported):
             remove(self.name)
 
 
@@ -245,7 +219,7 @@ class StateWriter:
                 record, self.record = self.record, None
                 if record is None:
                     return  # closed, and nothing left to write
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, HostUnsupported):  # (refused at hello already)
                 write(self.name, record)
 
     def close(self) -> None:

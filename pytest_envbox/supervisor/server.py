@@ -35,9 +35,10 @@ import socket
 import sys
 import warnings
 
+from pytest_envbox.errors import HostUnsupported
 from pytest_envbox.kernel import cgroups
 from pytest_envbox.kernel import linux as L
-from pytest_envbox.supervisor import records
+from pytest_envbox.supervisor import records, statedir
 from pytest_envbox.supervisor.exec import Execs
 from pytest_envbox.supervisor.limits import ServiceCgroups
 from pytest_envbox.supervisor.logs import LogSink
@@ -102,12 +103,17 @@ class Supervisor:
         self.kept: dict[str, str] = {}
         self.detached = False
         # What dead runs left (cgroups, records) goes now, by whichever of the supervisors
-        # starting together (xdist workers) takes the janitor's lock; never a live run's.
-        with records.janitor() as mine:
-            if mine:
-                cgroups.clean_stale(self.cgroups_host)
-                with contextlib.suppress(OSError):
-                    records.clean_stale()
+        # starting together (xdist workers) takes the janitor's lock; never a live run's. A state
+        # directory another user could write is refused (statedir.py): the answer to hello.
+        if self.refused is None:
+            try:
+                with records.janitor() as mine:
+                    if mine:
+                        cgroups.clean_stale(self.cgroups_host)
+                        with contextlib.suppress(OSError):
+                            records.clean_stale()
+            except HostUnsupported as e:
+                self.refused = str(e)
         self.cgroups = cgroups.CgroupTree(cgroups.CgroupHost("none"), "")  # made at hello
         self.spares = Spares(self)
         self.network = Network(self)
@@ -345,7 +351,11 @@ def main(fd: int | None = None) -> None:
     if fd is None:
         fd = int(sys.argv[1])
     refused = None
-    if "rootless" in sys.argv[2:] and "in-userns" not in sys.argv[2:]:
+    if "in-userns" not in sys.argv[2:]:
+        # Before any user namespace, where another user's uid would read as "nobody": the message
+        # names the real owner. (Checked again inside, by the janitor.)
+        refused = statedir.problem()
+    if refused is None and "rootless" in sys.argv[2:] and "in-userns" not in sys.argv[2:]:
         try:
             enter_user_namespace()
         except OSError as e:

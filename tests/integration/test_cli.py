@@ -143,8 +143,8 @@ def test_doctor_as_root_says_every_piece_works_here_and_which_faults_this_kernel
                        timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     lines = {ln[:18].strip(): ln[19:] for ln in r.stdout.splitlines()}
-    assert list(lines) == ["linux", "kernel", "privileges", "user namespaces", "cgroups", "network",
-                           "seccomp", "sandbox"]  # fmt: skip
+    assert list(lines) == ["linux", "kernel", "privileges", "state directory", "user namespaces",
+                           "cgroups", "network", "seccomp", "sandbox"]  # fmt: skip
     assert "MISSING" not in r.stdout
     # The filter's policy: its kind, its size on this machine, the ENOSYS rule.
     assert lines["seccomp"].startswith("OK      allow-list"), lines["seccomp"]
