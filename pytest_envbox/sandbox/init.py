@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import signal
 import socket
 from collections.abc import Iterable, Sequence
@@ -24,7 +25,8 @@ from pytest_envbox.sandbox import status
 from pytest_envbox.sandbox.plan import SandboxPlan, SetupError
 from pytest_envbox.sandbox.rootfs import build_base, finish_root
 
-__all__ = ["FORWARDED_SIGNALS", "close_fds_except", "drop_privileges", "exec_command", "run_spare"]
+__all__ = ["FORWARDED_SIGNALS", "NOFILE", "close_fds_except", "drop_privileges", "exec_command",
+           "limit_open_files", "run_spare"]
 
 #: Signals the init passes on to the service (as tini does).
 FORWARDED_SIGNALS = (
@@ -50,6 +52,22 @@ def _report(sync: socket.socket, msg: bytes) -> None:
         pass
 
 
+#: Open files per process (``RLIMIT_NOFILE``), soft and hard: containerd's default. Each socket
+#: may hold some kernel memory that no memory limit refuses (see docs/limits.md, "Socket
+#: buffers"); this bounds how many one process can have. Never raised above the caller's own.
+NOFILE = 1024
+
+
+def limit_open_files() -> None:
+    """Cut ``RLIMIT_NOFILE`` to :data:`NOFILE` (soft and hard), or the current hard limit if lower.
+
+    The hard limit too: a process may raise its soft limit up to its hard one, and a service runs
+    without ``CAP_SYS_RESOURCE``, so it cannot raise the hard one back."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 def drop_privileges(plan: SandboxPlan) -> None:
     """Become the service's user with at most Docker's default capabilities and no new privileges.
 
@@ -59,6 +77,7 @@ def drop_privileges(plan: SandboxPlan) -> None:
     """
     if L.capbset_has(21):  # CAP_SYS_ADMIN still there: cut the bounding set
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
+    limit_open_files()
     try:
         os.setgroups(plan.groups)
     except PermissionError:
