@@ -25,7 +25,7 @@ from pytest_envbox.sandbox import status
 from pytest_envbox.sandbox.plan import SandboxPlan, SetupError
 from pytest_envbox.sandbox.rootfs import build_base, finish_root
 
-__all__ = ["FORWARDED_SIGNALS", "NOFILE", "close_fds_except", "drop_privileges", "exec_command",
+__all__ = ["FORWARDED_SIGNALS", "close_fds_except", "drop_privileges", "exec_command",
            "limit_open_files", "run_spare"]
 
 #: Signals the init passes on to the service (as tini does).
@@ -52,20 +52,18 @@ def _report(sync: socket.socket, msg: bytes) -> None:
         pass
 
 
-#: Open files per process (``RLIMIT_NOFILE``), soft and hard: containerd's default. Each socket
-#: may hold some kernel memory that no memory limit refuses (see docs/limits.md, "Socket
-#: buffers"); this bounds how many one process can have. Never raised above the caller's own.
-NOFILE = 1024
-
-
-def limit_open_files() -> None:
-    """Cut ``RLIMIT_NOFILE`` to :data:`NOFILE` (soft and hard), or the current hard limit if lower.
+def limit_open_files(n: int) -> None:
+    """Set ``RLIMIT_NOFILE`` to ``n``, soft and hard (see :data:`~.plan.NOFILE`).
 
     The hard limit too: a process may raise its soft limit up to its hard one, and a service runs
-    without ``CAP_SYS_RESOURCE``, so it cannot raise the hard one back."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    n = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    without ``CAP_SYS_RESOURCE``, so it cannot raise the hard one back. Above our own hard limit
+    that takes ``CAP_SYS_RESOURCE`` in the host's user namespace: without it (rootless), the
+    service gets our hard limit."""
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    except (OSError, ValueError):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), min(n, hard)))
 
 
 def drop_privileges(plan: SandboxPlan) -> None:
@@ -77,7 +75,7 @@ def drop_privileges(plan: SandboxPlan) -> None:
     """
     if L.capbset_has(21):  # CAP_SYS_ADMIN still there: cut the bounding set
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
-    limit_open_files()
+    limit_open_files(plan.nofile)
     try:
         os.setgroups(plan.groups)
     except PermissionError:

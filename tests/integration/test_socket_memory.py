@@ -1,4 +1,5 @@
-"""A service cannot hold the host's memory in TCP buffers: its sockets are charged to it.
+"""A service cannot hold the host's memory in TCP buffers: its sockets are charged to it, and
+each of its processes may have NOFILE of them.
 
 Runs on cgroup v1 (hybrid here), and on cgroup v2 in the ``cgroupv2`` tox lane.
 """
@@ -13,7 +14,7 @@ import pytest
 
 from pytest_envbox import Environment, Service
 from pytest_envbox.kernel.cgroups import detect
-from pytest_envbox.sandbox.init import NOFILE
+from pytest_envbox.sandbox.plan import NOFILE
 
 HOG = Path(__file__).with_name("tcp_hog.py")
 MEMORY = 64 << 20
@@ -21,11 +22,34 @@ MEMORY = 64 << 20
 # up on 4 GiB of RAM), and over 4 times the memory limit.
 CEILING = 320 << 20
 
-pytestmark = pytest.mark.skipif(
-    detect().version == "none", reason="no cgroup filesystem mounted on this host"
-)
+NOFILE_REPORT = """
+import resource
+print(*resource.getrlimit(resource.RLIMIT_NOFILE))
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 16, 1 << 16))
+    print("raised")
+except (OSError, ValueError):
+    print("refused")
+"""
 
 
+def test_each_process_of_a_service_may_open_1024_files_or_what_it_declares_and_no_more() -> None:
+    default = Service("default", ["sleep", "inf"])
+    wide = Service("wide", ["sleep", "inf"], limits={"nofile": 4096})
+    with Environment([default, wide]) as env:
+        for name, n in (("default", NOFILE), ("wide", 4096)):
+            h = env[name]
+            # The service itself, as the kernel says; then a command run in it, which tries to
+            # raise its limit as a server asking for more files would.
+            with open(f"/proc/{h.pid}/limits") as f:
+                line = next(ln for ln in f if ln.startswith("Max open files"))
+            assert line.split()[3:5] == [str(n), str(n)], line
+            r = h.exec([sys.executable, "-c", NOFILE_REPORT])
+            assert r.stdout == f"{n} {n}\nrefused\n", (name, r.stdout, r.stderr)
+
+
+@pytest.mark.needs_cgroups
+@pytest.mark.skipif(detect().version == "none", reason="no cgroup filesystem mounted on this host")
 def test_loopback_connections_that_are_never_read_cannot_queue_far_beyond_the_memory_limit() -> None:
     """A service with a 64 MiB limit opens connections to itself and writes without reading.
 
