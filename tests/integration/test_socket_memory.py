@@ -6,6 +6,7 @@ Runs on cgroup v1 (hybrid here), and on cgroup v2 in the ``cgroupv2`` tox lane.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -50,6 +51,7 @@ def test_each_process_of_a_service_may_open_1024_files_or_what_it_declares_and_n
 
 @pytest.mark.needs_cgroups
 @pytest.mark.skipif(detect().version == "none", reason="no cgroup filesystem mounted on this host")
+@pytest.mark.skipif(shutil.which("ss") is None, reason="the hog measures with ss (iproute2)")
 def test_loopback_connections_that_are_never_read_cannot_queue_far_beyond_the_memory_limit() -> None:
     """A service with a 64 MiB limit opens connections to itself and writes without reading.
 
