@@ -76,6 +76,8 @@ def drain(sink: LogSink) -> bool:
 
     At most 64 MiB per call: a service that never stops writing must not keep the event
     loop here (the selector reports the pipe again)."""
+    if sink.pipe < 0:  # closed by an earlier event of the same select()
+        return True
     for _ in range(64):
         try:
             if sink.written < LOG_CAP and sink.failed is None:

@@ -48,3 +48,22 @@ def test_a_sink_over_its_cpu_budget_leaves_the_selector_until_its_pause_is_over(
         assert pump.drain(sink)
         close_sink(sel, sink)
     assert (tmp_path / "s.log").read_bytes() == b"line\nmore\n"
+
+
+def test_a_sink_closed_earlier_in_the_same_select_is_at_its_end(tmp_path: Path) -> None:
+    sink, w = open_log(str(tmp_path / "s.log"))
+    os.write(w, b"last\n")
+    with selectors.DefaultSelector() as sel:
+        pump = LogPump(sel)
+        pump.watch(sink)
+        assert not pump.drain(sink)
+        os.close(w)
+        assert pump.drain(sink)
+        close_sink(sel, sink)  # (the service's exit, say)
+        assert pump.drain(sink)  # then its pipe's event, from the same select()
+    sink, w = open_log(str(tmp_path / "t.log"))
+    sink.written = LOG_CAP
+    os.close(w)
+    with selectors.DefaultSelector() as sel:
+        close_sink(sel, sink)
+        assert LogPump(sel).drain(sink)  # past the cap too
