@@ -35,10 +35,10 @@ except (OSError, ValueError):
 
 
 def test_each_process_of_a_service_may_open_1024_files_or_what_it_declares_and_no_more() -> None:
-    default = Service("default", ["sleep", "inf"])
-    wide = Service("wide", ["sleep", "inf"], limits={"nofile": 4096})
-    with Environment([default, wide]) as env:
-        for name, n in (("default", NOFILE), ("wide", 4096)):
+    # One environment each: two services started at once hit a separate, older problem on
+    # cgroup v2 (the zygote's clone fails with EINVAL), which this test is not about.
+    for name, limits, n in (("default", {}, NOFILE), ("wide", {"nofile": 4096}, 4096)):
+        with Environment([Service(name, ["sleep", "inf"], limits=limits)]) as env:
             h = env[name]
             # The service itself, as the kernel says; then a command run in it, which tries to
             # raise its limit as a server asking for more files would.
