@@ -62,17 +62,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Limits:
-    """Cgroup limits of a service: ``memory`` in bytes, ``cpu`` in cores, ``pids`` a count.
+    """Limits of a service: ``memory`` in bytes, ``cpu`` in cores, ``pids`` a count (its cgroup);
+    ``nofile``, the open files each of its processes may have (``RLIMIT_NOFILE``).
 
-    None means unlimited. ``Limits(memory="64Mi", cpu="250m")`` stores ``memory=67108864``,
-    ``cpu=0.25``.
+    None means unlimited, except ``nofile``: None is the default, 1024, as in a containerd
+    container. ``Limits(memory="64Mi", cpu="250m")`` stores ``memory=67108864``, ``cpu=0.25``.
     """
 
     memory: int | None = None
     cpu: float | None = None
     pids: int | None = None
+    nofile: int | None = None
 
-    KEYS: ClassVar[tuple[str, ...]] = ("memory", "cpu", "pids")
+    KEYS: ClassVar[tuple[str, ...]] = ("memory", "cpu", "pids", "nofile")
 
     if TYPE_CHECKING:
 
@@ -81,6 +83,7 @@ class Limits:
             memory: int | str | None = None,
             cpu: float | str | None = None,
             pids: int | None = None,
+            nofile: int | None = None,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -93,6 +96,9 @@ class Limits:
             object.__setattr__(self, "cpu", parse_cpu(self.cpu, service=service))
         if self.pids is not None and (not is_int(self.pids) or self.pids <= 0):
             fail(f"{describe(self.pids)} is not a pid count; use an int > 0", service, "limits.pids")
+        if self.nofile is not None and (not is_int(self.nofile) or not 0 < self.nofile <= 1 << 20):
+            fail(f"{describe(self.nofile)} is not a count of open files; use an int from 1 to "
+                 f"{1 << 20} (the kernel's default fs.nr_open)", service, "limits.nofile")
 
     @classmethod
     def from_value(cls, value: object, *, service: str | None) -> Limits:
@@ -108,7 +114,7 @@ class Limits:
         for name in cls.KEYS:
             object.__setattr__(draft, name, table.get(name))
         draft._normalise(service)
-        return cls(draft.memory, draft.cpu, draft.pids)
+        return cls(draft.memory, draft.cpu, draft.pids, draft.nofile)
 
 
 _FORBIDDEN_TARGETS = ("/proc", "/sys", "/dev")

@@ -105,3 +105,10 @@ def rss_kib(pid: int) -> int:
     """Resident memory of ``pid`` in KiB, as the kernel counts it."""
     with open(f"/proc/{pid}/status") as f:
         return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time ``pid`` has used so far, user and system (its threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

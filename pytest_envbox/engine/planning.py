@@ -11,12 +11,11 @@ import pwd
 import shutil
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import astuple
 from pathlib import Path
 
 from pytest_envbox.engine.client import SupervisorClient, rootless
 from pytest_envbox.errors import ConfigError, HostUnsupported
-from pytest_envbox.sandbox.plan import HOME, SandboxPlan
+from pytest_envbox.sandbox.plan import HOME, NOFILE, SandboxPlan
 from pytest_envbox.spec import Service, parse_subnet
 from pytest_envbox.supervisor.protocol import NetWiring
 
@@ -166,7 +165,7 @@ def plan_for(spec: Service, rootdir: Path) -> SandboxPlan:
         expose.append(os.path.dirname(os.path.dirname(executable)))
     return SandboxPlan(name=spec.name, argv=list(spec.command), executable=executable, env=env,
                        cwd=str(cwd), uid=uid, gid=gid, groups=groups, mounts=mounts,
-                       expose=expose)  # fmt: skip
+                       expose=expose, nofile=spec.limits.nofile or NOFILE)  # fmt: skip
 
 
 _warned_no_cgroups = False
@@ -178,7 +177,9 @@ def check_cgroups(sup: SupervisorClient, specs: Iterable[Service]) -> None:
     problem = sup.cgroup_problem
     if not problem:
         return
-    limited = [s.name for s in specs if any(v is not None for v in astuple(s.limits))]
+    # (nofile is no cgroup limit: a service may declare it anywhere)
+    limited = [s.name for s in specs
+               if any(v is not None for v in (s.limits.memory, s.limits.cpu, s.limits.pids))]
     if limited:
         raise HostUnsupported(f"service {limited[0]!r} declares limits, but {problem}")
     if not _warned_no_cgroups:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import signal
 import socket
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,7 @@ __all__ = [
     "close_fds_except",
     "drop_privileges",
     "exec_command",
+    "limit_open_files",
     "refuse_router_advice",
     "run_spare",
 ]
@@ -84,6 +86,20 @@ def _report(sync: socket.socket, msg: bytes) -> None:
         pass
 
 
+def limit_open_files(n: int) -> None:
+    """Set ``RLIMIT_NOFILE`` to ``n``, soft and hard (see :data:`~.plan.NOFILE`).
+
+    The hard limit too: a process may raise its soft limit up to its hard one, and a service runs
+    without ``CAP_SYS_RESOURCE``, so it cannot raise the hard one back. Above our own hard limit
+    that takes ``CAP_SYS_RESOURCE`` in the host's user namespace: without it (rootless), the
+    service gets our hard limit."""
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    except (OSError, ValueError):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), min(n, hard)))
+
+
 def drop_privileges(plan: SandboxPlan) -> None:
     """Become the service's user with at most Docker's default capabilities and no new privileges.
 
@@ -93,6 +109,7 @@ def drop_privileges(plan: SandboxPlan) -> None:
     """
     if L.capbset_has(21):  # CAP_SYS_ADMIN still there: cut the bounding set
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
+    limit_open_files(plan.nofile)
     try:
         os.setgroups(plan.groups)
     except PermissionError:

@@ -9,10 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HOME", "SandboxPlan", "SetupError"]
+__all__ = ["HOME", "NOFILE", "SandboxPlan", "SetupError"]
 
 #: Where each service finds its private, writable home directory.
 HOME = "/home/envbox"
+
+#: Open files per process (``RLIMIT_NOFILE``, soft and hard) unless the service declares
+#: ``limits.nofile``: containerd's default. Each socket may hold some kernel memory that no
+#: memory limit refuses (see docs/limits.md, "Socket buffers"); this bounds how many one
+#: process can have, and the service cannot raise it (no ``CAP_SYS_RESOURCE``).
+NOFILE = 1024
 
 
 @dataclass
@@ -34,6 +40,8 @@ class SandboxPlan:
     #: host paths the service needs (its cwd, its interpreter's prefix) that must stay visible,
     #: read-only at the same path, even where the sandbox puts a private tmpfs (``/tmp``...)
     expose: list[str] = field(default_factory=list)
+    #: RLIMIT_NOFILE, soft and hard, for the service and its ``exec`` commands
+    nofile: int = NOFILE
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow: dataclasses.asdict deep-copies every list and dict, on the start path.

@@ -131,7 +131,7 @@ class Supervisor:
     def serve(self) -> None:
         try:
             while self.running:
-                timeout = self.execs.next_deadline()
+                timeout = _sooner(self.execs.next_deadline(), self.services.logs.timeout())
                 for key, _ in self.sel.select(timeout):
                     tag = key.data
                     if tag == "control":
@@ -149,6 +149,7 @@ class Supervisor:
                     elif isinstance(tag, tuple):
                         self.execs.on_pipe(*tag)
                 self.execs.check_deadlines()
+                self.services.logs.resume()
                 self._reap()  # a SIGCHLD racing with a select() timeout must not be lost
                 # Prepare the next sandbox off the critical path: only while no start is in
                 # flight (forking and making a namespace take this thread a millisecond or two,
@@ -326,6 +327,11 @@ def _log(text: str) -> None:
     to tell."""
     with contextlib.suppress(OSError, ValueError):
         print(f"envbox supervisor: {text}", file=sys.stderr, flush=True)
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    """The shorter of two select() timeouts, where None is no timeout."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 def handler_table(sup: Supervisor) -> Handlers:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pytest_envbox.sandbox.status import Why
-from pytest_envbox.supervisor.logs import LogSink, close_sink, drain, open_log
+from pytest_envbox.supervisor.logs import LogPump, LogSink, close_sink, drain, open_log
 from pytest_envbox.supervisor.network import env_of, network_error
 from pytest_envbox.supervisor.protocol import (
     Done,
@@ -86,6 +86,7 @@ class Services:
         self.kernel = kernel
         self.slots: dict[str, Slot] = {}
         self.inits: dict[int, str] = {}  # init pid -> slot
+        self.logs = LogPump(host.sel)  # the services' output, each within its CPU budget
 
     def handlers(self) -> Handlers:
         return {StartRequest: self.start, SignalRequest: self.signal, ReleaseRequest: self.release}
@@ -168,7 +169,7 @@ class Services:
             drain(s.log)
             self._end_log(s)
         s.log = sink
-        self.host.sel.register(sink.pipe, selectors.EVENT_READ, sink)
+        self.logs.watch(sink)
         try:
             for port in req.ports:
                 if port not in s.relays:
@@ -250,7 +251,7 @@ class Services:
 
     def on_output(self, sink: LogSink) -> None:
         """The service wrote: into its log file; at end of output, the file is finished."""
-        if drain(sink):
+        if self.logs.drain(sink):
             self._end_output(sink)
 
     def _end_output(self, sink: LogSink) -> None:

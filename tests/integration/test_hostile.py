@@ -1,4 +1,4 @@
-"""Services that misbehave: a 1 GB flood of output, SIGTERM ignored, a fork bomb."""
+"""Services that misbehave: a flood of output (1 GB; for a while), SIGTERM ignored, a fork bomb."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pytest_envbox import Environment, Service, probe
 from pytest_envbox.engine.client import get_supervisor
 from pytest_envbox.supervisor.logs import LOG_CAP, LOG_TAIL
 from pytest_envbox.wait import Deadline, wait_until
-from tests.kernel import alive, cgroup_dirs, read_cgroup_file, rss_kib
+from tests.kernel import alive, cgroup_dirs, cpu_seconds, read_cgroup_file, rss_kib
 
 
 def test_a_service_flooding_1_gb_of_output_gets_a_capped_log_with_its_last_words() -> None:
@@ -81,3 +81,38 @@ def test_a_fork_bomb_stays_within_its_pids_and_cpu_limits() -> None:
         limit_file = cg.get("pids", cg.get("unified", "")) + "/pids.max"
         assert read_cgroup_file(limit_file) == "32"
     assert not alive(pid)
+
+
+def test_a_service_flooding_its_output_costs_the_supervisor_a_small_share_of_one_core() -> None:
+    # `yes` for 4 s, as fast as it can. Before each service's output had a CPU budget in the
+    # supervisor (logs.LOG_CPU_SHARE), this cost the supervisor 0.2 core; now the supervisor
+    # stops reading over budget and `yes` waits in write() (its log: a few MiB a second).
+    flood = Service("flood", ["sh", "-c", "timeout 4 yes; echo last-words"])
+    with Environment([flood]) as env:
+        h = env["flood"]
+        sup = get_supervisor().pid
+        spent, t0 = cpu_seconds(sup), time.monotonic()
+        # The log is served during the flood.
+        assert wait_until(lambda: "y\ny\n" in h.logs() or None, Deadline(10))
+        assert wait_until(lambda: (not h.running) or None, Deadline(30)), "still flooding"
+        share = (cpu_seconds(sup) - spent) / (time.monotonic() - t0)
+        assert share < 0.1, f"the supervisor used {share:.2f} core"
+        assert h.returncode == 0
+        assert h.logs().endswith("y\nlast-words\n")  # its last words, after the flood
+
+
+def test_a_line_a_quiet_service_writes_is_in_its_log_at_once() -> None:
+    # The budget is spent by floods only: a service writing now and then is read the moment it
+    # writes (its line is not held back for a pause).
+    ticker = Service("ticker", [sys.executable, "-c",
+                                "import time\nfor i in range(20):\n"
+                                "    print('tick', i, time.time(), flush=True)\n"
+                                "    time.sleep(0.05)\n"
+                                "time.sleep(60)\n"])  # fmt: skip
+    with Environment([ticker]) as env:
+        h = env["ticker"]
+        late = []
+        for i in range(20):
+            m = h.wait_for_log(rf"^tick {i} (\S+)$", timeout=10)
+            late.append(time.time() - float(m.group(1)))
+        assert max(late) < 0.2, late

@@ -72,6 +72,7 @@ def v1_dirs(tmp_path: Path, *, memsw: bool = True) -> dict[str, str]:
            "memory.max_usage_in_bytes": "", "memory.oom_control": ""}  # fmt: skip
     if memsw:
         mem["memory.memsw.limit_in_bytes"] = ""
+        mem["memory.kmem.tcp.limit_in_bytes"] = ""
     memory = files(tmp_path / "memory" / "1", mem)
     cpu = files(tmp_path / "cpu,cpuacct" / "1", {"cpu.cfs_period_us": "", "cpu.cfs_quota_us": "",
                                                   "cpuacct.usage": ""})  # fmt: skip
@@ -87,6 +88,7 @@ def test_v1_limits_go_to_each_controller_with_memory_and_swap_limited_alike(tmp_
     mem, cpu = Path(dirs["memory"]), Path(dirs["cpu"])
     assert control(mem, "memory.limit_in_bytes") == str(48 << 20)
     assert control(mem, "memory.memsw.limit_in_bytes") == str(48 << 20)  # memory + swap: no swap
+    assert control(mem, "memory.kmem.tcp.limit_in_bytes") == str(48 << 20)  # socket buffers
     assert control(mem, "memory.swappiness") == ""
     assert control(cpu, "cpu.cfs_period_us") == "100000"
     assert control(cpu, "cpu.cfs_quota_us") == "150000"
@@ -99,6 +101,7 @@ def test_v1_without_swap_accounting_turns_swappiness_down_instead(tmp_path: Path
     mem = Path(dirs["memory"])
     assert control(mem, "memory.limit_in_bytes") == str(48 << 20)
     assert not (mem / "memory.memsw.limit_in_bytes").exists()
+    assert not (mem / "memory.kmem.tcp.limit_in_bytes").exists()  # a kernel without it: skipped
     assert control(mem, "memory.swappiness") == "0"
 
 

@@ -151,7 +151,8 @@ def test_check_name_suggests_a_valid_label() -> None:
 def test_limits_normalise_quantities() -> None:
     limits = Limits(memory="64Mi", cpu="250m", pids=64)
     assert (limits.memory, limits.cpu, limits.pids) == (64 * 2**20, 0.25, 64)
-    assert Limits() == Limits(None, None, None)
+    assert Limits() == Limits(None, None, None, None)
+    assert Limits.from_value({"nofile": 4096}, service="api").nofile == 4096
     assert Limits.from_value({"memory": 1024}, service="api") == Limits(memory="1Ki")
 
 
@@ -160,7 +161,7 @@ def test_limits_from_value_rejects_unknown_keys_listing_the_accepted_ones() -> N
         Limits.from_value({"memroy": "1Gi"}, service="api")
     message = str(info.value)
     assert "service 'api'" in message and "limits.memroy" in message
-    assert "did you mean 'memory'" in message and "memory, cpu, pids" in message
+    assert "did you mean 'memory'" in message and "memory, cpu, pids, nofile" in message
 
 
 def test_mount_defaults_to_read_only_and_normalises_a_trailing_slash() -> None:
@@ -394,7 +395,10 @@ BAD_DECLARATIONS: list[tuple[str, str, dict[str, Any], str, str]] = [
     ("cpu-zero", "api", {"limits": {"cpu": 0}}, "limits.cpu", "positive"),
     ("pids-zero", "api", {"limits": {"pids": 0}}, "limits.pids", "> 0"),
     ("pids-str", "api", {"limits": {"pids": "64"}}, "limits.pids", "int"),
-    ("limits-unknown", "api", {"limits": {"mem": "1Gi"}}, "limits.mem", "memory, cpu, pids"),
+    ("nofile-zero", "api", {"limits": {"nofile": 0}}, "limits.nofile", "from 1 to 1048576"),
+    ("nofile-huge", "api", {"limits": {"nofile": 1 << 30}}, "limits.nofile", "fs.nr_open"),
+    ("nofile-str", "api", {"limits": {"nofile": "4096"}}, "limits.nofile", "an int"),
+    ("limits-unknown", "api", {"limits": {"mem": "1Gi"}}, "limits.mem", "memory, cpu, pids, nofile"),
     ("limits-not-table", "api", {"limits": "1Gi"}, "limits", "table"),
     ("duration-parsecs", "api", {"stop_timeout": "5 parsecs"}, "stop_timeout", '"500ms"'),
     ("mount-relative", "api", {"mounts": [_mount(target="data")]}, "mounts[0].target", "absolute"),

@@ -1,7 +1,8 @@
 """The cgroup v1 backend: a directory in each controller's own hierarchy.
 
 Limits: ``memory.limit_in_bytes`` (and ``memory.memsw.limit_in_bytes``, memory plus swap, to the
-same value: no swap), ``cpu.cfs_period_us`` and ``cpu.cfs_quota_us``, ``pids.max``. Figures:
+same value: no swap; ``memory.kmem.tcp.limit_in_bytes`` to it too, so that socket buffers are
+charged), ``cpu.cfs_period_us`` and ``cpu.cfs_quota_us``, ``pids.max``. Figures:
 ``memory.usage_in_bytes``, ``memory.max_usage_in_bytes``, ``cpuacct.usage``, ``pids.current``,
 ``memory.oom_control`` (``oom_kill``). The ``freezer`` controller pauses. A process gets in by
 writing itself into every hierarchy's ``cgroup.procs``: v1 has no way to be cloned into a cgroup.
@@ -56,6 +57,10 @@ class V1Cgroup(ServiceCgroup):
             else:  # no swap accounting (swapaccount=0): swap as little as the kernel may
                 with contextlib.suppress(OSError):
                     write(f"{m}/memory.swappiness", "0")
+            # Socket buffers: v1 charges them to no one unless this is set (v2 charges them to
+            # memory.current); past it, each socket keeps only the kernel's small floor.
+            if os.path.exists(f"{m}/memory.kmem.tcp.limit_in_bytes"):
+                write(f"{m}/memory.kmem.tcp.limit_in_bytes", str(memory))
         if cpu is not None:
             quota, period = cpu_quota(cpu)
             c = self.dirs["cpu"]
