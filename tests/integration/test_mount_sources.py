@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from pytest_envbox import ConfigError, Environment, Service, ServiceFailed
+from pytest_envbox import ConfigError, Environment, Mount, Service, ServiceFailed
+from pytest_envbox.engine.client import get_supervisor
+from tests.kernel import cgroup_dirs, children, started_sandboxes
 
 PY = sys.executable
 
@@ -104,3 +107,31 @@ def test_an_intermediate_directory_swapped_for_a_symlink_is_refused_too(
         assert "is now a symbolic link" in str(info.value)
     assert sorted(p.name for p in victim.iterdir()) == ["marker", "spool"]
     assert [p.name for p in (victim / "spool").iterdir()] == ["marker"]
+
+
+def _state(sup: int) -> tuple[set[int], set[str], set[str]]:
+    """Started sandboxes, the environments' temporary directories, the sandboxes' cgroups."""
+    tmp = tempfile.gettempdir()
+    return (started_sandboxes(sup), {d for d in os.listdir(tmp) if d.startswith("envbox-")},
+            {d for pid in children(sup) for d in cgroup_dirs(pid).values()})
+
+
+@pytest.mark.parametrize("case", ["symlinked-source", "proc-source", "loopback-subnet", "huge-memory"])
+def test_a_dangerous_declaration_starts_nothing(case: str, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to("data")
+    sup = get_supervisor().pid
+    before = _state(sup)
+    with pytest.raises(ConfigError) as info:
+        if case == "symlinked-source":
+            Environment([Service("svc", ["true"], mounts=[Mount("link", "/data")])],
+                        rootdir=tmp_path).open()
+        elif case == "proc-source":
+            proc = {"source": "/proc/sys", "target": "/x", "readonly": False}
+            Environment([Service("svc", ["true"], mounts=[proc])]).open()
+        elif case == "loopback-subnet":
+            Environment([Service("svc", ["true"])], subnet="127.0.0.0/24").open()
+        else:
+            Environment([Service("svc", ["true"], limits={"memory": "99999Ei"})]).open()
+    assert "subnet" in str(info.value) or "service 'svc'" in str(info.value)
+    assert _state(sup) == before
