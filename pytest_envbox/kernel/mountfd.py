@@ -16,7 +16,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["bind_fd", "open_nofollow"]
+__all__ = ["MOUNT_ATTR_NOSYMFOLLOW", "bind_fd", "clear_attrs", "open_nofollow"]
 
 # System call numbers shared by every architecture since they were added (asm-generic).
 _SYS_OPEN_TREE = 428
@@ -24,6 +24,8 @@ _SYS_MOVE_MOUNT = 429
 _SYS_OPENAT2 = 437
 _SYS_MOUNT_SETATTR = 442
 
+#: Path lookups through the mount refuse every symbolic link on it (Linux 5.10).
+MOUNT_ATTR_NOSYMFOLLOW = 0x00200000
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
@@ -68,7 +70,7 @@ def open_nofollow(dirfd: int, path: str) -> int:
     return _check(res, f"openat2({path})")
 
 
-def bind_fd(fd: int, target: str, attrs: int) -> None:
+def bind_fd(fd: int, target: str, attrs: int = 0) -> None:
     """Bind what ``fd`` refers to (and every mount below it) at ``target``, with mount ``attrs``.
 
     The copy gets its attributes (``MOUNT_ATTR_RDONLY``...) before it is attached, so it is never
@@ -76,15 +78,24 @@ def bind_fd(fd: int, target: str, attrs: int) -> None:
     """
     tree = _check(_libc.syscall(ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(fd), ctypes.c_char_p(b""),
                                 ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_RECURSIVE
-                                              | _AT_EMPTY_PATH)), "open_tree")  # fmt: skip
+                                              | _AT_EMPTY_PATH)), f"open_tree({target})")  # fmt: skip
     try:
-        attr = _MountAttr(attrs, 0, 0, 0)
-        _check(_libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(tree),
-                             ctypes.c_char_p(b""), ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
-                             ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
-               f"mount_setattr({target})")  # fmt: skip
+        if attrs:
+            _setattr(tree, b"", _AT_EMPTY_PATH, attrs, 0, target)
         _check(_libc.syscall(ctypes.c_long(_SYS_MOVE_MOUNT), ctypes.c_int(tree), ctypes.c_char_p(b""),
                              ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(os.fsencode(target)),
                              ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH)), f"move_mount({target})")  # fmt: skip
     finally:
         os.close(tree)
+
+
+def clear_attrs(path: str, attrs: int) -> None:
+    """Clear mount ``attrs`` on ``path`` and every mount below it."""
+    _setattr(_AT_FDCWD, os.fsencode(path), 0, 0, attrs, path)
+
+
+def _setattr(dirfd: int, path: bytes, flags: int, set_: int, clear: int, what: str) -> None:
+    attr = _MountAttr(set_, clear, 0, 0)
+    _check(_libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(dirfd), ctypes.c_char_p(path),
+                         ctypes.c_uint(flags | _AT_RECURSIVE), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), f"mount_setattr({what})")  # fmt: skip

@@ -79,12 +79,13 @@ class RootBuilder:
         """
         stage = f"/stage{len(self.shadows)}"
         os.mkdir(stage)
-        # Everything bound from here is opened without following symbolic links: ``d`` may be a
-        # directory some other service can write to, and a link swapped in meanwhile must not
-        # carry a host path into this view.
+        # ``d`` may be a directory another service can write to: a symbolic link swapped in for
+        # an entry after it is listed must not be followed to a host path. The staged copy
+        # refuses to follow any link on it (nosymfollow), so such a bind fails instead; the
+        # flag is cleared from the mirror once it is built (a host mount that had it loses it).
         fd = self.open_new(d)
         try:
-            mountfd.bind_fd(fd, stage, 0)
+            mountfd.bind_fd(fd, stage, mountfd.MOUNT_ATTR_NOSYMFOLLOW)
         finally:
             os.close(fd)
         st = os.stat(stage)
@@ -95,31 +96,17 @@ class RootBuilder:
                 raise
             self.tmpfs(d, f"mode={stat.S_IMODE(st.st_mode):o}")
         self.shadows.append(d)
-        stage_fd = os.open(stage, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for name in os.listdir(stage):
-                self._mirror(stage_fd, name, _NEW + d.rstrip("/") + "/" + name)
-        finally:
-            os.close(stage_fd)
-
-    @staticmethod
-    def _mirror(stage_fd: int, name: str, dst: str) -> None:
-        """Copy a symbolic link, or bind anything else, from the staged directory to ``dst``."""
-        try:
-            fd = mountfd.open_nofollow(stage_fd, name)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            os.symlink(os.readlink(name, dir_fd=stage_fd), dst)
-            return
-        try:
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
+        for entry in os.scandir(stage):
+            src, dst = entry.path, _NEW + d.rstrip("/") + "/" + entry.name
+            if entry.is_symlink():
+                os.symlink(os.readlink(src), dst)
+                continue
+            if entry.is_dir(follow_symlinks=False):
                 os.mkdir(dst)
             else:
                 _touch(dst)
-            mountfd.bind_fd(fd, dst, 0)
-        finally:
-            os.close(fd)
+            L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
+        mountfd.clear_attrs(_NEW + d, mountfd.MOUNT_ATTR_NOSYMFOLLOW)
 
     def open_new(self, path: str) -> int:
         """An ``O_PATH`` descriptor of ``path`` in the new root, no symbolic link followed."""
