@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pytest_envbox.probe import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe, probe_from_mapping
 from pytest_envbox.validate import (
     DNS_LABEL,
+    PIDS_MAX,
     USER,
     argv,
     as_list,
     as_mapping,
     check_keys,
+    check_mount_source,
     check_name,
     describe,
     fail,
@@ -96,6 +98,9 @@ class Limits:
             object.__setattr__(self, "cpu", parse_cpu(self.cpu, service=service))
         if self.pids is not None and (not is_int(self.pids) or self.pids <= 0):
             fail(f"{describe(self.pids)} is not a pid count; use an int > 0", service, "limits.pids")
+        if self.pids is not None and self.pids > PIDS_MAX:
+            fail(f"{self.pids!r} is more than the kernel's pids.max takes (at most {PIDS_MAX}); "
+                 "give fewer, or no pids limit at all", service, "limits.pids")  # fmt: skip
         if self.nofile is not None and (not is_int(self.nofile) or not 0 < self.nofile <= 1 << 20):
             fail(f"{describe(self.nofile)} is not a count of open files; use an int from 1 to "
                  f"{1 << 20} (the kernel's default fs.nr_open)", service, "limits.nofile")
@@ -166,6 +171,7 @@ class Mount:
         object.__setattr__(self, "target", _mount_target(self.target, service, f"{prefix}target"))
         if not isinstance(self.readonly, bool):
             fail(f"{describe(self.readonly)} is not true or false", service, f"{prefix}readonly")
+        check_mount_source(self.source, service, f"{prefix}source")
 
     @classmethod
     def from_value(cls, value: object, *, service: str | None, index: int) -> Mount:

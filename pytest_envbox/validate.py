@@ -20,15 +20,20 @@ from pytest_envbox.errors import ConfigError
 
 __all__ = [
     "CPU_HELP",
+    "CPU_MAX",
     "DNS_LABEL",
     "DURATION_HELP",
+    "KERNEL_DIRS",
     "MEMORY_HELP",
+    "MEMORY_MAX",
     "NAME_HELP",
+    "PIDS_MAX",
     "USER",
     "argv",
     "as_list",
     "as_mapping",
     "check_keys",
+    "check_mount_source",
     "check_name",
     "describe",
     "fail",
@@ -40,6 +45,7 @@ __all__ = [
     "parse_subnet",
     "port",
     "positive_duration",
+    "real_source",
     "text",
 ]
 
@@ -61,6 +67,14 @@ _CPU = re.compile(r"(\d+(?:\.\d+)?)(m?)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+#: The largest memory limit: the kernel reads it into a signed 64-bit count of bytes.
+MEMORY_MAX = 2**63 - 1
+#: The largest cpu limit, in cores: far more than any machine has, and well inside what the
+#: kernel's CFS bandwidth control takes (a quota of at most 2**44 - 1 microseconds per period).
+CPU_MAX = 1_000_000
+#: The largest pid limit: ``pids.max`` refuses more than the kernel's ``PID_MAX_LIMIT``.
+PIDS_MAX = 2**22
 
 MEMORY_HELP = 'use bytes as an int or a string like "64Mi", "1Gi", "500M"'
 CPU_HELP = 'use cores as a number (0.5, 2) or millicores as a string like "250m"'
@@ -180,7 +194,29 @@ def parse_subnet(value: object, *, key: str = "subnet") -> str:
     if net.prefixlen > 29:
         raise ConfigError(f"subnet {value!r} is too small for an environment; use a /29 or "
                           "larger, e.g. '198.18.0.0/24'", key=key)  # fmt: skip
+    for special, what in _SPECIAL_NETS:
+        if net.overlaps(ipaddress.IPv4Network(special)):
+            raise ConfigError(f"subnet {value!r} overlaps {special}, {what}; {_SUBNET_HELP}",
+                              key=key)  # fmt: skip
+    if not any(net.subnet_of(ipaddress.IPv4Network(ok)) for ok in _PRIVATE_NETS):
+        raise ConfigError(f"subnet {value!r} is public address space, which belongs to real "
+                          f"hosts; {_SUBNET_HELP}", key=key)  # fmt: skip
     return str(net)
+
+
+# Addresses a service's network must not take: the kernel gives them a meaning of their own
+# (127/8 is everyone's loopback, a multicast or broadcast address is no host).
+_SPECIAL_NETS = (
+    ("0.0.0.0/8", "the unspecified network"), ("127.0.0.0/8", "the loopback network"),
+    ("169.254.0.0/16", "the link-local network"), ("224.0.0.0/4", "the multicast range"),
+    ("240.0.0.0/4", "the reserved range with the broadcast address"),
+)  # fmt: skip
+# Where a private network may be: RFC 1918, shared (RFC 6598), benchmarking (RFC 2544) and the
+# documentation networks (RFC 5737). Never routed on the Internet, so no real host is shadowed.
+_PRIVATE_NETS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+                 "198.18.0.0/15", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")  # fmt: skip
+_SUBNET_HELP = ("use a private range (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, "
+                "100.64.0.0/10 or 198.18.0.0/15), e.g. '198.18.0.0/24'")  # fmt: skip
 
 
 def check_name(
@@ -204,6 +240,67 @@ def check_name(
     fail(message, service, key)
 
 
+#: Host directories no mount may take its source from (see :func:`check_mount_source`).
+KERNEL_DIRS = ("/proc", "/sys", "/dev")
+
+
+def check_mount_source(source: str, service: str | None, key: str) -> None:
+    """Refuse a source that would hand the service the host kernel's files or leave the rootdir.
+
+    ``/proc``, ``/sys`` and ``/dev`` are the host kernel's own interfaces (writing
+    ``/proc/sys/kernel/core_pattern`` or a cgroup's ``release_agent`` runs a program as root on
+    the host; a device node reaches the hardware), so nothing under them is a source, read-only
+    or not; nor is ``/``, whose recursive bind carries all three along (and every host file is
+    visible read-only at its own path anyway). A relative source is a path below the rootdir:
+    ``..`` may not climb out of it. Symbolic links are refused where the host is checked
+    (:func:`~pytest_envbox.validate.real_source`).
+    """
+    if source.startswith("/"):
+        normal = "/" + os.path.normpath(source).lstrip("/")
+        if normal == "/":
+            fail("mounting '/' would bring the host's /proc, /sys and /dev with it (and every host "
+                 "file is already visible read-only at its own path); mount only the directory "
+                 "you need, e.g. '/srv/data'", service, key)  # fmt: skip
+        for kernel in KERNEL_DIRS:
+            if normal == kernel or normal.startswith(kernel + "/"):
+                fail(f"{source!r} is under {kernel}, the host kernel's own files, which no service "
+                     "may be given; mount a regular file or directory instead", service, key)  # fmt: skip
+    elif os.path.normpath(source).split("/")[0] == "..":
+        fail(f"{source!r} climbs out of the rootdir; a relative source must stay inside it (to "
+             "mount something outside, give its absolute path)", service, key)  # fmt: skip
+
+
+def real_source(source: str, rootdir: str, service: str | None, key: str) -> str:
+    """The host path of a mount source, checked on this host: it exists, and no symbolic link
+    is on its way (below the rootdir, for a relative source).
+
+    A link is refused, not followed: where a service can write, it could swap a directory for a
+    link to any host path, and the link is what the next start would bind (see
+    :mod:`pytest_envbox.sandbox.rootfs`). The plan holds a path without links, so such a swap is
+    caught at every start. ``rootdir`` must be a real path itself (symbolic links resolved).
+    """
+    start = "/" if source.startswith("/") else rootdir
+    path = os.path.normpath(os.path.join(start, source))
+    if not os.path.lexists(path):
+        fail(f"mount source {path!r} does not exist; give an existing file or directory "
+             "(relative paths start at the rootdir)", service, key)  # fmt: skip
+    parts = [p for p in path[len(start):].split("/") if p]
+    for i in range(1, len(parts) + 1):
+        here = os.path.join(start, *parts[:i])
+        if os.path.islink(here):
+            real = os.path.realpath(path)
+            inside = real == rootdir or real.startswith(rootdir.rstrip("/") + "/")
+            fix = os.path.relpath(real, rootdir) if inside and start != "/" else real
+            fail(f"mount source {path!r} goes through a symbolic link ({here} -> "
+                 f"{os.readlink(here)}), and a mount source is never followed through one; "
+                 f"give the real path, {fix!r}", service, key)  # fmt: skip
+    if not os.path.exists(path):
+        fail(f"mount source {path!r} is not reachable; give an existing file or directory", service,
+             key)  # fmt: skip
+    check_mount_source(path, service, key)
+    return path
+
+
 # --- quantities and durations --------------------------------------------------------------------
 
 
@@ -216,7 +313,7 @@ def parse_memory(
     """
     if is_int(value):
         if value > 0:
-            return value
+            return _memory_fits(value, value, service, key)
         fail(f"{value!r} is not a positive memory quantity; {MEMORY_HELP}", service, key)
     if isinstance(value, str):
         match = _MEMORY.fullmatch(value.strip())
@@ -224,11 +321,20 @@ def parse_memory(
             size = Decimal(match[1]) * _MEMORY_UNITS[match[2]]
             result = int(size.to_integral_value(rounding=ROUND_CEILING))
             if result > 0:
-                return result
+                return _memory_fits(value, result, service, key)
             fail(f"{value!r} is not a positive memory quantity; {MEMORY_HELP}", service, key)
         hint = _memory_hint(match[1], match[2]) if match else ""
         fail(f"{value!r} is not a memory quantity{hint}; {MEMORY_HELP}", service, key)
     fail(f"{describe(value)} is not a memory quantity; {MEMORY_HELP}", service, key)
+
+
+def _memory_fits(value: int | str, size: int, service: str | None, key: str) -> int:
+    # The kernel reads a limit into a signed 64-bit count of bytes; beyond it, the number written
+    # to memory.max would wrap around into some small, surprising limit.
+    if size > MEMORY_MAX:
+        fail(f"{value!r} is more than the kernel can limit (at most {MEMORY_MAX} bytes, 8Ei - 1); "
+             "give a smaller quantity, or no memory limit at all", service, key)  # fmt: skip
+    return size
 
 
 def _memory_hint(number: str, suffix: str) -> str:
@@ -251,6 +357,9 @@ def parse_cpu(value: float | str, *, service: str | None = None, key: str = "lim
         shown = repr(value) if isinstance(value, (str, int, float)) else describe(value)
         qualifier = " positive" if cores is not None else ""
         fail(f"{shown} is not a{qualifier} cpu quantity; {CPU_HELP}", service, key)
+    if cores > CPU_MAX:
+        fail(f"{value!r} is more cores than a cpu limit may give (at most {CPU_MAX}); give "
+             "fewer, or no cpu limit at all", service, key)  # fmt: skip
     return cores
 
 

@@ -327,10 +327,11 @@ class ServiceHandle:
 
         ``/etc/hosts`` is the environment's own file (see ``Environment._list_hosts``), bound
         read-only: services started later are added to it in place, and every service sees them.
+        Its real path, as for every mount source: the sandbox refuses a symbolic link on the way.
         """
         self._plan.etc_files = {"/etc/hostname": self.name + "\n"}
         self._plan.mounts = [*(m for m in self._plan.mounts if m[1] != "/etc/hosts"),
-                             (str(self._hosts), "/etc/hosts", True)]  # fmt: skip
+                             (str(self._hosts.resolve()), "/etc/hosts", True)]  # fmt: skip
         self._sup.on_event(self._slot, self._on_event)
 
     def _spawn(self) -> None:

@@ -18,6 +18,7 @@ from pytest_envbox.errors import ConfigError, HostUnsupported
 from pytest_envbox.sandbox.plan import HOME, NOFILE, SandboxPlan
 from pytest_envbox.spec import Service, parse_subnet
 from pytest_envbox.supervisor.protocol import NetWiring
+from pytest_envbox.validate import real_source
 
 __all__ = ["DEFAULT_SUBNET", "Subnet", "check_cgroups", "check_ids", "plan_for"]
 
@@ -136,14 +137,10 @@ def plan_for(spec: Service, rootdir: Path) -> SandboxPlan:
         raise ConfigError(f"working directory {str(cwd)!r} does not exist on this host; "
                           "give an existing directory (relative paths start at the rootdir)",
                           service=spec.name, key="cwd")  # fmt: skip
-    mounts: list[tuple[str, str, bool]] = []
-    for i, m in enumerate(spec.mounts):
-        src = Path(m.source) if os.path.isabs(m.source) else rootdir / m.source
-        if not src.exists():
-            raise ConfigError(f"mount source {str(src)!r} does not exist; give an existing file "
-                              "or directory (relative paths start at the rootdir)",
-                              service=spec.name, key=f"mounts[{i}].source")  # fmt: skip
-        mounts.append((str(src.resolve()), m.target, m.readonly))
+    # Sources hold no symbolic link (refused here), so the sandbox can refuse one at each start.
+    real_root = os.path.realpath(rootdir)
+    mounts = [(real_source(m.source, real_root, spec.name, f"mounts[{i}].source"), m.target,
+               m.readonly) for i, m in enumerate(spec.mounts)]  # fmt: skip
     argv0 = spec.command[0]
     if "/" in argv0:
         exe = argv0 if os.path.isabs(argv0) else str(cwd / argv0)
@@ -160,9 +157,12 @@ def plan_for(spec: Service, rootdir: Path) -> SandboxPlan:
         executable = found
     # The cwd and the program's prefix (a virtualenv, say) stay visible even under /tmp, which is
     # otherwise private: a checkout or a tox env living there must still run.
-    expose = [str(cwd)]
+    # Each is bound from its real path (which the sandbox opens refusing symbolic links) at the
+    # path the declaration gives.
+    inside = [str(cwd)]
     if executable:
-        expose.append(os.path.dirname(os.path.dirname(executable)))
+        inside.append(os.path.dirname(os.path.dirname(executable)))
+    expose = [(os.path.realpath(path), path) for path in inside]
     return SandboxPlan(name=spec.name, argv=list(spec.command), executable=executable, env=env,
                        cwd=str(cwd), uid=uid, gid=gid, groups=groups, mounts=mounts,
                        expose=expose, nofile=spec.limits.nofile or NOFILE)  # fmt: skip

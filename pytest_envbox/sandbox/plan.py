@@ -37,9 +37,10 @@ class SandboxPlan:
     mounts: list[tuple[str, str, bool]] = field(default_factory=list)
     #: target inside -> content of a generated file, bound read-only (``/etc/hosts``...)
     etc_files: dict[str, str] = field(default_factory=dict)
-    #: host paths the service needs (its cwd, its interpreter's prefix) that must stay visible,
-    #: read-only at the same path, even where the sandbox puts a private tmpfs (``/tmp``...)
-    expose: list[str] = field(default_factory=list)
+    #: (real host path, path inside) of what the service needs (its cwd, its interpreter's
+    #: prefix) that must stay visible, read-only, even where the sandbox puts a private tmpfs
+    #: (``/tmp``...); the path inside is as the declaration names it, symbolic links and all
+    expose: list[tuple[str, str]] = field(default_factory=list)
     #: RLIMIT_NOFILE, soft and hard, for the service and its ``exec`` commands
     nofile: int = NOFILE
 
@@ -51,6 +52,7 @@ class SandboxPlan:
     def from_dict(cls, d: dict[str, Any]) -> SandboxPlan:
         d = dict(d)
         d["mounts"] = [tuple(m) for m in d.get("mounts", [])]
+        d["expose"] = [tuple(e) for e in d.get("expose", [])]
         return cls(**d)
 
 

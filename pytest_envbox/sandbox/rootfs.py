@@ -11,9 +11,10 @@ import os
 import stat
 
 from pytest_envbox.kernel import linux as L
+from pytest_envbox.kernel import mountfd
 from pytest_envbox.sandbox.plan import HOME, SandboxPlan, SetupError
 
-__all__ = ["RootBuilder", "build_base", "finish_root"]
+__all__ = ["RootBuilder", "build_base", "finish_root", "open_host"]
 
 _DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
@@ -78,7 +79,15 @@ class RootBuilder:
         """
         stage = f"/stage{len(self.shadows)}"
         os.mkdir(stage)
-        L.mount(_NEW + d, stage, None, L.MS_BIND | L.MS_REC)
+        # ``d`` may be a directory another service can write to: a symbolic link swapped in for
+        # an entry after it is listed must not be followed to a host path. The staged copy
+        # refuses to follow any link on it (nosymfollow), so such a bind fails instead; the
+        # flag is cleared from the mirror once it is built (a host mount that had it loses it).
+        fd = self.open_new(d)
+        try:
+            mountfd.bind_fd(fd, stage, mountfd.MOUNT_ATTR_NOSYMFOLLOW)
+        finally:
+            os.close(fd)
         st = os.stat(stage)
         try:
             self.tmpfs(d, f"mode={stat.S_IMODE(st.st_mode):o},uid={st.st_uid},gid={st.st_gid}")
@@ -97,6 +106,21 @@ class RootBuilder:
             else:
                 _touch(dst)
             L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
+        mountfd.clear_attrs(_NEW + d, mountfd.MOUNT_ATTR_NOSYMFOLLOW)
+
+    def open_new(self, path: str) -> int:
+        """An ``O_PATH`` descriptor of ``path`` in the new root, no symbolic link followed."""
+        # /new afresh each time: a descriptor opened earlier would miss a shadow mounted on it.
+        new = os.open(_NEW, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return mountfd.open_nofollow(new, path.lstrip("/") or ".")
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise SetupError(f"{path} changed into a symbolic link while the sandbox was "
+                                 "being assembled; refused") from None  # fmt: skip
+            raise
+        finally:
+            os.close(new)
 
     def bind(self, src: str, dst: str, *, readonly: bool) -> None:
         """Bind ``src`` (recursively) at ``dst``: ``nodev``, ``nosuid``, read-only if asked.
@@ -109,6 +133,11 @@ class RootBuilder:
         attrs = L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
         L.mount_setattr(dst, attrs | L.MOUNT_ATTR_RDONLY if readonly else attrs)
 
+    def bind_host(self, fd: int, dst: str, *, readonly: bool) -> None:
+        """:meth:`bind` from an open host path (see :func:`open_host`): what was checked is bound."""
+        attrs = L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
+        mountfd.bind_fd(fd, dst, attrs | L.MOUNT_ATTR_RDONLY if readonly else attrs)
+
     def ensure(self, path: str, *, is_dir: bool) -> str:
         """Make ``path`` exist in the new root (as a dir or a file); return it resolved."""
         path = self.resolve(path)
@@ -118,13 +147,21 @@ class RootBuilder:
         parent = self.ensure(parent, is_dir=True)
         if parent not in self.ours:
             self.shadow(parent)
-        full = _NEW + parent.rstrip("/") + "/" + os.path.basename(path)
+        name = os.path.basename(path)
+        # Made through a descriptor of the parent, so no symbolic link can send it elsewhere.
+        pfd = self.open_new(parent)
+        try:
+            if is_dir:
+                os.mkdir(name, 0o755, dir_fd=pfd)
+            else:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o644, dir_fd=pfd))  # fmt: skip
+        finally:
+            os.close(pfd)
+        made = parent.rstrip("/") + "/" + name
         if is_dir:
-            os.mkdir(full, 0o755)
-            self.ours.add(full[len(_NEW):])
-        else:
-            _touch(full)
-        return full[len(_NEW):]
+            self.ours.add(made)
+        return made
 
 
 #: The sandbox's own filesystems, which hide the host's directories of the same name.
@@ -237,26 +274,80 @@ def build_base() -> RootBuilder:
     return b
 
 
+def open_host(root: int, path: str, what: str) -> int:
+    """An ``O_PATH`` descriptor of the host's ``path``, refusing every symbolic link on the way.
+
+    Mount sources are checked for symbolic links when the declaration is read, and their real
+    path is what the plan holds; a link there now was put there since, by a service that can
+    write to its directory (Kubernetes' CVE-2017-1002101): following it would bind any host path
+    into the sandbox. ``root`` is a descriptor of the host's root.
+    """
+    try:
+        return mountfd.open_nofollow(root, path.lstrip("/") or ".")
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise SetupError(f"{what} {path}: {e.strerror}") from e
+    parts = [p for p in path.split("/") if p]
+    for i in range(1, len(parts) + 1):
+        link = "/" + "/".join(parts[:i])
+        try:
+            to = os.readlink(_OLD + link)
+        except OSError:
+            continue
+        raise SetupError(
+            f"{what} {path} is now a symbolic link ({link} -> {to}); it was a real file or "
+            f"directory when the service was declared, and is refused, not followed (a process "
+            f"that can write to {os.path.dirname(link)} replaced it). Put the real directory or "
+            "file back")  # fmt: skip
+    raise SetupError(f"{what} {path}: a symbolic link on the way; refused, not followed")
+
+
+def _expose(b: RootBuilder, plan: SandboxPlan, host: int) -> None:
+    """The host paths the service needs (its cwd...), where the sandbox hides the host's."""
+    for source, path in plan.expose:
+        # /tmp itself (say) cannot be exposed: the service's own /tmp is there.
+        if not _under(path, (*_PRIVATE, HOME)) or path in (*_PRIVATE, HOME):
+            continue
+        try:
+            fd = open_host(host, source, "exposed path")
+        except SetupError:
+            if not os.path.lexists(_OLD + source):
+                continue  # gone: nothing to expose, as before
+            raise
+        try:
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            b.bind_host(fd, _NEW + b.ensure(path, is_dir=is_dir), readonly=True)
+        finally:
+            os.close(fd)
+
+
+def _bind_mounts(b: RootBuilder, plan: SandboxPlan, host: int) -> None:
+    for source, target, readonly in sorted(plan.mounts, key=lambda m: m[1].count("/")):
+        fd = open_host(host, source, "mount source")
+        try:
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            b.bind_host(fd, _NEW + b.ensure(target, is_dir=is_dir), readonly=readonly)
+        except OSError as e:
+            raise SetupError(f"mount {source} -> {target}: {e.strerror}") from e
+        finally:
+            os.close(fd)
+
+
 def finish_root(b: RootBuilder, plan: SandboxPlan) -> None:
     """The service's own part of the filesystem (its mounts, /etc files); pivot into it."""
     os.chown(_NEW + b.home, plan.uid, plan.gid)
-    for path in plan.expose:
-        # /tmp itself (say) cannot be exposed: the service's own /tmp is there.
-        if (_under(path, (*_PRIVATE, HOME)) and path not in (*_PRIVATE, HOME)
-                and os.path.exists(_OLD + path)):  # fmt: skip
-            b.bind(_OLD + path, _NEW + b.ensure(path, is_dir=os.path.isdir(_OLD + path)), readonly=True)
-    # Generated files live on the sandbox's own tmpfs, never on the host's disk: nothing to clean.
-    for i, (target, content) in enumerate(plan.etc_files.items()):
-        source = f"/generated{i}"
-        with open(source, "w") as f:
-            f.write(content)
-        b.bind(source, _NEW + b.ensure(target, is_dir=False), readonly=True)
-    for source, target, readonly in sorted(plan.mounts, key=lambda m: m[1].count("/")):
-        try:
-            is_dir = os.path.isdir(_OLD + source)
-            b.bind(_OLD + source, _NEW + b.ensure(target, is_dir=is_dir), readonly=readonly)
-        except OSError as e:
-            raise SetupError(f"mount {source} -> {target}: {e.strerror}") from e
+    host = os.open(_OLD, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _expose(b, plan, host)
+        # Generated files live on the sandbox's own tmpfs, never on the host's disk.
+        for i, (target, content) in enumerate(plan.etc_files.items()):
+            source = f"/generated{i}"
+            with open(source, "w") as f:
+                f.write(content)
+            b.bind(source, _NEW + b.ensure(target, is_dir=False), readonly=True)
+        _bind_mounts(b, plan, host)
+    finally:
+        os.close(host)
     for d in b.shadows:
         L.mount(None, _NEW + d, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | L.MS_NOSUID
                 | L.MS_NODEV)  # fmt: skip

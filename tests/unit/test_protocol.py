@@ -45,7 +45,7 @@ from pytest_envbox.wait import Deadline, wait_until
 PLAN = SandboxPlan(name="web", argv=["python3", "-m", "http.server"], executable="/usr/bin/python3",
                    env={"PATH": "/usr/bin"}, cwd="/srv", uid=0, gid=0, groups=[0],
                    mounts=[("/data", "/var/lib/data", True)], etc_files={"/etc/hostname": "web\n"},
-                   expose=["/srv"])  # fmt: skip
+                   expose=[("/srv", "/srv")])  # fmt: skip
 START = StartRequest("env1/web", PLAN, "/tmp/web.log", [8000, 9000], 3,
                      CgroupLimits(64 << 20, 0.5, None), NetWiring("10.0.0.2", 24, "10.0.0.1"))  # fmt: skip
 SAMPLES: list[Message] = [START, StartReply(1234, {8000: 40001}), SignalRequest("env1/web", 15, "main"),
@@ -198,7 +198,7 @@ _plans = st.builds(SandboxPlan, name=_text, argv=st.lists(_text, max_size=3), ex
                    gid=st.integers(0, 2**32), groups=st.lists(st.integers(0, 2**32), max_size=3),
                    mounts=st.lists(st.tuples(_text, _text, st.booleans()), max_size=3),
                    etc_files=st.dictionaries(_text, _text, max_size=2),
-                   expose=st.lists(_text, max_size=2))  # fmt: skip
+                   expose=st.lists(st.tuples(_text, _text), max_size=2))  # fmt: skip
 
 
 st.register_type_strategy(SandboxPlan, _plans)
