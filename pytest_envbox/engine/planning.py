@@ -166,7 +166,7 @@ def plan_for(spec: Service, rootdir: Path) -> SandboxPlan:
         expose.append(os.path.dirname(os.path.dirname(executable)))
     return SandboxPlan(name=spec.name, argv=list(spec.command), executable=executable, env=env,
                        cwd=str(cwd), uid=uid, gid=gid, groups=groups, mounts=mounts,
-                       expose=expose)  # fmt: skip
+                       expose=expose, tmpfs=dict(spec.tmpfs))  # fmt: skip
 
 
 _warned_no_cgroups = False

@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HOME", "SandboxPlan", "SetupError"]
+from pytest_envbox.spec import HOME
 
-#: Where each service finds its private, writable home directory.
-HOME = "/home/envbox"
+__all__ = ["HOME", "SandboxPlan", "SetupError"]
 
 
 @dataclass
@@ -34,6 +33,9 @@ class SandboxPlan:
     #: host paths the service needs (its cwd, its interpreter's prefix) that must stay visible,
     #: read-only at the same path, even where the sandbox puts a private tmpfs (``/tmp``...)
     expose: list[str] = field(default_factory=list)
+    #: path inside -> size in bytes of its tmpfs, where it differs from the default
+    #: (``Service.tmpfs``; :data:`HOME` for the home directory)
+    tmpfs: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow: dataclasses.asdict deep-copies every list and dict, on the start path.
