@@ -72,6 +72,7 @@ def renew_sysfs(root: str) -> None:
             L.mount(src, f"{stage}/{path}", None, L.MS_MOVE)
     L.umount2(root + "/sys", L.MNT_DETACH)
     L.mount(stage, root + "/sys", None, L.MS_MOVE)
+    os.rmdir(stage)
 
 
 def own_cgroups(root: str = "") -> str:
