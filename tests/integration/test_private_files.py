@@ -32,7 +32,7 @@ def env() -> Iterator[Environment]:
     limits = {} if cgroups_problem() else {"memory": "96Mi"}  # none rootless on cgroup v1
     box = Service("box", ["sleep", "1000"], limits=limits,
                   tmpfs={"/tmp": "8Mi", "/var/cache/app": "4Mi", "~": "16Mi"})  # fmt: skip
-    with Environment([box, Service("other", ["sleep", "1000"])]) as e:
+    with Environment([box]) as e:
         yield e
 
 
@@ -65,9 +65,9 @@ def test_root_inside_cannot_chmod_chown_or_touch_the_hosts_device_nodes(env: Env
             out["urandom.read"] = len(f.read(16))
         print(json.dumps(out))
     """)
-    assert {k: v for k, v in out.items() if "." in k and k.split(".")[1] in
-            ("chmod", "chown", "utime")} == {  # fmt: skip
-        f"{n}.{w}": "EROFS" for n in NODES for w in ("chmod", "chown", "utime")}
+    changes = ("chmod", "chown", "utime")
+    tried = {k: v for k, v in out.items() if k.split(".")[1] in changes}
+    assert tried == {f"{n}.{w}": "EROFS" for n in NODES for w in changes}
     assert out["null.write"] == 4096 and out["zero.read"] == "00" * 8 and out["urandom.read"] == 16
     after = {n: os.stat(f"/dev/{n}") for n in NODES}
     for n in NODES:
@@ -97,7 +97,8 @@ def _mount_options(env: Environment, service: str = "box") -> dict[str, str]:
 
 
 def test_every_private_tmpfs_has_a_size_and_inode_cap(env: Environment) -> None:
-    opts = _mount_options(env, "other")  # the defaults
+    with Environment([Service("other", ["sleep", "1000"])]) as plain:
+        opts = _mount_options(plain, "other")  # the defaults
     expect = {"/tmp": 512, "/var/tmp": 512, "/home/envbox": 512, "/run": 64, "/dev/shm": 64,
               "/dev": 64}  # fmt: skip
     for path, mib in expect.items():
