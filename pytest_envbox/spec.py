@@ -45,6 +45,7 @@ from pytest_envbox.validate import (
 
 __all__ = [
     "DNS_LABEL",
+    "HOME",
     "ExecProbe",
     "HttpProbe",
     "Limits",
@@ -122,10 +123,13 @@ class Limits:
         return cls(draft.memory, draft.cpu, draft.pids, draft.nofile)
 
 
+#: Where each service finds its private, writable home directory (``~`` in ``tmpfs``).
+HOME = "/home/envbox"
+
 _FORBIDDEN_TARGETS = ("/proc", "/sys", "/dev")
 
 
-def _mount_target(value: object, service: str | None, key: str) -> str:
+def _mount_target(value: object, service: str | None, key: str, allow: tuple[str, ...] = ()) -> str:
     target = text(value, service, key, "mount target")
     normal = posixpath.normpath(target)
     if not target.startswith("/") or target.startswith("//"):
@@ -135,6 +139,8 @@ def _mount_target(value: object, service: str | None, key: str) -> str:
     if normal == "/":
         fail("cannot mount over '/'; mount under a directory such as '/data'", service, key)
     for forbidden in _FORBIDDEN_TARGETS:
+        if normal in allow:
+            break
         if normal == forbidden or normal.startswith(forbidden + "/"):
             fail(
                 f"{target!r} is under {forbidden}, which the sandbox owns; pick another target",
@@ -217,6 +223,8 @@ class Service:
     ready: Probe | None = None
     limits: Limits = field(default_factory=Limits)
     mounts: tuple[Mount, ...] = ()
+    #: path inside -> size in bytes of a private tmpfs there (``~`` is stored as :data:`HOME`)
+    tmpfs: Mapping[str, int] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     user: str | None = None
     stop_timeout: float = 5.0
@@ -224,7 +232,7 @@ class Service:
     #: The keys of a ``[tool.envbox.services.NAME]`` table.
     KEYS: ClassVar[tuple[str, ...]] = (
         "command", "env", "pass_env", "cwd", "ports", "depends_on", "ready", "limits", "mounts",
-        "aliases", "user", "stop_timeout",
+        "tmpfs", "aliases", "user", "stop_timeout",
     )  # fmt: skip
 
     if TYPE_CHECKING:
@@ -242,6 +250,7 @@ class Service:
             ready: Probe | Mapping[str, object] | None = None,
             limits: Limits | Mapping[str, object] | None = None,
             mounts: Sequence[Mount | Mapping[str, object]] = (),
+            tmpfs: Mapping[str, int | str] | None = None,
             aliases: Sequence[str] = (),
             user: str | int | None = None,
             stop_timeout: float | str = "5s",
@@ -270,6 +279,7 @@ class Service:
         mounts = tuple(Mount.from_value(m, service=name, index=i) for i, m in enumerate(entries))
         _unique([m.target for m in mounts], name, "mounts", suffix=".target")
         put("mounts", mounts)
+        put("tmpfs", _tmpfs(self.tmpfs, name, mounts))
         put("aliases", self._names("aliases", '["shop-api"]', "alias"))
         if name in self.aliases:
             i = self.aliases.index(name)
@@ -293,8 +303,9 @@ class Service:
     def __hash__(self) -> int:
         # env is a dict (as promised to callers); hash its items so equal services hash alike and
         # a Service can key the cache of shared environments.
-        values = [getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "env"]
-        return hash((*values, frozenset(self.env.items())))
+        values = [getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("env", "tmpfs")]  # fmt: skip
+        return hash((*values, frozenset(self.env.items()), frozenset(self.tmpfs.items())))
 
     def with_changes(self, **changes: Any) -> Service:
         """A copy with some fields changed, validated again: ``svc.with_changes(ports=[81])``."""
@@ -325,6 +336,30 @@ def _env(value: object, service: str) -> dict[str, str]:
             fail(f"{item!r} contains a NUL character", service, key)
         env[name] = item
     return env
+
+
+#: The sandbox's own writable directories, each a tmpfs that ``tmpfs`` may resize.
+_PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/run", "/dev/shm", HOME)
+
+
+def _tmpfs(value: object, service: str, mounts: tuple[Mount, ...]) -> dict[str, int]:
+    """``tmpfs``: path -> size. A private directory (``/tmp``, ``~``...) is resized; any other
+    absolute path gets a new empty tmpfs. Mounted before ``mounts``, so a mount may go inside a
+    tmpfs, never a tmpfs inside (or on) a mount."""
+    example = '{ "/tmp" = "2Gi", "/cache" = "256Mi" }'
+    table = as_mapping(value if value is not None else {}, service, "tmpfs", example)
+    sizes: dict[str, int] = {}
+    for path, size in table.items():
+        key = f"tmpfs[{path!r}]"
+        target = HOME if path == "~" else _mount_target(path, service, key, allow=_PRIVATE_TMPFS)
+        if target in sizes:
+            fail(f"{path!r} names {target}, listed already; list it once", service, key)
+        for m in mounts:
+            if target == m.target or target.startswith(m.target.rstrip("/") + "/"):
+                fail(f"{path!r} would be hidden by the mount at {m.target!r}; put the tmpfs "
+                     "elsewhere, or the mount inside it", service, key)  # fmt: skip
+        sizes[target] = parse_memory(size, service=service, key=key)  # type: ignore[arg-type]
+    return sizes
 
 
 def _glob(value: object, service: str, key: str) -> str:

@@ -165,7 +165,8 @@ def plan_for(spec: Service, rootdir: Path) -> SandboxPlan:
     expose = [(os.path.realpath(path), path) for path in inside]
     return SandboxPlan(name=spec.name, argv=list(spec.command), executable=executable, env=env,
                        cwd=str(cwd), uid=uid, gid=gid, groups=groups, mounts=mounts,
-                       expose=expose, nofile=spec.limits.nofile or NOFILE)  # fmt: skip
+                       expose=expose, nofile=spec.limits.nofile or NOFILE,
+                       tmpfs=dict(spec.tmpfs))  # fmt: skip
 
 
 _warned_no_cgroups = False

@@ -35,6 +35,7 @@ __all__ = [
     "MOUNT_ATTR_NOSUID",
     "MOUNT_ATTR_RDONLY",
     "MS_BIND",
+    "MS_MOVE",
     "MS_NODEV",
     "MS_NOEXEC",
     "MS_NOSUID",
@@ -95,6 +96,7 @@ MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from pytest_envbox.kernel import linux as L
 from pytest_envbox.kernel import seccomp
-from pytest_envbox.sandbox import status
+from pytest_envbox.sandbox import status, sysfs
 from pytest_envbox.sandbox.plan import SandboxPlan, SetupError
 from pytest_envbox.sandbox.rootfs import build_base, finish_root
 
@@ -205,12 +205,14 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = (), *,
         # A network namespace of its own too: a new service takes it (made here, in parallel,
         # rather than in the supervisor's loop); a restarted one joins its old one instead.
         placed = bool(cgroup_procs) or in_cgroup
+        # Not placed: whether the supervisor moved us into a cgroup by the start (see below).
+        cgroups_before = "" if placed else sysfs.own_cgroups()
         L.unshare(L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET
                   | (L.CLONE_NEWCGROUP if placed else 0))
         refuse_router_advice()
         L.loopback_up()
         netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        builder = build_base()
+        builder = build_base(cgroup_view=placed)
         # The bounding set limits only what later execs get: cut it now, ahead of time.
         L.capbset_drop_except(L.DOCKER_DEFAULT_CAPS)
         socket.send_fds(ctl, [status.READY], [netns])
@@ -223,14 +225,18 @@ def run_spare(ctl: socket.socket, cgroup_procs: Sequence[int] = (), *,
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        if len(fds) == 2:  # a restart: back into the slot's network namespace
+        restart = len(fds) == 2
+        if restart:  # back into the slot's network namespace
             L.setns(fds[1], L.CLONE_NEWNET)
             os.close(fds[1])
+        cgroup_view = None
         if not placed:
-            # The supervisor has put us in the service's cgroup by now: that becomes its "/".
+            # The supervisor has put us in the service's cgroup by now, if it has one: that
+            # becomes its "/".
+            cgroup_view = sysfs.own_cgroups(builder.root) != cgroups_before
             L.unshare(L.CLONE_NEWCGROUP)
         socket.sethostname(plan.name)
-        finish_root(builder, plan)
+        finish_root(builder, plan, new_netns=restart, cgroup_view=cgroup_view)
         _chdir_inside(plan.cwd)
         # Init drops to the service's user and limits first, so that the service can be started
         # with posix_spawn (vfork): forking this Python process would cost milliseconds.

@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HOME", "NOFILE", "SandboxPlan", "SetupError"]
+from pytest_envbox.spec import HOME
 
-#: Where each service finds its private, writable home directory.
-HOME = "/home/envbox"
+__all__ = ["HOME", "NOFILE", "SandboxPlan", "SetupError"]
 
 #: Open files per process (``RLIMIT_NOFILE``, soft and hard) unless the service declares
 #: ``limits.nofile``: containerd's default. Each socket may hold some kernel memory that no
@@ -43,6 +42,9 @@ class SandboxPlan:
     expose: list[tuple[str, str]] = field(default_factory=list)
     #: RLIMIT_NOFILE, soft and hard, for the service and its ``exec`` commands
     nofile: int = NOFILE
+    #: path inside -> size in bytes of its tmpfs, where it differs from the default
+    #: (``Service.tmpfs``; :data:`HOME` for the home directory)
+    tmpfs: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow: dataclasses.asdict deep-copies every list and dict, on the start path.

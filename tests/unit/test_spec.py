@@ -175,6 +175,16 @@ def test_mount_rejects_targets_it_cannot_or_must_not_mount_on(target: str) -> No
         Mount("./x", target)
 
 
+def test_tmpfs_sizes_are_stored_in_bytes_with_home_as_its_path() -> None:
+    service = Service("api", ["server"], tmpfs={"/tmp": "2Gi", "~": "1Mi", "/dev/shm": 4096,
+                                                "/var/cache/app/": "8Mi"})  # fmt: skip
+    assert service.tmpfs == {"/tmp": 2 << 30, "/home/envbox": 1 << 20, "/dev/shm": 4096,
+                             "/var/cache/app": 8 << 20}  # fmt: skip
+    assert hash(service) == hash(Service("api", ["server"], tmpfs=dict(service.tmpfs)))
+    # A mount may go inside a tmpfs (it is mounted after).
+    Service("api", ["server"], tmpfs={"/data": "1Mi"}, mounts=[{"source": ".", "target": "/data/x"}])
+
+
 # --- probes --------------------------------------------------------------------------------------
 
 
@@ -408,6 +418,17 @@ BAD_DECLARATIONS: list[tuple[str, str, dict[str, Any], str, str]] = [
     ("mount-readonly-str", "api", {"mounts": [_mount(readonly="no")]}, "mounts[0].readonly", ""),
     ("mount-dup-target", "api", {"mounts": [_mount(), _mount()]}, "mounts[1].target", "twice"),
     ("mounts-not-list", "api", {"mounts": _mount()}, "mounts", "not a list"),
+    ("tmpfs-not-table", "api", {"tmpfs": ["/tmp"]}, "tmpfs", '"/tmp" = "2Gi"'),
+    ("tmpfs-relative", "api", {"tmpfs": {"cache": "1Mi"}}, "tmpfs['cache']", "absolute"),
+    ("tmpfs-root", "api", {"tmpfs": {"/": "1Mi"}}, "tmpfs['/']", "'/'"),
+    ("tmpfs-sys", "api", {"tmpfs": {"/sys/x": "1Mi"}}, "tmpfs['/sys/x']", "/sys"),
+    ("tmpfs-dev", "api", {"tmpfs": {"/dev": "1Mi"}}, "tmpfs['/dev']", "/dev"),
+    ("tmpfs-size", "api", {"tmpfs": {"/tmp": "2Gb"}}, "tmpfs['/tmp']", '"64Mi"'),
+    ("tmpfs-zero", "api", {"tmpfs": {"/tmp": 0}}, "tmpfs['/tmp']", "positive"),
+    ("tmpfs-home-twice", "api", {"tmpfs": {"~": "1Mi", "/home/envbox": "2Mi"}},
+     "tmpfs['/home/envbox']", "once"),
+    ("tmpfs-under-mount", "api", {"mounts": [_mount(target="/data")], "tmpfs": {"/data/c": "1Mi"}},
+     "tmpfs['/data/c']", "hidden by the mount at '/data'"),
     ("user-root-x", "api", {"user": "root:x"}, "user", "uid:gid"),
     ("user-space", "api", {"user": "bad user"}, "user", "uid:gid"),
     ("user-negative", "api", {"user": -1}, "user", "uid"),
