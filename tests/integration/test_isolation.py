@@ -93,3 +93,19 @@ def test_stdout_and_stderr_go_interleaved_to_the_log_and_stdin_is_empty() -> Non
                               ready=probe.log("^done$"))]) as e:  # fmt: skip
         assert wait_until(lambda: "done" in e["io"].logs() or None, Deadline(10))
         assert e["io"].logs().splitlines() == ["read=1", "one", "two", "three", "done"]
+
+
+def test_the_init_cannot_be_ptraced_or_read_by_the_service(env: Environment) -> None:
+    # The init held envbox's privileges while it set up; it is non-dumpable, so even root inside
+    # (without CAP_SYS_PTRACE) can neither attach to it nor read its memory or its environment.
+    code = ("import ctypes, errno, json\nlibc = ctypes.CDLL(None, use_errno=True)\nout = {}\n"
+            "r = libc.ptrace(ctypes.c_long(16), ctypes.c_long(1), None, None)\n"  # PTRACE_ATTACH
+            "out['attach'] = 'ok' if r == 0 else errno.errorcode[ctypes.get_errno()]\n"
+            "for f in ('mem', 'environ'):\n    try:\n        open(f'/proc/1/{f}', 'rb').read(1)\n"
+            "        out[f] = 'ok'\n    except OSError as e:\n        out[f] = errno.errorcode[e.errno]\n"
+            "print(json.dumps(out))\n")  # fmt: skip
+    import json
+
+    r = env["box"].exec([sys.executable, "-c", code])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"attach": "EPERM", "mem": "EACCES", "environ": "EACCES"}
