@@ -4,8 +4,6 @@ link (Kubernetes' CVE-2017-1002101): the next start must refuse it, never bind t
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,10 +12,10 @@ from pytest_envbox import ConfigError, Environment, Mount, Service, ServiceFaile
 from pytest_envbox.engine.client import get_supervisor
 from tests.kernel import cgroup_dirs, children, started_sandboxes
 
-PY = sys.executable
-
 # Run inside the attacker: replace ``path`` (a directory) by a symbolic link to ``target``.
-SWAP = "import os, sys; p, t = sys.argv[1:]; os.rename(p, p + '.was'); os.symlink(t, p)"
+# A shell, not this interpreter: with the rootdir under the host's /tmp, an interpreter there (a
+# tox virtualenv in a checkout under /tmp) is hidden by the service's private /tmp.
+SWAP = 'mv "$1" "$1.was" && ln -s "$2" "$1"'
 
 
 def _victim(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -38,7 +36,7 @@ def _untouched(victim: Path) -> bool:
 
 
 def _swap(attacker: Environment, name: str, inside: str, target: str) -> None:
-    r = attacker[name].exec([PY, "-c", SWAP, inside, target])
+    r = attacker[name].exec(["sh", "-c", SWAP, "swap", inside, target])
     assert r.returncode == 0, r.stderr
 
 
@@ -109,11 +107,11 @@ def test_an_intermediate_directory_swapped_for_a_symlink_is_refused_too(
     assert [p.name for p in (victim / "spool").iterdir()] == ["marker"]
 
 
-def _state(sup: int) -> tuple[set[int], set[str], set[str]]:
-    """Started sandboxes, the environments' temporary directories, the sandboxes' cgroups."""
-    tmp = tempfile.gettempdir()
-    return (started_sandboxes(sup), {d for d in os.listdir(tmp) if d.startswith("envbox-")},
-            {d for pid in children(sup) for d in cgroup_dirs(pid).values()})
+def _state(sup: int) -> tuple[set[int], set[str]]:
+    """This supervisor's started sandboxes and its sandboxes' cgroups: only what this test's own
+    supervisor made (another pytest worker on the host starts services of its own at any
+    moment; a host-wide listing of ``envbox-`` directories would see theirs)."""
+    return started_sandboxes(sup), {d for pid in children(sup) for d in cgroup_dirs(pid).values()}
 
 
 @pytest.mark.parametrize("case", ["symlinked-source", "proc-source", "loopback-subnet", "huge-memory"])
