@@ -33,6 +33,7 @@ __all__ = [
     "MNT_DETACH",
     "MOUNT_ATTR_NODEV",
     "MOUNT_ATTR_NOSUID",
+    "MOUNT_ATTR_NOSYMFOLLOW",
     "MOUNT_ATTR_RDONLY",
     "MS_BIND",
     "MS_MOVE",
@@ -54,6 +55,7 @@ __all__ = [
     "PR_SET_PDEATHSIG",
     "SIOCGIFFLAGS",
     "SIOCSIFFLAGS",
+    "bind_fd",
     "capbset_drop_except",
     "capbset_has",
     "capget",
@@ -66,6 +68,7 @@ __all__ = [
     "map_own_ids",
     "mount",
     "mount_setattr",
+    "open_nofollow",
     "pivot_root",
     "prctl",
     "set_child_subreaper",
@@ -107,6 +110,8 @@ AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
+#: Path lookups through the mount refuse every symbolic link on it (Linux 5.10).
+MOUNT_ATTR_NOSYMFOLLOW = 0x00200000
 
 # prctl(2) options.
 PR_SET_PDEATHSIG = 1
@@ -129,6 +134,17 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "ppc64le": 203, 
 _SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "loongarch64": 220, "ppc64le": 120}
 _SYS_CLOSE_RANGE = 436
 _SYS_MOUNT_SETATTR = 442
+# The new mount API and openat2, the same number on every architecture (asm-generic).
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_OPEN_TREE_CLONE = 1
+_AT_EMPTY_PATH = 0x1000
+_MOVE_MOUNT_F_EMPTY_PATH = 0x04
+_AT_FDCWD = -100
 
 # Capability numbers (linux/capability.h) and Docker's default set, which services keep at most.
 CAP_NAMES = (
@@ -258,19 +274,58 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]  # fmt: skip
 
 
-def mount_setattr(path: str, attr_set: int, *, recursive: bool = True) -> None:
-    """Set mount attributes on ``path`` and, by default, every mount below it (kernel >= 5.12).
+def mount_setattr(path: str, attr_set: int, *, recursive: bool = True, clear: int = 0,
+                  dirfd: int = _AT_FDCWD) -> None:
+    """Set (and ``clear``) mount attributes on ``path`` and, by default, every mount below it
+    (kernel >= 5.12). ``dirfd`` with ``path`` "": a detached tree from :func:`bind_fd`.
 
     One call makes a whole bound tree read-only, where ``mount(MS_REMOUNT)`` would need one call
     per submount.
     """
-    attr = _MountAttr(attr_set, 0, 0, 0)
-    at_fdcwd = -100
-    flags = AT_RECURSIVE if recursive else 0
-    res = _libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(at_fdcwd),
-                        ctypes.c_char_p(_b(path)), ctypes.c_uint(flags), ctypes.byref(attr),
+    attr = _MountAttr(attr_set, clear, 0, 0)
+    flags = (AT_RECURSIVE if recursive else 0) | (_AT_EMPTY_PATH if not path else 0)
+    res = _libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(dirfd),
+                        ctypes.c_char_p(os.fsencode(path)), ctypes.c_uint(flags), ctypes.byref(attr),
                         ctypes.c_size_t(ctypes.sizeof(attr)))  # fmt: skip
-    _check(res, f"mount_setattr({path})")
+    _check(res, f"mount_setattr({path or dirfd})")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def open_nofollow(dirfd: int, path: str) -> int:
+    """An ``O_PATH`` descriptor of ``path`` below ``dirfd``, refusing any symbolic link on the way
+    (``openat2``, Linux 5.6).
+
+    ``ELOOP`` when a component (the last one included) is a symbolic link; ``..`` cannot climb
+    above ``dirfd`` either. The caller closes the descriptor.
+    """
+    how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0,
+                   _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS | _RESOLVE_BENEATH)  # fmt: skip
+    res = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd),
+                        ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
+                        ctypes.c_size_t(ctypes.sizeof(how)))  # fmt: skip
+    return _check(res, f"openat2({path})")
+
+
+def bind_fd(fd: int, target: str, attrs: int = 0) -> None:
+    """Bind what ``fd`` refers to (and every mount below it) at ``target``, with mount ``attrs``.
+
+    The copy gets its attributes (``MOUNT_ATTR_RDONLY``...) before it is attached, so it is never
+    visible with fewer restrictions than asked.
+    """
+    tree = _check(_libc.syscall(ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(fd), ctypes.c_char_p(b""),
+                                ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE
+                                              | _AT_EMPTY_PATH)), f"open_tree({target})")  # fmt: skip
+    try:
+        if attrs:
+            mount_setattr("", attrs, dirfd=tree)
+        _check(_libc.syscall(ctypes.c_long(_SYS_MOVE_MOUNT), ctypes.c_int(tree), ctypes.c_char_p(b""),
+                             ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(os.fsencode(target)),
+                             ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH)), f"move_mount({target})")  # fmt: skip
+    finally:
+        os.close(tree)
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:

@@ -11,7 +11,6 @@ import os
 import stat
 
 from pytest_envbox.kernel import linux as L
-from pytest_envbox.kernel import mountfd
 from pytest_envbox.sandbox import sysfs
 from pytest_envbox.sandbox.plan import HOME, SandboxPlan, SetupError
 
@@ -105,7 +104,7 @@ class RootBuilder:
         # flag is cleared from the mirror once it is built (a host mount that had it loses it).
         fd = self.open_new(d)
         try:
-            mountfd.bind_fd(fd, stage, mountfd.MOUNT_ATTR_NOSYMFOLLOW)
+            L.bind_fd(fd, stage, L.MOUNT_ATTR_NOSYMFOLLOW)
         finally:
             os.close(fd)
         st = os.stat(stage)
@@ -126,14 +125,14 @@ class RootBuilder:
             else:
                 _touch(dst)
             L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
-        mountfd.clear_attrs(_NEW + d, mountfd.MOUNT_ATTR_NOSYMFOLLOW)
+        L.mount_setattr(_NEW + d, 0, clear=L.MOUNT_ATTR_NOSYMFOLLOW)
 
     def open_new(self, path: str) -> int:
         """An ``O_PATH`` descriptor of ``path`` in the new root, no symbolic link followed."""
         # /new afresh each time: a descriptor opened earlier would miss a shadow mounted on it.
         new = os.open(_NEW, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            return mountfd.open_nofollow(new, path.lstrip("/") or ".")
+            return L.open_nofollow(new, path.lstrip("/") or ".")
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise SetupError(f"{path} changed into a symbolic link while the sandbox was "
@@ -156,7 +155,7 @@ class RootBuilder:
     def bind_host(self, fd: int, dst: str, *, readonly: bool) -> None:
         """:meth:`bind` from an open host path (see :func:`open_host`): what was checked is bound."""
         attrs = L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
-        mountfd.bind_fd(fd, dst, attrs | L.MOUNT_ATTR_RDONLY if readonly else attrs)
+        L.bind_fd(fd, dst, attrs | L.MOUNT_ATTR_RDONLY if readonly else attrs)
 
     def ensure(self, path: str, *, is_dir: bool) -> str:
         """Make ``path`` exist in the new root (as a dir or a file); return it resolved."""
@@ -316,7 +315,7 @@ def open_host(root: int, path: str, what: str) -> int:
     into the sandbox. ``root`` is a descriptor of the host's root.
     """
     try:
-        return mountfd.open_nofollow(root, path.lstrip("/") or ".")
+        return L.open_nofollow(root, path.lstrip("/") or ".")
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise SetupError(f"{what} {path}: {e.strerror}") from e
