@@ -49,8 +49,8 @@ class Environment:
 
     ``services`` are :class:`~pytest_envbox.Service` objects or names from ``catalog`` (the project's
     declarations); every dependency is added. ``rootdir`` anchors relative paths (default: the
-    current directory). Logs and generated files go to ``workdir`` (default: a temporary directory
-    removed on exit, which also holds the logs: pass a directory to keep them).
+    current directory), ``workdir`` too. Logs and generated files go to ``workdir`` (default: a
+    temporary directory removed on exit, which also holds the logs: pass a directory to keep them).
     """
 
     def __init__(
@@ -80,7 +80,8 @@ class Environment:
         self._plans = {s.name: plan_for(s, self.rootdir) for s in specs}
         self._specs = {s.name: s for s in specs}
         self.id = f"{os.getpid()}-{next(_env_ids)}"
-        self._given_workdir = Path(workdir) if workdir is not None else None
+        # Absolute: the sandbox binds files of it (hosts) from another mount namespace's view.
+        self._given_workdir = (self.rootdir / workdir).resolve() if workdir is not None else None
         self.workdir: Path | None = None
         self._handles: dict[str, ServiceHandle] = {}
         self._order: list[str] = []  # start order, for teardown in reverse

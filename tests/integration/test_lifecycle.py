@@ -411,3 +411,15 @@ def test_services_that_exit_at_once_never_report_a_bogus_pid() -> None:
         job.kill(signal.SIGTERM)  # a no-op on an exited service, never a stray signal
         env.close()
         assert job.returncode in (0, 128 + signal.SIGTERM)  # ended by itself, or by our kill
+
+
+def test_a_relative_workdir_is_under_the_rootdir_and_kept(tmp_path: Path) -> None:
+    """Regression: ``workdir="wd"`` failed at start (its hosts file was bound by a relative path
+    from the sandbox's mount namespace)."""
+    env = Environment([Service("cat", ["sh", "-c", "cat /etc/hosts; exec sleep 1000"],
+                               ready=probe.log("cat"))],
+                      rootdir=tmp_path, workdir="wd")  # fmt: skip
+    with env:
+        assert env.workdir == tmp_path / "wd"
+        assert "cat" in env["cat"].logs()
+    assert (tmp_path / "wd" / "cat.log").exists()  # a given workdir is the user's: kept
