@@ -39,7 +39,7 @@ ENTRY_KEYS = ("port", "host")
 HostRange = tuple[int, int]
 
 _NUMBER = re.compile(r"\d{1,5}")
-_RANGE = re.compile(r"(\d{1,5})-(\d{1,5})")
+_RANGE = re.compile(r"(\d{1,5})\s*-\s*(\d{1,5})")
 _PORT_HELP = "use an int from 1 to 65535"
 _FORMS = ('write 6379 (a free host port), { port = 6379, host = 6379 }, '
           '{ port = 80, host = "8000-8010" } or "HOST:PORT" like "6379:6379"')  # fmt: skip
