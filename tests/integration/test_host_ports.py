@@ -152,6 +152,19 @@ def test_a_port_held_by_a_plain_socket_fails_the_environment_naming_the_holder()
     assert holders(free) == []
 
 
+def test_a_service_started_later_reserves_its_port_before_it_starts() -> None:
+    free, taken = free_ports(2)
+    with Environment([server("first", ports=[f"{free}:7000"])]) as env:
+        with held(taken), pytest.raises(ServiceFailed, match=f"host port {taken} is taken"):
+            env.start(server("late", ports=[f"{taken}:7000"]))
+        census = get_supervisor().call(CensusRequest())
+        assert f"{env.id}/late" not in census.slots and f"{env.id}/first" in census.slots
+        assert fetch(free) == "web"
+        # Once the port is free, the same service starts, on it.
+        late = env.start("late")
+        assert late.port(7000) == taken and fetch(taken) == "web"
+
+
 def test_a_port_held_by_another_environment_of_this_process_says_so() -> None:
     [port] = free_ports(1)
     with Environment([server(ports=[f"{port}:7000"])]) as one:
