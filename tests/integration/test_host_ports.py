@@ -21,6 +21,7 @@ from pytest_envbox import Environment, Service, ServiceFailed, probe
 from pytest_envbox.engine.client import get_supervisor, rootless
 from pytest_envbox.kernel.portholders import holders
 from pytest_envbox.supervisor.protocol import CensusRequest
+from pytest_envbox.wait import Deadline, wait_until
 from tests.kernel import started_sandboxes
 
 # Answers each connection with $MARK, then closes. A host program: the service's rootdir may be
@@ -178,8 +179,9 @@ def test_a_port_held_by_another_environment_of_this_process_says_so() -> None:
         assert fetch(one["web"].port(7000)) == "web"  # the first one is untouched
 
 
-def test_a_port_held_by_another_test_run_names_its_supervisor_and_suggests_a_range() -> None:
-    [port] = free_ports(1)
+def other_run(port: int) -> subprocess.Popen[str]:
+    """Another test process (as an xdist worker would be) with an environment that fixes
+    ``port``; it holds it until its stdin closes."""
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
@@ -192,8 +194,14 @@ def test_a_port_held_by_another_test_run_names_its_supervisor_and_suggests_a_ran
     """)
     other = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert other.stdout is not None and other.stdout.readline() == "up\n"
+    return other
+
+
+def test_a_port_held_by_another_test_run_names_its_supervisor_and_suggests_a_range() -> None:
+    [port] = free_ports(1)
+    other = other_run(port)
     try:
-        assert other.stdout is not None and other.stdout.readline() == "up\n"
         env = Environment([server(ports=[f"{port}:7000"])])
         with pytest.raises(ServiceFailed) as info:
             env.open()
@@ -205,6 +213,18 @@ def test_a_port_held_by_another_test_run_names_its_supervisor_and_suggests_a_ran
         assert other.stdin is not None
         other.stdin.close()
         other.wait(30)
+
+
+def test_a_fixed_port_is_free_again_after_kill_9_of_the_test_process_that_held_it() -> None:
+    [port] = free_ports(1)
+    other = other_run(port)
+    other.kill()
+    other.wait(10)
+    # Its supervisor sees the end of its socket, tears down and exits: the port goes with it.
+    gone = wait_until(lambda: True if not any(h.listening for h in holders(port)) else None, Deadline(10))
+    assert gone, holders(port)
+    with Environment([server(ports=[f"{port}:7000"])]) as env:
+        assert fetch(env["web"].port(7000)) == "web"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind as another user")
