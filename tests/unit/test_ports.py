@@ -12,7 +12,7 @@ import pytest
 from pytest_envbox import ConfigError, Service
 from pytest_envbox.config import load_project_config, select
 from pytest_envbox.engine.hostports import taken_reason
-from pytest_envbox.kernel.portholders import holders
+from pytest_envbox.kernel.portholders import Holder, holders
 from pytest_envbox.supervisor.hostports import HostPorts
 from pytest_envbox.supervisor.protocol import ReserveRequest
 
@@ -220,6 +220,21 @@ def test_the_holder_of_a_port_is_found_from_proc() -> None:
             [h] = holders(s.getsockname()[1])
             assert (h.pid, h.uid, h.listening) == (os.getpid(), os.getuid(), True), address
             assert h.comm and "python" in h.cmdline
+
+
+def test_a_holder_is_named_as_well_as_this_process_may_know_it() -> None:
+    from pytest_envbox.engine.hostports import _who
+
+    assert _who(Holder(65534, True), supervisor=1) == "a process of another user (uid 65534, nobody)"
+    assert _who(Holder(4242424, True), supervisor=1) == "a process of another user (uid 4242424, 4242424)"
+    mine = _who(Holder(os.getuid(), True), supervisor=1)
+    assert mine.startswith("a socket of user ") and "that no process here shows" in mine
+    shown = _who(Holder(0, True, 77, "redis-server", "redis-server  *:6379\n" + "x" * 200), 1)
+    assert shown.startswith("pid 77 (redis-server, user root): redis-server *:6379 xxx")
+    assert shown.endswith("...") and len(shown) < 140
+    assert _who(Holder(0, True, 9, "python3", "python3 -c ... pytest_envbox.supervisor.server"), 9) == (
+        "this test process's own envbox supervisor (pid 9): another environment open at the same "
+        "time publishes it")  # fmt: skip
 
 
 def test_a_port_held_elsewhere_has_no_holder() -> None:
