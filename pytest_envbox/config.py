@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_envbox.errors import ConfigError
+from pytest_envbox.ports import check_environment_host_ports
 from pytest_envbox.spec import Service, check_name, parse_subnet, service_from_mapping
 
 __all__ = ["TOP_LEVEL_KEYS", "Catalog", "load_project_config", "merge_services", "select", "start_levels"]
@@ -262,6 +263,7 @@ def select(
 
     selected = _dependency_order(requested, resolve)
     _check_hostnames(selected)
+    check_environment_host_ports(selected)
     return selected
 
 

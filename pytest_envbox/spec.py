@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pytest_envbox.ports import HostRange, parse_host_ports, parse_ports
 from pytest_envbox.probe import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe, probe_from_mapping
 from pytest_envbox.validate import (
     DNS_LABEL,
@@ -39,7 +40,6 @@ from pytest_envbox.validate import (
     parse_duration,
     parse_memory,
     parse_subnet,
-    port,
     text,
 )
 
@@ -219,6 +219,9 @@ class Service:
     pass_env: tuple[str, ...] = ()
     cwd: str | None = None
     ports: tuple[int, ...] = ()
+    #: port -> its host port range ``(low, high)`` on 127.0.0.1, for the ports that give one
+    #: (``{ port = 6379, host = 6379 }``, ``"8000-8010:80"``); the others get a free port
+    host_ports: Mapping[int, HostRange] = field(default_factory=dict)
     depends_on: tuple[str, ...] = ()
     ready: Probe | None = None
     limits: Limits = field(default_factory=Limits)
@@ -245,7 +248,8 @@ class Service:
             env: Mapping[str, str] | None = None,
             pass_env: Sequence[str] = (),
             cwd: str | os.PathLike[str] | None = None,
-            ports: Sequence[int] = (),
+            ports: Sequence[int | str | Mapping[str, object]] = (),
+            host_ports: Mapping[int, int | str | tuple[int, int]] | None = None,
             depends_on: Sequence[str] = (),
             ready: Probe | Mapping[str, object] | None = None,
             limits: Limits | Mapping[str, object] | None = None,
@@ -264,11 +268,9 @@ class Service:
         patterns = as_list(self.pass_env, name, "pass_env", '["AWS_*", "CI"]')
         put("pass_env", tuple(_glob(p, name, f"pass_env[{i}]") for i, p in enumerate(patterns)))
         put("cwd", None if self.cwd is None else text(self.cwd, name, "cwd", "directory"))
-        ports = as_list(self.ports, name, "ports", "ports = [8000]")
-        put(
-            "ports",
-            _unique([port(p, name, f"ports[{i}]") for i, p in enumerate(ports)], name, "ports"),
-        )
+        ports, hosts = parse_ports(self.ports, name, parse_host_ports(self.host_ports, name))
+        put("ports", ports)
+        put("host_ports", hosts)
         put("depends_on", self._names("depends_on", '["cache"]', "service"))
         if name in self.depends_on:
             i = self.depends_on.index(name)
@@ -304,11 +306,19 @@ class Service:
         # env is a dict (as promised to callers); hash its items so equal services hash alike and
         # a Service can key the cache of shared environments.
         values = [getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("env", "tmpfs")]  # fmt: skip
-        return hash((*values, frozenset(self.env.items()), frozenset(self.tmpfs.items())))
+                  if f.name not in ("env", "tmpfs", "host_ports")]  # fmt: skip
+        return hash((*values, frozenset(self.env.items()), frozenset(self.tmpfs.items()),
+                     frozenset(self.host_ports.items())))  # fmt: skip
 
     def with_changes(self, **changes: Any) -> Service:
-        """A copy with some fields changed, validated again: ``svc.with_changes(ports=[81])``."""
+        """A copy with some fields changed, validated again: ``svc.with_changes(ports=[81])``.
+
+        New ``ports`` keep the host ports of those still listed (a host in an entry wins);
+        ``host_ports={}`` drops them all: every port then gets a free host port.
+        """
+        if "ports" in changes and "host_ports" not in changes:
+            listed, _ = parse_ports(changes["ports"], self.name)
+            changes["host_ports"] = {p: h for p, h in self.host_ports.items() if p in listed}
         return dataclasses.replace(self, **changes)
 
 

@@ -28,6 +28,7 @@ from pytest_envbox.config import Catalog, select, start_levels
 from pytest_envbox.engine.client import SupervisorClient, get_supervisor, rootless
 from pytest_envbox.engine.faults import Network
 from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_level, stop_all
+from pytest_envbox.engine.hostports import reserve_host_ports
 from pytest_envbox.engine.planning import DEFAULT_SUBNET, Subnet, check_cgroups, check_ids, plan_for
 from pytest_envbox.errors import EnvboxError, HostUnsupported
 from pytest_envbox.spec import Service
@@ -223,6 +224,8 @@ class Environment:
         """Start level after level (see :func:`~pytest_envbox.engine.handle.start_level`); a
         level starts once every service of the one before is ready."""
         assert self._sup is not None and self.workdir is not None
+        # Every fixed host port first, all or none: a taken one fails before anything starts.
+        reserve_host_ports(self._sup, self.id, [spec for level in levels for spec in level])
         for level in levels:
             handles = []
             for spec in level:

@@ -26,9 +26,9 @@ __all__ = [
     "Done", "ErrorReply", "Event", "ExecInput", "ExecOutput", "ExecReply", "ExecRequest", "ExitedEvent",
     "FreezeRequest", "Handlers", "HealRequest", "HelloReply", "HelloRequest", "KeepRequest",
     "LinkRequest", "Message", "NetWiring", "OwnDirRequest", "PartitionRequest", "PrepareRequest",
-    "ReleaseRequest", "Reply", "ReplyT", "Request", "ShutdownReply", "ShutdownRequest",
-    "SignalRequest", "StartReply", "StartRequest", "StatsReply", "StatsRequest", "SupervisorDied",
-    "TcpCheckReply", "TcpCheckRequest", "Unsupported",
+    "ReleaseRequest", "Reply", "ReplyT", "Request", "ReserveReply", "ReserveRequest", "ShutdownReply",
+    "ShutdownRequest", "SignalRequest", "StartReply", "StartRequest", "StatsReply", "StatsRequest",
+    "SupervisorDied", "TcpCheckReply", "TcpCheckRequest", "Unsupported",
 ]  # fmt: skip
 
 #: The most bytes of a command's input or output that one exec part (or its reply) carries.
@@ -173,6 +173,26 @@ class StartRequest(Request[StartReply]):
     generation: int
     limits: CgroupLimits
     net: NetWiring | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveReply(Reply):
+    """Every host port asked for is held (``refused`` None); or none of them is, and ``refused``
+    is the first that could not be bound, as ``(slot, port, low, high, errno)``."""
+
+    TAG: ClassVar[str] = "reserve_reply"
+    refused: tuple[str, int, int, int, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest(Request[ReserveReply]):
+    """Bind, and hold until the slot publishes them, the host ports that an environment's
+    services fix: ``(slot, port, low, high)`` each, the first free port of ``low..high`` on
+    127.0.0.1. All or nothing, before any of them starts: a taken port then fails the
+    environment with nothing to undo."""
+
+    TAG: ClassVar[str] = "reserve"
+    ports: list[tuple[str, int, int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,7 +444,8 @@ Handlers = dict[type[Message], Callable[[int, Any], Reply | None]]
 
 #: Every message type, each with its own ``TAG``.
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    Done, ErrorReply, HelloReply, HelloRequest, StartReply, StartRequest, SignalRequest,
+    Done, ErrorReply, HelloReply, HelloRequest, StartReply, StartRequest, ReserveReply,
+    ReserveRequest, SignalRequest,
     TcpCheckReply, TcpCheckRequest, ExecReply, ExecRequest, ExecInput, ExecOutput, ReleaseRequest,
     LinkRequest, PartitionRequest, HealRequest, StatsReply, StatsRequest, FreezeRequest,
     PrepareRequest, CensusReply, CensusRequest, OwnDirRequest, ShutdownReply, ShutdownRequest,

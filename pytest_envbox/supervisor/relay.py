@@ -32,7 +32,10 @@ _F_SETPIPE_SZ = 1031
 class Relay:
     """One published port: ``127.0.0.1:host_port`` -> ``port`` on the service's loopback."""
 
-    def __init__(self, netns_fd: int, port: int, via: tuple[int, str] | None = None) -> None:
+    def __init__(self, netns_fd: int, port: int, via: tuple[int, str] | None = None,
+                 listener: socket.socket | None = None) -> None:
+        """``listener``: a socket already listening on 127.0.0.1 (a fixed host port, reserved
+        at the environment's open), the relay's from now on; None: listen on a free port."""
         self.port = port
         self._netns_fd = os.dup(netns_fd)
         # On an environment's network: connect from its hub to the service's address, so that the
@@ -40,10 +43,12 @@ class Relay:
         # on that address: a service bound to 127.0.0.1).
         self._via = (os.dup(via[0]), via[1]) if via is not None else None
         self._loopback = False  # learned: the service listens on its loopback only
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
+        if listener is None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(128)
+        self._listener = listener
         self.host_port: int = self._listener.getsockname()[1]
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()

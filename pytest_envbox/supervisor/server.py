@@ -20,9 +20,9 @@ forking thread, which must live as long as the supervisor). Relays run in thread
 This module is the loop, the dispatch and teardown; each concern, with its requests' handlers,
 is a module of its own: :mod:`.services` (slots: start, signal, release, exit events; through
 the :mod:`.slotkernel` seam), :mod:`.spares` (the zygote and prepared sandboxes), :mod:`.network`
-(hubs, wiring, faults), :mod:`.limits` (the services' cgroups), :mod:`.exec`, :mod:`.logs`,
-:mod:`.records` (the run's record) and :mod:`.userns` (rootless mode). The messages are
-:mod:`.protocol`'s.
+(hubs, wiring, faults), :mod:`.hostports` (fixed host ports, held from an environment's open),
+:mod:`.limits` (the services' cgroups), :mod:`.exec`, :mod:`.logs`, :mod:`.records` (the run's
+record) and :mod:`.userns` (rootless mode). The messages are :mod:`.protocol`'s.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from pytest_envbox.kernel import cgroups
 from pytest_envbox.kernel import linux as L
 from pytest_envbox.supervisor import records, statedir
 from pytest_envbox.supervisor.exec import Execs
+from pytest_envbox.supervisor.hostports import HostPorts
 from pytest_envbox.supervisor.limits import ServiceCgroups
 from pytest_envbox.supervisor.logs import LogSink
 from pytest_envbox.supervisor.network import Network, env_of
@@ -120,6 +121,7 @@ class Supervisor:
         self.service_cgroups = ServiceCgroups(self)
         self.execs = Execs(self)
         self.services = Services(self, LinuxSlotKernel(self))
+        self.host_ports = HostPorts(self)
         self.handlers = handler_table(self)
         self.spares.start_zygote()
 
@@ -314,6 +316,7 @@ class Supervisor:
     def teardown(self) -> None:
         self._drop_spares()
         self.services.teardown()
+        self.host_ports.drop()
         self.execs.kill_all()
         self.record.close()
         for env in list(self.network.hubs):
@@ -341,6 +344,7 @@ def handler_table(sup: Supervisor) -> Handlers:
         {HelloRequest: sup.hello, CensusRequest: sup.census, ShutdownRequest: sup.shutdown},
         sup.services.handlers(), sup.spares.handlers(), sup.network.handlers(),
         sup.service_cgroups.handlers(), sup.execs.handlers(), sup.record.handlers(),
+        sup.host_ports.handlers(),
     ]  # fmt: skip
     table: Handlers = {}
     for t in tables:

@@ -58,7 +58,8 @@ class SlotKernel(Protocol):
         """A spare died unused: prepare none in the background until a start succeeds."""
 
     def publish(self, slot: str, s: Slot, port: int) -> Relay:
-        """Publish the service's ``port`` on the host (a relay)."""
+        """Publish the service's ``port`` on the host (a relay), on the host port reserved for it
+        at the environment's open if it fixes one, else on a free one."""
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         """Signal a pid of ours (an init); ProcessLookupError when it is gone."""
@@ -82,7 +83,8 @@ class SlotKernel(Protocol):
         """A released service's veth goes down."""
 
     def drop_network(self, env: str) -> None:
-        """The environment's network goes (its last service was released)."""
+        """The environment's network goes (its last service was released), and the host ports
+        still reserved for it (its services that never started)."""
 
 
 class LinuxSlotKernel:
@@ -120,7 +122,13 @@ class LinuxSlotKernel:
         self.sup.spares.want = False
 
     def publish(self, slot: str, s: Slot, port: int) -> Relay:
-        return Relay(s.netns_fd, port, via=self.sup.network.via(slot, s))
+        listener = self.sup.host_ports.take(slot, port)
+        try:
+            return Relay(s.netns_fd, port, via=self.sup.network.via(slot, s), listener=listener)
+        except BaseException:
+            if listener is not None:
+                listener.close()
+            raise
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
@@ -154,4 +162,5 @@ class LinuxSlotKernel:
         self.sup.network.cut(slot, s)
 
     def drop_network(self, env: str) -> None:
+        self.sup.host_ports.drop(env)
         self.sup.network.drop_hub(env)

@@ -40,6 +40,8 @@ from pytest_envbox.supervisor.protocol import (
     HelloReply,
     Message,
     NetWiring,
+    ReserveReply,
+    ReserveRequest,
     StartReply,
     StartRequest,
 )
@@ -94,6 +96,8 @@ _DECODE: dict[type[Message], dict[str, Callable[[Any], Any]]] = {
     StartRequest: {"plan": _plan, "limits": lambda d: CgroupLimits(**d),
                    "net": lambda d: None if d is None else NetWiring(**d)},
     StartReply: {"ports": lambda d: {int(k): v for k, v in d.items()}},
+    ReserveRequest: {"ports": lambda v: [tuple(e) for e in v]},
+    ReserveReply: {"refused": lambda v: None if v is None else tuple(v)},
     ExecRequest: {"plan": _plan, "input": _bytes},
     ExecReply: {"stdout": _bytes, "stderr": _bytes},
     ExecInput: {"data": _bytes},

@@ -340,6 +340,7 @@ def test_every_request_type_has_exactly_one_handler_in_the_supervisors_table() -
 
     from pytest_envbox.supervisor import protocol
     from pytest_envbox.supervisor.exec import Execs
+    from pytest_envbox.supervisor.hostports import HostPorts
     from pytest_envbox.supervisor.limits import ServiceCgroups
     from pytest_envbox.supervisor.network import Network
     from pytest_envbox.supervisor.records import RunRecord
@@ -349,7 +350,8 @@ def test_every_request_type_has_exactly_one_handler_in_the_supervisors_table() -
     sup = SimpleNamespace(hello=print, census=print, shutdown=print,
                           services=Services(FakeHost(), FakeKernel()))  # type: ignore[arg-type]  # fmt: skip
     for name, concern in (("spares", Spares), ("network", Network), ("execs", Execs),
-                          ("service_cgroups", ServiceCgroups), ("record", RunRecord)):  # fmt: skip
+                          ("service_cgroups", ServiceCgroups), ("record", RunRecord),
+                          ("host_ports", HostPorts)):  # fmt: skip
         setattr(sup, name, concern(sup))  # type: ignore[arg-type]
     table = handler_table(sup)  # type: ignore[arg-type]
     requests = {t for t in protocol.MESSAGE_TYPES if issubclass(t, protocol.Request)}
