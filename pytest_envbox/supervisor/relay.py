@@ -22,7 +22,7 @@ import functools
 import os
 import socket
 
-from pytest_envbox.supervisor.relayloop import IN, OUT, Conn, Loop, linger0, shared_loop
+from pytest_envbox.supervisor.relayloop import ERR, HUP, IN, OUT, Conn, Loop, linger0, shared_loop
 
 __all__ = ["Relay", "backlog"]
 
@@ -149,7 +149,8 @@ class Relay:
                 self._dialed(d, err)
 
     def _on_dialed(self, d: _Dial, ev: int) -> None:
-        self._dialed(d, d.up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        failed = ev & (ERR | HUP)
+        self._dialed(d, d.up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if failed else 0)
 
     def _dialed(self, d: _Dial, err: int) -> None:
         self._dialing.discard(d)

@@ -38,7 +38,7 @@ from typing import Any
 
 from pytest_envbox.kernel import linux as L
 
-__all__ = ["Conn", "Loop", "linger0", "shared_loop"]
+__all__ = ["ERR", "HUP", "IN", "OUT", "Conn", "Loop", "linger0", "shared_loop"]
 
 IN, OUT, ERR, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 _CHUNK = 1 << 20

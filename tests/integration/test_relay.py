@@ -269,7 +269,10 @@ def test_2000_clients_connecting_at_once_are_served_as_fast_as_the_host_serves_t
             for s in socks:
                 s.close()
             assert during < 20, f"the supervisor ran {during} threads with {BURST} connections open"
-        assert min(relayed) <= 2 * min(host) + 0.1, (
+        # Within 2x, and half a second for a loaded machine: on two cores the relay's share of
+        # the work (a second TCP connection per client: handshake, segments) is about what the
+        # client and the server do together, so 2x is the floor there, not a margin.
+        assert min(relayed) <= 2 * min(host) + 0.5, (
             f"{BURST} clients at once: {min(relayed):.3f} s through the relay, "
             f"{min(host):.3f} s to the same server on the host (all: {relayed}, {host})")
         # At once: no queue of SYNs still being retransmitted, no backlog of threads.
