@@ -22,7 +22,7 @@ import functools
 import os
 import socket
 
-from pytest_envbox.supervisor.relayloop import ERR, HUP, IN, OUT, Conn, Loop, linger0, shared_loop
+from pytest_envbox.supervisor.relayloop import ERR, HUP, IN, OUT, Conn, Loop, linger0, log, shared_loop
 
 __all__ = ["Relay", "backlog"]
 
@@ -202,7 +202,12 @@ class Relay:
         """Stop accepting and cut every open connection (each peer sees end-of-file)."""
         if self._closed:
             return
-        if self._loop.call(self._shut):
+        try:
+            leave = self._loop.call(self._shut)
+        except OSError as e:  # the loop is stuck (a bug): the rest of the release goes on
+            log(f"relay of port {self.port}: {e}")
+            return
+        if leave:
             self._loop.replace()
 
 

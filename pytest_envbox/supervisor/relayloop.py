@@ -38,7 +38,7 @@ from typing import Any
 
 from pytest_envbox.kernel import linux as L
 
-__all__ = ["ERR", "HUP", "IN", "OUT", "Conn", "Loop", "linger0", "shared_loop"]
+__all__ = ["ERR", "HUP", "IN", "OUT", "Conn", "Loop", "linger0", "log", "shared_loop"]
 
 IN, OUT, ERR, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 _CHUNK = 1 << 20
@@ -109,7 +109,7 @@ class Loop:
                 try:
                     h(ev)
                 except Exception as e:  # a bug must not stop every other port
-                    _log(f"relay: {type(e).__name__}: {e}")
+                    log(f"relay: {type(e).__name__}: {e}")
             if doomed:
                 for s in doomed:
                     with contextlib.suppress(OSError):
@@ -158,7 +158,11 @@ class Loop:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake)
         while self._calls:
-            self._calls.popleft()()
+            fn = self._calls.popleft()
+            try:
+                fn()
+            except Exception as e:  # (call() hands its own back to its caller)
+                log(f"relay: {type(e).__name__}: {e}")
 
     # --- registration (loop thread) ------------------------------------------------------------
 
@@ -244,14 +248,12 @@ class Conn:
     def _on(self, ev: int, out: _Half, back: _Half) -> None:
         """Events on one socket: ``out`` reads from it, ``back`` writes to it."""
         try:
-            if ev & ERR:
-                raise OSError("socket error")  # a reset, or an error: passed on as a reset
             if ev & OUT and back.pending:
                 _flush(back)
-                if back.eof and not back.pending:
-                    _shut_wr(back.out)
-            if ev & (IN | HUP) and not out.eof and not out.pending:
-                _pump(out)
+            if ev & (IN | HUP | ERR) and not out.eof and not out.pending:
+                _pump(out)  # with ERR too: what came before a reset, as a direct peer gets it
+            if ev & ERR:
+                raise OSError("socket error")  # a reset, or an error: passed on as a reset
         except OSError:
             self.abort()
             return
@@ -285,6 +287,8 @@ class Conn:
         self._end((self.a, self.b))
 
     def _end(self, socks: tuple[socket.socket, ...]) -> None:
+        if self.ma < 0:
+            return  # ended already
         for s in socks:
             self.loop.drop(s)
         for h in (self.ab, self.ba):
@@ -292,7 +296,7 @@ class Conn:
             if h.r >= 0:
                 self.loop.doomed += (h.r, h.w)
                 h.r = h.w = -1
-        self.ma = self.mb = 0
+        self.ma = self.mb = -1
         self.done(self)
 
 
@@ -339,6 +343,7 @@ def linger0(s: socket.socket) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
 
 
-def _log(text: str) -> None:
+def log(text: str) -> None:
+    """A note on the test process's stderr, for what has no caller to tell."""
     with contextlib.suppress(OSError, ValueError):
         print(f"envbox supervisor: {text}", file=sys.stderr, flush=True)

@@ -63,6 +63,7 @@ while True:
 
 # The first byte of a connection picks what the server does with it:
 #   R: abort it at once (SO_LINGER 0, close: an RST)
+#   A: send "bye", then abort it
 #   W: read until end-of-file or error, and remember which ("eof" or "reset")
 #   H: read until end-of-file, then answer how many bytes came, and close
 #   S: send "hello", shut its sending side, then read until end-of-file (remembered as "eof N")
@@ -73,7 +74,9 @@ last = ""
 def serve(c):
     global last
     mode = c.recv(1)
-    if mode == b"R":
+    if mode in (b"R", b"A"):
+        if mode == b"A":
+            c.sendall(b"bye")
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     elif mode in (b"W", b"S"):
         last = "open"
@@ -171,6 +174,24 @@ def ended(port: int) -> str | None:
 def test_a_server_that_aborts_a_connection_resets_the_client(behave: int) -> None:
     with connect(behave, b"R") as s, pytest.raises(ConnectionResetError):
         s.recv(1)  # not b"": an abort is not a clean end
+
+
+def test_what_a_server_sent_before_it_aborted_reaches_the_client_and_then_the_reset(behave: int) -> None:
+    for _ in range(20):  # the bytes and the reset may reach the relay together, or apart
+        with connect(behave, b"A") as s:
+            assert wait_until(lambda: _pending(s) or None, Deadline(10))  # (both have come)
+            assert s.recv(3) == b"bye"
+            with pytest.raises(ConnectionResetError):
+                s.recv(1)
+
+
+def _pending(s: socket.socket) -> bool:
+    """Whether the peer's reset has reached ``s`` (its error is pending behind the bytes)."""
+    import select
+
+    p = select.poll()
+    p.register(s, select.POLLERR | select.POLLHUP)
+    return bool(p.poll(0))
 
 
 def test_a_client_that_aborts_a_connection_resets_the_server(behave: int) -> None:
