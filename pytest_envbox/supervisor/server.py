@@ -364,7 +364,7 @@ def _raise_open_files() -> None:
 
 def main(fd: int | None = None) -> None:
     """Entry point of the supervisor process (``python -c``): serve on the inherited socket."""
-    warnings.simplefilter("ignore", DeprecationWarning)  # fork() with relay threads running
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork() with the relay loop's thread running
     if fd is None:
         fd = int(sys.argv[1])
     refused = None
