@@ -63,6 +63,7 @@ def serve_copy(port: int) -> None:
     # fd -> [sock, peer fd, pending memoryview or None, eof]
     side: dict[int, list[Any]] = {}
     buf = bytearray(1 << 18)
+    masks: dict[int, int] = {}  # what each socket is watched for, when not EPOLLIN
 
     def mask(fd: int) -> int:
         me, peer = side[fd], side[side[fd][1]]
@@ -110,11 +111,30 @@ def serve_copy(port: int) -> None:
                 if e.errno in (errno.EAGAIN,):
                     continue
                 for f in (fd, me[1]):
-                    ep.unregister(f)
+                    with contextlib.suppress(OSError):
+                        ep.unregister(f)
+                    masks.pop(f, None)
+                    side.pop(f)[0].close()
+                continue
+            if me[3] and peer[3] and me[2] is None and peer[2] is None:  # both directions done
+                for f in (fd, me[1]):
+                    with contextlib.suppress(OSError):
+                        ep.unregister(f)
+                    masks.pop(f, None)
                     side.pop(f)[0].close()
                 continue
             for f in (fd, me[1]):
-                ep.modify(f, mask(f) or select.EPOLLERR)
+                m, was = mask(f), masks.get(f, select.EPOLLIN)
+                if m == was:
+                    continue
+                # 0: unregistered (a hung-up socket would be reported on and on)
+                if not was:
+                    ep.register(f, m)
+                elif not m:
+                    ep.unregister(f)
+                else:
+                    ep.modify(f, m)
+                masks[f] = m
 
 
 def serve_threads(port: int) -> None:
