@@ -70,14 +70,21 @@ class Relay:
         # on that address: a service bound to 127.0.0.1).
         self._via = (_Netns(via[0]), via[1]) if via is not None else None
         self._loopback = via is None  # learned: the service listens on its loopback only
-        if listener is None:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", 0))
-        listener.listen(backlog())
-        listener.setblocking(False)
+        try:
+            if listener is None:
+                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(("127.0.0.1", 0))
+            listener.listen(backlog())
+            listener.setblocking(False)
+            self.host_port: int = listener.getsockname()[1]
+        except BaseException:
+            for ns in [self._netns] + ([self._via[0]] if self._via is not None else []):
+                os.close(ns.fd)
+            if listener is not None:
+                listener.close()
+            raise
         self._listener = listener
-        self.host_port: int = listener.getsockname()[1]
         self._conns: set[Conn] = set()
         self._dialing: set[_Dial] = set()
         self._closed = False

@@ -8,6 +8,7 @@ bare on the host (a /usr/bin/python3 script: the services' private /tmp hides an
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import selectors
 import socket
@@ -216,6 +217,35 @@ def test_a_server_that_shuts_its_sending_side_still_gets_what_the_client_sends(b
         s.sendall(b"y" * 50_000)  # ...and our direction still flows
         s.shutdown(socket.SHUT_WR)
         assert wait_until(lambda: ended(behave), Deadline(10)) == "eof 50000"
+
+
+def _holding(pid: int, ns: str) -> list[str]:
+    """Which threads of ``pid`` are in the namespace ``ns``, and which of its fds refer to it."""
+    held = [f"thread {t}" for t in os.listdir(f"/proc/{pid}/task")
+            if _readlink(f"/proc/{pid}/task/{t}/ns/net") == ns]  # fmt: skip
+    fds = [f"fd {fd}" for fd in os.listdir(f"/proc/{pid}/fd") if _readlink(f"/proc/{pid}/fd/{fd}") == ns]
+    return held + fds
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def test_a_released_service_namespace_is_not_kept_by_the_relay() -> None:
+    """The relay's thread makes a loopback-only service's upstream sockets inside the service's
+    namespace: once the service is released, nothing of the supervisor is left there."""
+    sup = get_supervisor()
+    svc = Service("srv", [PY, "-c", BEHAVE, "127.0.0.1", str(PORT)], ports=[PORT], ready=probe.tcp(PORT))
+    with Environment([svc]) as env:
+        ns = os.readlink(f"/proc/{env['srv'].pid}/ns/net")
+        with connect(env["srv"].port(PORT), b"H") as s:  # refused at its address: its loopback
+            s.shutdown(socket.SHUT_WR)
+            assert read_all(s) == b"0"
+        assert any(h.startswith("thread") for h in _holding(sup.pid, ns))
+    assert wait_until(lambda: not _holding(sup.pid, ns) or None, Deadline(5)), _holding(sup.pid, ns)
 
 
 # --- bursts ----------------------------------------------------------------------------------
