@@ -11,7 +11,9 @@ client, which so sees a refusal, not a clean end-of-file.
 Everything runs on the supervisor's one relay loop (:mod:`.relayloop`): accepting (until the
 queue is empty, from a backlog as deep as the kernel allows), connecting (non-blocking), and
 moving bytes. A socket's network namespace is fixed when the socket is made, so the loop's thread
-enters the hub's (or the service's) namespace before it makes an upstream socket.
+enters the hub's (or the service's) namespace before it makes an upstream socket. Out of
+descriptors, a relay stops accepting for a moment: clients wait in its queue, as with a busy
+server, rather than being refused.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class Relay:
         self._listener = listener
         self._conns: set[Conn] = set()
         self._dialing: set[_Dial] = set()
+        self._waiting: list[tuple[socket.socket, int]] = []  # clients waiting for a descriptor
         self._closed = False
         self._resting = False
         self._loop.post(self._open)
@@ -98,28 +101,40 @@ class Relay:
             self._loop.watch(self._listener.fileno(), IN, self._on_accept)
 
     def _on_accept(self, ev: int) -> None:
-        clients = []
-        while True:
+        # One client at a time, its upstream socket made before the next is accepted: out of
+        # descriptors, the clients then wait in the listener's queue, as with a busy server.
+        while not self._resting:
             try:
                 c, _ = self._listener.accept()
             except BlockingIOError:
                 break
             except OSError as e:
+                if e.errno == errno.ECONNABORTED:
+                    continue  # that client is gone already
                 if e.errno in _EXHAUSTED:
                     self._rest(True)
-                    break
-                if e.errno == errno.ECONNABORTED:
-                    continue
-                raise
+                else:
+                    log(f"relay of port {self.port}: accept: {e}")
+                break
             c.setblocking(False)
-            clients.append(c)
-        if clients:
-            self._dial(clients, 1 if self._loopback else 0)
+            self._dial(c, 1 if self._loopback else 0)
 
     def _rest(self, resting: bool) -> None:
-        if resting != self._resting and not self._closed:
-            self._resting = resting
-            self._loop.watch(self._listener.fileno(), 0 if resting else IN)
+        """Out of descriptors: stop accepting until the loop sees some freed (a connection
+        ended) or a moment passed; then connect the clients that waited for one, first."""
+        if resting == self._resting or self._closed:
+            return
+        self._resting = resting
+        self._loop.watch(self._listener.fileno(), 0 if resting else IN)
+        if resting:
+            self._loop.resting.append(functools.partial(self._rest, False))
+            return
+        waiting, self._waiting = self._waiting, []
+        for c, stage in waiting:
+            if self._resting:
+                self._waiting.append((c, stage))
+            else:
+                self._dial(c, stage)
 
     def _target(self, stage: int) -> tuple[_Netns, socket.AddressFamily, str]:
         """Where to connect from and to: the hub to the service's address, then its own loopback."""
@@ -130,30 +145,29 @@ class Relay:
             return self._netns, socket.AF_INET, "127.0.0.1"
         return self._netns, socket.AF_INET6, "::1"
 
-    def _dial(self, clients: list[socket.socket], stage: int) -> None:
-        """Start an upstream connect for each client (all from one namespace, entered once)."""
+    def _dial(self, c: socket.socket, stage: int) -> None:
+        """Start the client's upstream connect (the loop's thread enters its namespace first,
+        unless it is there already)."""
         ns, family, host = self._target(stage)
         try:
             if self._closed:
                 raise OSError("the relay is closed")
             self._loop.enter(ns.fd, ns.ino)
-        except OSError:
-            for c in clients:
+            up = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            if e.errno in _EXHAUSTED and not self._closed:  # it waits for a descriptor
+                self._waiting.append((c, stage))
+                self._rest(True)
+            else:
                 self._refuse(c)
             return
-        for c in clients:
-            try:
-                up = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            except OSError:
-                self._refuse(c)
-                continue
-            d = _Dial(c, up, stage)
-            self._dialing.add(d)
-            err = up.connect_ex((host, self.port))
-            if err in (0, errno.EINPROGRESS):
-                self._loop.watch(up.fileno(), OUT, functools.partial(self._on_dialed, d))
-            else:
-                self._dialed(d, err)
+        d = _Dial(c, up, stage)
+        self._dialing.add(d)
+        err = up.connect_ex((host, self.port))
+        if err in (0, errno.EINPROGRESS):
+            self._loop.watch(up.fileno(), OUT, functools.partial(self._on_dialed, d))
+        else:
+            self._dialed(d, err)
 
     def _on_dialed(self, d: _Dial, ev: int) -> None:
         failed = ev & (ERR | HUP)
@@ -169,9 +183,9 @@ class Relay:
             # Nothing on its network address: it listens on its loopback only. Go there from now
             # on (the link's faults then do not apply to this port).
             self._loopback = True
-            self._dial([d.client], 1)
+            self._dial(d.client, 1)
         elif d.stage == 1:
-            self._dial([d.client], 2)
+            self._dial(d.client, 2)
         else:  # refused on its loopback too, or a fault on its link: the client sees it
             self._refuse(d.client)
 
@@ -181,7 +195,6 @@ class Relay:
 
     def _done(self, conn: Conn) -> None:
         self._conns.discard(conn)
-        self._rest(False)
 
     def _shut(self) -> bool:
         """Stop accepting, cut every connection; whether the loop's thread is in a namespace of
@@ -196,6 +209,9 @@ class Relay:
             self._loop.drop(d.client)
             self._loop.drop(d.up)
         self._dialing.clear()
+        for c, _ in self._waiting:
+            self._loop.drop(c)
+        self._waiting.clear()
         for conn in list(self._conns):
             conn.cut()
         mine = [self._netns] + ([self._via[0]] if self._via is not None else [])

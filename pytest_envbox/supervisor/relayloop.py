@@ -2,15 +2,17 @@
 
 Every relay of a supervisor (:mod:`.relay`) shares one :class:`Loop`: one thread blocked in
 ``epoll_wait`` over every listening socket, every upstream connect in flight and both sockets of
-every relayed connection, all non-blocking. A connection costs two sockets and, once bytes flow,
-a pipe per direction, never a thread: a burst of two thousand clients is two thousand entries in
-a table, where a thread per direction made four thousand threads and stalled the host.
+every relayed connection, all non-blocking. A connection costs two sockets and, once it moves
+bulk, a pipe per direction, never a thread: a burst of two thousand clients is two thousand
+entries in a table, where a thread per direction made four thousand threads and stalled the host.
 
-Bytes move with ``splice(2)``, source socket into the direction's pipe and pipe into the
-destination socket: the kernel passes page references and the bytes never enter Python. A
-direction reads only once its pipe is empty, and stops reading (its socket leaves the epoll
-interest set) while the pipe cannot be written out: the kernel's socket buffers are the only
-buffering, as on a direct connection.
+Bulk moves with ``splice(2)``, source socket into the direction's pipe and pipe into the
+destination socket: the kernel passes page references and the bytes never enter Python. Until a
+direction has filled a 64 KiB read (a request, an answer), its bytes are copied through one
+buffer of the loop instead: the same two system calls, and no pipe to make and close. A
+direction reads only once what it read before is written out, and stops reading (its socket
+leaves the epoll interest set) while that cannot be: the kernel's socket buffers are the only
+buffering, as on a direct connection (plus at most 64 KiB per direction, in copies).
 
 What a peer does is passed on as it did it: an end-of-file as ``shutdown(SHUT_WR)`` on the other
 side (the other direction keeps flowing: a half-close stays a half-close), a reset (or an error)
@@ -44,6 +46,8 @@ IN, OUT, ERR, HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPO
 _CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 _PIPE = 1 << 16  # a new pipe's size (16 pages)
+_BUF = bytearray(1 << 16)  # the loop's buffer, for what is copied (see _copy)
+_VIEW = memoryview(_BUF)
 # Never blocks on the pipe. No SPLICE_F_MORE: it holds back small writes (Nagle-like stalls).
 _NB = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 _LINGER_0 = struct.pack("ii", 1, 0)
@@ -67,6 +71,7 @@ class Loop:
         self.handlers: dict[int, Handler] = {}
         self.masks: dict[int, int] = {}  # what each registered fd is watched for
         self.doomed: list[socket.socket | int] = []  # closed once this iteration is done
+        self.resting: list[Callable[[], None]] = []  # listeners out of descriptors: resume them
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.handlers[self._wake] = self._on_wake
@@ -102,7 +107,8 @@ class Loop:
         me = threading.current_thread()
         poll, handlers, doomed = self.ep.poll, self.handlers, self.doomed
         while self.thread is me:
-            for fd, ev in poll():
+            events = poll(0.1 if self.resting else -1)
+            for fd, ev in events:
                 h = handlers.get(fd)
                 if h is None:
                     continue  # closed earlier in this iteration
@@ -115,6 +121,15 @@ class Loop:
                     with contextlib.suppress(OSError):
                         s.close() if isinstance(s, socket.socket) else os.close(s)
                 doomed.clear()
+            elif events or not self.resting:
+                continue
+            if self.resting:  # descriptors were freed, or a moment passed: try again
+                resting, self.resting = self.resting, []
+                for resume in resting:
+                    try:
+                        resume()
+                    except Exception as e:
+                        log(f"relay: {type(e).__name__}: {e}")
 
     def enter(self, ns_fd: int, ino: int) -> None:
         """Move the loop's thread into the network namespace ``ns_fd`` (inode ``ino``), so that
@@ -209,16 +224,18 @@ def shared_loop() -> Loop:
 
 
 class _Half:
-    """One direction: from ``src`` through a pipe (made when the first bytes come) to ``dst``."""
+    """One direction: from ``src`` to ``dst``, copied at first, spliced through a pipe once it
+    moves bulk."""
 
-    __slots__ = ("dst", "eof", "out", "pending", "r", "room", "src", "w")
+    __slots__ = ("dst", "eof", "inp", "left", "out", "pending", "r", "room", "src", "w")
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src, self.dst = src.fileno(), dst.fileno()
-        self.out = dst
+        self.inp, self.out = src, dst
+        self.left = b""  # bytes read by _copy, not yet written to dst
         self.r = self.w = -1
         self.room = 0  # the pipe's size: the default at first, larger once a read fills it
-        self.pending = 0  # bytes in the pipe, not yet written to dst
+        self.pending = 0  # bytes read (in the pipe, or left), not yet written to dst
         self.eof = False  # src said end-of-file (and dst was shut for writing once flushed)
 
 
@@ -301,10 +318,10 @@ class Conn:
 
 
 def _pump(h: _Half) -> None:
-    """Read what ``src`` has into the (empty) pipe, and write it on."""
+    """Read what ``src`` has and write it on (the direction has nothing pending)."""
     if h.r < 0:
-        h.r, h.w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        h.room = _PIPE
+        _copy(h)
+        return
     try:
         n = os.splice(h.src, h.w, _CHUNK, flags=_NB)
     except BlockingIOError:
@@ -316,15 +333,43 @@ def _pump(h: _Half) -> None:
     h.pending = n
     _flush(h)
     if n >= h.room and h.room < _CHUNK:
-        # A full pipe: bulk. A larger one moves a socket's whole queue per call. Refused past
+        # The pipe filled: a larger one moves a socket's whole queue per call. Refused past
         # fs.pipe-max-size, or past the user's pipe pages in rootless mode: the default then does.
         with contextlib.suppress(OSError):
             h.room = fcntl.fcntl(h.w, _F_SETPIPE_SZ, _CHUNK)
 
 
-def _flush(h: _Half) -> None:
-    """Write the pipe's bytes to ``dst`` until it is empty or ``dst`` is full."""
+def _copy(h: _Half) -> None:
+    """Until a direction moves bulk, through the loop's buffer: a request or an answer costs no
+    pipe (two descriptors, a pipe2 and two closes per connection and direction). A read that
+    fills the buffer is bulk: the direction gets its pipe and splices from then on (or goes on
+    copying, if no pipe can be had: out of descriptors)."""
+    n = h.inp.recv_into(_BUF)
+    if n == 0:
+        h.eof = True
+        _shut_wr(h.out)
+        return
     try:
+        k = h.out.send(_VIEW[:n])
+    except BlockingIOError:
+        k = 0
+    if k < n:
+        h.left = bytes(_VIEW[k:n])
+        h.pending = n - k
+    if n == len(_BUF):
+        with contextlib.suppress(OSError):
+            h.r, h.w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            h.room = _PIPE
+
+
+def _flush(h: _Half) -> None:
+    """Write what is pending to ``dst`` until nothing is or ``dst`` is full."""
+    try:
+        if h.left:  # (read by _copy)
+            k = h.out.send(h.left)
+            h.left = h.left[k:]
+            h.pending -= k
+            return
         while h.pending:
             h.pending -= os.splice(h.r, h.dst, h.pending, flags=_NB)
     except BlockingIOError:
