@@ -8,12 +8,14 @@ bare on the host (a /usr/bin/python3 script: the services' private /tmp hides an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import resource
 import selectors
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -69,6 +71,7 @@ while True:
 #   H: read until end-of-file, then answer how many bytes came, and close
 #   S: send "hello", shut its sending side, then read until end-of-file (remembered as "eof N")
 #   Q: answer what the last W or S connection saw ("open" while it is still open)
+#   E: echo everything, until end-of-file
 BEHAVE = r"""
 import socket, struct, sys, threading
 last = ""
@@ -104,6 +107,9 @@ def serve(c):
         c.sendall(str(n).encode())
     elif mode == b"Q":
         c.sendall(last.encode())
+    elif mode == b"E":
+        while data := c.recv(1 << 20):
+            c.sendall(data)
     c.close()
 ls = socket.socket()
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -217,6 +223,27 @@ def test_a_server_that_shuts_its_sending_side_still_gets_what_the_client_sends(b
         s.sendall(b"y" * 50_000)  # ...and our direction still flows
         s.shutdown(socket.SHUT_WR)
         assert wait_until(lambda: ended(behave), Deadline(10)) == "eof 50000"
+
+
+def test_bulk_and_small_messages_arrive_intact_both_ways(behave: int) -> None:
+    """Small messages (copied) and bulk (spliced, after the first full read) on one connection."""
+    data = os.urandom(1 << 16) * 64 + b"tail"  # 4 MiB and a bit: the relay's switch mid-stream
+    with connect(behave, b"E") as s:
+        for msg in (b"a", b"hello" * 100):
+            s.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                got += s.recv(65536)
+            assert got == msg
+        sender = threading.Thread(target=s.sendall, args=(data,))
+        sender.start()
+        got = bytearray()
+        while len(got) < len(data):
+            chunk = s.recv(1 << 20)
+            assert chunk, f"end-of-file after {len(got)} of {len(data)} bytes"
+            got += chunk
+        sender.join()
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
 def _holding(pid: int, ns: str) -> list[str]:
