@@ -6,7 +6,8 @@ Each design relays ``127.0.0.1:<its port>`` to the same server on the host (the
 relay that envbox runs adds a hop over its environment's bridge; see ``run.py``'s ``relay``):
 
 - ``epoll-splice``: envbox's relay (``pytest_envbox.supervisor.relay.Relay``): one epoll loop,
-  non-blocking ``splice`` through a pipe per direction;
+  non-blocking ``splice`` through a pipe per direction (after a direction's first full 64 KiB
+  read; small messages are copied);
 - ``epoll-copy``: the same loop shape with ``recv_into`` a reused buffer and ``send``;
 - ``threads-splice``: the design before it: a thread per direction, blocking ``splice``.
 
