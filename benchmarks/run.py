@@ -21,7 +21,9 @@ every iteration) so that drift and background load hit them alike. Sections:
    2-service environment, against the same 100 tests with one module-scoped environment and
    with no services at all.
 4. ``relay``: bulk throughput and 1-byte round trip through a published port, against direct
-   loopback (the ``bench_start_relay`` measures).
+   loopback (the ``bench_start_relay`` measures); and bursts of 200, 1000 and 2000 clients
+   connecting at once (each has a byte echoed), against the same server on the host, with the
+   supervisor's threads and RSS while the 2000 are connected (``bench_burst``).
 5. ``memory``: the supervisor's RSS, idle and with 20 services, and what one more service costs
    (its init's PSS plus the supervisor's growth).
 
@@ -74,6 +76,8 @@ TARGETS = {
     "pytest: overhead of 100 function-scoped 2-service tests (s)": ("<", 2.0),
     "relay: throughput / loopback (worst direction)": (">=", 0.75),
     "relay: added round trip (us)": ("<", 30.0),
+    "relay: burst of 2000 clients / same server on the host": ("<=", 2.0),
+    "relay: supervisor threads with 2000 connections open": ("<", 20.0),
     "memory: supervisor RSS with 20 services (MiB)": ("<", 40.0),
     "podman: podman bridge with limits / envbox with limits": (">=", 50.0),
 }
@@ -355,11 +359,12 @@ def bench_pytest(reps: int) -> dict[str, Any]:
 # --- 4. relay -------------------------------------------------------------------------------------
 
 
-def bench_relay(trials: int, seconds: float) -> dict[str, Any]:
+def bench_relay(trials: int, seconds: float, reps: int) -> dict[str, Any]:
+    import bench_burst
     import bench_start_relay as R
 
     r = R.bench_relay(trials, seconds, 5000)
-    return {"upload_MBps": r["upload_MBps"], "download_MBps": r["download_MBps"],
+    return {"burst": bench_burst.bench_burst(reps),"upload_MBps": r["upload_MBps"], "download_MBps": r["download_MBps"],
             "ratio_upload": r["ratio"]["upload relay/direct"],
             "ratio_download": r["ratio"]["download relay/direct"],
             "latency_us": r["latency_us"], "added_latency_us": r["added_latency_us"],
@@ -470,6 +475,11 @@ def report(res: dict[str, Any]) -> dict[str, Any]:
               f"added {r['added_latency_us']:.1f} us")
         figures["relay: throughput / loopback (worst direction)"] = min(r["ratio_upload"], r["ratio_download"])
         figures["relay: added round trip (us)"] = r["added_latency_us"]
+        import bench_burst
+
+        bench_burst.print_burst(r["burst"])
+        figures["relay: burst of 2000 clients / same server on the host"] = r["burst"]["sizes"]["2000"]["ratio"]
+        figures["relay: supervisor threads with 2000 connections open"] = r["burst"]["supervisor_threads_at_2000"]
     if "memory" in res and "error" not in res["memory"]:
         m = res["memory"]
         print("\n== 5. memory")
@@ -553,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     section("single", single)
     section("topology", lambda: bench_topology(reps))
     section("pytest", lambda: bench_pytest(max(3, reps // 2)))
-    section("relay", lambda: bench_relay(trials, 0.5 if args.quick else 1.0))
+    section("relay", lambda: bench_relay(trials, 0.5 if args.quick else 1.0, 2 if args.quick else 3))
     section("memory", bench_memory)
     res["meta"]["wall_seconds"] = time.monotonic() - started
     res["targets"] = report(res)

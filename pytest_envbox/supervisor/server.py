@@ -15,7 +15,8 @@ Nothing here assumes real root beyond what a user namespace grants (namespaces, 
 namespaces we created), so the same code can run inside a user namespace of its own (rootless).
 
 Concurrency: one thread runs the event loop and does every fork (``PR_SET_PDEATHSIG`` is tied to the
-forking thread, which must live as long as the supervisor). Relays run in threads of their own.
+forking thread, which must live as long as the supervisor). Every relay runs on one thread of its
+own, an epoll loop (:mod:`.relayloop`).
 
 This module is the loop, the dispatch and teardown; each concern, with its requests' handlers,
 is a module of its own: :mod:`.services` (slots: start, signal, release, exit events; through
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -355,9 +357,18 @@ def handler_table(sup: Supervisor) -> Handlers:
     return table
 
 
+def _raise_open_files() -> None:
+    """The soft limit of open files up to the hard one: a published port holds two sockets and
+    up to two pipes per connection, and a burst of clients may hold thousands. (Services get
+    their own limit, the one they declare, set in their sandbox.)"""
+    with contextlib.suppress(OSError, ValueError):
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(fd: int | None = None) -> None:
     """Entry point of the supervisor process (``python -c``): serve on the inherited socket."""
-    warnings.simplefilter("ignore", DeprecationWarning)  # fork() with relay threads running
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork() with the relay loop's thread running
     if fd is None:
         fd = int(sys.argv[1])
     refused = None
@@ -378,5 +389,6 @@ def main(fd: int | None = None) -> None:
             os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:], "in-userns"])
     sock = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
+    _raise_open_files()
     Supervisor(sock, refused=refused).serve()
     os._exit(0)

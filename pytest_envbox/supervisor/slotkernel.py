@@ -143,7 +143,9 @@ class LinuxSlotKernel:
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(pid)
             try:
-                select.select([pidfd], [], [], wait)
+                waiting = select.poll()  # not select(): no fd past 1023, and relays hold thousands
+                waiting.register(pidfd, select.POLLIN)
+                waiting.poll(wait * 1000)
             finally:
                 os.close(pidfd)
         with contextlib.suppress(ChildProcessError):

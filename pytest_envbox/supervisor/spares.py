@@ -103,7 +103,7 @@ class Spares:
                 fds, into = cg.placement(clone=False).open_procs(), False
             # The child is PID 1 of a new PID namespace (cloned so: unshare and setns back would
             # not do in rootless mode, where our own PID namespace is out of reach once left).
-            # A raw clone is safe only in a single-threaded process, and we have relay threads:
+            # A raw clone is safe only in a single-threaded process, and we have a relay thread:
             # a forked helper clones the spare as our child (CLONE_PARENT), as the zygote does.
             helper = os.fork()
             if helper == 0:  # pragma: no cover - the helper

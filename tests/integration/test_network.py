@@ -176,7 +176,7 @@ def _net_namespaces(pid: int) -> set[str]:
 
 def _holds_nothing_but_its_own(sup: SupervisorClient) -> bool:
     """The supervisor holds its own namespace and, once networks were used, one hub made ahead:
-    nothing of any environment (relay threads end as their connections close)."""
+    nothing of any environment (the relay loop's thread leaves a released service's namespaces)."""
     census = sup.call(CensusRequest())
     expected = 1 + int(census.spare_hubs)
     return not census.slots and not census.hubs and len(_net_namespaces(sup.pid)) == expected
