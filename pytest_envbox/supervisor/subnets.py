@@ -27,7 +27,7 @@ from pytest_envbox.kernel import netlink
 
 __all__ = [
     "HUB_PORT", "LINK_PREFIX", "POOL", "POOL_SIZE", "HostLink", "claim", "claim_pool", "conflict",
-    "host_end", "link_name", "make_link", "pool_index", "pool_subnet",
+    "host_end", "link_name", "make_link", "pool_index", "pool_subnet", "survey",
 ]  # fmt: skip
 
 POOL = ipaddress.IPv4Network("198.18.0.0/15")
@@ -156,3 +156,24 @@ def claim(hub: netlink.Netlink, bridge: int, host: netlink.Netlink, host_netns: 
     if link is None:
         return None, f"another environment on this host routes {net} (link {link_name(net)})"
     return link, None
+
+
+def survey(routes: Iterable[netlink.Route], present: Iterable[str]) -> tuple[int, int, str | None]:
+    """For ``envbox doctor``: how many /24s of the pool environments on this host could take
+    now, how many live ones hold (``present``: the host's link names), and why the first one
+    skipped is (None if none is)."""
+    names = set(present)
+    routes = list(routes)
+    free = held = 0
+    why = None
+    for i in range(POOL_SIZE):
+        net = pool_subnet(i)
+        if link_name(net) in names:
+            held += 1
+            continue
+        problem = conflict(net, routes)
+        if problem is None:
+            free += 1
+        else:
+            why = why or problem
+    return free, held, why
