@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 
 def ns_inode(pid: int, kind: str) -> str:
@@ -112,3 +113,10 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def host_links(ours: Iterable[str] = ()) -> set[str]:
+    """The host's network links, without other runs' environment links (``envbox<N>``: other
+    xdist workers and parallel runs make and delete theirs at any time); ``ours`` are kept."""
+    keep = set(ours)
+    return {n for n in os.listdir("/sys/class/net") if not n.startswith("envbox") or n in keep}

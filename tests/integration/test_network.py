@@ -18,6 +18,7 @@ from pytest_envbox import Environment, HostUnsupported, Service, probe
 from pytest_envbox.engine.client import SupervisorClient, get_supervisor
 from pytest_envbox.supervisor.protocol import CensusRequest
 from pytest_envbox.wait import Deadline, wait_until
+from tests.kernel import host_links
 
 PY = sys.executable
 
@@ -190,7 +191,7 @@ def test_teardown_leaves_no_network_namespace_or_link() -> None:
     """Nothing on the host but the links of the hubs kept for the next environments, down: no
     route of theirs (their subnets are routed only while an environment has them)."""
     sup = get_supervisor()
-    before_links = set(os.listdir("/sys/class/net"))
+    before_links = host_links(sup.call(CensusRequest()).host_links)
     for i in range(10):
         with Environment([web(), client(aliases=[f"c{i}"])]) as env:
             assert len(_net_namespaces(sup.pid)) >= 4  # its own, the hub, two services
@@ -198,7 +199,7 @@ def test_teardown_leaves_no_network_namespace_or_link() -> None:
     assert wait_until(lambda: _holds_nothing_but_its_own(sup) or None, Deadline(5)), (
         sup.call(CensusRequest()), _net_namespaces(sup.pid))
     kept = set(sup.call(CensusRequest()).host_links)
-    assert set(os.listdir("/sys/class/net")) - kept == before_links - kept
+    assert host_links(kept) - kept == before_links - kept
     for link in kept:
         with open(f"/sys/class/net/{link}/flags") as f:
             assert not int(f.read(), 16) & 1, f"{link} is up"  # down: its route is gone
@@ -371,7 +372,7 @@ def test_200_environments_leave_the_host_as_it_was() -> None:
         with open("/proc/self/mountinfo") as f:
             mounts = len(f.read().splitlines())
         kept = set(sup.call(CensusRequest()).host_links)  # hubs kept for the next ones: theirs
-        return sorted(set(os.listdir("/sys/class/net")) - kept), mounts
+        return sorted(host_links(kept) - kept), mounts
 
     with Environment([client()]):
         pass  # the supervisor is up, a spare prepared

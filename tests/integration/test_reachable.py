@@ -77,7 +77,7 @@ def routes() -> dict[str, str]:
     return out
 
 
-def host_links() -> set[str]:
+def envbox_links() -> set[str]:
     return {n for n in os.listdir("/sys/class/net") if n.startswith("envbox")}
 
 
@@ -307,12 +307,12 @@ def test_after_kill_9_of_pytest_no_host_link_or_route_remains(tmp_path: Path, al
         subnet, sup = report.read_text().split()
         net = ipaddress.IPv4Network(subnet)
         link = link_name(net)
-        assert link in host_links() and routes().get(str(net)) == link
+        assert link in envbox_links() and routes().get(str(net)) == link
     finally:
         if also_supervisor and report.exists():
             os.kill(int(sup), signal.SIGKILL)
         child.send_signal(signal.SIGKILL)
         child.wait()
     # The supervisor sees its test process die, closes the hub: the kernel deletes both ends.
-    assert wait_until(lambda: (link not in host_links() and str(net) not in routes()) or None,
-                      Deadline(10)), (host_links(), routes())  # fmt: skip
+    assert wait_until(lambda: (link not in envbox_links() and str(net) not in routes()) or None,
+                      Deadline(10)), (envbox_links(), routes())  # fmt: skip

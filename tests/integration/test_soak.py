@@ -12,7 +12,7 @@ from pytest_envbox.engine.client import get_supervisor
 from pytest_envbox.supervisor.protocol import CensusRequest
 from pytest_envbox.wait import Deadline, wait_until
 from tests.conftest import cgroups_problem
-from tests.kernel import children, rss_kib
+from tests.kernel import children, host_links, rss_kib
 
 CYCLES = int(os.environ.get("ENVBOX_SOAK_CYCLES", "500"))
 
@@ -44,7 +44,7 @@ def run_dirs(sup: int) -> list[str]:
 def host_state() -> tuple[list[str], int]:
     with open("/proc/self/mountinfo") as f:
         mounts = len(f.read().splitlines())
-    return sorted(os.listdir("/sys/class/net")), mounts
+    return sorted(host_links(get_supervisor().call(CensusRequest()).host_links)), mounts
 
 
 @pytest.mark.slow
