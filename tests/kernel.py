@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
 
 def ns_inode(pid: int, kind: str) -> str:
@@ -115,8 +114,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def host_links(ours: Iterable[str] = ()) -> set[str]:
-    """The host's network links, without other runs' environment links (``envbox<N>``: other
-    xdist workers and parallel runs make and delete theirs at any time); ``ours`` are kept."""
-    keep = set(ours)
-    return {n for n in os.listdir("/sys/class/net") if not n.startswith("envbox") or n in keep}
+def host_links() -> set[str]:
+    """The host's network links, without environments' links (``envbox<N>``: other xdist
+    workers and parallel runs make and delete theirs at any time)."""
+    return {n for n in os.listdir("/sys/class/net") if not n.startswith("envbox")}

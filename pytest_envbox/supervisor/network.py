@@ -468,8 +468,8 @@ def address(hub: Hub, net: ipaddress.IPv4Network | None, host_netns: int | None,
     gateway = (str(next(net.hosts())), net.prefixlen)
     hub.nl.add_address(hub.bridge, *gateway)  # published ports reach services from here
     hub.subnet, hub.gateway, hub.link, hub.why = net, gateway, link, why
-    if link is not None:
-        netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", [], hub.guard()))
+    if link is not None:  # no table yet: a new hub's, or cleared (see _readdress, drop_hub)
+        netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", [], hub.guard(), fresh=True))
 
 
 def network_error(e: OSError) -> Exception:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pytest_envbox import Environment, Service, probe
-from pytest_envbox.engine.client import get_supervisor
+from pytest_envbox.engine.client import get_supervisor, rootless
 from pytest_envbox.supervisor.protocol import CensusRequest
 from pytest_envbox.supervisor.subnets import host_end, link_name
 from pytest_envbox.wait import Deadline, wait_until
@@ -107,6 +107,8 @@ def test_a_redis_sentinel_client_discovers_and_uses_the_master_and_its_replica()
     if not os.access(REDIS, os.X_OK):
         pytest.skip(f"{REDIS} is not installed")
     with Environment(sentinel_topology()) as env, env.network.reachable():
+        if rootless():
+            assert not env.network.routed and "rootless" in (env.network.why_unrouted or "")
         sentinel = redis.Sentinel([(env["sentinel"].ip, 26379)], socket_timeout=5)
         assert sentinel.discover_master("mymaster") == (env["master"].ip, 6379)
         master = sentinel.master_for("mymaster", socket_timeout=5)
