@@ -110,16 +110,20 @@ def test_a_redis_sentinel_client_discovers_and_uses_the_master_and_its_replica()
         if rootless():
             assert not env.network.routed and "rootless" in (env.network.why_unrouted or "")
         sentinel = redis.Sentinel([(env["sentinel"].ip, 26379)], socket_timeout=5)
-        assert sentinel.discover_master("mymaster") == (env["master"].ip, 6379)
         master = sentinel.master_for("mymaster", socket_timeout=5)
-        assert master.set("greeting", "hello")
-        assert master.get("greeting") == b"hello"
-        # The sentinel learns of the replica from the master (its INFO): wait for it.
-        replicas = wait_until(lambda: sentinel.discover_slaves("mymaster") or None, Deadline(30))
-        assert replicas == [(env["replica"].ip, 6379)]
         replica = sentinel.slave_for("mymaster", socket_timeout=5)
-        assert wait_until(lambda: replica.get("greeting"), Deadline(10)) == b"hello"
-        assert replica.info("replication")["role"] == "slave"
+        try:
+            assert sentinel.discover_master("mymaster") == (env["master"].ip, 6379)
+            assert master.set("greeting", "hello")
+            assert master.get("greeting") == b"hello"
+            # The sentinel learns of the replica from the master (its INFO): wait for it.
+            replicas = wait_until(lambda: sentinel.discover_slaves("mymaster") or None, Deadline(30))
+            assert replicas == [(env["replica"].ip, 6379)]
+            assert wait_until(lambda: replica.get("greeting"), Deadline(10)) == b"hello"
+            assert replica.info("replication")["role"] == "slave"
+        finally:  # their sockets, closed now: not by the collector during a later test
+            for client in (master, replica, *sentinel.sentinels):
+                client.connection_pool.disconnect()
 
 
 @pytest.mark.needs_root("root mode routes subnets from the host")
