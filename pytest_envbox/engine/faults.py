@@ -60,11 +60,12 @@ class Network:
         return self._bound.subnet
 
     def release(self) -> None:
-        """The environment closes: sockets lent to it go, and its network if no service was on it."""
+        """The environment closes: sockets lent to it go, and its network if no service was on it
+        (releasing its services' slots frees it otherwise: no request more)."""
         if self._lender is not None:
             self._lender.close()
         sup = self._supervisor()
-        if self._bound is not None and sup is not None:
+        if self._bound is not None and sup is not None and not self._services():
             with contextlib.suppress(EnvboxError, OSError):
                 sup.call(NetworkRequest(self._env_id, None, drop=True))
 

@@ -322,3 +322,11 @@ def test_after_kill_9_of_pytest_no_host_link_or_route_remains(tmp_path: Path, al
     # The supervisor sees its test process die, closes the hub: the kernel deletes both ends.
     assert wait_until(lambda: (link not in envbox_links() and str(net) not in routes()) or None,
                       Deadline(10)), (envbox_links(), routes())  # fmt: skip
+
+
+def test_an_environment_without_services_frees_the_network_it_was_given() -> None:
+    sup = get_supervisor()
+    with Environment() as env:
+        assert ipaddress.IPv4Network(env.network.subnet).prefixlen == 24  # given now: bound
+        assert env.id in sup.call(CensusRequest()).hubs
+    assert env.id not in sup.call(CensusRequest()).hubs
