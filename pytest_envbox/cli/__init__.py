@@ -243,6 +243,10 @@ def up(names: Sequence[str], topology: str | None, rootdir: Path) -> int:
             ports = ", ".join(f"{p} -> 127.0.0.1:{h.port(p)}" for p in h.spec.ports) or "no ports"
             print(f"{name}: {h.ip} on the environment's network, pid {h.pid}, {ports}, "
                   f"log {h.log_path}", flush=True)  # fmt: skip
+        net = env.network
+        how = ("routed from this host: connect to the addresses above" if net.routed else
+               f"not routed from this host ({net.why_unrouted})")  # fmt: skip
+        print(f"envbox: network {net.subnet}, {how}", flush=True)
         print("envbox: services are up; Ctrl-C tears them down", flush=True)
         stop.wait()
     print("envbox: torn down", flush=True)

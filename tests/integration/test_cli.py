@@ -59,6 +59,7 @@ def test_envbox_up_brings_up_the_example_and_ctrl_c_leaves_nothing() -> None:
         out = read_until(proc, "services are up")
         found = dict(re.findall(r"^(\w+): [\d.]+ on the environment's network, pid (\d+),", out, re.M))
         assert set(found) == {"catalog", "cache"}, out
+        assert re.search(r"^envbox: network [\d.]+/24, (routed from this host|not routed)", out, re.M), out
         pids = {name: int(p) for name, p in found.items()}
         port = re.search(r"catalog: .* 8000 -> 127\.0\.0\.1:(\d+)", out)
         logs = re.findall(r"log (\S+)", out)
