@@ -112,3 +112,9 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def host_links() -> set[str]:
+    """The host's network links, without environments' links (``envbox<N>``: other xdist
+    workers and parallel runs make and delete theirs at any time)."""
+    return {n for n in os.listdir("/sys/class/net") if not n.startswith("envbox")}

@@ -161,6 +161,28 @@ def _network(out: _Report) -> None:
             + ("; link.delay(), link.loss(), network.partition() work" if not missing
                else "; " + "; ".join(missing)))  # fmt: skip
     out.line("network", "NOTE" if missing else "OK", text)
+    _addresses(out)
+
+
+def _addresses(out: _Report) -> None:
+    """Whether the host can route service addresses to the environments (root mode)."""
+    from pytest_envbox.kernel import netlink
+    from pytest_envbox.supervisor import subnets
+
+    try:
+        with netlink.Netlink() as nl:
+            free, held, why = subnets.survey(nl.routes(), os.listdir("/sys/class/net"))
+    except OSError as e:
+        out.line("addresses", "NOTE", f"the host's routes cannot be read ({e}): service addresses "
+                 "may not be routed from the host; `with env.network.reachable():` reaches them")
+        return
+    if free:
+        skipped = f"; skipped: {why}" if why else ""
+        out.line("addresses", "OK", f"routed from the host: each environment gets a /24 of "
+                 f"{subnets.POOL} ({free} free, {held} held now{skipped})")  # fmt: skip
+    else:
+        out.line("addresses", "NOTE", f"not routed from the host: no /24 of {subnets.POOL} is free "
+                 f"({why or 'all are held'}); `with env.network.reachable():` reaches them")
 
 
 def _rootless(out: _Report, user: str, *, blocked: bool, limits: bool) -> None:
@@ -196,6 +218,8 @@ def _rootless(out: _Report, user: str, *, blocked: bool, limits: bool) -> None:
             missing.append("no newuidmap/newgidmap (`sudo apt install uidmap`)")
         out.line("subordinate ids", "NOTE", "services can run only as you (root inside); a "
                  "service's `user` needs " + " and ".join(missing))  # fmt: skip
+    out.line("addresses", "NOTE", "rootless, service addresses are not routed from the host: "
+             "Python clients reach them inside `with env.network.reachable():`")
     out.line("rootless limits", "OK" if limits else "NOTE",
              "memory, cpu and pids limits can be enforced for you" if limits else
              "services that declare limits cannot run rootless here (see the cgroups line); "
@@ -219,6 +243,10 @@ def up(names: Sequence[str], topology: str | None, rootdir: Path) -> int:
             ports = ", ".join(f"{p} -> 127.0.0.1:{h.port(p)}" for p in h.spec.ports) or "no ports"
             print(f"{name}: {h.ip} on the environment's network, pid {h.pid}, {ports}, "
                   f"log {h.log_path}", flush=True)  # fmt: skip
+        net = env.network
+        how = ("routed from this host: connect to the addresses above" if net.routed else
+               f"not routed from this host ({net.why_unrouted})")  # fmt: skip
+        print(f"envbox: network {net.subnet}, {how}", flush=True)
         print("envbox: services are up; Ctrl-C tears them down", flush=True)
         stop.wait()
     print("envbox: torn down", flush=True)

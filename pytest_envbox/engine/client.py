@@ -60,6 +60,10 @@ class SupervisorClient(Channel):
                 "Run the tests on a Linux machine, VM or container."
             )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        #: sockets the supervisor makes in an environment's network come over this one
+        #: (``LendRequest``, see engine/reach.py); ``fds_lock`` pairs each request with its message
+        self.fds, fds_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.fds_lock = threading.Lock()
         # A lean interpreter: no site-packages (-S), and the package's __init__ (the whole engine)
         # not run, only the supervisor's few modules. Every sandbox is forked from it, and forking
         # and exiting cost in proportion to its memory (2.6 ms of CPU at 21 MB, 0.5 ms at 9 MB).
@@ -72,12 +76,13 @@ class SupervisorClient(Channel):
         self._proc = subprocess.Popen(
             # -P: not the working directory first on sys.path (a project's json.py, say).
             [sys.executable, "-S", *(["-P"] if sys.version_info >= (3, 11) else []), "-c", code,
-             str(theirs.fileno()), *(["rootless"] if rootless() else [])],
-            pass_fds=[theirs.fileno()],
+             str(theirs.fileno()), f"fds={fds_theirs.fileno()}", *(["rootless"] if rootless() else [])],
+            pass_fds=[theirs.fileno(), fds_theirs.fileno()],
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # the terminal's Ctrl-C is for pytest, which tears down
         )
         theirs.close()
+        fds_theirs.close()
         self.owner_pid = os.getpid()
         super().__init__(ours)
         try:
@@ -109,6 +114,7 @@ class SupervisorClient(Channel):
             self._sock.shutdown(socket.SHUT_RDWR)
         if kept:
             self._sock.close()
+            self.fds.close()
             self._proc.returncode = 0  # not ours to wait for any more (and no ResourceWarning)
             return
         try:
@@ -117,6 +123,7 @@ class SupervisorClient(Channel):
             self._proc.kill()
             self._proc.wait()
         self._sock.close()
+        self.fds.close()
 
 
 def _processes_to_outlive() -> list[int]:

@@ -29,7 +29,7 @@ from pytest_envbox.engine.client import SupervisorClient, get_supervisor, rootle
 from pytest_envbox.engine.faults import Network
 from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_level, stop_all
 from pytest_envbox.engine.hostports import reserve_host_ports
-from pytest_envbox.engine.planning import DEFAULT_SUBNET, Subnet, check_cgroups, check_ids, plan_for
+from pytest_envbox.engine.planning import Subnet, check_cgroups, check_ids, plan_for
 from pytest_envbox.errors import EnvboxError, HostUnsupported
 from pytest_envbox.spec import Service
 from pytest_envbox.supervisor.protocol import KeepRequest, OwnDirRequest
@@ -68,7 +68,10 @@ class Environment:
         modify_service: Callable[[Service], Service] | None = None,
     ) -> None:
         self.catalog = catalog if catalog is not None else Catalog({}, {}, {})
-        self._net = Subnet(subnet or self.catalog.subnet or DEFAULT_SUBNET)
+        wanted = subnet or self.catalog.subnet  # None: one of the host's free ones, at open
+        if wanted is not None:
+            Subnet(wanted)  # a bad one is a ConfigError now, before anything starts
+        self._net: Subnet | None = None  # known once the supervisor gave the network (_subnet)
         #: called after each start of a service has passed its readiness probe, and once the
         #: environment is closed (the pytest plugin calls its hooks from these)
         self.on_ready = on_ready
@@ -87,8 +90,7 @@ class Environment:
         self._handles: dict[str, ServiceHandle] = {}
         self._order: list[str] = []  # start order, for teardown in reverse
         self._listed: set[str] = set()  # services in the environment's /etc/hosts
-        self.network = Network(self.id, str(self._net.network), lambda: self._handles.keys(),
-                               lambda: self._sup)  # fmt: skip
+        self.network = Network(self.id, wanted, lambda: self._handles.keys(), lambda: self._sup)
         self._sup: SupervisorClient | None = None
         self._closed = False
         #: why the environment is to outlive the process (``--envbox-keep``), see ``keep()``
@@ -214,11 +216,19 @@ class Environment:
             lines.append("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
         for spec in specs:
             if spec.name not in self._listed:
-                address = self._net.address(spec.name)  # may fail (subnet full): before listing
+                address = self._subnet().address(spec.name)  # may fail (subnet full): before listing
                 self._listed.add(spec.name)
                 lines.append(f"{address}\t{' '.join([spec.name, *spec.aliases])}\n")
         with open(self.workdir / "hosts", "w" if fresh else "a") as f:
             f.write("".join(lines))  # one write: a reader sees the old file or the new one
+
+    def _subnet(self) -> Subnet:
+        """The environment's subnet, given by the supervisor on first need (unique on this host
+        unless configured), from which its services' addresses follow."""
+        if self._net is None:
+            assert self._sup is not None
+            self._net = Subnet(self.network.bind(self._sup))
+        return self._net
 
     def _start_levels(self, levels: Sequence[Sequence[Service]]) -> None:
         """Start level after level (see :func:`~pytest_envbox.engine.handle.start_level`); a
@@ -230,7 +240,7 @@ class Environment:
             handles = []
             for spec in level:
                 h = ServiceHandle(spec, self._plans[spec.name], self._sup, env_id=self.id,
-                                  wire=self._net.wire(spec.name), workdir=self.workdir,
+                                  wire=self._subnet().wire(spec.name), workdir=self.workdir,
                                   on_ready=self._service_ready)  # fmt: skip
                 self._handles[spec.name] = h
                 self._order.append(spec.name)
@@ -254,7 +264,8 @@ class Environment:
                               "log": str(h.log_path)}  # fmt: skip
             if self._kept:  # how to reach it now: its host pid and published ports
                 services[name].update(pid=h.pid, ports={str(p): hp for p, hp in published_ports(h).items()})
-        return {"id": self.id, "subnet": str(self._net.network), "services": services,
+        subnet = str(self._net.network) if self._net is not None else None
+        return {"id": self.id, "subnet": subnet, "services": services,
                 "kept": self._keep_reason if self._kept else None, "rootless": rootless()}  # fmt: skip
 
     def keep(self, reason: str) -> None:
@@ -298,6 +309,7 @@ class Environment:
             return
         owned = self._given_workdir is None and self.workdir is not None
         stop_all(self._sup, handles, str(self.workdir) if owned else None)
+        self.network.release()
         if owned and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
         if self.on_close is not None:

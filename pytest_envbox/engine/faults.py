@@ -1,16 +1,25 @@
-"""Faults on purpose: an environment's ``Network`` (partitions) and a service's ``Link`` (down,
-delay, loss), for testing how the other services cope. Both are requests to the supervisor, which
-applies them on the environment's side of each link, where a service cannot undo them.
+"""An environment's ``Network`` (its subnet, how the test reaches it, partitions) and a service's
+``Link`` (down, delay, loss): faults on purpose, for testing how the other services cope. Faults
+are requests to the supervisor, which applies them on the environment's side of each link, where
+a service cannot undo them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+import contextlib
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from pytest_envbox.engine import reach
 from pytest_envbox.engine.client import SupervisorClient, SupervisorError
 from pytest_envbox.errors import EnvboxError, HostUnsupported
-from pytest_envbox.supervisor.protocol import HealRequest, LinkRequest, PartitionRequest
+from pytest_envbox.supervisor.protocol import (
+    HealRequest,
+    LinkRequest,
+    NetworkReply,
+    NetworkRequest,
+    PartitionRequest,
+)
 
 if TYPE_CHECKING:
     from pytest_envbox.engine.handle import ServiceHandle
@@ -19,28 +28,98 @@ __all__ = ["Link", "Network"]
 
 
 class Network:
-    """An environment's private network (``env.network``): partitions between groups of services.
+    """An environment's private network (``env.network``): its subnet, whether the test reaches
+    its services' addresses directly, and partitions between groups of services.
 
     ``partition(["api"], ["cache", "db"])`` drops every packet between a service of the first
-    group and one of the second, both ways, until ``heal()``; other traffic, and the test's own
-    through published ports, is untouched. Partitions add up: each call cuts more pairs.
+    group and one of the second, both ways, until ``heal()``; other traffic, and the test's own,
+    is untouched. Partitions add up: each call cuts more pairs.
     """
 
-    def __init__(self, env_id: str, subnet: str, services: Callable[[], Collection[str]],
+    def __init__(self, env_id: str, subnet: str | None, services: Callable[[], Collection[str]],
                  supervisor: Callable[[], SupervisorClient | None]) -> None:  # fmt: skip
-        """Made by its :class:`~pytest_envbox.Environment`: ``services`` and ``supervisor`` say
-        what the environment has now (names of its services; its supervisor, once open)."""
+        """Made by its :class:`~pytest_envbox.Environment`: ``subnet`` as configured (None: one
+        of the host's free ones); ``services`` and ``supervisor`` say what the environment has
+        now (names of its services; its supervisor, once open)."""
         self._env_id = env_id
-        self._subnet = subnet
+        self._wanted = subnet
         self._services = services
         self._supervisor = supervisor
+        self._bound: NetworkReply | None = None
+        self._lender: reach.Lender | None = None
 
     def __repr__(self) -> str:
-        return f"<Network of {self._env_id}: {self._subnet}>"
+        where = self._bound.subnet if self._bound is not None else self._wanted or "not open"
+        return f"<Network of {self._env_id}: {where}>"
+
+    def bind(self, sup: SupervisorClient) -> str:
+        """Have the supervisor give the environment its network; its subnet (once per
+        environment: its services' addresses follow from it)."""
+        if self._bound is None:
+            self._bound = sup.call(NetworkRequest(self._env_id, self._wanted))
+        return self._bound.subnet
+
+    def release(self) -> None:
+        """The environment closes: sockets lent to it go, and its network if no service was on it
+        (releasing its services' slots frees it otherwise: no request more)."""
+        if self._lender is not None:
+            self._lender.close()
+        sup = self._supervisor()
+        if self._bound is not None and sup is not None and not self._services():
+            with contextlib.suppress(EnvboxError, OSError):
+                sup.call(NetworkRequest(self._env_id, None, drop=True))
+
+    def _info(self) -> NetworkReply:
+        sup = self._supervisor()
+        if self._bound is None and sup is not None:
+            self.bind(sup)
+        if self._bound is None:
+            raise EnvboxError("env.network: the environment's subnet is chosen when it opens; "
+                              "open it first (with Environment(...) as env, or the envbox fixture)")
+        return self._bound
 
     @property
     def subnet(self) -> str:
-        return self._subnet
+        """The environment's subnet: the configured one, else a /24 of 198.18.0.0/15 that no
+        other live environment on this host has (chosen when the environment opens)."""
+        if self._bound is None and self._wanted is not None and self._supervisor() is None:
+            return self._wanted
+        return self._info().subnet
+
+    @property
+    def routed(self) -> bool:
+        """Whether the host routes the subnet to the environment: the test (any program on the
+        host) then connects to ``handle.ip`` directly. See :attr:`why_unrouted` when not."""
+        return self._info().routed
+
+    @property
+    def why_unrouted(self) -> str | None:
+        """Why the subnet is not routed from the host (None when it is): rootless mode, or a
+        subnet that another environment or the host's own routes already have."""
+        return self._info().why
+
+    @contextlib.contextmanager
+    def reachable(self) -> Iterator[None]:
+        """Within it, Python clients of the test process reach service addresses even where the
+        subnet is not routed (rootless mode): a socket connecting to an address of the subnet
+        is made inside the environment's network first (see engine/reach.py for the limits).
+        Nothing to do, and nothing done, when :attr:`routed`.
+
+        Example::
+
+            with env.network.reachable():
+                master = redis.Sentinel([(env["sentinel"].ip, 26379)]).master_for("mymaster")
+                master.set("k", "v")
+        """
+        info = self._info()
+        sup = self._supervisor()
+        if info.routed or sup is None:
+            yield
+            return
+        if self._lender is None:
+            self._lender = reach.Lender(sup, self._env_id)
+        with reach.reachable(info.subnet, self._lender):
+            yield
 
     def partition(self, group_a: Iterable[str | ServiceHandle],
                   group_b: Iterable[str | ServiceHandle]) -> None:  # fmt: skip

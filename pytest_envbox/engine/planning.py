@@ -20,16 +20,13 @@ from pytest_envbox.spec import Service, parse_subnet
 from pytest_envbox.supervisor.protocol import NetWiring
 from pytest_envbox.validate import real_source
 
-__all__ = ["DEFAULT_SUBNET", "Subnet", "check_cgroups", "check_ids", "plan_for"]
-
-#: Each environment's private network. Any subnet works (it exists only inside the environment's
-#: own namespaces, never on the host), but a service's configuration may name real addresses;
-#: 198.18.0.0/15 is reserved for benchmarking (RFC 2544): never routed, seldom used by anyone.
-DEFAULT_SUBNET = "198.18.0.0/24"
+__all__ = ["Subnet", "check_cgroups", "check_ids", "plan_for"]
 
 
 class Subnet:
-    """An environment's IPv4 subnet: the hub (bridge) takes the first address, services the next."""
+    """An environment's IPv4 subnet: the hub (bridge) takes the first address, services the
+    next; the last usable one is the host's end of the environment's link (see
+    supervisor/subnets.py), never a service's."""
 
     def __init__(self, subnet: str) -> None:
         import ipaddress
@@ -38,16 +35,17 @@ class Subnet:
         hosts = self.network.hosts()
         self.gateway = str(next(hosts))
         self._free = hosts
+        self._host = self.network.broadcast_address - 1
         self.assigned: dict[str, str] = {}
 
     def address(self, name: str) -> str:
         """The service's address (the same one for the environment's lifetime)."""
         if name not in self.assigned:
-            try:
-                self.assigned[name] = str(next(self._free))
-            except StopIteration:
+            ip = next(self._free, self._host)
+            if ip >= self._host:
                 raise ConfigError(f"subnet {self.network} has no address left for service "
-                                  f"{name!r}; choose a larger subnet") from None  # fmt: skip
+                                  f"{name!r}; choose a larger subnet")  # fmt: skip
+            self.assigned[name] = str(ip)
         return self.assigned[name]
 
     def wire(self, name: str) -> NetWiring:

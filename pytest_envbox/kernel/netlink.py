@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pytest_envbox.kernel import linux as L
@@ -47,6 +48,7 @@ __all__ = [
     "RTM_DELLINK",
     "RTM_DELQDISC",
     "RTM_GETLINK",
+    "RTM_GETROUTE",
     "RTM_NEWADDR",
     "RTM_NEWLINK",
     "RTM_NEWQDISC",
@@ -58,12 +60,15 @@ __all__ = [
     "TC_H_ROOT",
     "VETH_INFO_PEER",
     "Netlink",
+    "Route",
+    "addr_gen_none_request",
     "attach",
     "attr",
     "call_in",
     "clear_qdisc_request",
     "cstring",
     "del_address_request",
+    "del_link_request",
     "encode",
     "getlink_request",
     "make_hub",
@@ -74,6 +79,8 @@ __all__ = [
     "new_netns",
     "new_veth_request",
     "open_in",
+    "parse_route",
+    "route_dump_request",
     "set_up_request",
 ]
 
@@ -82,7 +89,11 @@ T = TypeVar("T")
 # <linux/rtnetlink.h>, <linux/if_link.h>, <linux/if_addr.h>, <linux/veth.h>
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_DELADDR = 20, 21
+RTM_GETROUTE = 26
 RTM_NEWQDISC, RTM_DELQDISC = 36, 37
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
+IFLA_AF_SPEC, IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 26, 8, 1
 NLM_F_REPLACE = 0x100
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_NETEM_LATENCY64, TCA_NETEM_JITTER64 = 10, 11
@@ -102,6 +113,7 @@ _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBi")  # family, prefixlen, flags, scope, index
 _TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
 _NETEM_QOPT = struct.Struct("=IIIIII")  # latency, limit, loss, gap, duplicate, jitter
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 
 
 def attr(kind: int, data: bytes) -> bytes:
@@ -163,6 +175,57 @@ def new_veth_request(name: str, peer: str, peer_netns: int, master: int | None =
                          nested(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_info))))  # fmt: skip
     return encode(RTM_NEWLINK, _IFINFO.pack(0, 0, 0, 0, 0) + b"".join(attrs),
                   NLM_F_CREATE | NLM_F_EXCL, seq=seq)  # fmt: skip
+
+
+def del_link_request(index: int, *, seq: int) -> bytes:
+    """RTM_DELLINK of link ``index`` (a veth: both ends go)."""
+    return encode(RTM_DELLINK, _IFINFO.pack(0, 0, index, 0, 0), 0, seq=seq)
+
+
+def addr_gen_none_request(index: int, *, seq: int) -> bytes:
+    """RTM_NEWLINK setting link ``index``'s IPv6 address generation to none: no link-local
+    address, so no duplicate address detection in the kernel's workqueue (which holds the RTNL
+    lock every other network change waits for), and nothing of IPv6 on the link at all."""
+    spec = nested(IFLA_AF_SPEC, nested(socket.AF_INET6, attr(IFLA_INET6_ADDR_GEN_MODE,
+                                                             bytes([IN6_ADDR_GEN_MODE_NONE]))))
+    return encode(RTM_NEWLINK, _IFINFO.pack(0, 0, index, 0, 0) + spec, 0, seq=seq)
+
+
+def route_dump_request(*, seq: int) -> bytes:
+    """RTM_GETROUTE dump of every IPv4 route, in every table (the local one too: each address
+    of the host is a route there)."""
+    return encode(RTM_GETROUTE, _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0), NLM_F_DUMP,
+                  seq=seq)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Route:
+    """An IPv4 route as the kernel lists it: destination ``network`` (``"a.b.c.d/len"``), its
+    output link's index (None for a blackhole, or a multipath route) and its table."""
+
+    network: str
+    oif: int | None
+    table: int
+
+
+def parse_route(payload: bytes) -> Route:
+    """One RTM_NEWROUTE of a dump (its ``rtmsg`` and attributes)."""
+    _family, dst_len, _src, _tos, table, _proto, _scope, _type, _flags = _RTMSG.unpack_from(payload)
+    dst, oif = b"\0\0\0\0", None
+    off = _RTMSG.size
+    while off + 4 <= len(payload):
+        length, kind = struct.unpack_from("=HH", payload, off)
+        if length < 4:
+            break
+        data = payload[off + 4: off + length]
+        if kind == RTA_DST:
+            dst = data[:4]
+        elif kind == RTA_OIF:
+            oif = struct.unpack("=I", data[:4])[0]
+        elif kind == RTA_TABLE:
+            table = struct.unpack("=I", data[:4])[0]
+        off += (length + 3) & ~3
+    return Route(f"{socket.inet_ntop(socket.AF_INET, dst)}/{dst_len}", oif, table)
 
 
 def set_up_request(index: int, up: bool = True, *, seq: int) -> bytes:
@@ -271,6 +334,18 @@ class Netlink:
         """A veth pair: ``name`` here (on bridge ``master``), ``peer`` in namespace ``peer_netns``."""
         self.request(new_veth_request(name, peer, peer_netns, master, seq=self.next_seq()),
                      f"create veth {name}/{peer}")  # fmt: skip
+
+    def del_link(self, index: int) -> None:
+        self.request(del_link_request(index, seq=self.next_seq()), f"delete link {index}")
+
+    def no_ipv6(self, index: int) -> None:
+        """No IPv6 address on link ``index``, ever (see :func:`addr_gen_none_request`)."""
+        self.request(addr_gen_none_request(index, seq=self.next_seq()), f"link {index}: no IPv6")
+
+    def routes(self) -> list[Route]:
+        """Every IPv4 route of this namespace, in every table."""
+        return [parse_route(r) for r in self.request(route_dump_request(seq=self.next_seq()),
+                                                     "list routes")]  # fmt: skip
 
     def set_up(self, index: int, up: bool = True) -> None:
         self.request(set_up_request(index, up, seq=self.next_seq()),

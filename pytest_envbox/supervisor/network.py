@@ -1,23 +1,30 @@
 """Environments' networks: each a hub (a namespace holding a bridge), services wired to it by
-veth pairs, and the faults made on it (link state, delay, loss, partitions)."""
+veth pairs, the link that routes its subnet from the host (:mod:`.subnets`), and the faults made
+on it (link state, delay, loss, partitions)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pytest_envbox.kernel import netlink, nftables
+from pytest_envbox.supervisor import subnets
 from pytest_envbox.supervisor.protocol import (
     Done,
     Handlers,
     HealRequest,
+    LendRequest,
     LinkRequest,
     NetWiring,
+    NetworkReply,
+    NetworkRequest,
     PartitionRequest,
     TcpCheckReply,
     TcpCheckRequest,
@@ -28,19 +35,24 @@ if TYPE_CHECKING:
     from pytest_envbox.supervisor.server import Supervisor
     from pytest_envbox.supervisor.services import Slot
 
-__all__ = ["MAX_FREE_HUBS", "Hub", "HubAhead", "Network", "env_of", "network_error"]
+__all__ = ["MAX_FREE_HUBS", "ROOTLESS", "Hub", "HubAhead", "Network", "address", "env_of",
+           "network_error", "new_hub"]  # fmt: skip
 
 #: Hubs of closed environments kept for the next ones (see Network.drop_hub).
 MAX_FREE_HUBS = 4
+#: Why a rootless run's subnets are not routed from the host.
+ROOTLESS = ("rootless mode: the supervisor may not add links or routes to the host's network "
+            "namespace; reach service addresses with `with env.network.reachable():`")  # fmt: skip
 
 
 @dataclass
 class Hub:
-    """An environment's network: a namespace of its own holding the bridge every service is on.
+    """An environment's network: a namespace of its own holding the bridge every service is on,
+    and the link that routes its subnet from the host (root mode).
 
-    Nothing of it is in the host's namespace: two environments (two xdist workers) may use the
-    same subnet. When its environment ends, it is reset and kept for the next one (see
-    ``Network.drop_hub``); closing ``netns`` frees it all: bridge, veths, addresses. So does
+    When its environment ends, it is reset and kept for the next one, subnet, address and host
+    link included (see ``Network.drop_hub``); closing ``netns`` frees it all: bridge, veths, the
+    host link (the kernel deletes a veth pair with either end's namespace), addresses. So does
     the supervisor's death.
     """
 
@@ -49,9 +61,17 @@ class Hub:
     bridge: int
     veths: int = 0  # veths made on it so far, also by earlier environments (names stay unique)
     gateway: tuple[str, int] | None = None  # its address on the environment's subnet
+    subnet: ipaddress.IPv4Network | None = None
+    pooled: bool = False  # its subnet is one of the host's free ones (not a configured one)
+    link: subnets.HostLink | None = None  # its link from the host, when routed
+    why: str | None = None  # why it is not routed
     #: faults made of drop rules (nftables.py): veth -> percent lost; partitions between groups
     loss: dict[str, int] = field(default_factory=dict)
     partitions: list[tuple[list[str], list[str]]] = field(default_factory=list)
+
+    def guard(self) -> nftables.Guard | None:
+        """What keeps services from reaching the host through its link (see nftables.Guard)."""
+        return None if self.link is None else nftables.Guard(subnets.HUB_PORT, self.link.address)
 
 
 class Network:
@@ -60,18 +80,26 @@ class Network:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.hubs: dict[str, Hub] = {}  # environment id -> its network
-        self.ahead: HubAhead | None = None  # the next environment's hub (see hub)
+        self.ahead: HubAhead | None = None  # the next environment's hub (see bind)
         self.free: list[Hub] = []  # hubs of closed environments, reset for the next
         self.want = False  # only once an environment had a network
+        # Root mode: the host's namespace (ours), where each hub's link has its other end.
+        self.host_netns: int | None = None
+        self.host: netlink.Netlink | None = None
+        if "in-userns" not in sys.argv:
+            with contextlib.suppress(OSError):
+                self.host = netlink.Netlink()
+                self.host_netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
     def handlers(self) -> Handlers:
         return {LinkRequest: self.link, PartitionRequest: self.partition, HealRequest: self.heal,
-                TcpCheckRequest: self.tcp_check}  # fmt: skip
+                TcpCheckRequest: self.tcp_check, NetworkRequest: self.network,
+                LendRequest: self.lend}  # fmt: skip
 
     def top_up(self) -> None:
         """Have the next environment's hub made (the loop calls this when no start is in flight)."""
         if self.sup.running and self.want and self.ahead is None and not self.free:
-            self.ahead = HubAhead()
+            self.ahead = HubAhead(self.host_netns, self._taken())
 
     def spare_hubs(self) -> int:
         """Hubs ready for the next environments."""
@@ -81,37 +109,70 @@ class Network:
         """Put a new service on its environment's network: a veth pair, ``eth0`` inside with its
         address (and the subnet's route, no default route: nothing beyond the network), the
         other end on the environment's bridge. Four netlink requests (see netlink.py)."""
-        hub = self.hub(env_of(slot), net)
+        env = env_of(slot)
+        hub = self.hubs.get(env)
+        if hub is None:  # not asked for first (see network): the subnet the address is on
+            hub = self.bind(env, str(ipaddress.IPv4Interface(f"{net.ip}/{net.prefix}").network))
         hub.veths += 1
         name = f"v{hub.veths}"
         index = netlink.attach(hub.nl, hub.bridge, name, netns, net.ip, net.prefix)
         return name, index
 
-    def hub(self, env: str, net: NetWiring) -> Hub:
-        """The environment's hub: the one made ahead if there is one (a new network namespace
-        costs about a millisecond, and more while the kernel is freeing others), with its
-        address now; its next one is made when the loop is idle (see serve)."""
+    def bind(self, env: str, want: str | None) -> Hub:
+        """The environment's hub, with subnet ``want`` (None: one of the host's free ones).
+
+        A hub kept from a closed environment, best one with the subnet wanted (its address and
+        host link are ready: only the link goes up), or the one made ahead (a new network
+        namespace costs about a millisecond, and more while the kernel is freeing others); its
+        next one is made when the loop is idle (see top_up).
+        """
         hub = self.hubs.get(env)
         if hub is not None:
             return hub
-        if self.free:
-            hub = self.free.pop()  # a closed environment's, reset (see drop_hub)
-        else:
-            ahead, self.ahead = self.ahead, None
-            made = ahead.take() if ahead is not None else None
-            if ahead is not None and made is None:
-                self.want = False  # it failed: made on demand from now on (its error shown)
-            hub = Hub(*(made or netlink.make_hub()))
-            self.want = True
-        gateway = (net.gateway, net.prefix)
+        net = None if want is None else ipaddress.IPv4Network(want)
+        hub = self._take(net)
         try:
-            hub.nl.add_address(hub.bridge, *gateway)  # published ports reach services from here
+            if hub.subnet is None or (hub.subnet != net if net is not None else not hub.pooled):
+                self._readdress(hub, net)
+            if hub.link is not None and self.host is not None:
+                self.host.set_up(hub.link.index)  # its route appears
         except BaseException:
             self.close_hub(hub)
             raise
-        hub.gateway = gateway
         self.hubs[env] = hub
         return hub
+
+    def _take(self, net: ipaddress.IPv4Network | None) -> Hub:
+        """A hub for an environment that wants ``net``: kept, made ahead, or new."""
+        for i in reversed(range(len(self.free))):  # the latest first: its pages are warm
+            hub = self.free[i]
+            if (hub.subnet == net) if net is not None else hub.pooled:
+                return self.free.pop(i)
+        if self.free:
+            return self.free.pop()  # a closed environment's, reset (see drop_hub)
+        ahead, self.ahead = self.ahead, None
+        made = ahead.take() if ahead is not None else None
+        if ahead is not None and made is None:
+            self.want = False  # it failed: made on demand from now on (its error shown)
+            return new_hub(net, self.host_netns, self._taken())
+        self.want = True
+        return made or new_hub(net, self.host_netns, self._taken())
+
+    def _readdress(self, hub: Hub, net: ipaddress.IPv4Network | None) -> None:
+        """Give a hub another subnet: its host link and address go, new ones come."""
+        if hub.link is not None:
+            if self.host is not None:
+                self.host.del_link(hub.link.index)  # both ends
+            hub.link = None
+            netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", []))
+        if hub.gateway is not None:
+            hub.nl.del_address(hub.bridge, *hub.gateway)
+            hub.gateway = None
+        address(hub, net, self.host_netns, self._taken())
+
+    def _taken(self) -> set[ipaddress.IPv4Network]:
+        """The subnets this supervisor's hubs have (rootless mode keeps them apart by this)."""
+        return {h.subnet for h in (*self.hubs.values(), *self.free) if h.subnet is not None}
 
     def via(self, slot: str, s: Slot) -> tuple[int, str] | None:
         """Where a relay reaches the service from: its hub's namespace and the service's
@@ -135,8 +196,10 @@ class Network:
         Destroying a namespace with a bridge in it holds the kernel's RTNL lock for tens of
         milliseconds (seen here: 50 to 160 ms, every third or fourth time), and every network
         change of every other start waits for it. A reset hub is as good as new: the services'
-        veths were cut off at their release (down) and go with their namespaces; here its
-        address, its fault rules and its neighbour entries (the bridge goes down and up) go.
+        veths were cut off at their release (down) and go with their namespaces; here its fault
+        rules and its neighbour entries (the bridge goes down and up) go, and its host link goes
+        down: its route goes, and the host's neighbour entries with it. Its subnet, address and
+        host link stay for the next environment.
         """
         hub = self.hubs.pop(env, None)
         if hub is None:
@@ -144,19 +207,26 @@ class Network:
         if self.sup.running and not self.sup.detached and len(self.free) < MAX_FREE_HUBS:
             try:
                 if hub.loss or hub.partitions:
-                    netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", []))
-                if hub.gateway is not None:
-                    hub.nl.del_address(hub.bridge, *hub.gateway)
+                    netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", [], hub.guard()))
+                if hub.link is not None and self.host is not None:
+                    self.host.set_up(hub.link.index, False)
                 hub.nl.set_up(hub.bridge, False)  # down and up: its neighbour entries are flushed
                 hub.nl.set_up(hub.bridge, True)
             except Exception:
                 pass  # not reusable: closed below
             else:
-                self.free.append(Hub(hub.netns, hub.nl, hub.bridge, veths=hub.veths))
+                self.free.append(Hub(hub.netns, hub.nl, hub.bridge, veths=hub.veths,
+                                     gateway=hub.gateway, subnet=hub.subnet, pooled=hub.pooled,
+                                     link=hub.link, why=hub.why))  # fmt: skip
                 return
         self.close_hub(hub)
 
     def close_hub(self, hub: Hub) -> None:
+        """Free a hub. Its host link goes down first, so that its route goes at once (the
+        kernel deletes the link itself with the namespace, a little later)."""
+        if hub.link is not None and self.host is not None:
+            with contextlib.suppress(OSError):
+                self.host.set_up(hub.link.index, False)
         hub.nl.close()
         os.close(hub.netns)
 
@@ -165,13 +235,49 @@ class Network:
         ahead, self.ahead = self.ahead, None
         made = ahead.take() if ahead is not None else None
         if made is not None:
-            made[1].close()
-            os.close(made[0])
+            self.close_hub(made)
         for hub in self.free:
             self.close_hub(hub)
         self.free.clear()
 
+    def host_links(self) -> list[str]:
+        """The names of the host links of every hub of ours (in use, kept, made ahead)."""
+        ahead = self.ahead.hub if self.ahead is not None and self.ahead.done.is_set() else None
+        hubs = [*self.hubs.values(), *self.free, *([ahead] if ahead is not None else [])]
+        return sorted(h.link.name for h in hubs if h.link is not None)
+
     # --- requests -----------------------------------------------------------------------------
+
+    def network(self, req_id: int, req: NetworkRequest) -> NetworkReply | Done:
+        """The environment's network, made now; or, ``drop``, freed (when no service is on it)."""
+        if req.drop:
+            if not any(env_of(slot) == req.env for slot in self.sup.services.slots):
+                self.drop_hub(req.env)
+            return Done()
+        try:
+            hub = self.bind(req.env, req.subnet)
+        except OSError as e:
+            raise network_error(e) from None
+        return NetworkReply(str(hub.subnet), hub.link is not None, hub.why)
+
+    def lend(self, req_id: int, req: LendRequest) -> Done:
+        """TCP sockets made in the environment's hub, sent to the test process (rootless mode's
+        way to service addresses, see engine/reach.py): a socket stays in the namespace it was
+        made in, wherever it goes, so the test process connects it to a service's address."""
+        hub = self.hubs.get(req.env)
+        if hub is None:
+            raise ValueError("the environment has no network (it is not open)")
+        if self.sup.fds is None:
+            raise Unsupported("this supervisor has no descriptor socket to send sockets over")
+        count = max(1, min(req.count, 64))
+        socks = netlink.call_in(hub.netns, lambda: [socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                                                    for _ in range(count)])  # fmt: skip
+        try:
+            socket.send_fds(self.sup.fds, [b"s"], [s.fileno() for s in socks])
+        finally:
+            for s in socks:
+                s.close()  # in flight, the kernel holds them
+        return Done()
 
     def tcp_check(self, req_id: int, req: TcpCheckRequest) -> TcpCheckReply:
         """Does ``port`` accept a connection on the service's loopback, in its namespace?"""
@@ -280,7 +386,7 @@ class Network:
                     drops[nftables.Drop(iif=x, oif=y)] = None
                     drops[nftables.Drop(iif=y, oif=x)] = None
         try:
-            netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", list(drops)))
+            netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", list(drops), hub.guard()))
             hub.loss, hub.partitions = dict(loss), list(partitions)
         except OSError as e:
             if e.errno in (errno.EPROTONOSUPPORT, errno.ENOENT, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
@@ -296,18 +402,19 @@ class Network:
 class HubAhead:
     """The next environment's hub, made on a thread of its own while the loop serves requests.
 
-    A hub is a new network namespace with a bridge: two milliseconds or more of the kernel's
-    time, which a probe's request arriving just after a start would otherwise wait out.
+    A hub is a new network namespace with a bridge, and its host link: two milliseconds or more
+    of the kernel's time, which a probe's request arriving just after a start would otherwise
+    wait out.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host_netns: int | None, taken: set[ipaddress.IPv4Network]) -> None:
         self.done = threading.Event()
-        self.hub: tuple[int, netlink.Netlink, int] | None = None
-        threading.Thread(target=self._make, name="hub", daemon=True).start()
+        self.hub: Hub | None = None
+        threading.Thread(target=self._make, args=(host_netns, taken), name="hub", daemon=True).start()
 
-    def _make(self) -> None:
+    def _make(self, host_netns: int | None, taken: set[ipaddress.IPv4Network]) -> None:
         try:
-            self.hub = netlink.make_hub()
+            self.hub = new_hub(None, host_netns, taken)
         except OSError:
             pass  # made on demand, then, and its error shown there
         finally:
@@ -318,10 +425,51 @@ class HubAhead:
         self.done.wait()
         return self.hub is not None
 
-    def take(self) -> tuple[int, netlink.Netlink, int] | None:
+    def take(self) -> Hub | None:
         self.done.wait()
         hub, self.hub = self.hub, None
         return hub
+
+
+def new_hub(net: ipaddress.IPv4Network | None, host_netns: int | None,
+            taken: set[ipaddress.IPv4Network]) -> Hub:  # fmt: skip
+    """A new hub (netlink.make_hub) with its subnet (see :func:`address`)."""
+    hub = Hub(*netlink.make_hub())
+    try:
+        address(hub, net, host_netns, taken)
+    except BaseException:
+        hub.nl.close()
+        os.close(hub.netns)
+        raise
+    return hub
+
+
+def address(hub: Hub, net: ipaddress.IPv4Network | None, host_netns: int | None,
+            taken: set[ipaddress.IPv4Network]) -> None:  # fmt: skip
+    """Give a hub subnet ``net`` (None: one of the host's free ones), its first address on the
+    bridge, and in root mode its host link with the guard that goes with it (see
+    :mod:`.subnets`). Rootless, nothing is made on the host: the subnet is only kept apart from
+    the other hubs' (``taken``), so that ``reachable()`` can tell environments apart.
+    """
+    link: subnets.HostLink | None = None
+    why: str | None = ROOTLESS
+    pooled = net is None
+    if host_netns is None:
+        if net is None:
+            net = next((n for n in map(subnets.pool_subnet, range(subnets.POOL_SIZE))
+                        if n not in taken), subnets.pool_subnet(0))  # fmt: skip
+    else:
+        with netlink.Netlink() as host:  # its own: the hub maker's thread and the loop's
+            if net is None:
+                net, link, why = subnets.claim_pool(hub.nl, hub.bridge, host, host_netns)
+            else:
+                link, why = subnets.claim(hub.nl, hub.bridge, host, host_netns, net)
+    hub.pooled = pooled
+    gateway = (str(next(net.hosts())), net.prefixlen)
+    hub.nl.add_address(hub.bridge, *gateway)  # published ports reach services from here
+    hub.subnet, hub.gateway, hub.link, hub.why = net, gateway, link, why
+    if link is not None:  # no table yet: a new hub's, or cleared (see _readdress, drop_hub)
+        netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", [], hub.guard(), fresh=True))
 
 
 def network_error(e: OSError) -> Exception:

@@ -16,7 +16,7 @@ Imported by the supervisor's lean interpreter (``python -S``): the standard libr
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pytest_envbox.sandbox.plan import SandboxPlan
@@ -25,10 +25,11 @@ __all__ = [
     "EXEC_CHUNK", "EXEC_STREAM_CAP", "MESSAGE_TYPES", "CensusReply", "CensusRequest", "CgroupLimits",
     "Done", "ErrorReply", "Event", "ExecInput", "ExecOutput", "ExecReply", "ExecRequest", "ExitedEvent",
     "FreezeRequest", "Handlers", "HealRequest", "HelloReply", "HelloRequest", "KeepRequest",
-    "LinkRequest", "Message", "NetWiring", "OwnDirRequest", "PartitionRequest", "PrepareRequest",
-    "ReleaseRequest", "Reply", "ReplyT", "Request", "ReserveReply", "ReserveRequest", "ShutdownReply",
-    "ShutdownRequest", "SignalRequest", "StartReply", "StartRequest", "StatsReply", "StatsRequest",
-    "SupervisorDied", "TcpCheckReply", "TcpCheckRequest", "Unsupported",
+    "LendRequest", "LinkRequest", "Message", "NetWiring", "NetworkReply", "NetworkRequest",
+    "OwnDirRequest", "PartitionRequest", "PrepareRequest", "ReleaseRequest", "Reply", "ReplyT",
+    "Request", "ReserveReply", "ReserveRequest", "ShutdownReply", "ShutdownRequest",
+    "SignalRequest", "StartReply", "StartRequest", "StatsReply", "StatsRequest", "SupervisorDied",
+    "TcpCheckReply", "TcpCheckRequest", "Unsupported",
 ]  # fmt: skip
 
 #: The most bytes of a command's input or output that one exec part (or its reply) carries.
@@ -287,6 +288,40 @@ class ReleaseRequest(Request[Done]):
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkReply(Reply):
+    """An environment's network: its ``subnet``, whether the host routes it to the environment
+    (``routed``), and if not, why (``why``)."""
+
+    TAG: ClassVar[str] = "network_reply"
+    subnet: str
+    routed: bool
+    why: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkRequest(Request[NetworkReply]):
+    """Give environment ``env`` its network now (again: the same one): ``subnet`` as
+    configured, or None for one of the host's free ones. Its services' addresses follow from it.
+    ``drop``: the environment is closing without a service on it: free its network."""
+
+    TAG: ClassVar[str] = "network"
+    env: str
+    subnet: str | None
+    drop: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LendRequest(Request[Done]):
+    """Make ``count`` TCP sockets in environment ``env``'s network and send them over the
+    supervisor's descriptor socket (``SCM_RIGHTS``), before the reply: each then connects to a
+    service's address from the test process (rootless mode's way in)."""
+
+    TAG: ClassVar[str] = "lend"
+    env: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class LinkRequest(Request[Done]):
     """A fault on the service's link: ``down``, ``up``, ``delay`` (``delay_ms``, ``jitter_ms``),
     ``loss`` (``percent``) or ``clear``."""
@@ -365,6 +400,7 @@ class CensusReply(Reply):
     spares: int
     hub_netns: dict[str, int]
     spare_hubs: int
+    host_links: list[str] = field(default_factory=list)  # its hubs' links on the host, by name
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,5 +485,5 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     TcpCheckReply, TcpCheckRequest, ExecReply, ExecRequest, ExecInput, ExecOutput, ReleaseRequest,
     LinkRequest, PartitionRequest, HealRequest, StatsReply, StatsRequest, FreezeRequest,
     PrepareRequest, CensusReply, CensusRequest, OwnDirRequest, ShutdownReply, ShutdownRequest,
-    KeepRequest, ExitedEvent, SupervisorDied,
+    KeepRequest, ExitedEvent, SupervisorDied, NetworkReply, NetworkRequest, LendRequest,
 )  # fmt: skip

@@ -72,11 +72,14 @@ __all__ = ["Supervisor", "handler_table", "main"]
 class Supervisor:
     """The event loop, the dispatch of requests to their concern, and teardown."""
 
-    def __init__(self, sock: socket.socket, *, refused: str | None = None) -> None:
+    def __init__(self, sock: socket.socket, *, refused: str | None = None,
+                 fds: socket.socket | None = None) -> None:  # fmt: skip
         #: why this supervisor cannot serve (rootless mode on a host without user namespaces):
         #: the answer to ``hello``, so that the caller raises HostUnsupported before any start
         self.refused = refused
         self.sock = sock
+        #: where sockets made in an environment's network go to the test process (SCM_RIGHTS)
+        self.fds = fds
         self.sel: selectors.BaseSelector = selectors.DefaultSelector()
         self.reader = FrameReader()
         self.pending: dict[int, Pending] = {}  # sync socket fd -> pending
@@ -269,7 +272,8 @@ class Supervisor:
         return CensusReply(slots=sorted(self.services.slots), hubs=sorted(hubs),
                            spares=len(self.spares.spares),
                            hub_netns={env: os.fstat(h.netns).st_ino for env, h in hubs.items()},
-                           spare_hubs=self.network.spare_hubs())  # fmt: skip
+                           spare_hubs=self.network.spare_hubs(),
+                           host_links=self.network.host_links())  # fmt: skip
 
     def shutdown(self, req_id: int, req: ShutdownRequest) -> ShutdownReply:
         """End; or, with environments to keep, free everything else and serve those alone."""
@@ -390,5 +394,10 @@ def main(fd: int | None = None) -> None:
     sock = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
     _raise_open_files()
-    Supervisor(sock, refused=refused).serve()
+    fds = None
+    for arg in sys.argv[2:]:
+        if arg.startswith("fds="):  # the descriptor socket (see engine/reach.py)
+            fds = socket.socket(fileno=int(arg[4:]))
+            os.set_inheritable(fds.fileno(), False)
+    Supervisor(sock, refused=refused, fds=fds).serve()
     os._exit(0)

@@ -59,6 +59,7 @@ def test_envbox_up_brings_up_the_example_and_ctrl_c_leaves_nothing() -> None:
         out = read_until(proc, "services are up")
         found = dict(re.findall(r"^(\w+): [\d.]+ on the environment's network, pid (\d+),", out, re.M))
         assert set(found) == {"catalog", "cache"}, out
+        assert re.search(r"^envbox: network [\d.]+/24, (routed from this host|not routed)", out, re.M), out
         pids = {name: int(p) for name, p in found.items()}
         port = re.search(r"catalog: .* 8000 -> 127\.0\.0\.1:(\d+)", out)
         logs = re.findall(r"log (\S+)", out)
@@ -129,6 +130,7 @@ def test_doctor_as_an_unprivileged_user_says_what_rootless_mode_can_and_cannot_d
     assert "a bridge and a veth pair" in lines["rootless sandbox"]
     ids = hostcheck.subids()
     assert lines["subordinate ids"].startswith("OK" if ids.usable else "NOTE"), r.stdout
+    assert "env.network.reachable()" in lines["addresses"], r.stdout
     cgroup_v2 = cgroup_dirs(os.getpid()).keys() == {"unified"}
     if not cgroup_v2:  # v1/hybrid: no limits without root, and the doctor says why
         assert lines["rootless limits"].startswith("NOTE    services that declare limits"), r.stdout
@@ -144,7 +146,7 @@ def test_doctor_as_root_says_every_piece_works_here_and_which_faults_this_kernel
     assert r.returncode == 0, r.stdout + r.stderr
     lines = {ln[:18].strip(): ln[19:] for ln in r.stdout.splitlines()}
     assert list(lines) == ["linux", "kernel", "privileges", "state directory", "user namespaces",
-                           "cgroups", "network", "seccomp", "sandbox"]  # fmt: skip
+                           "cgroups", "network", "addresses", "seccomp", "sandbox"]  # fmt: skip
     assert "MISSING" not in r.stdout
     # The filter's policy: its kind, its size on this machine, the ENOSYS rule.
     assert lines["seccomp"].startswith("OK      allow-list"), lines["seccomp"]
@@ -156,4 +158,7 @@ def test_doctor_as_root_says_every_piece_works_here_and_which_faults_this_kernel
             has_netem = True
         except HostUnsupported:
             has_netem = False
+        # The addresses line agrees with what an environment gets here.
+        verdict = "OK      routed from the host" if env.network.routed else "NOTE    not routed"
+        assert lines["addresses"].startswith(verdict), (lines["addresses"], env.network.why_unrouted)
     assert ("link.delay() needs the netem qdisc" not in lines["network"]) == has_netem, lines["network"]

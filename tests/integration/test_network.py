@@ -16,8 +16,10 @@ import requests
 
 from pytest_envbox import Environment, HostUnsupported, Service, probe
 from pytest_envbox.engine.client import SupervisorClient, get_supervisor
+from pytest_envbox.supervisor.network import MAX_FREE_HUBS
 from pytest_envbox.supervisor.protocol import CensusRequest
 from pytest_envbox.wait import Deadline, wait_until
+from tests.kernel import host_links
 
 PY = sys.executable
 
@@ -76,10 +78,14 @@ def test_services_reach_each_other_by_name_and_alias() -> None:
 
 
 def test_two_environments_with_the_same_names_and_subnet_cannot_reach_each_other() -> None:
-    one = Environment([web("one"), client(), Service("extra", ["sleep", "1000"])])
-    two = Environment([web("two"), client()])
+    """Given the same subnet (each gets one of its own by default), at most one is routed from
+    the host (see test_reachable.py); neither reaches the other."""
+    net = "198.19.254.0/24"
+    one = Environment([web("one"), client(), Service("extra", ["sleep", "1000"])], subnet=net)
+    two = Environment([web("two"), client()], subnet=net)
     with one, two:
         assert one["web"].ip == two["web"].ip  # the same subnet, the same addresses
+        assert not (one.network.routed and two.network.routed)
         assert fetch(one, "http://web:8000/") == "one"
         assert fetch(two, "http://web:8000/") == "two"
         # An address that exists only in `one` is unreachable from `two`.
@@ -183,15 +189,24 @@ def _holds_nothing_but_its_own(sup: SupervisorClient) -> bool:
 
 
 def test_teardown_leaves_no_network_namespace_or_link() -> None:
+    """Nothing on the host but the links of the hubs kept for the next environments, down: no
+    route of theirs (their subnets are routed only while an environment has them)."""
     sup = get_supervisor()
-    before_links = sorted(os.listdir("/sys/class/net"))
+    before_links = host_links()
     for i in range(10):
         with Environment([web(), client(aliases=[f"c{i}"])]) as env:
             assert len(_net_namespaces(sup.pid)) >= 4  # its own, the hub, two services
             assert env["web"].http.get("/").text == "web"
     assert wait_until(lambda: _holds_nothing_but_its_own(sup) or None, Deadline(5)), (
         sup.call(CensusRequest()), _net_namespaces(sup.pid))
-    assert sorted(os.listdir("/sys/class/net")) == before_links  # nothing on the host, ever
+    kept = set(sup.call(CensusRequest()).host_links)
+    assert host_links() == before_links  # environments' links aside (ours: just below)
+    assert len(kept) <= MAX_FREE_HUBS + 1  # the hubs kept, and the one made ahead
+    for link in kept:
+        with open(f"/sys/class/net/{link}/flags") as f:
+            assert not int(f.read(), 16) & 1, f"{link} is up"  # down: its route is gone
+    with open("/proc/net/route") as f:
+        assert not [line for line in f if line.split()[0] in kept]
 
 
 def test_the_next_environment_reuses_the_hub_and_inherits_nothing_from_it() -> None:
@@ -358,7 +373,7 @@ def test_200_environments_leave_the_host_as_it_was() -> None:
     def host_state() -> tuple[list[str], int]:
         with open("/proc/self/mountinfo") as f:
             mounts = len(f.read().splitlines())
-        return sorted(os.listdir("/sys/class/net")), mounts
+        return sorted(host_links()), mounts  # environments' links aside: see the teardown test
 
     with Environment([client()]):
         pass  # the supervisor is up, a spare prepared

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -50,6 +51,7 @@ def views(host_secrets: tuple[str, int]) -> Iterator[dict[str, dict]]:  # type: 
         out = {"inspect": json.loads(line)}
         line = env["nobody-svc"].wait_for_log("^REPORT (.*)$", timeout=10).group(1)
         out["nobody-svc"] = json.loads(line)
+        out["subnet"] = {"network": env.network.subnet}
         yield out
 
 
@@ -126,7 +128,8 @@ def test_no_route_out_and_host_loopback_unreachable(views: dict[str, dict]) -> N
         iface, dest, _gw, _flags, _r, _u, _m, mask = line.split()[:8]
         addr = [socket.inet_ntoa(struct.pack("<I", int(x, 16))) for x in (dest, mask)]
         routes.add((iface, *addr))
-    assert routes == {("eth0", "198.18.0.0", "255.255.255.0")}
+    net = ipaddress.IPv4Network(views["subnet"]["network"])
+    assert routes == {("eth0", str(net.network_address), str(net.netmask))}
     # IPv6: link-local and multicast on eth0 only; no default route (::/0).
     assert not [r for r in v["routes6"] if r.split()[0] == "0" * 32 and r.split()[1] == "00"]
     assert all(r.split()[0].startswith(("fe80", "ff")) for r in v["routes6"]), v["routes6"]

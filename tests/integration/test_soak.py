@@ -9,10 +9,11 @@ import pytest
 
 from pytest_envbox import Environment, Service, probe
 from pytest_envbox.engine.client import get_supervisor
+from pytest_envbox.supervisor import statedir
 from pytest_envbox.supervisor.protocol import CensusRequest
 from pytest_envbox.wait import Deadline, wait_until
 from tests.conftest import cgroups_problem
-from tests.kernel import children, rss_kib
+from tests.kernel import children, host_links, rss_kib
 
 CYCLES = int(os.environ.get("ENVBOX_SOAK_CYCLES", "500"))
 
@@ -29,7 +30,16 @@ def descendants(pid: int) -> set[int]:
 
 
 def fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open descriptors, but for the state directory: the supervisor's record writer holds it
+    open while it writes, on a thread of its own, whenever the loop was idle (records.py)."""
+    state = str(statedir.state_dir())
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") != state
+        except OSError:
+            pass  # closed meanwhile
+    return count
 
 
 def run_dirs(sup: int) -> list[str]:
@@ -44,7 +54,9 @@ def run_dirs(sup: int) -> list[str]:
 def host_state() -> tuple[list[str], int]:
     with open("/proc/self/mountinfo") as f:
         mounts = len(f.read().splitlines())
-    return sorted(os.listdir("/sys/class/net")), mounts
+    # Environments' links aside: other runs make theirs at any time, and ours are those of the
+    # hubs kept for the next environment (tests/integration/test_network.py checks them).
+    return sorted(host_links()), mounts
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ for raw TCP, ``handle.http`` for HTTP.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 import pytest
@@ -239,10 +240,10 @@ class TestIsolation:
         # Inspect the routing table rather than send anything anywhere: only the environment's
         # own subnet, on eth0; no default route (destination 0.0.0.0, mask 0.0.0.0).
         routes = envbox["catalog"].exec(["cat", "/proc/net/route"]).stdout.splitlines()[1:]
-        assert [(r.split()[0], r.split()[1], r.split()[7]) for r in routes] == [
-            ("eth0", "000012C6", "00FFFFFF"),  # 198.18.0.0/24, little-endian hex
-        ]
-        assert envbox["catalog"].ip.startswith("198.18.0.")
+        subnet = ipaddress.IPv4Network(envbox.network.subnet)  # e.g. 198.18.0.0/24
+        little_endian = [a.packed[::-1].hex().upper() for a in (subnet.network_address, subnet.netmask)]
+        assert [(r.split()[0], r.split()[1], r.split()[7]) for r in routes] == [("eth0", *little_endian)]
+        assert ipaddress.IPv4Address(envbox["catalog"].ip) in subnet
 
     def test_loopback_is_its_own_not_the_hosts(self, envbox: Environment) -> None:
         with socket.create_server(("127.0.0.1", 0)) as host_server:  # listening on the host
