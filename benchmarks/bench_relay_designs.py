@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     lat: dict[str, list[float]] = defaultdict(list)
     with contextlib.ExitStack() as stack:
         direct = stack.enter_context(R.direct_server())
-        ports = {"direct": direct, **{d: stack.enter_context(relay(d, direct)) for d in DESIGNS}}
+        ports = {"direct": ("127.0.0.1", direct),
+                 **{d: ("127.0.0.1", stack.enter_context(relay(d, direct))) for d in DESIGNS}}
         for port in ports.values():  # warm each path
             R.upload(port, 0.1)
             R.download(port, 0.1)

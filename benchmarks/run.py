@@ -367,6 +367,7 @@ def bench_relay(trials: int, seconds: float, reps: int) -> dict[str, Any]:
     return {"burst": bench_burst.bench_burst(reps),"upload_MBps": r["upload_MBps"], "download_MBps": r["download_MBps"],
             "ratio_upload": r["ratio"]["upload relay/direct"],
             "ratio_download": r["ratio"]["download relay/direct"],
+            "ratio_routed": {k: v for k, v in r["ratio"].items() if "routed" in k},
             "latency_us": r["latency_us"], "added_latency_us": r["added_latency_us"],
             "latency_p99_us": r["latency_p99_us"], "all_trials": r["all_trials"],
             "trials": trials, "trial_seconds": seconds}  # fmt: skip
@@ -471,6 +472,8 @@ def report(res: dict[str, Any]) -> dict[str, Any]:
         print(f"\n== 4. published port (relay) vs direct loopback ({r['trials']} trials)")
         print(f"  upload   relay {r['upload_MBps']['relay']:8.0f} MB/s  direct {r['upload_MBps']['direct']:8.0f} MB/s  ratio {r['ratio_upload']:.2f}")
         print(f"  download relay {r['download_MBps']['relay']:8.0f} MB/s  direct {r['download_MBps']['direct']:8.0f} MB/s  ratio {r['ratio_download']:.2f}")
+        for k, v in r.get("ratio_routed", {}).items():  # root: the test to handle.ip, no relay
+            print(f"  {k.split()[0]:<8} to the service's address (routed, no relay): ratio {v:.2f}")
         print(f"  1-byte round trip: relay {r['latency_us']['relay']:.1f} us, direct {r['latency_us']['direct']:.1f} us, "
               f"added {r['added_latency_us']:.1f} us")
         figures["relay: throughput / loopback (worst direction)"] = min(r["ratio_upload"], r["ratio_download"])
