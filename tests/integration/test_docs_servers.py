@@ -10,6 +10,7 @@ import pytest
 
 from pytest_envbox import Environment, Service, probe
 from pytest_envbox.config import load_project_config
+from pytest_envbox.engine.client import rootless
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 redis = pytest.importorskip("redis")
@@ -41,6 +42,8 @@ def test_a_documented_redis_answers_the_test_and_the_other_services(
     [cache] = [s for s in catalog.services.values() if s.command[0] == "redis-server"]
     # the documented ready probe, or one: some snippets show only the command and limits
     cache = cache if cache.ready is not None else cache.with_changes(ready=probe.tcp(6379))
+    if rootless():  # limits need a delegated cgroup v2 there (tested in test_rootless.py)
+        cache = cache.with_changes(limits={})
     client = Service("client", ["sleep", "1000"])
     with Environment([cache, client], rootdir=tmp_path) as env:
         assert redis.Redis(port=env[cache.name].port(6379)).ping() is True, where
