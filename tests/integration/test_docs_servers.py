@@ -46,6 +46,11 @@ def test_a_documented_redis_answers_the_test_and_the_other_services(
         cache = cache.with_changes(limits={})
     client = Service("client", ["sleep", "1000"])
     with Environment([cache, client], rootdir=tmp_path) as env:
-        assert redis.Redis(port=env[cache.name].port(6379)).ping() is True, where
+        client_ = redis.Redis(port=env[cache.name].port(6379))
+        try:
+            assert client_.ping() is True, where
+        finally:
+            client_.close()
+            client_.connection_pool.disconnect()
         r = env["client"].exec(["redis-cli", "-h", cache.name, "-p", "6379", "ping"], timeout=10)
         assert r.stdout.strip() == "PONG", f"{where}: {r.stdout}{r.stderr}"
