@@ -3,8 +3,8 @@
 A relay listens on ``127.0.0.1:<ephemeral>`` in the host's network namespace (or on a socket it
 is handed, bound already) and, for each client, opens an upstream socket in the environment's hub
 and connects to the service's address; or, for a service without a network, or one that refused
-there (it listens on its loopback only: learned once, from then on), in the service's own
-namespace to ``127.0.0.1``, then ``::1``. So the service need not listen on 0.0.0.0, and no host
+there (it listens on its loopback only: learned once served there, from then on), in the
+service's own namespace to ``127.0.0.1``, then ``::1``. So the service need not listen on 0.0.0.0, and no host
 interface, route or firewall rule is touched. An upstream that cannot be reached resets the
 client, which so sees a refusal, not a clean end-of-file.
 
@@ -176,14 +176,17 @@ class Relay:
     def _dialed(self, d: _Dial, err: int) -> None:
         self._dialing.discard(d)
         if err == 0:
+            if d.stage > 0:
+                # Refused on its network address, served on its loopback: it listens there only.
+                # Go there from now on (the link's faults then do not apply to this port). Learned
+                # only from a success: refused on both (it does not listen yet, or is restarting)
+                # says nothing, and must not route the port around its link for good.
+                self._loopback = True
             self._conns.add(Conn(self._loop, d.client, d.up, self._done))
             return
         self._loop.drop(d.up)
         if d.stage == 0 and err == errno.ECONNREFUSED:
-            # Nothing on its network address: it listens on its loopback only. Go there from now
-            # on (the link's faults then do not apply to this port).
-            self._loopback = True
-            self._dial(d.client, 1)
+            self._dial(d.client, 1)  # nothing on its network address: its loopback, then
         elif d.stage == 1:
             self._dial(d.client, 2)
         else:  # refused on its loopback too, or a fault on its link: the client sees it

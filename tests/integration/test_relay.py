@@ -275,6 +275,44 @@ def test_a_released_service_namespace_is_not_kept_by_the_relay() -> None:
     assert wait_until(lambda: not _holding(sup.pid, ns) or None, Deadline(5)), _holding(sup.pid, ns)
 
 
+# Listens on 8001 first ("up"); on the service's port only once 8001 got a connection.
+LATE = """
+import socket
+t = socket.socket()
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("0.0.0.0", 8001))
+t.listen(1)
+print("up", flush=True)
+t.accept()[0].close()
+""" + BEHAVE
+
+
+def test_a_client_refused_before_the_service_listens_does_not_route_the_port_around_its_link() -> None:
+    """A client early (before the service listens: on a fixed host port, during a restart) is
+    refused at the service's address and on its loopback alike: that must not make the relay
+    take the loopback from then on, where ``link.down()`` no longer applies."""
+    svc = Service("srv", [PY, "-c", LATE, "0.0.0.0", str(PORT)], ports=[PORT, 8001],
+                  ready=probe.log("up"))  # fmt: skip
+    with Environment([svc]) as env:
+        port = env["srv"].port(PORT)
+
+        def answer(timeout: float = 10) -> bytes | OSError:
+            try:
+                with connect(port, b"H") as s:
+                    s.settimeout(timeout)
+                    s.shutdown(socket.SHUT_WR)
+                    return read_all(s)
+            except OSError as e:  # (the reset may come while connecting or sending)
+                return e
+
+        assert isinstance(answer(), OSError)  # nothing listens yet: refused (reset)
+        socket.create_connection(("127.0.0.1", env["srv"].port(8001)), timeout=10).close()
+        assert wait_until(lambda: answer() == b"0" or None, Deadline(10))
+        env["srv"].link.down()
+        got = answer(timeout=1)  # (a connect over a link that is down may hang: no answer is right)
+        assert isinstance(got, OSError), f"served with the link down: {got!r}"
+
+
 # --- bursts ----------------------------------------------------------------------------------
 
 
