@@ -158,6 +158,25 @@ def test_an_explicit_subnet_that_another_environment_routes_runs_unrouted() -> N
             sock.close()
 
 
+@pytest.mark.needs_root("root mode routes subnets from the host")
+def test_a_subnet_inside_another_processs_idle_larger_one_runs_unrouted() -> None:
+    """Another process's environment on 10.213.0.0/16, idle (its hub kept for the next one: its
+    link down, so no route, only its address, 10.213.255.254, outside the /24 below). Routing
+    10.213.0.0/24 here would take that part of its subnet from it once its link is up again."""
+    other = ipaddress.IPv4Network("10.213.0.0/16")
+    name = link_name(other)
+    peer = f"ebxp{os.getpid()}"
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", peer], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", f"{host_end(other)}/16", "dev", name], check=True)
+        with Environment([client()], subnet="10.213.0.0/24") as env:
+            assert not env.network.routed
+            assert "another environment" in (env.network.why_unrouted or "")
+            assert "10.213.0.0/24" not in routes()
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=True)
+
+
 @pytest.fixture
 def host_servers() -> Iterator[list[socket.socket]]:
     """Two listening sockets of the test process: on every address, and (once known) on the
