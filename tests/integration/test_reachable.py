@@ -8,6 +8,7 @@ nothing connects to a service address outside ``reachable()`` (the host would ro
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import signal
@@ -175,6 +176,40 @@ def test_a_subnet_inside_another_processs_idle_larger_one_runs_unrouted() -> Non
             assert "10.213.0.0/24" not in routes()
     finally:
         subprocess.run(["ip", "link", "del", name], check=True)
+
+
+def test_reachable_says_emfile_when_the_test_process_has_no_descriptor_left_for_the_lent_ones() -> None:
+    """The kernel installs as many passed descriptors as the receiver may have, and drops the
+    rest: with none left, the connect fails as one without a descriptor does (EMFILE), and the
+    next one, with descriptors again, gets there."""
+    import resource
+
+    net = "198.19.254.0/24"
+    with Environment([echo()], subnet=net) as one, Environment([echo()], subnet=net) as two:
+        if two.network.routed:  # rootless: the only one, and unrouted
+            one, two = two, one
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with two.network.reachable():
+            sock = socket.socket()
+            sock.settimeout(5)
+            fillers = []
+            resource.setrlimit(resource.RLIMIT_NOFILE, (sock.fileno() + 1, hard))
+            try:
+                while True:
+                    try:
+                        fillers.append(os.open("/dev/null", os.O_RDONLY))
+                    except OSError:
+                        break
+                with pytest.raises(OSError) as e:
+                    sock.connect((two["echo"].ip, 7000))
+                assert e.value.errno == errno.EMFILE, e.value
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                for fd in fillers:
+                    os.close(fd)
+                sock.close()
+            with socket.create_connection((two["echo"].ip, 7000), timeout=5) as again:
+                assert again.recv(100) == b"hello from echo"
 
 
 @pytest.fixture
