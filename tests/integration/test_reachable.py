@@ -242,7 +242,8 @@ def test_a_service_cannot_connect_to_the_host_through_its_link(host_servers: lis
 
 
 # Sends crafted Ethernet frames out of eth0 (CAP_NET_RAW): to argv[1] (a MAC), from this service's
-# address, IPv4 to each "ip:port:kind" of argv[2:] (kind: syn, ack, udp), in that order.
+# address, IPv4 to each "ip:port:kind" of argv[2:] (kind: udp, or TCP flags: syn, ack, and SYN with
+# FIN or URG, which a Linux listener also takes as an opening, or with RST), in that order.
 CRAFT = r"""
 import socket, struct, sys
 def csum(b):
@@ -263,7 +264,7 @@ for i, spec in enumerate(sys.argv[3:]):
     if kind == "udp":
         l4 = struct.pack("!HHHH", sport, int(port), 8, 0); proto = 17
     else:
-        flags = 0x02 if kind == "syn" else 0x10
+        flags = {"syn": 0x02, "ack": 0x10, "synfin": 0x03, "synurg": 0x22, "synrst": 0x06}[kind]
         ack = 1 if kind == "ack" else 0
         l4 = struct.pack("!HHIIBBHHH", sport, int(port), 1, ack, 5 << 4, flags, 1024, 0, 0)
         proto = 6
@@ -292,7 +293,8 @@ def test_crafted_frames_from_a_service_reach_neither_the_host_nor_another_enviro
         sniff.settimeout(5)
         me = a["client"].ip
         frames = [f"{host}:22:syn", f"{b['echo'].ip}:7000:syn", f"{b['echo'].ip}:7000:ack",
-                  f"{host}:53:udp", f"{host}:22:ack"]  # fmt: skip
+                  f"{host}:53:udp", f"{host}:22:synfin", f"{host}:22:synurg", f"{host}:22:synrst",
+                  f"{host}:22:ack"]  # fmt: skip
         out = a["client"].exec([PY, "-c", CRAFT, mac, me, *frames])
         assert out.stdout.strip() == "sent", out.stderr
         seen = []
