@@ -243,7 +243,8 @@ def test_a_service_cannot_connect_to_the_host_through_its_link(host_servers: lis
 
 # Sends crafted Ethernet frames out of eth0 (CAP_NET_RAW): to argv[1] (a MAC), from this service's
 # address, IPv4 to each "ip:port:kind" of argv[2:] (kind: udp, or TCP flags: syn, ack, and SYN with
-# FIN or URG, which a Linux listener also takes as an opening, or with RST), in that order.
+# FIN or URG, which a Linux listener also takes as an opening, or with RST; "<flags>-<ip>": with a
+# loose source route on to <ip>, which a host forwards where it accepts source routes), in order.
 CRAFT = r"""
 import socket, struct, sys
 def csum(b):
@@ -264,6 +265,7 @@ for i, spec in enumerate(sys.argv[3:]):
     if kind == "udp":
         l4 = struct.pack("!HHHH", sport, int(port), 8, 0); proto = 17
     else:
+        kind, _, via = kind.partition("-")
         flags = {"syn": 0x02, "ack": 0x10, "synfin": 0x03, "synurg": 0x22, "synrst": 0x06}[kind]
         ack = 1 if kind == "ack" else 0
         l4 = struct.pack("!HHIIBBHHH", sport, int(port), 1, ack, 5 << 4, flags, 1024, 0, 0)
@@ -271,7 +273,9 @@ for i, spec in enumerate(sys.argv[3:]):
     pseudo = src_ip + dst_ip + struct.pack("!BBH", 0, proto, len(l4))
     c = csum(pseudo + l4)
     l4 = l4[:16] + struct.pack("!H", c) + l4[18:] if proto == 6 else l4[:6] + struct.pack("!H", c)
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), i, 0, 64, proto, 0, src_ip, dst_ip)
+    opts = bytes([0x83, 7, 4]) + socket.inet_aton(via) + b"\x01" if proto == 6 and via else b""
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45 + len(opts) // 4, 0, 20 + len(opts) + len(l4), i, 0,
+                      64, proto, 0, src_ip, dst_ip) + opts
     hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
     s.send(dst_mac + src_mac + b"\x08\x00" + hdr + l4)
 print("sent")
@@ -294,7 +298,7 @@ def test_crafted_frames_from_a_service_reach_neither_the_host_nor_another_enviro
         me = a["client"].ip
         frames = [f"{host}:22:syn", f"{b['echo'].ip}:7000:syn", f"{b['echo'].ip}:7000:ack",
                   f"{host}:53:udp", f"{host}:22:synfin", f"{host}:22:synurg", f"{host}:22:synrst",
-                  f"{host}:22:ack"]  # fmt: skip
+                  f"{host}:7000:ack-{b['echo'].ip}", f"{host}:22:ack"]  # fmt: skip
         out = a["client"].exec([PY, "-c", CRAFT, mac, me, *frames])
         assert out.stdout.strip() == "sent", out.stderr
         seen = []
