@@ -19,6 +19,7 @@ come from its environment's end of the network (``.1``), as through a published 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
@@ -60,6 +61,11 @@ class Lender:
                 with sup.fds_lock:  # one request, then its message: never another's
                     sup.call(LendRequest(self._env_id, BATCH))
                     _msg, fds, _flags, _addr = socket.recv_fds(sup.fds, 16, 64, socket.MSG_CMSG_CLOEXEC)
+                # The kernel installs what this process's descriptor limit allows and drops the
+                # rest (MSG_CTRUNC): with none, this connect fails as socket() itself would.
+                if not fds:
+                    raise OSError(errno.EMFILE, "reachable(): no descriptor left for a socket "
+                                  "of the environment's network (" + os.strerror(errno.EMFILE) + ")")
                 self._stock = [socket.socket(fileno=fd) for fd in fds]
             return self._stock.pop()
 

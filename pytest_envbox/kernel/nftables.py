@@ -144,9 +144,9 @@ _ICMP_ANSWERS = (0, 3, 11, 12)
 @dataclass(frozen=True)
 class Guard:
     """What services may send out of bridge port ``port`` (the link to the host): ARP, and, to
-    ``address`` only (the host's end), TCP that opens nothing (no SYN without ACK) and ICMP
-    answers. Nothing else: not a connection to any server of the host's, not a packet for the
-    host to route elsewhere (to another environment), nor any IPv6.
+    ``address`` only (the host's end) and without IP options, TCP that opens nothing (no SYN
+    without ACK) and ICMP answers. Nothing else: not a connection to any server of the host's,
+    not a packet for the host to route elsewhere (to another environment), nor any IPv6.
 
     Stateless on purpose: conntrack in the bridge family (``nf_conntrack_bridge``) would track
     every frame of every environment's bridge, services' traffic and published ports included,
@@ -162,8 +162,11 @@ class Guard:
         """Each rule's expressions, in order: the allowed kinds accepted, then the rest dropped."""
         accept = _verdict(NF_ACCEPT)
         out = _ifname(META_OIFNAME, self.port)
+        # No IP options: a source route (LSRR/SSRR) would have the host forward the packet on,
+        # to another environment, where it accepts source routes (accept_source_route).
         to_host = [*out, _meta(META_PROTOCOL), _cmp(_ETH_IP),
-                   _payload(_NETWORK, 16, 4), _cmp(socket.inet_aton(self.address))]  # fmt: skip
+                   _payload(_NETWORK, 16, 4), _cmp(socket.inet_aton(self.address)),
+                   _payload(_NETWORK, 0, 1), _cmp(b"\x45")]  # fmt: skip
         rules = [
             [*out, _meta(META_PROTOCOL), _cmp(_ETH_ARP), accept],
             [*to_host, _meta(META_L4PROTO), _cmp(bytes([socket.IPPROTO_TCP])),

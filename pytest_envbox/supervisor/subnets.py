@@ -11,7 +11,9 @@ namespace dies (with its supervisor, even by SIGKILL) the kernel deletes both en
 A /24 that overlaps a route or an address of the host's (in any table) is skipped: some hosts'
 VPN or proxy tools (fake-ip modes) use 198.18.0.0/16, and a route of ours would shadow theirs.
 Routes shorter than /8 (default routes, a VPN's 0.0.0.0/1 and 128.0.0.0/1) claim no range and
-are not counted.
+are not counted. So is one that overlaps another environment's subnet, which its link's name says
+(:func:`link_subnet`): an idle environment's link is down, without its route, and its address
+(the last of its subnet) may lie outside a smaller subnet inside it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pytest_envbox.kernel import netlink
 
 __all__ = [
     "HUB_PORT", "LINK_PREFIX", "POOL", "POOL_SIZE", "HostLink", "claim", "claim_pool", "conflict",
-    "host_end", "link_name", "make_link", "pool_index", "pool_subnet", "survey",
+    "host_end", "link_name", "link_subnet", "make_link", "pool_index", "pool_subnet", "survey",
 ]  # fmt: skip
 
 POOL = ipaddress.IPv4Network("198.18.0.0/15")
@@ -66,7 +68,27 @@ def link_name(net: ipaddress.IPv4Network) -> str:
     i = pool_index(net)
     if i is not None:
         return f"{LINK_PREFIX}{i}"
-    return f"{LINK_PREFIX}{int(net.network_address):08x}{'0123456789abcdefghijklmnopqrstuv'[net.prefixlen]}"
+    return f"{LINK_PREFIX}{int(net.network_address):08x}{_BASE32[net.prefixlen]}"
+
+
+_BASE32 = "0123456789abcdefghijklmnopqrstuv"
+
+
+def link_subnet(name: str) -> ipaddress.IPv4Network | None:
+    """The subnet a host link named ``name`` claims (:func:`link_name`'s inverse; None if it is
+    no such name). A link's name says its subnet even while the link is down (an idle
+    environment's: no route then, and its address may lie outside a smaller subnet in it)."""
+    rest = name.removeprefix(LINK_PREFIX)
+    if rest == name:
+        return None
+    try:
+        if rest.isdigit() and int(rest) < POOL_SIZE:
+            return pool_subnet(int(rest))
+        if len(rest) == 9 and rest[8] in _BASE32:
+            return ipaddress.IPv4Network((int(rest[:8], 16), _BASE32.index(rest[8])))
+    except ValueError:
+        pass
+    return None
 
 
 def host_end(net: ipaddress.IPv4Network) -> str:
@@ -74,9 +96,15 @@ def host_end(net: ipaddress.IPv4Network) -> str:
     return str(net.broadcast_address - 1)
 
 
-def conflict(net: ipaddress.IPv4Network, routes: Iterable[netlink.Route]) -> str | None:
-    """Why the host must not route ``net`` to an environment (None: it may): a route or an
-    address of the host's (or of another environment's) that overlaps it."""
+def conflict(net: ipaddress.IPv4Network, routes: Iterable[netlink.Route],
+             links: Iterable[str] = ()) -> str | None:  # fmt: skip
+    """Why the host must not route ``net`` to an environment (None: it may): another
+    environment's host link (``links``: the host's link names) whose subnet overlaps it, or a
+    route or an address of the host's that does."""
+    for name in links:
+        other = link_subnet(name)
+        if other is not None and other.overlaps(net) and name != link_name(net):
+            return f"another environment on this host routes {other} (link {name})"
     for r in routes:
         dst = ipaddress.IPv4Network(r.network)
         if dst.prefixlen < 8 or not dst.overlaps(net):
@@ -128,14 +156,14 @@ def claim_pool(hub: netlink.Netlink, bridge: int, host: netlink.Netlink, host_ne
                ) -> tuple[ipaddress.IPv4Network, HostLink | None, str | None]:  # fmt: skip
     """A free /24 of the pool for a hub, its host link made; or, when none is free, the first
     /24 unrouted, and why."""
-    present = set(os.listdir("/sys/class/net"))  # names taken already: not tried
+    present = {n for n in os.listdir("/sys/class/net") if n.startswith(LINK_PREFIX)}  # not tried
     routes = host.routes()
     why = None
     for i in range(POOL_SIZE):
         net = pool_subnet(i)
         if link_name(net) in present:
             continue
-        problem = conflict(net, routes)
+        problem = conflict(net, routes, present)
         if problem is not None:
             why = why or problem
             continue
@@ -149,7 +177,8 @@ def claim(hub: netlink.Netlink, bridge: int, host: netlink.Netlink, host_netns: 
           net: ipaddress.IPv4Network) -> tuple[HostLink | None, str | None]:  # fmt: skip
     """Claim a configured subnet: its host link, or why it is not routed (never an error: two
     environments given the same subnet both run, the second one unrouted)."""
-    problem = conflict(net, host.routes())
+    links = [n for n in os.listdir("/sys/class/net") if n.startswith(LINK_PREFIX)]
+    problem = conflict(net, host.routes(), links)
     if problem is not None:
         return None, problem
     link = make_link(hub, bridge, host, host_netns, net)
@@ -171,7 +200,7 @@ def survey(routes: Iterable[netlink.Route], present: Iterable[str]) -> tuple[int
         if link_name(net) in names:
             held += 1
             continue
-        problem = conflict(net, routes)
+        problem = conflict(net, routes, names)
         if problem is None:
             free += 1
         else:

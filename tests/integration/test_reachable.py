@@ -8,6 +8,7 @@ nothing connects to a service address outside ``reachable()`` (the host would ro
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import signal
@@ -158,6 +159,59 @@ def test_an_explicit_subnet_that_another_environment_routes_runs_unrouted() -> N
             sock.close()
 
 
+@pytest.mark.needs_root("root mode routes subnets from the host")
+def test_a_subnet_inside_another_processs_idle_larger_one_runs_unrouted() -> None:
+    """Another process's environment on 10.213.0.0/16, idle (its hub kept for the next one: its
+    link down, so no route, only its address, 10.213.255.254, outside the /24 below). Routing
+    10.213.0.0/24 here would take that part of its subnet from it once its link is up again."""
+    other = ipaddress.IPv4Network("10.213.0.0/16")
+    name = link_name(other)
+    peer = f"ebxp{os.getpid()}"
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", peer], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", f"{host_end(other)}/16", "dev", name], check=True)
+        with Environment([client()], subnet="10.213.0.0/24") as env:
+            assert not env.network.routed
+            assert "another environment" in (env.network.why_unrouted or "")
+            assert "10.213.0.0/24" not in routes()
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=True)
+
+
+def test_reachable_says_emfile_when_the_test_process_has_no_descriptor_left_for_the_lent_ones() -> None:
+    """The kernel installs as many passed descriptors as the receiver may have, and drops the
+    rest: with none left, the connect fails as one without a descriptor does (EMFILE), and the
+    next one, with descriptors again, gets there."""
+    import resource
+
+    net = "198.19.254.0/24"
+    with Environment([echo()], subnet=net) as one, Environment([echo()], subnet=net) as two:
+        if two.network.routed:  # rootless: the only one, and unrouted
+            one, two = two, one
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with two.network.reachable():
+            sock = socket.socket()
+            sock.settimeout(5)
+            fillers = []
+            resource.setrlimit(resource.RLIMIT_NOFILE, (sock.fileno() + 1, hard))
+            try:
+                while True:
+                    try:
+                        fillers.append(os.open("/dev/null", os.O_RDONLY))
+                    except OSError:
+                        break
+                with pytest.raises(OSError) as e:
+                    sock.connect((two["echo"].ip, 7000))
+                assert e.value.errno == errno.EMFILE, e.value
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                for fd in fillers:
+                    os.close(fd)
+                sock.close()
+            with socket.create_connection((two["echo"].ip, 7000), timeout=5) as again:
+                assert again.recv(100) == b"hello from echo"
+
+
 @pytest.fixture
 def host_servers() -> Iterator[list[socket.socket]]:
     """Two listening sockets of the test process: on every address, and (once known) on the
@@ -188,7 +242,9 @@ def test_a_service_cannot_connect_to_the_host_through_its_link(host_servers: lis
 
 
 # Sends crafted Ethernet frames out of eth0 (CAP_NET_RAW): to argv[1] (a MAC), from this service's
-# address, IPv4 to each "ip:port:kind" of argv[2:] (kind: syn, ack, udp), in that order.
+# address, IPv4 to each "ip:port:kind" of argv[2:] (kind: udp, or TCP flags: syn, ack, and SYN with
+# FIN or URG, which a Linux listener also takes as an opening, or with RST; "<flags>-<ip>": with a
+# loose source route on to <ip>, which a host forwards where it accepts source routes), in order.
 CRAFT = r"""
 import socket, struct, sys
 def csum(b):
@@ -209,14 +265,17 @@ for i, spec in enumerate(sys.argv[3:]):
     if kind == "udp":
         l4 = struct.pack("!HHHH", sport, int(port), 8, 0); proto = 17
     else:
-        flags = 0x02 if kind == "syn" else 0x10
+        kind, _, via = kind.partition("-")
+        flags = {"syn": 0x02, "ack": 0x10, "synfin": 0x03, "synurg": 0x22, "synrst": 0x06}[kind]
         ack = 1 if kind == "ack" else 0
         l4 = struct.pack("!HHIIBBHHH", sport, int(port), 1, ack, 5 << 4, flags, 1024, 0, 0)
         proto = 6
     pseudo = src_ip + dst_ip + struct.pack("!BBH", 0, proto, len(l4))
     c = csum(pseudo + l4)
     l4 = l4[:16] + struct.pack("!H", c) + l4[18:] if proto == 6 else l4[:6] + struct.pack("!H", c)
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), i, 0, 64, proto, 0, src_ip, dst_ip)
+    opts = bytes([0x83, 7, 4]) + socket.inet_aton(via) + b"\x01" if proto == 6 and via else b""
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45 + len(opts) // 4, 0, 20 + len(opts) + len(l4), i, 0,
+                      64, proto, 0, src_ip, dst_ip) + opts
     hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
     s.send(dst_mac + src_mac + b"\x08\x00" + hdr + l4)
 print("sent")
@@ -238,7 +297,8 @@ def test_crafted_frames_from_a_service_reach_neither_the_host_nor_another_enviro
         sniff.settimeout(5)
         me = a["client"].ip
         frames = [f"{host}:22:syn", f"{b['echo'].ip}:7000:syn", f"{b['echo'].ip}:7000:ack",
-                  f"{host}:53:udp", f"{host}:22:ack"]  # fmt: skip
+                  f"{host}:53:udp", f"{host}:22:synfin", f"{host}:22:synurg", f"{host}:22:synrst",
+                  f"{host}:7000:ack-{b['echo'].ip}", f"{host}:22:ack"]  # fmt: skip
         out = a["client"].exec([PY, "-c", CRAFT, mac, me, *frames])
         assert out.stdout.strip() == "sent", out.stderr
         seen = []

@@ -61,6 +61,27 @@ def test_a_route_or_address_of_the_hosts_in_a_subnet_keeps_it_unrouted() -> None
     assert subnets.conflict(NET("198.18.9.0/24"), catch_alls) is None
 
 
+@pytest.mark.parametrize("net", ["198.18.0.0/24", "198.19.255.0/24", "10.213.0.0/16", "198.18.0.0/16",
+                                 "172.16.4.0/30", "198.18.3.0/25"])
+def test_a_host_links_name_says_its_subnet(net: str) -> None:
+    assert subnets.link_subnet(subnets.link_name(NET(net))) == NET(net)
+
+
+def test_a_link_name_that_is_not_a_host_links_says_no_subnet() -> None:
+    for name in ("eth0", "envbox", "envbox512", "envboxzz", "envbox0ad50000z", "envboxc0a80000w"):
+        assert subnets.link_subnet(name) is None, name
+
+
+def test_another_environments_link_keeps_an_overlapping_subnet_unrouted_while_it_is_down() -> None:
+    """Down (an idle environment's), a link has no route: its name still says its subnet."""
+    other = subnets.link_name(NET("10.213.0.0/16"))
+    assert "another environment" in (subnets.conflict(NET("10.213.0.0/24"), [], [other, "lo"]) or "")
+    assert subnets.conflict(NET("10.214.0.0/24"), [], [other]) is None
+    # Its own name is not a conflict: the kernel tells who has it (EEXIST, see make_link).
+    assert subnets.conflict(NET("10.213.0.0/16"), [], [other]) is None
+    assert subnets.survey([], ["envbox0", subnets.link_name(NET("198.19.0.0/16"))])[:2] == (255, 1)
+
+
 def test_the_survey_counts_free_and_held_slash_24s() -> None:
     free, held, why = subnets.survey([Route("198.18.0.0/16", None, 254)], ["lo", "envbox300"])
     assert (free, held) == (255, 1) and why is not None and "198.18.0.0/16" in why
