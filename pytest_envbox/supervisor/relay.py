@@ -202,6 +202,8 @@ class Relay:
     def _shut(self) -> bool:
         """Stop accepting, cut every connection; whether the loop's thread is in a namespace of
         ours (it must then leave it, see :meth:`.Loop.replace`)."""
+        if self._closed:  # a second close() queued while a stuck loop made the first give up
+            return False
         self._closed = True
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)  # stops listening even if a fork holds it
