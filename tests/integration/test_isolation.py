@@ -78,8 +78,10 @@ def test_var_tmp_is_a_private_writable_tmpfs(env: Environment) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                                  signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT])  # fmt: skip
 def test_init_forwards_each_listed_signal_to_the_service(sig: signal.Signals) -> None:
-    code = (f"import signal, sys\nsignal.signal({int(sig)}, lambda *a: print('got', {int(sig)}, "
-            "flush=True))\nprint('up', flush=True)\nwhile True:\n    signal.pause()\n")  # fmt: skip
+    # os.write in the handler: print() there may re-enter stdout's buffer if the signal lands
+    # while the main line's print('up') is still flushing (seen rootless in CI).
+    code = (f"import os, signal\nsignal.signal({int(sig)}, lambda *a: os.write(1, b'got {int(sig)}\\n'))"
+            "\nprint('up', flush=True)\nwhile True:\n    signal.pause()\n")  # fmt: skip
     with Environment([Service("sig", [sys.executable, "-c", code], ready=probe.log("^up$"))]) as e:
         h = e["sig"]
         h.kill(sig)
