@@ -71,6 +71,14 @@ def serve_copy(port: int) -> None:
         reading = 0 if me[2] is not None or me[3] else select.EPOLLIN
         return reading | (select.EPOLLOUT if peer[2] is not None else 0)
 
+    def drop(fd: int) -> None:
+        """The connection of ``fd`` is over: both its sockets go."""
+        for f in (fd, side[fd][1]):
+            with contextlib.suppress(OSError):
+                ep.unregister(f)
+            masks.pop(f, None)
+            side.pop(f)[0].close()
+
     while True:
         for fd, ev in ep.poll():
             if fd == ls.fileno():
@@ -111,18 +119,10 @@ def serve_copy(port: int) -> None:
             except OSError as e:
                 if e.errno in (errno.EAGAIN,):
                     continue
-                for f in (fd, me[1]):
-                    with contextlib.suppress(OSError):
-                        ep.unregister(f)
-                    masks.pop(f, None)
-                    side.pop(f)[0].close()
+                drop(fd)
                 continue
             if me[3] and peer[3] and me[2] is None and peer[2] is None:  # both directions done
-                for f in (fd, me[1]):
-                    with contextlib.suppress(OSError):
-                        ep.unregister(f)
-                    masks.pop(f, None)
-                    side.pop(f)[0].close()
+                drop(fd)
                 continue
             for f in (fd, me[1]):
                 m, was = mask(f), masks.get(f, select.EPOLLIN)

@@ -11,16 +11,15 @@ import contextlib
 import hashlib
 import os
 import resource
-import selectors
 import socket
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 
+from benchmarks.bench_burst import ECHO, burst  # the benchmark's echo server and burst, measured alike
 from pytest_envbox import Environment, Service, probe
 from pytest_envbox.engine.client import get_supervisor
 from pytest_envbox.wait import Deadline, wait_until
@@ -28,41 +27,6 @@ from pytest_envbox.wait import Deadline, wait_until
 PY = "/usr/bin/python3"
 PORT = 8000
 BURST = 2000
-
-# Echoes what each client sends; accepts until its queue is empty (a server that keeps up with
-# a burst, as redis or nginx do). Prints its port once listening.
-ECHO = """
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind((sys.argv[1], int(sys.argv[2])))
-ls.listen(4096)
-ls.setblocking(False)
-sel.register(ls, selectors.EVENT_READ)
-print("PORT", ls.getsockname()[1], flush=True)
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is ls:
-            while True:
-                try:
-                    c, _ = ls.accept()
-                except BlockingIOError:
-                    break
-                c.setblocking(False)
-                sel.register(c, selectors.EVENT_READ)
-            continue
-        c = key.fileobj
-        try:
-            data = c.recv(65536)
-        except OSError:
-            data = b""
-        if data:
-            c.send(data)
-        else:
-            sel.unregister(c)
-            c.close()
-"""
 
 # The first byte of a connection picks what the server does with it:
 #   R: abort it at once (SO_LINGER 0, close: an RST)
@@ -314,36 +278,6 @@ def test_a_client_refused_before_the_service_listens_does_not_route_the_port_aro
 
 
 # --- bursts ----------------------------------------------------------------------------------
-
-
-def burst(port: int, n: int) -> tuple[float, list[socket.socket]]:
-    """Seconds until ``n`` clients, connecting at once, each had one byte echoed; and the
-    clients, still open."""
-    sel = selectors.DefaultSelector()
-    socks = []
-    t0 = time.perf_counter()
-    for _ in range(n):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(("127.0.0.1", port))
-        sel.register(s, selectors.EVENT_WRITE)
-        socks.append(s)
-    deadline, answered = Deadline(120), 0
-    while answered < n:
-        events = sel.select(timeout=deadline.remaining())
-        assert events, f"{n - answered} of {n} clients got no answer within 120 s"
-        for key, ev in events:
-            s = key.fileobj  # type: ignore[assignment]
-            if ev & selectors.EVENT_WRITE:
-                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                assert err == 0, f"a connect failed: {err}"
-                s.send(b"x")
-                sel.modify(s, selectors.EVENT_READ)
-            else:
-                assert s.recv(1) == b"x"
-                sel.unregister(s)
-                answered += 1
-    return time.perf_counter() - t0, socks
 
 
 def threads(pid: int) -> int:
