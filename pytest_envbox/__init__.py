@@ -17,7 +17,14 @@ from pytest_envbox import probe
 from pytest_envbox.engine.environment import Environment
 from pytest_envbox.engine.figures import Stats
 from pytest_envbox.engine.handle import ServiceHandle
-from pytest_envbox.errors import ConfigError, EnvboxError, HostUnsupported, NotReady, ServiceFailed
+from pytest_envbox.errors import (
+    ConfigError,
+    EnvboxError,
+    HostUnsupported,
+    ImageError,
+    NotReady,
+    ServiceFailed,
+)
 from pytest_envbox.spec import Limits, Mount, Service
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "EnvboxError",
     "Environment",
     "HostUnsupported",
+    "ImageError",
     "Limits",
     "Mount",
     "NotReady",

@@ -7,7 +7,7 @@ service, what went wrong, and what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "EnvboxError", "HostUnsupported", "NotReady", "ServiceFailed"]
+__all__ = ["ConfigError", "EnvboxError", "HostUnsupported", "ImageError", "NotReady", "ServiceFailed"]
 
 
 class EnvboxError(Exception):
@@ -65,3 +65,15 @@ class NotReady(EnvboxError):
 
 class HostUnsupported(EnvboxError):
     """This host lacks a kernel feature pytest-envbox needs: says which, why, and how to enable it."""
+
+
+class ImageError(EnvboxError):
+    """An image could not be had: unknown, refused, corrupt, or its registry did not answer.
+
+    The message names the reference and quotes the registry's own answer (or the file's problem),
+    so that a report says what to fix without a traceback. ``reference`` is the image as written.
+    """
+
+    def __init__(self, message: str, *, reference: str | None = None) -> None:
+        super().__init__(f"image {reference!r}: {message}" if reference else message)
+        self.reference = reference

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernel", ("kernel",)),
     ("sandbox", ("sandbox",)),
     ("supervisor", ("supervisor",)),
+    ("images", ("images",)),
     ("engine", ("engine",)),
     ("front ends", ("plugin", "cli")),
     ("public", ("__init__",)),

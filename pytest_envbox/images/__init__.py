@@ -1,0 +1,1 @@
+"""Images: references, registries, the store, safe unpacking (API.md section 6)."""
