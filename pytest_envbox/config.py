@@ -22,7 +22,7 @@ from pytest_envbox.spec import Service, check_name, parse_subnet, service_from_m
 
 __all__ = ["TOP_LEVEL_KEYS", "Catalog", "load_project_config", "merge_services", "select", "start_levels"]
 
-TOP_LEVEL_KEYS = ("services", "topologies", "subnet")
+TOP_LEVEL_KEYS = ("services", "topologies", "subnet", "insecure_registries")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Catalog:
     origins: Mapping[str, str] = field(default_factory=dict)
     #: every environment's private network (``subnet = "198.18.0.0/24"``); None: the default
     subnet: str | None = None
+    #: registries (``host[:port]``) reached over plain HTTP; loopback ones always may be
+    insecure_registries: tuple[str, ...] = ()
 
     def names(self) -> list[str]:
         """The service names, sorted: the list shown when a name is unknown."""
@@ -94,7 +96,8 @@ def load_project_config(rootdir: Path) -> Catalog:
         return Catalog()
     where = f"{file} [{prefix.rstrip('.')}]" if prefix else file
     if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table with 'services', 'topologies' and 'subnet'")
+        raise ConfigError(f"{where} must be a table with 'services', 'topologies', 'subnet' and "
+                          "'insecure_registries'")  # fmt: skip
     for key in table:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"{_unknown(key, TOP_LEVEL_KEYS)} (in {where})", key=prefix + key)
@@ -122,7 +125,21 @@ def load_project_config(rootdir: Path) -> Catalog:
             subnet = parse_subnet(table["subnet"], key=f"{prefix}subnet")
         except ConfigError as exc:
             raise _located(exc, where) from None
-    return Catalog(services, topologies, origins, subnet)
+    insecure = _registries(table.get("insecure_registries", []), f"{prefix}insecure_registries", where)
+    return Catalog(services, topologies, origins, subnet, insecure)
+
+
+def _registries(value: object, key: str, where: str) -> tuple[str, ...]:
+    """``insecure_registries``: registry hosts, as a reference names them (``host[:port]``)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f'must be a list of registry hosts, like ["registry.lan:5000"] (in {where})',
+                          key=key)  # fmt: skip
+    for i, host in enumerate(value):
+        if not host or "/" in host or host != host.strip():
+            raise ConfigError(f"{host!r} is not a registry host; write it as a reference names it, "
+                              f'"host" or "host:port", without a scheme or path (in {where})',
+                              key=f"{key}[{i}]")  # fmt: skip
+    return tuple(value)
 
 
 def _load_topologies(
@@ -181,7 +198,8 @@ def merge_services(catalog: Catalog, extra: Iterable[tuple[Service, str]]) -> Ca
             )
         services[service.name] = service
         origins[service.name] = origin
-    return Catalog(services, dict(catalog.topologies), origins, catalog.subnet)
+    return Catalog(services, dict(catalog.topologies), origins, catalog.subnet,
+                   catalog.insecure_registries)  # fmt: skip
 
 
 def _dependency_order(

@@ -213,7 +213,8 @@ class Service:
     """
 
     name: str
-    command: tuple[str, ...]
+    #: the whole argv; with an ``image``, () means the image's Entrypoint and Cmd
+    command: tuple[str, ...] = ()
     _: KW_ONLY
     env: Mapping[str, str] = field(default_factory=dict)
     pass_env: tuple[str, ...] = ()
@@ -231,19 +232,28 @@ class Service:
     aliases: tuple[str, ...] = ()
     user: str | None = None
     stop_timeout: float = 5.0
+    #: an OCI image reference (API.md 6); checked against the image grammar when the service is
+    #: planned, since reading a reference needs the images layer
+    image: str | None = None
+    #: with an image: replaces its Cmd, keeps its Entrypoint (Kubernetes' ``args``)
+    args: tuple[str, ...] | None = None
+    #: with an image: ``"missing"``, ``"always"`` or ``"never"``
+    pull: str = "missing"
 
     #: The keys of a ``[tool.envbox.services.NAME]`` table.
     KEYS: ClassVar[tuple[str, ...]] = (
         "command", "env", "pass_env", "cwd", "ports", "depends_on", "ready", "limits", "mounts",
-        "tmpfs", "aliases", "user", "stop_timeout",
+        "tmpfs", "aliases", "user", "stop_timeout", "image", "args", "pull",
     )  # fmt: skip
+    #: The values of ``pull``, as Kubernetes' IfNotPresent, Always and Never.
+    PULL_POLICIES: ClassVar[tuple[str, ...]] = ("missing", "always", "never")
 
     if TYPE_CHECKING:
 
         def __init__(
             self,
             name: str,
-            command: Sequence[str] | str,
+            command: Sequence[str] | str = (),
             *,
             env: Mapping[str, str] | None = None,
             pass_env: Sequence[str] = (),
@@ -258,12 +268,15 @@ class Service:
             aliases: Sequence[str] = (),
             user: str | int | None = None,
             stop_timeout: float | str = "5s",
+            image: str | None = None,
+            args: Sequence[str] | str | None = None,
+            pull: str = "missing",
         ) -> None: ...
 
     def __post_init__(self) -> None:
         name = check_name(self.name, what="service")
         put = self._put
-        put("command", argv(self.command, name, "command"))
+        self._image_keys(name)
         put("env", _env(self.env, name))
         patterns = as_list(self.pass_env, name, "pass_env", '["AWS_*", "CI"]')
         put("pass_env", tuple(_glob(p, name, f"pass_env[{i}]") for i, p in enumerate(patterns)))
@@ -290,6 +303,36 @@ class Service:
             )
         put("user", _user(self.user, name))
         put("stop_timeout", parse_duration(self.stop_timeout, service=name, key="stop_timeout"))
+
+    def _image_keys(self, name: str) -> None:
+        """``command``, ``image``, ``args`` and ``pull``: a program, or an image and its argv."""
+        if self.image is None:
+            for key, default in (("args", None), ("pull", "missing")):
+                if getattr(self, key) != default:
+                    fail("is for images; without `image`, put the whole argv in `command`"
+                         if key == "args" else "is for images; remove it or add `image`",
+                         name, key)  # fmt: skip
+            if self.command == ():
+                fail('is missing; say what to run, e.g. command = ["redis-server"], or give an '
+                     '`image`', name, "command")  # fmt: skip
+            self._put("command", argv(self.command, name, "command"))
+            return
+        ref = text(self.image, name, "image", "image reference")
+        if not ref.strip() or ref != ref.strip():
+            fail(f"{ref!r} is not an image reference; write one like \"redis:7\" or "
+                 "\"oci:./images/app:1.0\"", name, "image")  # fmt: skip
+        self._put("image", ref)
+        has_command = self.command not in ((), [], "")
+        self._put("command", argv(self.command, name, "command") if has_command else ())
+        if self.args is not None:
+            if has_command:
+                fail("and `command` are both given: `command` is the whole argv (it replaces the "
+                     "image's Entrypoint and Cmd), so put the arguments there and remove `args`",
+                     name, "args")  # fmt: skip
+            self._put("args", _args(self.args, name))
+        if self.pull not in self.PULL_POLICIES:
+            fail(f"{describe(self.pull)} is not a pull policy; use one of "
+                 f"{', '.join(map(repr, self.PULL_POLICIES))}", name, "pull")  # fmt: skip
 
     def _put(self, attr: str, value: object) -> None:
         object.__setattr__(self, attr, value)
@@ -320,6 +363,20 @@ class Service:
             listed, _ = parse_ports(changes["ports"], self.name)
             changes["host_ports"] = {p: h for p, h in self.host_ports.items() if p in listed}
         return dataclasses.replace(self, **changes)
+
+
+def _args(value: object, service: str) -> tuple[str, ...]:
+    """``args``: like a command, but it may be empty (``args = []``: the Cmd dropped)."""
+    if value in ([], ()):
+        return ()
+    if isinstance(value, str):
+        return argv(value, service, "args") if value.strip() else ()
+    items = as_list(value, service, "args", '["--port", "8000"]')
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or "\0" in item:
+            fail(f"{describe(item)} is not a string argument; quote every argument", service,
+                 f"args[{i}]")  # fmt: skip
+    return tuple(items)  # type: ignore[arg-type]  # every item checked above
 
 
 def _unique(items: list[Any], service: str, key: str, suffix: str = "") -> tuple[Any, ...]:
@@ -414,8 +471,9 @@ def service_from_mapping(name: str, value: Mapping[str, object]) -> Service:
     check_name(name, what="service")
     table = as_mapping(value, name, None, "a table: [tool.envbox.services.NAME] with a command")
     check_keys(table, Service.KEYS, name, "")
-    if "command" not in table:
-        fail('is missing; say what to run, e.g. command = ["redis-server"]', name, "command")
+    if "command" not in table and "image" not in table:
+        fail('is missing; say what to run, e.g. command = ["redis-server"], or give an `image`',
+             name, "command")  # fmt: skip
     kwargs = {k: v for k, v in table.items() if k != "command"}
-    return Service(name, table["command"], **kwargs)  # type: ignore[arg-type]
+    return Service(name, table.get("command", ()), **kwargs)  # type: ignore[arg-type]
 
