@@ -1,4 +1,5 @@
-"""The ``envbox`` command: the engine without pytest (``doctor``, ``up``, ``ps``, ``clean``).
+"""The ``envbox`` command: the engine without pytest (``doctor``, ``up``, ``ps``, ``clean``, and
+``pull``, ``images``, ``prune`` for the image store).
 
 It imports nothing from pytest: ``up`` reads the project's declarations with
 :mod:`pytest_envbox.config` and runs them with :class:`~pytest_envbox.Environment`, as the plugin
@@ -355,6 +356,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up.add_argument("names", nargs="*", help="services (default: all)")
     p_up.add_argument("--topology", default=None)
     p_up.add_argument("--rootdir", type=Path, default=Path.cwd())
+    p_pull = sub.add_parser("pull", help="pull images into the store (with progress) and unpack them")
+    p_pull.add_argument("refs", nargs="+", metavar="REF", help="image references, as `image` takes them")
+    p_pull.add_argument("--rootdir", type=Path, default=Path.cwd(),
+                        help="where relative oci: paths and insecure_registries are read from")
+    sub.add_parser("images", help="list the images in the store: references, digests, sizes, last used")
+    p_prune = sub.add_parser("prune", help="remove from the store what no image needs, and images unused since")
+    p_prune.add_argument("--older-than", default=None, metavar="DURATION",
+                         help='also remove images not used for DURATION ("7d", "12h", "0" for all)')
     args = parser.parse_args(argv)
     try:
         if args.command == "doctor":
@@ -363,6 +372,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return clean()
         if args.command == "ps":
             return ps()
+        if args.command in ("pull", "images", "prune"):
+            from pytest_envbox.cli import images  # requests and the store: only when asked
+
+            if args.command == "pull":
+                return images.pull(args.refs, args.rootdir.resolve())
+            return images.images() if args.command == "images" else images.prune(args.older_than)
         return up(args.names, args.topology, args.rootdir.resolve())
     except EnvboxError as e:
         print(f"envbox: {e}", file=sys.stderr)

@@ -29,6 +29,7 @@ from pytest_envbox.engine.client import SupervisorClient, get_supervisor, rootle
 from pytest_envbox.engine.faults import Network
 from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_level, stop_all
 from pytest_envbox.engine.hostports import reserve_host_ports
+from pytest_envbox.engine.imageref import check_reference
 from pytest_envbox.engine.planning import Subnet, check_cgroups, check_ids, plan_for
 from pytest_envbox.errors import EnvboxError, HostUnsupported
 from pytest_envbox.spec import Service
@@ -81,7 +82,12 @@ class Environment:
         self.rootdir = Path(rootdir if rootdir is not None else os.getcwd()).resolve()
         specs = select(self.catalog, list(services), topology)
         self._levels = start_levels(specs)
-        self._plans = {s.name: plan_for(s, self.rootdir) for s in specs}
+        # Image services are planned at open(), once their image is in the store; their
+        # reference is checked now, before anything starts.
+        self._plans = {s.name: plan_for(s, self.rootdir) for s in specs if s.image is None}
+        for s in specs:
+            if s.image is not None:
+                check_reference(s, self.rootdir)
         self._specs = {s.name: s for s in specs}
         self.id = f"{os.getpid()}-{next(_env_ids)}"
         # Absolute: the sandbox binds files of it (hosts) from another mount namespace's view.
@@ -153,6 +159,8 @@ class Environment:
                 "process is not root: namespaces, mounts and networks need root or a user "
                 "namespace. Run the tests as root, or allow rootless mode (auto or yes)."
             )
+        self._prepare_images(self._specs.values())
+        self._levels = [[self._specs[s.name] for s in level] for level in self._levels]
         sup = get_supervisor()
         check_cgroups(sup, self._specs.values())
         if sup.ids:
@@ -190,6 +198,7 @@ class Environment:
         new = [s for s in specs if s.name not in self._handles]
         assert self._sup is not None
         check_cgroups(self._sup, new)
+        new = self._prepare_images(new)
         levels = start_levels([*self._specs.values(), *(s for s in new if s.name not in self._specs)])
         plans = {s.name: self._plans.get(s.name) or plan_for(s, self.rootdir) for s in new}
         if self._sup.ids:
@@ -203,6 +212,21 @@ class Environment:
         self._start_levels([lvl for lvl in ([s for s in lvl if s.name in wanted] for lvl in levels) if lvl])
         name = service if isinstance(service, str) else service.name
         return self._handles[name]
+
+    def _prepare_images(self, specs: Iterable[Service]) -> list[Service]:
+        """Pull (as each ``pull`` policy says) and unpack the images of ``specs``; put the image
+        config's defaults under each declaration and plan it. Returns ``specs``, resolved."""
+        out = []
+        for spec in specs:
+            if spec.image is not None and spec.name not in self._plans:
+                from pytest_envbox.engine.images import plan_image  # requests: only for images
+
+                spec, self._plans[spec.name] = plan_image(
+                    spec, self.rootdir, self.id, self.catalog.insecure_registries)
+                if spec.name in self._specs:
+                    self._specs[spec.name] = spec
+            out.append(spec)
+        return out
 
     def _list_hosts(self, specs: Iterable[Service], *, fresh: bool = False) -> None:
         """Add services (name and aliases) to the environment's ``/etc/hosts``, in place.
