@@ -29,7 +29,6 @@ from pytest_envbox.engine.client import SupervisorClient, get_supervisor, rootle
 from pytest_envbox.engine.faults import Network
 from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_level, stop_all
 from pytest_envbox.engine.hostports import reserve_host_ports
-from pytest_envbox.engine.imageref import check_reference
 from pytest_envbox.engine.planning import Subnet, check_cgroups, check_ids, plan_for
 from pytest_envbox.errors import EnvboxError, HostUnsupported
 from pytest_envbox.spec import Service
@@ -87,6 +86,8 @@ class Environment:
         self._plans = {s.name: plan_for(s, self.rootdir) for s in specs if s.image is None}
         for s in specs:
             if s.image is not None:
+                from pytest_envbox.engine.imageref import check_reference
+
                 check_reference(s, self.rootdir)
         self._specs = {s.name: s for s in specs}
         self.id = f"{os.getpid()}-{next(_env_ids)}"

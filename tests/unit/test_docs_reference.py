@@ -36,7 +36,7 @@ def test_every_option_is_documented() -> None:
 def test_every_command_is_documented() -> None:
     source = Path(cli.__file__).read_text()
     commands = set(re.findall(r'add_parser\("([a-z]+)"', source))
-    assert commands == {"doctor", "up", "ps", "clean"}
+    assert commands == {"doctor", "up", "ps", "clean", "pull", "images", "prune"}
     api = _text("python-api.md")
     assert not sorted(c for c in commands if f"envbox {c}" not in api)
 
