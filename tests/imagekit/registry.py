@@ -1,0 +1,303 @@
+"""Real registries for tests: Debian's ``docker-registry`` (distribution 2.8) on a free loopback port.
+
+Three setups, as session fixtures: ``open_registry`` (anonymous pull and push), ``basic_registry``
+(htpasswd, bcrypt, as ``htpasswd -Bbn`` writes it) and ``token_registry`` (the registry's
+``auth: token``: it trusts a test-made RSA key, and :class:`TokenServer`, an HTTP server on
+127.0.0.1 in a thread, checks basic credentials and issues JWTs signed with that key, as Docker
+Hub's auth service does). The key and its certificate are made with the ``openssl`` CLI, which is
+on every host that has ``docker-registry``; tokens are signed with ``openssl dgst`` too (the
+``cryptography`` package is not a test dependency: one path, the same everywhere).
+
+Each registry runs in its own temp dir, dies with the test process (PDEATHSIG) and is removed at
+teardown. :func:`push_layout` puts an OCI layout into one with ``skopeo copy``; :func:`make_layout`
+builds a tiny layout with ``umoci``. Traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from pytest_envbox.kernel.linux import set_pdeathsig
+from pytest_envbox.wait import Deadline, wait_until
+
+__all__ = [
+    "PASSWORD",
+    "USER",
+    "RegistryServer",
+    "TokenServer",
+    "basic_registry",
+    "make_layout",
+    "need_registry_tools",
+    "open_registry",
+    "push_layout",
+    "token_registry",
+]
+
+USER, PASSWORD = "alice", "wonder-land"
+SERVICE, ISSUER = "envbox-test-registry", "envbox-test-issuer"
+TOOLS = ("docker-registry", "skopeo", "umoci", "htpasswd", "openssl")
+
+
+def need_registry_tools() -> None:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (apt: docker-registry skopeo umoci apache2-utils openssl)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child_setup() -> None:
+    set_pdeathsig(signal.SIGKILL)  # a pytest killed with -9 takes its registries along
+
+
+@dataclass
+class RegistryServer:
+    """A running ``docker-registry serve``; ``host`` is ``127.0.0.1:PORT`` (plain HTTP)."""
+
+    root: Path
+    auth: str  # "open", "basic", "token"
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    token: TokenServer | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def creds(self) -> str | None:
+        return None if self.auth == "open" else f"{USER}:{PASSWORD}"
+
+    def start(self) -> None:
+        auth = ""
+        if self.auth == "basic":
+            line = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True, capture_output=True,
+                                  text=True).stdout.strip()
+            (self.root / "htpasswd").write_text(line + "\n")
+            auth = f"auth:\n  htpasswd:\n    realm: envbox-test\n    path: {self.root / 'htpasswd'}\n"
+        elif self.auth == "token":
+            assert self.token is not None
+            auth = (f"auth:\n  token:\n    realm: {self.token.url}/token\n    service: {SERVICE}\n"
+                    f"    issuer: {ISSUER}\n    rootcertbundle: {self.token.cert}\n")
+        log = self.root / "registry.log"
+        for _ in range(3):  # a port taken between free_port() and the registry's bind: try another
+            self.port = free_port()
+            (self.root / "config.yml").write_text(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\n"
+                f"storage:\n  filesystem:\n    rootdirectory: {self.root / 'data'}\n"
+                "  delete:\n    enabled: true\n"
+                f"http:\n  addr: {self.host}\n  secret: envbox-test-secret\n" + auth
+            )
+            with open(log, "wb") as out:
+                self.proc = subprocess.Popen(["docker-registry", "serve", str(self.root / "config.yml")],
+                                             stdout=out, stderr=subprocess.STDOUT, cwd=self.root,
+                                             preexec_fn=_child_setup)
+            if wait_until(self._answers, Deadline(30)):
+                return
+            self.stop()
+            if b"address already in use" not in log.read_bytes():
+                break
+        raise RuntimeError(f"docker-registry did not start:\n{log.read_text()[-2000:]}")
+
+    def _answers(self) -> bool | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            return False
+        try:
+            return requests.get(f"{self.url}/v2/", timeout=1).status_code in (200, 401) or None
+        except requests.RequestException:
+            return None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class TokenServer:
+    """A token endpoint (``GET /token?service=&scope=``) as distribution's ``auth: token`` expects.
+
+    Authenticated users get what they ask for; anonymous users get ``pull`` on ``public/*`` only
+    (Docker Hub's behaviour for public repositories). ``asked`` records (user, service, scope)
+    for each request; ``refused`` counts wrong credentials.
+    """
+
+    root: Path
+    asked: list[tuple[str, str, str]] = field(default_factory=list)
+    refused: int = 0
+    httpd: http.server.ThreadingHTTPServer | None = None
+
+    @property
+    def key(self) -> Path:
+        return self.root / "token.key"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "token.crt"
+
+    @property
+    def url(self) -> str:
+        assert self.httpd is not None
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def start(self) -> None:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=envbox-test-token", "-keyout", str(self.key), "-out", str(self.cert)],
+                       check=True, capture_output=True)
+        der = subprocess.run(["openssl", "pkey", "-in", str(self.key), "-pubout", "-outform", "DER"],
+                             check=True, capture_output=True).stdout
+        # libtrust's key id, which distribution 2.8 looks the signing key up by (the JWT's "kid")
+        b32 = base64.b32encode(hashlib.sha256(der).digest()[:30]).decode()
+        self.kid = ":".join(b32[i:i + 4] for i in range(0, len(b32), 4))
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.answer(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    def answer(self, req: http.server.BaseHTTPRequestHandler) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(req.path).query)
+        service, scope = query.get("service", [""])[0], query.get("scope", [""])[0]
+        user = ""
+        given = req.headers.get("Authorization", "")
+        if given.startswith("Basic "):
+            user, _, password = base64.b64decode(given[6:]).decode().partition(":")
+            if (user, password) != (USER, PASSWORD):
+                self.refused += 1
+                body = json.dumps({"errors": [{"code": "UNAUTHORIZED", "message": "wrong user or password"}]})
+                return _reply(req, 401, body.encode())
+        self.asked.append((user, service, scope))
+        access = []
+        if scope.count(":") == 2:
+            kind, name, actions = scope.split(":")
+            wanted = actions.split(",")
+            granted = wanted if user else ["pull"] if name.startswith("public/") and "pull" in wanted else []
+            access.append({"type": kind, "name": name, "actions": granted})
+        now = int(time.time())
+        claims = {"iss": ISSUER, "sub": user, "aud": service, "exp": now + 300, "nbf": now - 10, "iat": now,
+                  "jti": os.urandom(8).hex(), "access": access}
+        _reply(req, 200, json.dumps({"token": self.sign(claims), "expires_in": 300}).encode())
+
+    def sign(self, claims: dict[str, object]) -> str:
+        header = {"typ": "JWT", "alg": "RS256", "kid": self.kid}
+        payload = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=payload.encode(),
+                             check=True, capture_output=True).stdout
+        return f"{payload}.{_b64url(sig)}"
+
+
+def _reply(req: http.server.BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    req.send_response(status)
+    req.send_header("Content-Type", "application/json")
+    req.send_header("Content-Length", str(len(body)))
+    req.end_headers()
+    req.wfile.write(body)
+
+
+def make_layout(dest: Path, tag: str, files: dict[str, bytes], arch: str | None = None) -> Path:
+    """An OCI layout at ``dest`` holding ``tag``: an empty image plus one layer with ``files``."""
+    rootless = ["--rootless"] if os.geteuid() != 0 else []
+    if not (dest / "index.json").exists():
+        subprocess.run(["umoci", "init", "--layout", str(dest)], check=True, capture_output=True)
+    subprocess.run(["umoci", "new", "--image", f"{dest}:{tag}"], check=True, capture_output=True)
+    src = Path(tempfile.mkdtemp(prefix="layer-", dir=dest.parent))
+    try:
+        for name, data in files.items():
+            (src / name).write_bytes(data)
+        subprocess.run(["umoci", "insert", *rootless, "--image", f"{dest}:{tag}", str(src), "/data"],
+                       check=True, capture_output=True)
+    finally:
+        shutil.rmtree(src)
+    if arch is not None:
+        subprocess.run(["umoci", "config", "--image", f"{dest}:{tag}", f"--architecture={arch}"],
+                       check=True, capture_output=True)
+    return dest
+
+
+def push_layout(layout: Path, tag: str, registry: RegistryServer, target: str) -> None:
+    """``skopeo copy oci:LAYOUT:TAG docker://REGISTRY/TARGET`` (with the test login when needed)."""
+    creds = registry.creds()
+    cmd = ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+           *(["--dest-creds", creds] if creds else []), f"oci:{layout}:{tag}", f"docker://{registry.host}/{target}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          env={**os.environ, "HOME": str(layout.parent)})
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr}")
+
+
+def _serve(auth: str) -> Iterator[RegistryServer]:
+    need_registry_tools()
+    root = Path(tempfile.mkdtemp(prefix=f"envbox-registry-{auth}-"))
+    token = TokenServer(root) if auth == "token" else None
+    server = RegistryServer(root, auth, token=token)
+    try:
+        if token is not None:
+            token.start()
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        if token is not None:
+            token.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def open_registry() -> Iterator[RegistryServer]:
+    yield from _serve("open")
+
+
+@pytest.fixture(scope="session")
+def basic_registry() -> Iterator[RegistryServer]:
+    yield from _serve("basic")
+
+
+@pytest.fixture(scope="session")
+def token_registry() -> Iterator[RegistryServer]:
+    yield from _serve("token")
