@@ -218,7 +218,8 @@ class Proxy:
     """A loopback HTTP proxy in front of a real registry, misbehaving as ``mode`` says.
 
     ``flaky``: the first ``fail`` requests of each path answer 503; ``cut``: blob bodies end
-    halfway; ``stall``: blob bodies stop halfway until the test ends; ``redirect``: blobs are
+    halfway; ``stall``: blob bodies stop halfway until the test ends; ``short``: blobs are
+    complete answers one byte short; ``redirect``: blobs are
     redirected to ``storage``; ``tamper``: manifests gain a byte; ``schema1``: manifests are
     schema 1. ``seen`` records (path, headers) of every request.
     """
@@ -271,6 +272,8 @@ class Proxy:
         if manifest and self.mode == "schema1":
             body = json.dumps({"schemaVersion": 1, "name": "x", "tag": "1", "fsLayers": []}).encode()
             out = {"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}
+        if blob and got.status_code == 200 and self.mode == "short":
+            return self.send(req, 200, out, body[:-1])  # a whole answer, one byte short of the blob
         if blob and got.status_code == 200 and self.mode in ("cut", "stall"):
             req.send_response(200)
             req.send_header("Content-Length", str(len(body)))
@@ -323,6 +326,17 @@ def test_a_blob_cut_short_or_stalled_midway_is_an_image_error(proxy: Proxy, push
         "bytes (" in str(info.value)
     if mode == "stall":
         assert "(no data for 0.5s)" in str(info.value)
+
+
+def test_a_blob_shorter_than_its_descriptor_is_truncated(proxy: Proxy, pushed: dict[str, str],
+                                                         auth_env: Path) -> None:
+    proxy.mode = "short"
+    with Registry() as reg:
+        ref, desc = big_layer(reg, proxy.host)
+        with pytest.raises(ImageError) as info:
+            reg.blob(ref, desc, io.BytesIO())
+    assert f"blob {desc.digest} is truncated: {desc.size - 1} bytes received, {desc.size - 1} announced, " \
+        f"{desc.size} in the manifest" in str(info.value)
 
 
 def test_redirected_blobs_do_not_carry_the_registry_credentials(
