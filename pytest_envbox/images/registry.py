@@ -49,16 +49,8 @@ from ..errors import ImageError
 from .auth import Credentials, CredentialsError, auth_files, find_credentials, parse_challenges
 from .reference import DOCKER_HUB, ImageRef
 
-__all__ = [
-    "DOCKER_MANIFEST",
-    "DOCKER_MANIFEST_LIST",
-    "OCI_INDEX",
-    "OCI_MANIFEST",
-    "Descriptor",
-    "Manifest",
-    "Registry",
-    "host_platform",
-]
+__all__ = ["DOCKER_MANIFEST", "DOCKER_MANIFEST_LIST", "OCI_INDEX", "OCI_MANIFEST", "Descriptor", "Manifest",
+           "Registry", "host_platform"]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -130,7 +122,7 @@ class Registry:
         self._session = requests.Session()
         # A no-op auth object: requests would otherwise read ~/.netrc and replace our header.
         self._session.auth = lambda request: request
-        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
+        self._tokens: dict[tuple[str, str], tuple[str, float, bool]] = {}  # value, until, with a login
         self._lock = threading.Lock()
 
     def __enter__(self) -> Registry:
@@ -242,7 +234,7 @@ class Registry:
         key = (ref.registry, scope)
         fresh = False
         while True:
-            auth = self._cached(key)
+            auth, used = self._cached(key)
             try:
                 return self._follow(ref, url, headers, auth)
             except _Refused as refused:
@@ -253,7 +245,7 @@ class Registry:
                     self._authenticate(ref, key, challenge)
                     fresh = True
                     continue
-                raise self._refusal(ref, resp, authed=fresh) from None
+                raise self._refusal(ref, resp, authed=used) from None
 
     def _follow(self, ref: ImageRef, url: str, headers: Mapping[str, str],
                 auth: str | None) -> requests.Response:
@@ -309,12 +301,12 @@ class Registry:
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _cached(self, key: tuple[str, str]) -> str | None:
+    def _cached(self, key: tuple[str, str]) -> tuple[str | None, bool]:
         with self._lock:
             entry = self._tokens.get(key)
         if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
+            return None, False
+        return entry[0], entry[2]
 
     def _authenticate(self, ref: ImageRef, key: tuple[str, str], header: str) -> None:
         """Answer the 401's challenge: get a bearer token or settle on basic credentials."""
@@ -328,14 +320,15 @@ class Registry:
             lifetime = 50.0  # refreshed before the registry's minimum lifetime (60 s) ends
         elif "basic" in challenges:
             if creds is None or not creds.username:
-                raise self._no_login(ref)
+                raise ImageError(f"registry {ref.registry} requires a login and {_no_login()}",
+                                 reference=str(ref))
             value = "Basic " + base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
             lifetime = float("inf")
         else:
             raise ImageError(f"registry {ref.registry} asks for a login this client does not speak "
                              f"(WWW-Authenticate: {header[:200]!r})", reference=str(ref))
         with self._lock:
-            self._tokens[key] = (value, time.monotonic() + lifetime)
+            self._tokens[key] = (value, time.monotonic() + lifetime, creds is not None)
 
     def _token(self, ref: ImageRef, params: Mapping[str, str], scope: str, creds: Credentials | None) -> str:
         realm = params["realm"]
@@ -368,12 +361,6 @@ class Registry:
                              reference=str(ref))
         return token
 
-    def _no_login(self, ref: ImageRef) -> ImageError:
-        looked = ", ".join(str(p) for p in auth_files())
-        return ImageError(f"registry {ref.registry} requires a login and no credentials were found for it "
-                          f"(looked in {looked}; `podman login` or `docker login` writes them)",
-                          reference=str(ref))
-
     def _refusal(self, ref: ImageRef, resp: requests.Response, *, authed: bool, what: str = "") -> ImageError:
         try:
             said = _quote(resp.status_code, self._read_all(ref, resp, 64 << 10))
@@ -383,8 +370,9 @@ class Registry:
             resp.close()
         who = what or f"registry {ref.registry}"
         if resp.status_code in (401, 403):
-            how = "refused the credentials it was given" if authed else "refused access"
-            return ImageError(f"{who} {how} ({said})", reference=str(ref))
+            how = f"refused the credentials it was given ({said})" if authed else \
+                f"refused access ({said}); {_no_login()}"
+            return ImageError(f"{who} {how}", reference=str(ref))
         if resp.status_code == 404:
             return ImageError(f"{who} has no such image ({said})", reference=str(ref))
         return ImageError(f"{who} answered {said}", reference=str(ref))
@@ -401,6 +389,11 @@ class Registry:
             raise ImageError(f"registry {ref.registry} broke off its answer ({_why(e, self.timeout)})",
                              reference=str(ref)) from e
         return bytes(data)
+
+
+def _no_login() -> str:
+    looked = ", ".join(str(p) for p in auth_files())
+    return f"no credentials were found for it (looked in {looked}; `podman login` or `docker login` add them)"
 
 
 def _origin(url: str) -> tuple[str, str]:

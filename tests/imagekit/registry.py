@@ -40,6 +40,8 @@ from pytest_envbox.wait import Deadline, wait_until
 
 __all__ = [
     "PASSWORD",
+    "REFRESH_TOKEN",
+    "SERVICE",
     "USER",
     "RegistryServer",
     "TokenServer",
@@ -52,6 +54,7 @@ __all__ = [
 ]
 
 USER, PASSWORD = "alice", "wonder-land"
+REFRESH_TOKEN = "refresh-for-alice"  # an identity token, as `docker login` stores for OAuth2 logins
 SERVICE, ISSUER = "envbox-test-registry", "envbox-test-issuer"
 TOOLS = ("docker-registry", "skopeo", "umoci", "htpasswd", "openssl")
 
@@ -154,11 +157,13 @@ class TokenServer:
 
     Authenticated users get what they ask for; anonymous users get ``pull`` on ``public/*`` only
     (Docker Hub's behaviour for public repositories). ``asked`` records (user, service, scope)
-    for each request; ``refused`` counts wrong credentials.
+    for each GET; ``refused`` counts wrong credentials. ``POST /token`` is the OAuth2 form Docker
+    uses with an identity token (``grant_type=refresh_token``), recorded in ``posted``.
     """
 
     root: Path
     asked: list[tuple[str, str, str]] = field(default_factory=list)
+    posted: list[tuple[str, str, str]] = field(default_factory=list)
     refused: int = 0
     httpd: http.server.ThreadingHTTPServer | None = None
 
@@ -190,6 +195,9 @@ class TokenServer:
             def do_GET(self) -> None:
                 server.answer(self)
 
+            def do_POST(self) -> None:
+                server.refresh(self)
+
             def log_message(self, *args: object) -> None:
                 pass
 
@@ -213,6 +221,9 @@ class TokenServer:
                 body = json.dumps({"errors": [{"code": "UNAUTHORIZED", "message": "wrong user or password"}]})
                 return _reply(req, 401, body.encode())
         self.asked.append((user, service, scope))
+        _reply(req, 200, json.dumps({"token": self.token(user, service, scope), "expires_in": 300}).encode())
+
+    def token(self, user: str, service: str, scope: str) -> str:
         access = []
         if scope.count(":") == 2:
             kind, name, actions = scope.split(":")
@@ -222,7 +233,17 @@ class TokenServer:
         now = int(time.time())
         claims = {"iss": ISSUER, "sub": user, "aud": service, "exp": now + 300, "nbf": now - 10, "iat": now,
                   "jti": os.urandom(8).hex(), "access": access}
-        _reply(req, 200, json.dumps({"token": self.sign(claims), "expires_in": 300}).encode())
+        return self.sign(claims)
+
+    def refresh(self, req: http.server.BaseHTTPRequestHandler) -> None:
+        length = int(req.headers.get("Content-Length", "0"))
+        form = urllib.parse.parse_qs(req.rfile.read(length).decode())
+        if form.get("grant_type") != ["refresh_token"] or form.get("refresh_token") != [REFRESH_TOKEN]:
+            body = json.dumps({"errors": [{"code": "UNAUTHORIZED", "message": "invalid refresh token"}]})
+            return _reply(req, 401, body.encode())
+        service, scope = form.get("service", [""])[0], form.get("scope", [""])[0]
+        self.posted.append((USER, service, scope))
+        _reply(req, 200, json.dumps({"access_token": self.token(USER, service, scope)}).encode())
 
     def sign(self, claims: dict[str, object]) -> str:
         header = {"typ": "JWT", "alg": "RS256", "kid": self.kid}
@@ -271,9 +292,10 @@ def push_layout(layout: Path, tag: str, registry: RegistryServer, target: str) -
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr}")
 
 
-def _serve(auth: str) -> Iterator[RegistryServer]:
+def _serve(auth: str, factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     need_registry_tools()
-    root = Path(tempfile.mkdtemp(prefix=f"envbox-registry-{auth}-"))
+    # under pytest's basetemp: removed here, and by pytest's rotation should this process be killed
+    root = Path(tempfile.mkdtemp(prefix=f"registry-{auth}-", dir=factory.getbasetemp()))
     token = TokenServer(root) if auth == "token" else None
     server = RegistryServer(root, auth, token=token)
     try:
@@ -289,15 +311,15 @@ def _serve(auth: str) -> Iterator[RegistryServer]:
 
 
 @pytest.fixture(scope="session")
-def open_registry() -> Iterator[RegistryServer]:
-    yield from _serve("open")
+def open_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    yield from _serve("open", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def basic_registry() -> Iterator[RegistryServer]:
-    yield from _serve("basic")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    yield from _serve("basic", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def token_registry() -> Iterator[RegistryServer]:
-    yield from _serve("token")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    yield from _serve("token", tmp_path_factory)

@@ -26,6 +26,7 @@ from pytest_envbox.images.reference import parse_reference
 from pytest_envbox.images.registry import OCI_INDEX, Registry, host_platform
 from tests.imagekit.registry import (
     PASSWORD,
+    REFRESH_TOKEN,
     SERVICE,
     USER,
     RegistryServer,
@@ -166,10 +167,24 @@ def test_bearer_anonymous_token_for_a_public_repository(token_registry: Registry
     before = len(asked)
     with Registry() as reg:
         assert pull(reg, f"{token_registry.host}/public/hello:1")[0] == pushed["1"]
-        with pytest.raises(ImageError, match=r"refused the credentials it was given \(HTTP 401 UNAUTHORIZED"):
+        with pytest.raises(ImageError, match=r"refused access \(HTTP 401 UNAUTHORIZED: authentication "
+                           r"required\); no credentials were found for it"):
             reg.manifest(parse_reference(f"{token_registry.host}/private/hello:1"))
     assert asked[before:] == [("", SERVICE, "repository:public/hello:pull"),
                               ("", SERVICE, "repository:private/hello:pull")]
+
+
+def test_bearer_identity_token_is_exchanged_by_the_oauth2_post(
+        token_registry: RegistryServer, pushed: dict[str, str], auth_env: Path) -> None:
+    assert token_registry.token is not None
+    auth_env.write_text(json.dumps({"auths": {token_registry.host: {"identitytoken": REFRESH_TOKEN}}}))
+    posted = len(token_registry.token.posted)
+    with Registry() as reg:
+        assert pull(reg, f"{token_registry.host}/private/hello:1")[0] == pushed["1"]
+    assert token_registry.token.posted[posted:] == [(USER, SERVICE, "repository:private/hello:pull")]
+    auth_env.write_text(json.dumps({"auths": {token_registry.host: {"identitytoken": "stale"}}}))
+    with Registry() as reg, pytest.raises(ImageError, match="HTTP 401 UNAUTHORIZED: invalid refresh token"):
+        reg.manifest(parse_reference(f"{token_registry.host}/private/hello:1"))
 
 
 def test_bearer_wrong_password_quotes_the_token_service(token_registry: RegistryServer,
