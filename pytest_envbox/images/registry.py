@@ -284,12 +284,12 @@ class Registry:
                 if attempt < self.retries:
                     time.sleep(min(_BACKOFF * 2**attempt, _BACKOFF_MAX))
                     continue
-                hint = ""
-                if isinstance(e, requests.exceptions.SSLError) and not self.plain_http(parts.netloc):
-                    hint = ("; HTTPS is required unless the registry is on loopback or listed in "
-                            "insecure_registries")
-                raise ImageError(f"registry {parts.netloc} did not answer ({_why(e, self.timeout)}){hint}",
-                                 reference=str(ref)) from e
+                why = _why(e, self.timeout)
+                what = f"registry {parts.netloc} did not answer ({why})"
+                if isinstance(e, requests.exceptions.SSLError):
+                    what = (f"registry {parts.netloc} failed the TLS handshake ({why}); HTTPS is required "
+                            "unless the registry is on loopback or listed in insecure_registries")
+                raise ImageError(what, reference=str(ref)) from e
             if resp.status_code in _RETRY_STATUS and attempt < self.retries:
                 wait = min(_BACKOFF * 2**attempt, _BACKOFF_MAX)
                 after = resp.headers.get("Retry-After", "")

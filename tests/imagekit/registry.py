@@ -281,10 +281,14 @@ def make_layout(dest: Path, tag: str, files: dict[str, bytes], arch: str | None 
     return dest
 
 
-def push_layout(layout: Path, tag: str, registry: RegistryServer, target: str) -> None:
-    """``skopeo copy oci:LAYOUT:TAG docker://REGISTRY/TARGET`` (with the test login when needed)."""
+def push_layout(layout: Path, tag: str, registry: RegistryServer, target: str, fmt: str = "") -> None:
+    """``skopeo copy oci:LAYOUT:TAG docker://REGISTRY/TARGET`` (with the test login when needed).
+
+    ``fmt="v2s2"`` converts to a Docker schema 2 manifest on the way (``--format``).
+    """
     creds = registry.creds()
     cmd = ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+           *(["--format", fmt] if fmt else []),
            *(["--dest-creds", creds] if creds else []), f"oci:{layout}:{tag}", f"docker://{registry.host}/{target}"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           env={**os.environ, "HOME": str(layout.parent)})

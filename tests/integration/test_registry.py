@@ -23,7 +23,14 @@ import requests
 
 from pytest_envbox.errors import ImageError
 from pytest_envbox.images.reference import parse_reference
-from pytest_envbox.images.registry import OCI_INDEX, Registry, host_platform
+from pytest_envbox.images.registry import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Registry,
+    host_platform,
+)
 from tests.imagekit.registry import (
     PASSWORD,
     REFRESH_TOKEN,
@@ -65,6 +72,7 @@ def pushed(layout: Path, open_registry: RegistryServer, basic_registry: Registry
     push_layout(layout, "1", open_registry, "test/multi:a")
     push_layout(layout, "2", open_registry, "test/multi:b")
     push_layout(layout, "1", basic_registry, "test/hello:1")
+    push_layout(layout, "1", open_registry, "test/docker:1", fmt="v2s2")
     push_layout(layout, "1", token_registry, "private/hello:1")
     push_layout(layout, "1", token_registry, "public/hello:1")
     digests = {"1": layout_manifest(layout, "1"), "2": layout_manifest(layout, "2")}
@@ -82,12 +90,25 @@ def pushed(layout: Path, open_registry: RegistryServer, basic_registry: Registry
     for name, entries in {
         "both": [entry("2", "linux", other), entry("1", host_os, host_arch, *variant)],
         "foreign": [entry("1", "linux", other), entry("2", "linux", "arm", "v7"), attestation],
+        "arm": [entry("1", "linux", "arm64"), entry("2", "linux", "arm", "v7")],
     }.items():
         body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
         put = requests.put(f"{open_registry.url}/v2/test/multi/manifests/{name}", data=body,
                            headers={"Content-Type": OCI_INDEX}, timeout=10)
         assert put.status_code == 201, put.text
         digests[name] = "sha256:" + hashlib.sha256(body).hexdigest()
+    # a Docker manifest list over the schema 2 manifest, as `docker manifest push` makes
+    v2s2 = requests.get(f"{open_registry.url}/v2/test/docker/manifests/1", timeout=10,
+                        headers={"Accept": DOCKER_MANIFEST})
+    assert v2s2.headers["Content-Type"] == DOCKER_MANIFEST
+    digests["v2s2"] = "sha256:" + hashlib.sha256(v2s2.content).hexdigest()
+    plat = {"os": host_os, "architecture": host_arch} | ({"variant": variant[0]} if variant else {})
+    entries = [{"mediaType": DOCKER_MANIFEST, "digest": digests["v2s2"], "size": len(v2s2.content),
+                "platform": plat}]
+    body = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_LIST, "manifests": entries})
+    put = requests.put(f"{open_registry.url}/v2/test/docker/manifests/list", data=body.encode(),
+                       headers={"Content-Type": DOCKER_MANIFEST_LIST}, timeout=10)
+    assert put.status_code == 201, put.text
     return digests
 
 
@@ -130,6 +151,20 @@ def test_anonymous_pull_by_tag_and_by_digest(open_registry: RegistryServer, push
         assert len(blobs) == 2 and len(seen) > 2  # the ~600 KB layer came in several chunks
         assert pull(reg, f"{open_registry.host}/test/hello@{digest}")[0] == digest
         assert pull(reg, f"{open_registry.host}/test/hello:whatever@{digest}")[0] == digest
+
+
+def test_docker_schema_2_manifests_and_manifest_lists(open_registry: RegistryServer, pushed: dict[str, str],
+                                                      auth_env: Path) -> None:
+    with Registry() as reg:
+        for tag in ("1", "list"):
+            manifest = reg.manifest(parse_reference(f"{open_registry.host}/test/docker:{tag}"))
+            assert (manifest.digest, manifest.media_type) == (pushed["v2s2"], DOCKER_MANIFEST)
+            assert manifest.config.media_type == "application/vnd.docker.container.image.v1+json"
+            assert [d.media_type for d in manifest.layers] == [
+                "application/vnd.docker.image.rootfs.diff.tar.gzip"]
+        oci = reg.manifest(parse_reference(f"{open_registry.host}/test/hello:1"))
+        assert oci.media_type == OCI_MANIFEST and oci.layers[0].media_type.startswith("application/vnd.oci.")
+        assert pull(reg, f"{open_registry.host}/test/docker:list")[0] == pushed["v2s2"]
 
 
 def test_basic_auth_with_credentials_from_the_auth_file(basic_registry: RegistryServer,
@@ -227,6 +262,25 @@ def test_index_picks_the_platform_or_lists_the_ones_there_are(open_registry: Reg
             reg.manifest(parse_reference(f"{open_registry.host}/test/multi:foreign"))
     assert f"no manifest for platform {host_platform()}; it has: linux/arm/v7, {other}" in str(info.value)
     assert "unknown" not in str(info.value)
+
+
+@pytest.mark.parametrize(("platform", "tag"), [
+    ("linux/arm64/v8", "1"), ("linux/arm64", "1"), ("linux/arm/v7", "2"), ("linux/arm", "2"),
+    ("linux/arm/v6", None), ("windows/arm64", None), ("linux", "invalid"),
+])
+def test_platform_variants(open_registry: RegistryServer, pushed: dict[str, str], auth_env: Path,
+                           platform: str, tag: str | None) -> None:
+    ref = parse_reference(f"{open_registry.host}/test/multi:arm")
+    with Registry() as reg:
+        if tag is None:
+            with pytest.raises(ImageError, match=f"no manifest for platform {platform}; "
+                               "it has: linux/arm/v7, linux/arm64$"):
+                reg.manifest(ref, platform=platform)
+        elif tag == "invalid":
+            with pytest.raises(ImageError, match=r"invalid platform 'linux' \(expected os/arch\[/variant\]"):
+                reg.manifest(ref, platform=platform)
+        else:
+            assert reg.manifest(ref, platform=platform).digest == pushed[tag]
 
 
 class Proxy:
@@ -443,8 +497,19 @@ def test_a_non_loopback_name_is_spoken_to_over_https_without_falling_back(
     host = f"{name}:{open_registry.port}"
     with Registry(retries=0) as reg, pytest.raises(ImageError) as info:
         reg.manifest(parse_reference(f"{host}/test/hello:1"))
-    assert f"registry {host} did not answer (" in str(info.value)
+    assert f"registry {host} failed the TLS handshake (" in str(info.value)
     assert "HTTPS is required unless the registry is on loopback or listed in insecure_registries" \
         in str(info.value)
     with Registry(insecure=[name]) as reg:
         assert pull(reg, f"{host}/test/hello:1")[0] == pushed["1"]
+
+
+@pytest.mark.parametrize(("machine", "expected"), [
+    ("x86_64", "linux/amd64"), ("aarch64", "linux/arm64/v8"), ("armv7l", "linux/arm/v7"),
+    ("armv6l", "linux/arm/v6"), ("i686", "linux/386"), ("ppc64le", "linux/ppc64le"), ("s390x", "linux/s390x"),
+    ("riscv64", "linux/riscv64"),
+])
+def test_host_platform_uses_the_names_indexes_use(monkeypatch: pytest.MonkeyPatch, machine: str,
+                                                  expected: str) -> None:
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    assert host_platform() == expected
