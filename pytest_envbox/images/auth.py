@@ -18,7 +18,7 @@ Within one file: ``credHelpers[registry]`` first (Docker's per-registry override
 ``password``; ``identitytoken``), then ``credsStore`` (every registry in one helper). Keys of
 ``auths`` may be written with a scheme and a path (``https://index.docker.io/v1/``); a key naming a
 repository (``quay.io/org/repo``, as Podman allows) is more specific than its registry's. Docker
-Hub's credentials live under ``https://index.docker.io/v1/``; ``docker.io``, ``index.docker.io``
+Hub's credentials live under ``https://index.docker.io/v1/``; "docker.io", ``index.docker.io``
 and ``registry-1.docker.io`` are accepted too.
 
 A credential helper is ``docker-credential-<name> get`` with the server on stdin and JSON
@@ -141,7 +141,7 @@ def _from_file(
 
 
 def _normalise(key: str) -> str:
-    """``https://index.docker.io/v1/`` -> ``docker.io``; ``http://host:5000/v2/`` -> ``host:5000``."""
+    """``https://index.docker.io/v1/`` -> "docker.io"; ``http://host:5000/v2/`` -> ``host:5000``."""
     key = re.sub(r"^[a-z]+://", "", key.strip()).rstrip("/")
     if key.endswith("/v1") or key.endswith("/v2"):
         key = key[:-3]

@@ -148,7 +148,7 @@ class Registry:
         return scheme == "https" or (scheme == "http" and self.plain_http(netloc))
 
     def base_url(self, registry: str) -> str:
-        """The API's origin for ``registry``: ``https://registry-1.docker.io`` for ``docker.io``."""
+        """The API's origin for ``registry``: ``https://registry-1.docker.io`` for "docker.io"."""
         host = "registry-1.docker.io" if registry == DOCKER_HUB else registry
         return f"{'http' if self.plain_http(registry) else 'https'}://{host}"
 
