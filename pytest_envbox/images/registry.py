@@ -239,13 +239,16 @@ class Registry:
                 return self._follow(ref, url, headers, auth)
             except _Refused as refused:
                 resp = refused.response
-                if resp.status_code == 401 and not fresh:
+                # a 401 from blob storage elsewhere is its answer, not a challenge to log in to
+                if resp.status_code == 401 and not fresh and _origin(resp.url) == _origin(url):
                     challenge = resp.headers.get("WWW-Authenticate", "")
                     resp.close()
                     self._authenticate(ref, key, challenge)
                     fresh = True
                     continue
-                raise self._refusal(ref, resp, authed=used) from None
+                elsewhere = _origin(resp.url) != _origin(url)
+                what = f"{urlsplit(resp.url).netloc}, where {ref.registry} redirected," if elsewhere else ""
+                raise self._refusal(ref, resp, authed=None if elsewhere else used, what=what) from None
 
     def _follow(self, ref: ImageRef, url: str, headers: Mapping[str, str],
                 auth: str | None) -> requests.Response:
@@ -361,7 +364,9 @@ class Registry:
                              reference=str(ref))
         return token
 
-    def _refusal(self, ref: ImageRef, resp: requests.Response, *, authed: bool, what: str = "") -> ImageError:
+    def _refusal(self, ref: ImageRef, resp: requests.Response, *, authed: bool | None,
+                 what: str = "") -> ImageError:
+        """The ImageError for an error answer; ``authed`` None: credentials are not the matter."""
         try:
             said = _quote(resp.status_code, self._read_all(ref, resp, 64 << 10))
         except ImageError:
@@ -371,7 +376,7 @@ class Registry:
         who = what or f"registry {ref.registry}"
         if resp.status_code in (401, 403):
             how = f"refused the credentials it was given ({said})" if authed else \
-                f"refused access ({said}); {_no_login()}"
+                f"refused access ({said})" + (f"; {_no_login()}" if authed is not None else "")
             return ImageError(f"{who} {how}", reference=str(ref))
         if resp.status_code == 404:
             return ImageError(f"{who} has no such image ({said})", reference=str(ref))

@@ -429,6 +429,26 @@ def test_redirected_blobs_do_not_carry_the_registry_credentials(
     assert front_blobs and all(h.get("Authorization") == upstream_auth for h in front_blobs)
 
 
+def test_a_refusal_by_blob_storage_names_the_storage_not_the_registry(
+        basic_registry: RegistryServer, pushed: dict[str, str], auth_env: Path) -> None:
+    front = Proxy(basic_registry.url, "redirect")
+    storage = Proxy(basic_registry.url)  # no login upstream: the registry's 401 comes back
+    front.storage = storage
+    try:
+        login(auth_env, front.host)
+        with Registry() as reg:
+            ref, desc = big_layer(reg, front.host)
+            with pytest.raises(ImageError) as info:
+                reg.blob(ref, desc, io.BytesIO())
+    finally:
+        front.close()
+        storage.close()
+    assert f"{storage.host}, where {front.host} redirected, refused access (HTTP 401 UNAUTHORIZED" \
+        in str(info.value)
+    assert "no credentials were found" not in str(info.value)
+    assert len(storage.seen) == 1  # its 401 is an answer, not a challenge to log in to
+
+
 def test_transient_errors_are_retried_and_4xx_are_not(proxy: Proxy, pushed: dict[str, str],
                                                       auth_env: Path) -> None:
     proxy.mode, proxy.fail = "flaky", 2
