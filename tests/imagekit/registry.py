@@ -10,7 +10,8 @@ on every host that has ``docker-registry``; tokens are signed with ``openssl dgs
 
 Each registry runs in its own temp dir, dies with the test process (PDEATHSIG) and is removed at
 teardown. :func:`push_layout` puts an OCI layout into one with ``skopeo copy``; :func:`make_layout`
-builds a tiny layout with ``umoci``. Traffic stays on 127.0.0.1.
+builds a tiny layout with ``umoci``. :class:`Proxy` stands in front of one and misbehaves (cuts,
+stalls, redirects, fails, tampers) for the failure cases. Traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "REFRESH_TOKEN",
     "SERVICE",
     "USER",
+    "Proxy",
     "RegistryServer",
     "TokenServer",
     "basic_registry",
@@ -327,3 +329,86 @@ def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
 @pytest.fixture(scope="session")
 def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     yield from _serve("token", tmp_path_factory)
+
+
+class Proxy:
+    """A loopback HTTP proxy in front of a real registry, misbehaving as ``mode`` says.
+
+    ``flaky``: the first ``fail`` requests of each path answer 503; ``cut``: blob bodies end
+    halfway; ``stall``: blob bodies stop halfway until the test ends; ``short``: blobs are
+    complete answers one byte short; ``redirect``: blobs are
+    redirected to ``storage``; ``tamper``: manifests gain a byte; ``schema1``: manifests are
+    schema 1. ``seen`` records (path, headers) of every request.
+    """
+
+    def __init__(self, upstream: str, mode: str = "pass", fail: int = 0, auth: str | None = None) -> None:
+        self.upstream, self.mode, self.fail, self.auth = upstream, mode, fail, auth
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        self.counts: dict[str, int] = {}
+        self.release = threading.Event()
+        self.storage: Proxy | None = None
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                proxy.handle(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def handle(self, req: http.server.BaseHTTPRequestHandler) -> None:
+        self.seen.append((req.path, dict(req.headers)))
+        count = self.counts[req.path] = self.counts.get(req.path, 0) + 1
+        blob, manifest = "/blobs/" in req.path, "/manifests/" in req.path
+        if self.mode == "flaky" and count <= self.fail:
+            return self.send(req, 503, {"Content-Type": "application/json"},
+                             b'{"errors":[{"code":"UNAVAILABLE","message":"try later"}]}')
+        if self.mode == "redirect" and blob and self.storage is not None:
+            return self.send(req, 307, {"Location": f"http://{self.storage.host}{req.path}"}, b"")
+        headers = {k: v for k, v in req.headers.items() if k in ("Accept", "Authorization")}
+        if self.auth:
+            headers["Authorization"] = self.auth
+        got = requests.get(self.upstream + req.path, headers=headers, timeout=10, allow_redirects=False)
+        body = got.content
+        out = {k: v for k, v in got.headers.items()
+               if k.lower() in ("content-type", "docker-content-digest", "www-authenticate", "location")}
+        if manifest and self.mode == "tamper":
+            body += b" "
+        if manifest and self.mode == "schema1":
+            body = json.dumps({"schemaVersion": 1, "name": "x", "tag": "1", "fsLayers": []}).encode()
+            out = {"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}
+        if blob and got.status_code == 200 and self.mode == "short":
+            return self.send(req, 200, out, body[:-1])  # a whole answer, one byte short of the blob
+        if blob and got.status_code == 200 and self.mode in ("cut", "stall"):
+            req.send_response(200)
+            req.send_header("Content-Length", str(len(body)))
+            req.end_headers()
+            req.wfile.write(body[: len(body) // 2])
+            req.wfile.flush()
+            if self.mode == "stall":
+                self.release.wait(60)
+            req.close_connection = True
+            return None
+        return self.send(req, got.status_code, out, body)
+
+    @staticmethod
+    def send(req: http.server.BaseHTTPRequestHandler, status: int, headers: dict[str, str],
+             body: bytes) -> None:
+        req.send_response(status)
+        for k, v in headers.items():
+            req.send_header(k, v)
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
