@@ -1,17 +1,16 @@
 """Registry credentials from the files Docker and Podman write, and the WWW-Authenticate challenge.
 
 Where credentials come from (the first file that has an entry for the registry wins; a later file
-is read only when the earlier ones have none):
+is read only when the earlier ones have none), as ``containers-auth.json(5)`` orders them:
 
-1. ``$REGISTRY_AUTH_FILE`` (Podman's ``--authfile`` default, ``containers-auth.json(5)``);
-2. ``$XDG_RUNTIME_DIR/containers/auth.json`` (where ``podman login`` writes);
-3. ``$XDG_CONFIG_HOME/containers/auth.json`` (``~/.config/containers/auth.json``, read by
-   Podman too);
-4. ``$DOCKER_CONFIG/config.json`` when ``DOCKER_CONFIG`` is set, else ``~/.docker/config.json``
+1. ``$REGISTRY_AUTH_FILE`` when set (Podman's ``--authfile``: it replaces the next one), else
+   ``$XDG_RUNTIME_DIR/containers/auth.json`` (where ``podman login`` writes);
+2. ``$XDG_CONFIG_HOME/containers/auth.json`` (``~/.config/containers/auth.json``);
+3. ``$DOCKER_CONFIG/config.json`` when ``DOCKER_CONFIG`` is set, else ``~/.docker/config.json``
    (Docker reads only one of the two: ``DOCKER_CONFIG`` replaces the default directory).
 
-This is containers/image's order (Podman's files first, Docker's last), which is also what a
-developer who uses both expects: ``podman login`` is the more specific, per-session act.
+Podman's files come first, Docker's last, as Podman and skopeo read them. The legacy
+``~/.dockercfg`` (Docker before 1.7) is not read.
 
 Within one file: ``credHelpers[registry]`` first (Docker's per-registry override), then an
 ``auths`` entry that holds credentials (``auth``: base64 ``user:password``; or ``username`` and
@@ -76,7 +75,7 @@ def auth_files(env: Mapping[str, str] | None = None) -> list[Path]:
     files: list[Path] = []
     if env.get("REGISTRY_AUTH_FILE"):
         files.append(Path(env["REGISTRY_AUTH_FILE"]))
-    if env.get("XDG_RUNTIME_DIR"):
+    elif env.get("XDG_RUNTIME_DIR"):
         files.append(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
     files.append(Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "containers" / "auth.json")
     files.append(Path(env["DOCKER_CONFIG"]) / "config.json" if env.get("DOCKER_CONFIG")

@@ -105,16 +105,23 @@ def test_files_are_read_in_order_first_with_an_entry_wins(env: dict[str, str], t
     env |= {"REGISTRY_AUTH_FILE": str(tmp_path / "authfile.json"), "XDG_RUNTIME_DIR": str(tmp_path / "run"),
             "DOCKER_CONFIG": str(tmp_path / "dockercfg")}
     files = auth_files(env)
-    assert files == [tmp_path / "authfile.json", tmp_path / "run/containers/auth.json",
-                     home / ".config/containers/auth.json", tmp_path / "dockercfg/config.json"]
+    assert files == [tmp_path / "authfile.json", home / ".config/containers/auth.json",
+                     tmp_path / "dockercfg/config.json"]
     for i, path in enumerate(files):
         write(path, {"auths": {"r.io": {"auth": b64(f"user{i}:p")}, f"only{i}.io": {"auth": b64(f"u{i}:p")}}})
     write(home / ".docker/config.json", {"auths": {"home.io": {"auth": b64("home:p")}}})
-    for i in range(4):
+    write(tmp_path / "run/containers/auth.json", {"auths": {"run.io": {"auth": b64("run:p")}}})
+    for i in range(3):
         creds = find_credentials(f"only{i}.io", env=env)
         assert creds is not None and creds.username == f"u{i}" and creds.source.startswith(str(files[i]))
     first = find_credentials("r.io", env=env)
     assert first is not None and first.username == "user0"
+    # REGISTRY_AUTH_FILE replaces podman login's file, as Podman's --authfile does
+    assert find_credentials("run.io", env=env) is None
+    del env["REGISTRY_AUTH_FILE"]
+    assert auth_files(env)[0] == tmp_path / "run/containers/auth.json"
+    run = find_credentials("run.io", env=env)
+    assert run is not None and run.username == "run"
     # DOCKER_CONFIG replaces ~/.docker, as in Docker
     assert find_credentials("home.io", env=env) is None
     del env["DOCKER_CONFIG"]
