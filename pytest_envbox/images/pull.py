@@ -127,10 +127,15 @@ class Puller:
             self.store.has_blob(layer.digest) for layer in record.layers)
 
     def _import(self, ref: ImageRef) -> ImageRecord:
-        progress = PullProgress(str(ref), self.show)
+        name = str(ref)
+        progress = PullProgress(name, self.show)
         progress.phase("importing")
-        record = archive.import_image(ref, self.store)
-        progress.finish(f"imported {ref}")
+        got = archive.import_archive(self.store, ref.transport, ref.path, ref.tag, reference=name)
+        now = time.time()
+        record = ImageRecord(name=name, digest=got.manifest, config=got.config,
+                             layers=list(got.layers), size=got.size, pulled=now, last_used=now)
+        self.store.save_image(record)
+        progress.finish(f"imported {name}")
         return record
 
     def _from_registry(self, ref: ImageRef, known: ImageRecord | None) -> ImageRecord:
