@@ -336,13 +336,15 @@ class Proxy:
 
     ``flaky``: the first ``fail`` requests of each path answer 503; ``cut``: blob bodies end
     halfway; ``stall``: blob bodies stop halfway until the test ends; ``short``: blobs are
-    complete answers one byte short; ``redirect``: blobs are
-    redirected to ``storage``; ``tamper``: manifests gain a byte; ``schema1``: manifests are
-    schema 1. ``seen`` records (path, headers) of every request.
+    complete answers one byte short; ``redirect``: blobs are redirected to ``storage``;
+    ``tamper``: manifests gain a byte; ``schema1``: manifests are schema 1; ``slow``: each blob
+    body takes ``pace`` seconds. ``seen`` records (path, headers) of every request.
     """
 
-    def __init__(self, upstream: str, mode: str = "pass", fail: int = 0, auth: str | None = None) -> None:
+    def __init__(self, upstream: str, mode: str = "pass", fail: int = 0, auth: str | None = None,
+                 pace: float = 2.0) -> None:  # fmt: skip
         self.upstream, self.mode, self.fail, self.auth = upstream, mode, fail, auth
+        self.pace = pace  # ``slow``: seconds each blob takes
         self.seen: list[tuple[str, dict[str, str]]] = []
         self.counts: dict[str, int] = {}
         self.release = threading.Event()
@@ -389,6 +391,16 @@ class Proxy:
         if manifest and self.mode == "schema1":
             body = json.dumps({"schemaVersion": 1, "name": "x", "tag": "1", "fsLayers": []}).encode()
             out = {"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}
+        if blob and got.status_code == 200 and self.mode == "slow":  # a far registry's pace
+            req.send_response(200)
+            req.send_header("Content-Length", str(len(body)))
+            req.end_headers()
+            step = max(1, len(body) // 20)
+            for i in range(0, len(body), step):
+                req.wfile.write(body[i:i + step])
+                req.wfile.flush()
+                self.release.wait(self.pace / 20)  # pacing the bytes, not waiting for anything
+            return None
         if blob and got.status_code == 200 and self.mode == "short":
             return self.send(req, 200, out, body[:-1])  # a whole answer, one byte short of the blob
         if blob and got.status_code == 200 and self.mode in ("cut", "stall"):
