@@ -205,7 +205,9 @@ def _docker(store: Store, src: _Source, tag: str | None) -> Imported:
         raise ImageError("not a docker archive (no manifest.json)", reference=src.reference)
     images = src.json("manifest.json")
     if tag is not None:
-        images = [i for i in images if tag in (i.get("RepoTags") or [])]
+        # docker and skopeo write Docker Hub names in full: "busybox:1" is docker.io/library/busybox:1
+        names = {tag, f"docker.io/{tag}", f"docker.io/library/{tag}"}
+        images = [i for i in images if names & set(i.get("RepoTags") or [])]
     if len(images) != 1:
         have = ", ".join(t for i in src.json("manifest.json") for t in i.get("RepoTags") or []) or "untagged"
         what = f"no image tagged {tag!r}" if tag is not None and not images else f"{len(images)} images"

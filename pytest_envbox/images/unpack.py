@@ -426,3 +426,9 @@ def remove_trees(paths: list[str], progress: Callable[[Any], None] | None = None
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+def lstat_ids(paths: list[str], progress: Callable[[Any], None] | None = None) -> list[list[int]]:
+    """``[uid, gid]`` of each path (not followed) as this process sees them: rootless, run in the
+    user namespace (:func:`pytest_envbox.images.nsrun.call`), the ids the services see."""
+    return [[st.st_uid, st.st_gid] for st in (os.lstat(p) for p in paths)]
