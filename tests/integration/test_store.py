@@ -49,22 +49,17 @@ def test_two_processes_ingesting_one_blob_fill_it_once(tmp_path: Path) -> None:
         def fill(out):
             with open(count, "a") as f:
                 f.write(role + "\\n")
-            if role == "first":  # hold the lock until the second is blocked on it
+            if role == "first":  # hold the lock until the second is about to take it
                 Path(started).write_text("")
-                with open(started + ".other") as f:
-                    other = f.read()
-                def blocked():
-                    with open("/proc/locks") as f:
-                        return any("->" in l and f" {other} " in l.replace(":", " ") for l in f)
-                wait_until(blocked, Deadline(30))
+                wait_until(lambda: os.path.exists(started + ".second") or None, Deadline(30))
             out.write(Path(data).read_bytes())
         if role == "second":
-            wait_until(lambda: os.path.exists(started), Deadline(30))
+            wait_until(lambda: os.path.exists(started) or None, Deadline(30))
+            Path(started + ".second").write_text("")
         print(Store(Path(root)).ingest(digest, None, fill))
     """
     first = _child(code, str(root), str(count), str(started), str(tmp_path / "data"), DIGEST, "first")
     second = _child(code, str(root), str(count), str(started), str(tmp_path / "data"), DIGEST, "second")
-    Path(str(started) + ".other").write_text(str(second.pid))
     outs = [p.communicate(timeout=60) for p in (first, second)]
     assert [p.returncode for p in (first, second)] == [0, 0], outs
     assert count.read_text() == "first\n", "the second process filled the blob again"
