@@ -125,6 +125,7 @@ def test_sigkill_during_ingest_leaves_nothing_trusted_and_a_new_ingest_works(tmp
     assert _leftovers(store), "the child writes under a temporary name"
     child.send_signal(signal.SIGKILL)
     child.wait()
+    child.stdout.close()
     assert child.stdin is not None
     child.stdin.close()
     assert not store.has_blob(DIGEST), "a killed ingest left a blob a later run trusts"
@@ -161,6 +162,9 @@ def test_sigkill_during_unpack_leaves_no_layer_and_a_new_unpack_works(
     assert any(n.startswith("layer-") for n in _leftovers(store))
     child.send_signal(signal.SIGKILL)
     child.wait()
+    child.stdout.close()
+    assert child.stdin is not None
+    child.stdin.close()
     assert not store.layer_path(layer.diff_id).exists(), "a killed unpack left a layer a later run trusts"
     (path,) = store.unpack([layer])
     assert (path / "bin/busybox").read_bytes() == Path("/bin/busybox").read_bytes()
