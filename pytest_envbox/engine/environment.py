@@ -29,8 +29,10 @@ from pytest_envbox.engine.client import SupervisorClient, get_supervisor, rootle
 from pytest_envbox.engine.faults import Network
 from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_level, stop_all
 from pytest_envbox.engine.hostports import reserve_host_ports
+from pytest_envbox.engine.imageplan import PreparedImage, prepare_image_service
 from pytest_envbox.engine.planning import Subnet, check_cgroups, check_ids, plan_for
-from pytest_envbox.errors import EnvboxError, HostUnsupported
+from pytest_envbox.errors import ConfigError, EnvboxError, HostUnsupported
+from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.spec import Service
 from pytest_envbox.supervisor.protocol import KeepRequest, OwnDirRequest
 
@@ -66,6 +68,7 @@ class Environment:
         on_ready: Callable[[ServiceHandle], None] | None = None,
         on_close: Callable[[Environment], None] | None = None,
         modify_service: Callable[[Service], Service] | None = None,
+        images: Mapping[str, PreparedImage] | None = None,
     ) -> None:
         self.catalog = catalog if catalog is not None else Catalog({}, {}, {})
         wanted = subnet or self.catalog.subnet  # None: one of the host's free ones, at open
@@ -79,11 +82,14 @@ class Environment:
         #: applied to the Service objects given to start() (the plugin's modify_service hook)
         self.modify_service = modify_service
         self.rootdir = Path(rootdir if rootdir is not None else os.getcwd()).resolve()
-        specs = select(self.catalog, list(services), topology)
-        self._levels = start_levels(specs)
-        self._plans = {s.name: plan_for(s, self.rootdir) for s in specs}
-        self._specs = {s.name: s for s in specs}
+        #: service name -> its image, pulled and unpacked (engine/imageplan.py)
+        self._images = dict(images or {})
         self.id = f"{os.getpid()}-{next(_env_ids)}"
+        specs = select(self.catalog, list(services), topology)
+        self._plans: dict[str, SandboxPlan] = {}
+        specs = [self._plan(s) for s in specs]
+        self._levels = start_levels(specs)
+        self._specs = {s.name: s for s in specs}
         # Absolute: the sandbox binds files of it (hosts) from another mount namespace's view.
         self._given_workdir = (self.rootdir / workdir).resolve() if workdir is not None else None
         self.workdir: Path | None = None
@@ -189,9 +195,11 @@ class Environment:
         specs = select(self.catalog, [service, *self._specs.values()], None)
         new = [s for s in specs if s.name not in self._handles]
         assert self._sup is not None
+        planned = dict(self._plans)
+        new = [self._specs[s.name] if s.name in self._plans else self._plan(s, planned) for s in new]
         check_cgroups(self._sup, new)
         levels = start_levels([*self._specs.values(), *(s for s in new if s.name not in self._specs)])
-        plans = {s.name: self._plans.get(s.name) or plan_for(s, self.rootdir) for s in new}
+        plans = {s.name: planned[s.name] for s in new}
         if self._sup.ids:
             check_ids(self._sup, new, plans)
         for s in new:
@@ -203,6 +211,20 @@ class Environment:
         self._start_levels([lvl for lvl in ([s for s in lvl if s.name in wanted] for lvl in levels) if lvl])
         name = service if isinstance(service, str) else service.name
         return self._handles[name]
+
+    def _plan(self, spec: Service, plans: dict[str, SandboxPlan] | None = None) -> Service:
+        """Plan ``spec`` into ``plans`` (default: the environment's); return the spec as it will
+        run (an image service with its image's defaults)."""
+        plans = self._plans if plans is None else plans
+        image = self._images.get(spec.name)
+        if spec.image is None:
+            plans[spec.name] = plan_for(spec, self.rootdir)
+            return spec
+        if image is None:
+            raise ConfigError(f"the image {spec.image} was not prepared for this environment",
+                              service=spec.name, key="image")  # fmt: skip
+        spec, plans[spec.name] = prepare_image_service(spec, image, self.rootdir, self.id)
+        return spec
 
     def _list_hosts(self, specs: Iterable[Service], *, fresh: bool = False) -> None:
         """Add services (name and aliases) to the environment's ``/etc/hosts``, in place.
