@@ -13,6 +13,7 @@ resolved inside the image (an absolute target starts at the image's root), never
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -132,7 +133,7 @@ def find_executable(layers: Layers, argv0: str, path: str, *, cwd: str = "/") ->
     """Where the image has ``argv0`` (looked up on ``path`` unless it holds a ``/``): the path
     inside, as the service will exec it; None when the image has no such executable file."""
     if "/" in argv0:
-        inside = argv0 if argv0.startswith("/") else cwd.rstrip("/") + "/" + argv0
+        inside = posixpath.normpath(posixpath.join(cwd, argv0))
         return inside if _executable(layers, inside) else None
     for d in path.split(":"):
         if not d.startswith("/"):

@@ -403,6 +403,7 @@ def finish_root(b: RootBuilder, plan: SandboxPlan, *, new_netns: bool = False,
         enter_image(plan.image)  # the image's overlay is /new from here on
         b.all_ours = True
         b.ours = {"/"}
+        b.shadows = []  # build_base's (for HOME) are under the host-based root, gone with it
         b.home = plan.env.get("HOME", "/")
     else:
         os.chown(_NEW + b.home, plan.uid, plan.gid)

@@ -97,9 +97,12 @@ def remove_rw(path: str, *, helper: bool = True) -> str | None:
 
 def _in_user_namespace(path: str) -> bool:
     """Remove ``path`` from a new user namespace with the supervisor's id map (rootless)."""
+    # This package from where it was imported, installed or not.
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run([sys.executable, "-m", __name__, path], stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=60, check=False)  # fmt: skip
+                              capture_output=True, timeout=60, check=False, env=env)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0 and not os.path.lexists(path)
