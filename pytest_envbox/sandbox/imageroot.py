@@ -53,7 +53,7 @@ def overlay_options(image: ImageRoot, prefix: str = _OLD) -> str:
     """The overlay's mount options, the host paths seen below ``prefix``."""
     lower = ":".join(_escape(prefix + p) for p in image.lower)
     opts = (f"lowerdir={lower},upperdir={_escape(prefix + image.rw)}/upper,"
-            f"workdir={_escape(prefix + image.rw)}/work")  # fmt: skip
+            f"workdir={_escape(prefix + image.rw)}/work,volatile")  # fmt: skip
     return opts + ",userxattr" if image.userxattr else opts
 
 
@@ -87,6 +87,7 @@ def _mount_new_api(image: ImageRoot, target: str) -> None:
                              "6.8); flatten the image or use a newer kernel") from None  # fmt: skip
         put("upperdir", _OLD + image.rw + "/upper")
         put("workdir", _OLD + image.rw + "/work")
+        put("volatile", None)
         if image.userxattr:
             put("userxattr", None)
         _sys(_SYS_FSCONFIG, ctypes.c_int(fs), ctypes.c_uint(_FSCONFIG_CMD_CREATE), None, None,
@@ -104,7 +105,13 @@ def _mount_new_api(image: ImageRoot, target: str) -> None:
 
 
 def mount_overlay(image: ImageRoot, target: str) -> None:
-    """The image's overlay at ``target`` (nosuid, nodev)."""
+    """The image's overlay at ``target`` (nosuid, nodev).
+
+    ``volatile`` (Linux 5.10): no sync of the writable layer's filesystem when the overlay goes
+    (overlayfs otherwise syncs the whole filesystem holding it, ``~/.cache`` say, at every stop
+    and teardown: milliseconds, seconds under write load). The layer is thrown away with its
+    run, so a host crash has nothing to lose; supervisor/rwlayers.py ``reuse_rw`` clears the
+    mark that makes the kernel refuse the next mount at a restart."""
     opts = overlay_options(image)
     try:
         if len(opts) < _PAGE:

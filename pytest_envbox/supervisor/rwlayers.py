@@ -21,7 +21,7 @@ import stat
 import subprocess
 import sys
 
-__all__ = ["make_rw", "remove_rw"]
+__all__ = ["make_rw", "remove_rw", "reuse_rw"]
 
 _PARTS = frozenset({"upper", "work"})
 
@@ -39,6 +39,22 @@ def make_rw(path: str) -> bool:
     for part in ("upper", "work"):
         os.mkdir(os.path.join(path, part), 0o755)
     return True
+
+
+def reuse_rw(path: str) -> None:
+    """Ready the writable layer ``path`` for the service's next start (a restart): the mark a
+    ``volatile`` overlay leaves in its work directory goes, or the kernel refuses the mount.
+
+    ``volatile`` skips overlayfs' sync of the writable layer at unmount (milliseconds at each
+    stop and teardown); the mark says the layer may be incomplete after a host crash. A layer
+    lives only within one run, never across a crash, and a service's previous run has ended
+    (its mount with it) before the next one starts: its files are all there.
+    """
+    mark = os.path.join(path, "work", "work", "incompat", "volatile")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(mark, "dirty"))
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(mark)
 
 
 def _is_rw(parent_fd: int, name: str) -> bool:

@@ -31,7 +31,7 @@ from pytest_envbox.supervisor.protocol import (
     Unsupported,
 )
 from pytest_envbox.supervisor.relay import Relay
-from pytest_envbox.supervisor.rwlayers import make_rw, remove_rw
+from pytest_envbox.supervisor.rwlayers import make_rw, remove_rw, reuse_rw
 from pytest_envbox.supervisor.slotkernel import SlotKernel
 from pytest_envbox.supervisor.spares import SpareFailed, SpareUnsupported
 from pytest_envbox.supervisor.sync import Pending, close_sync, receive
@@ -129,6 +129,8 @@ class Services:
             make_rw(req.plan.image.rw)  # before the record lists it: nothing listed is not ours
             self.rw[slot] = req.plan.image.rw
             self.host.changed()
+        elif req.plan.image is not None:
+            reuse_rw(req.plan.image.rw)
         sink, log_fd = open_log(req.log_path)
         try:
             for attempt in (1, 2):  # a spare may have died while it waited: then one fresh try

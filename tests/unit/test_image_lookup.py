@@ -127,7 +127,8 @@ def test_resolve_user(layers: list[Path], user: str, expected: tuple[int, int, l
 
 
 def test_unknown_user_or_group_is_a_config_error(layers: list[Path]) -> None:
-    with pytest.raises(ConfigError, match=r"service 'svc', key 'user'.*'postgres' in the image's /etc/passwd"):
+    with pytest.raises(ConfigError, match=r"service 'svc', key 'user'.*'postgres' in the image's "
+                                          "/etc/passwd"):  # fmt: skip
         resolve_user(layers, "postgres", service="svc")
     with pytest.raises(ConfigError, match=r"key 'user'.*'nogroup' in the image's /etc/group"):
         resolve_user(layers, "app:nogroup", service="svc")

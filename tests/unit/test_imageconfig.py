@@ -51,8 +51,10 @@ def test_from_json_reads_every_field() -> None:
     assert c.diff_ids == ("sha256:" + "a" * 64, "sha256:" + "b" * 64)
 
 
-@pytest.mark.parametrize("doc", [{}, {"config": None}, {"config": {"Env": None, "Entrypoint": None,
-                         "Cmd": None, "ExposedPorts": None, "Healthcheck": None}, "rootfs": None}])  # fmt: skip
+NULLS = {"Env": None, "Entrypoint": None, "Cmd": None, "ExposedPorts": None, "Healthcheck": None}
+
+
+@pytest.mark.parametrize("doc", [{}, {"config": None}, {"config": NULLS, "rootfs": None}])
 def test_from_json_tolerates_nulls_and_missing(doc: object) -> None:
     assert cfg(doc) == ImageConfig()
 
@@ -116,5 +118,6 @@ def test_image_argv() -> None:
 
 
 def test_image_argv_empty_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"service 'c', key 'command'.*neither Entrypoint nor Cmd; give command"):
+    with pytest.raises(ConfigError, match=r"service 'c', key 'command'.*neither Entrypoint nor Cmd; "
+                                          "give command"):  # fmt: skip
         image_argv(Service("c", image="scratch"), ImageConfig())
