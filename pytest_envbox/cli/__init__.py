@@ -361,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_pull.add_argument("--rootdir", type=Path, default=Path.cwd(),
                         help="where relative oci: paths and insecure_registries are read from")
     sub.add_parser("images", help="list the images in the store: references, digests, sizes, last used")
-    p_prune = sub.add_parser("prune", help="remove from the store what no image needs, and images unused since")
+    p_prune = sub.add_parser("prune", help="remove from the store what no image needs, and "
+                             "images unused since --older-than")  # fmt: skip
     p_prune.add_argument("--older-than", default=None, metavar="DURATION",
                          help='also remove images not used for DURATION ("7d", "12h", "0" for all)')
     args = parser.parse_args(argv)

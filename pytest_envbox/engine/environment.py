@@ -29,8 +29,10 @@ from pytest_envbox.engine.client import SupervisorClient, get_supervisor, rootle
 from pytest_envbox.engine.faults import Network
 from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_level, stop_all
 from pytest_envbox.engine.hostports import reserve_host_ports
+from pytest_envbox.engine.imageplan import PreparedImage, prepare_image_service
 from pytest_envbox.engine.planning import Subnet, check_cgroups, check_ids, plan_for
 from pytest_envbox.errors import EnvboxError, HostUnsupported
+from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.spec import Service
 from pytest_envbox.supervisor.protocol import KeepRequest, OwnDirRequest
 
@@ -66,6 +68,7 @@ class Environment:
         on_ready: Callable[[ServiceHandle], None] | None = None,
         on_close: Callable[[Environment], None] | None = None,
         modify_service: Callable[[Service], Service] | None = None,
+        images: Mapping[str, PreparedImage] | None = None,
     ) -> None:
         self.catalog = catalog if catalog is not None else Catalog({}, {}, {})
         wanted = subnet or self.catalog.subnet  # None: one of the host's free ones, at open
@@ -79,18 +82,14 @@ class Environment:
         #: applied to the Service objects given to start() (the plugin's modify_service hook)
         self.modify_service = modify_service
         self.rootdir = Path(rootdir if rootdir is not None else os.getcwd()).resolve()
-        specs = select(self.catalog, list(services), topology)
-        self._levels = start_levels(specs)
-        # Image services are planned at open(), once their image is in the store; their
-        # reference is checked now, before anything starts.
-        self._plans = {s.name: plan_for(s, self.rootdir) for s in specs if s.image is None}
-        for s in specs:
-            if s.image is not None:
-                from pytest_envbox.engine.imageref import check_reference
-
-                check_reference(s, self.rootdir)
-        self._specs = {s.name: s for s in specs}
+        #: service name -> its image, pulled and unpacked (engine/imageplan.py)
+        self._images = dict(images or {})
         self.id = f"{os.getpid()}-{next(_env_ids)}"
+        specs = select(self.catalog, list(services), topology)
+        self._plans: dict[str, SandboxPlan] = {}
+        specs = [self._plan(s) for s in specs]
+        self._levels = start_levels(specs)
+        self._specs = {s.name: s for s in specs}
         # Absolute: the sandbox binds files of it (hosts) from another mount namespace's view.
         self._given_workdir = (self.rootdir / workdir).resolve() if workdir is not None else None
         self.workdir: Path | None = None
@@ -160,7 +159,7 @@ class Environment:
                 "process is not root: namespaces, mounts and networks need root or a user "
                 "namespace. Run the tests as root, or allow rootless mode (auto or yes)."
             )
-        self._prepare_images(self._specs.values())
+        self._specs = {s.name: s for s in self._pull_images(self._specs.values(), self._plans)}
         self._levels = [[self._specs[s.name] for s in level] for level in self._levels]
         sup = get_supervisor()
         check_cgroups(sup, self._specs.values())
@@ -198,10 +197,12 @@ class Environment:
         specs = select(self.catalog, [service, *self._specs.values()], None)
         new = [s for s in specs if s.name not in self._handles]
         assert self._sup is not None
+        planned = dict(self._plans)
+        new = [self._specs[s.name] if s.name in self._plans else self._plan(s, planned) for s in new]
+        new = self._pull_images(new, planned)
         check_cgroups(self._sup, new)
-        new = self._prepare_images(new)
         levels = start_levels([*self._specs.values(), *(s for s in new if s.name not in self._specs)])
-        plans = {s.name: self._plans.get(s.name) or plan_for(s, self.rootdir) for s in new}
+        plans = {s.name: planned[s.name] for s in new}
         if self._sup.ids:
             check_ids(self._sup, new, plans)
         for s in new:
@@ -214,18 +215,33 @@ class Environment:
         name = service if isinstance(service, str) else service.name
         return self._handles[name]
 
-    def _prepare_images(self, specs: Iterable[Service]) -> list[Service]:
-        """Pull (as each ``pull`` policy says) and unpack the images of ``specs``; put the image
-        config's defaults under each declaration and plan it. Returns ``specs``, resolved."""
+    def _plan(self, spec: Service, plans: dict[str, SandboxPlan] | None = None) -> Service:
+        """Plan ``spec`` into ``plans`` (default: the environment's); return the spec as it will
+        run (an image service with its image's defaults). An image service whose image is not
+        prepared yet only has its reference checked: :meth:`_pull_images` plans it at open."""
+        plans = self._plans if plans is None else plans
+        if spec.image is None:
+            plans[spec.name] = plan_for(spec, self.rootdir)
+            return spec
+        image = self._images.get(spec.name)
+        if image is None:
+            from pytest_envbox.engine.imageref import check_reference  # no requests import here
+
+            check_reference(spec, self.rootdir)
+            return spec
+        spec, plans[spec.name] = prepare_image_service(spec, image, self.rootdir, self.id)
+        return spec
+
+    def _pull_images(self, specs: Iterable[Service], plans: dict[str, SandboxPlan]) -> list[Service]:
+        """Pull (as each ``pull`` policy says) and unpack the images of ``specs`` not planned
+        yet, then plan them; before anything starts, so a missing image starts nothing."""
         out = []
         for spec in specs:
-            if spec.image is not None and spec.name not in self._plans:
-                from pytest_envbox.engine.images import plan_image  # requests: only for images
+            if spec.image is not None and spec.name not in plans:
+                from pytest_envbox.engine.images import prepare  # requests: only for images
 
-                spec, self._plans[spec.name] = plan_image(
-                    spec, self.rootdir, self.id, self.catalog.insecure_registries)
-                if spec.name in self._specs:
-                    self._specs[spec.name] = spec
+                self._images[spec.name] = prepare(spec, self.rootdir, self.catalog.insecure_registries)
+                spec = self._plan(spec, plans)
             out.append(spec)
         return out
 

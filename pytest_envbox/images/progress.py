@@ -82,7 +82,8 @@ class PullProgress:
         if layers:
             parts.append(f"{human_bytes(done)}/{human_bytes(total)} in {len(layers)} "
                          f"layer{'s' if len(layers) != 1 else ''}, {self.elapsed:.1f}s")  # fmt: skip
-            each = [f"{d.split(':')[-1][:12]} {'done' if t and n >= t else f'{human_bytes(n)}/{human_bytes(t)}'}"
+            each = [f"{d.split(':')[-1][:12]} "
+                    + ("done" if t and n >= t else f"{human_bytes(n)}/{human_bytes(t)}")
                     for d, (n, t) in layers.items()]  # fmt: skip
             parts.append("[" + ", ".join(each) + "]")
         else:

@@ -26,7 +26,7 @@ from pytest_envbox.images.reference import ImageRef, parse_reference
 from pytest_envbox.images.registry import Descriptor, Registry
 from pytest_envbox.images.store import ImageRecord, LayerRef, Store
 
-__all__ = ["POLICIES", "PreparedImage", "Puller", "reference_of"]
+__all__ = ["POLICIES", "PulledImage", "Puller", "reference_of"]
 
 POLICIES = ("missing", "always", "never")
 #: Blobs downloaded at once: skopeo's and containerd's default is 3 (more mostly helps far
@@ -35,7 +35,7 @@ _PARALLEL = 3
 
 
 @dataclass(frozen=True)
-class PreparedImage:
+class PulledImage:
     """An image in the store with its layers unpacked: what a service's root is made of."""
 
     reference: str
@@ -68,7 +68,7 @@ class Puller:
         self.show = show
         self._insecure = tuple(insecure)
         self._registry: Registry | None = None
-        self._prepared: dict[str, PreparedImage] = {}
+        self._prepared: dict[str, PulledImage] = {}
         self._lock = threading.Lock()
 
     @property
@@ -82,7 +82,7 @@ class Puller:
             self._registry.close()
             self._registry = None
 
-    def get(self, ref: ImageRef, policy: str = "missing") -> PreparedImage:
+    def get(self, ref: ImageRef, policy: str = "missing") -> PulledImage:
         """The image ``ref``, pulled as ``policy`` says and unpacked; :class:`ImageError` when it
         cannot be had (the reference and the registry's answer in the message)."""
         name = str(ref)
@@ -97,7 +97,7 @@ class Puller:
             layers = tuple(self.store.unpack(record.layers))
             progress.finish(f"unpacked {name}")
             self.store.touch(name)
-            prepared = PreparedImage(name, record, config, layers)
+            prepared = PulledImage(name, record, config, layers)
             self._prepared[name] = prepared
             return prepared
 

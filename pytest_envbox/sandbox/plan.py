@@ -11,13 +11,26 @@ from typing import Any
 
 from pytest_envbox.spec import HOME
 
-__all__ = ["HOME", "NOFILE", "SandboxPlan", "SetupError"]
+__all__ = ["HOME", "NOFILE", "ImageRoot", "SandboxPlan", "SetupError"]
 
 #: Open files per process (``RLIMIT_NOFILE``, soft and hard) unless the service declares
 #: ``limits.nofile``: containerd's default. Each socket may hold some kernel memory that no
 #: memory limit refuses (see docs/limits.md, "Socket buffers"); this bounds how many one
 #: process can have, and the service cannot raise it (no ``CAP_SYS_RESOURCE``).
 NOFILE = 1024
+
+
+@dataclass
+class ImageRoot:
+    """An image service's root: its layers stacked read-only under a writable layer."""
+
+    #: the unpacked layers (host paths), TOP first, as overlayfs' ``lowerdir`` lists them
+    lower: list[str]
+    #: a host directory holding ``upper/`` and ``work/``: the supervisor makes it at the first
+    #: start, keeps it across restarts and removes it when the environment closes
+    rw: str
+    #: the layers mark whiteouts and opaque directories with ``user.overlay.*`` (rootless)
+    userxattr: bool = False
 
 
 @dataclass
@@ -45,16 +58,25 @@ class SandboxPlan:
     #: path inside -> size in bytes of its tmpfs, where it differs from the default
     #: (``Service.tmpfs``; :data:`HOME` for the home directory)
     tmpfs: dict[str, int] = field(default_factory=dict)
+    #: an image service: the image is its root, not the host's (see sandbox/imageroot.py)
+    image: ImageRoot | None = None
+    #: the signal that stops it (an image's ``StopSignal``); None: SIGTERM
+    stop_signal: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow: dataclasses.asdict deep-copies every list and dict, on the start path.
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if self.image is not None:
+            d["image"] = dict(self.image.__dict__)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SandboxPlan:
         d = dict(d)
         d["mounts"] = [tuple(m) for m in d.get("mounts", [])]
         d["expose"] = [tuple(e) for e in d.get("expose", [])]
+        if isinstance(d.get("image"), dict):
+            d["image"] = ImageRoot(**d["image"])
         return cls(**d)
 
 

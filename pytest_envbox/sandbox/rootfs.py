@@ -12,6 +12,7 @@ import stat
 
 from pytest_envbox.kernel import linux as L
 from pytest_envbox.sandbox import sysfs
+from pytest_envbox.sandbox.imageroot import enter_image
 from pytest_envbox.sandbox.plan import HOME, SandboxPlan, SetupError
 
 __all__ = ["TMPFS_SIZES", "RootBuilder", "build_base", "finish_root", "open_host"]
@@ -54,6 +55,9 @@ class RootBuilder:
         self.ours: set[str] = set()
         self.shadows: list[str] = []
         self.home = HOME
+        #: an image's root: every path is the sandbox's own (the writable layer takes what is
+        #: made), so nothing is shadowed
+        self.all_ours = False
 
     def resolve(self, path: str) -> str:
         """``path`` inside the new root with symlinks followed as the service would see them."""
@@ -164,7 +168,7 @@ class RootBuilder:
             return path
         parent = os.path.dirname(path)
         parent = self.ensure(parent, is_dir=True)
-        if parent not in self.ours:
+        if parent not in self.ours and not self.all_ours:
             self.shadow(parent)
         name = os.path.basename(path)
         # Made through a descriptor of the parent, so no symbolic link can send it elsewhere.
@@ -365,11 +369,14 @@ def _bind_mounts(b: RootBuilder, plan: SandboxPlan, host: int) -> None:
             os.close(fd)
 
 
-def _tmpfs_sizes(b: RootBuilder, sizes: dict[str, int]) -> None:
+def _tmpfs_sizes(b: RootBuilder, sizes: dict[str, int], *, image: bool = False) -> None:
     """``Service.tmpfs``: a private directory resized (a remount, a few microseconds, only where
-    the size is not the default), any other path a new empty tmpfs of that size."""
+    the size is not the default), any other path a new empty tmpfs of that size. In an image only
+    ``/dev/shm`` is such a directory (see imageroot.py), and ``~`` is the image user's home."""
     for path, size in sizes.items():
-        if path in TMPFS_SIZES:
+        if image and path == HOME:
+            path = b.home
+        if path in TMPFS_SIZES and (not image or path == "/dev/shm"):
             own = _NEW + (b.home if path == HOME else path)
             if size != TMPFS_SIZES[path] and os.path.ismount(own):  # /var/tmp may be missing
                 L.mount(None, own, None, L.MS_REMOUNT | L.MS_NOSUID | L.MS_NODEV, _sized(size))
@@ -392,11 +399,19 @@ def finish_root(b: RootBuilder, plan: SandboxPlan, *, new_netns: bool = False,
         sysfs.renew_sysfs(_NEW)
     if cgroup_view:
         sysfs.mount_cgroup_view(_NEW, _OLD, own=True)  # over build_base's empty tmpfs
-    os.chown(_NEW + b.home, plan.uid, plan.gid)
-    _tmpfs_sizes(b, plan.tmpfs)
+    if plan.image is not None:
+        enter_image(plan.image)  # the image's overlay is /new from here on
+        b.all_ours = True
+        b.ours = {"/"}
+        b.shadows = []  # build_base's (for HOME) are under the host-based root, gone with it
+        b.home = plan.env.get("HOME", "/")
+    else:
+        os.chown(_NEW + b.home, plan.uid, plan.gid)
+    _tmpfs_sizes(b, plan.tmpfs, image=plan.image is not None)
     host = os.open(_OLD, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _expose(b, plan, host)
+        if plan.image is None:
+            _expose(b, plan, host)
         # Generated files live on the sandbox's own tmpfs, never on the host's disk.
         for i, (target, content) in enumerate(plan.etc_files.items()):
             source = f"/generated{i}"
@@ -406,6 +421,8 @@ def finish_root(b: RootBuilder, plan: SandboxPlan, *, new_netns: bool = False,
         _bind_mounts(b, plan, host)
     finally:
         os.close(host)
+    if plan.image is not None:
+        b.ensure(plan.cwd, is_dir=True)  # a WorkingDir the image lacks: made, as Docker does
     for d in b.shadows:
         L.mount(None, _NEW + d, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | L.MS_NOSUID
                 | L.MS_NODEV)  # fmt: skip

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pytest_envbox.errors import HostUnsupported
 from pytest_envbox.kernel.cgroups.runs import RUN_PREFIX, is_stale, run_name
 from pytest_envbox.supervisor.protocol import Done, Handlers, KeepRequest, OwnDirRequest
+from pytest_envbox.supervisor.rwlayers import remove_rw
 from pytest_envbox.supervisor.statedir import StateDir, outer_uid, remove_temp_dir, state_dir
 
 if TYPE_CHECKING:
@@ -130,6 +131,16 @@ def _remove_dirs(d: StateDir, record_name: str) -> list[str]:
     except (ValueError, AttributeError):
         return []
     gone = [remove_temp_dir(p) for p in dirs if isinstance(p, str)] if isinstance(dirs, list) else []
+    return [p for p in gone if p is not None] + _remove_rw(d, record_name)
+
+
+def _remove_rw(d: StateDir, record_name: str) -> list[str]:
+    """The writable layers of a dead run's image services (see rwlayers.py)."""
+    try:
+        rw = json.loads(d.read(record_name) or b"{}").get("rw") or []
+    except (ValueError, AttributeError):
+        return []
+    gone = [remove_rw(p) for p in rw if isinstance(p, str)] if isinstance(rw, list) else []
     return [p for p in gone if p is not None]
 
 
@@ -158,7 +169,7 @@ class RunRecord:
         tests = [sup.test_pid, *(p for p in sup.watched if p != sup.test_pid)]
         record = {"supervisor": os.getpid(), "owner": outer_uid(), "tests": tests,
                   "cwd": os.getcwd(), "environments": envs, "kept": sup.kept,
-                  "dirs": sorted(self.dirs),
+                  "dirs": sorted(self.dirs), "rw": sorted(sup.services.rw.values()),
                   "rootless": "in-userns" in sys.argv}  # fmt: skip
         if self.writer is None:
             self.writer = StateWriter(self.name)

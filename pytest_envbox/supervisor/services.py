@@ -31,6 +31,7 @@ from pytest_envbox.supervisor.protocol import (
     Unsupported,
 )
 from pytest_envbox.supervisor.relay import Relay
+from pytest_envbox.supervisor.rwlayers import make_rw, remove_rw, reuse_rw
 from pytest_envbox.supervisor.slotkernel import SlotKernel
 from pytest_envbox.supervisor.spares import SpareFailed, SpareUnsupported
 from pytest_envbox.supervisor.sync import Pending, close_sync, receive
@@ -57,6 +58,8 @@ class Slot:
     veth_index: int = 0
     #: this run's output (see LogSink); None once it has ended
     log: LogSink | None = None
+    #: the signal that stops it (an image's StopSignal), instead of SIGTERM
+    stop_signal: int | None = None
 
 
 class SlotHost(Protocol):
@@ -87,6 +90,9 @@ class Services:
         self.slots: dict[str, Slot] = {}
         self.inits: dict[int, str] = {}  # init pid -> slot
         self.logs = LogPump(host.sel)  # the services' output, each within its CPU budget
+        #: slot -> its writable layer (image services): kept across restarts, removed at
+        #: release; listed in the run's record, for the janitor should this supervisor die
+        self.rw: dict[str, str] = {}
 
     def handlers(self) -> Handlers:
         return {StartRequest: self.start, SignalRequest: self.signal, ReleaseRequest: self.release}
@@ -119,6 +125,12 @@ class Services:
         refused = k.limits_refused(req.limits)
         if refused is not None:
             raise Unsupported(refused)
+        if req.plan.image is not None and req.plan.image.rw != self.rw.get(slot):
+            make_rw(req.plan.image.rw)  # before the record lists it: nothing listed is not ours
+            self.rw[slot] = req.plan.image.rw
+            self.host.changed()
+        elif req.plan.image is not None:
+            reuse_rw(req.plan.image.rw)
         sink, log_fd = open_log(req.log_path)
         try:
             for attempt in (1, 2):  # a spare may have died while it waited: then one fresh try
@@ -184,6 +196,7 @@ class Services:
         s.main_pid = None
         s.generation = req.generation
         s.killed = False
+        s.stop_signal = req.plan.stop_signal
         self.inits[pid] = slot
         pend = Pending("start", req_id, slot, ctl, pid)
         self.host.pending[ctl.fileno()] = pend
@@ -242,6 +255,8 @@ class Services:
             self.kernel.thaw(req.slot)
         if sig == signal.SIGKILL:
             s.killed = True
+        elif req.thaw and sig == signal.SIGTERM and s.stop_signal:  # a stop: the image's signal
+            sig = s.stop_signal
         with contextlib.suppress(ProcessLookupError):  # gone already: its exit event says so
             if req.target == "main" and s.main_pidfd is not None:
                 self.kernel.pidfd_send_signal(s.main_pidfd, sig)
@@ -309,6 +324,7 @@ class Services:
                     self._release(s)
                 self.kernel.cut_link(slot, s)
             self.kernel.release_cgroup(slot)
+            self._remove_rw(slot)
         self.host.changed()
         for env in {env_of(slot) for slot in slots}:
             if not any(env_of(other) == env for other in self.slots):
@@ -319,6 +335,15 @@ class Services:
             self.kernel.thaw(slot)
             with contextlib.suppress(Exception):  # one slot's trouble must not keep the rest
                 self._release(self.slots.pop(slot))
+        for slot in list(self.rw):
+            self._remove_rw(slot)
+
+    def _remove_rw(self, slot: str) -> None:
+        """The slot's writable layer goes (its processes are gone: nothing writes there now)."""
+        path = self.rw.pop(slot, None)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                remove_rw(path)
 
     def _release(self, s: Slot, wait: float = 2.0) -> None:
         try:
