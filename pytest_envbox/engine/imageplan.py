@@ -38,7 +38,7 @@ _RUN_TOKEN = f"{os.getpid()}-{secrets.token_hex(4)}"
 @dataclass(frozen=True)
 class PreparedImage:
     """An image ready to run: its config, its unpacked layers (bottom first), where writable
-    layers go (``Store.rw_root``), and whether the layers use ``user.overlay.*`` (rootless)."""
+    layers go (the store's ``rw_root``), and whether the layers use ``user.overlay.*`` (rootless)."""
 
     reference: str
     config: ImageConfig

@@ -145,6 +145,10 @@ class Puller:
         if known is not None and known.digest == manifest.digest:
             progress.finish(f"{name} is up to date")
             return known
+        missing = [d for d in manifest.layers if not self.store.has_blob(d.digest)]
+        for d in manifest.layers:
+            progress.layer(d.digest, d.size if d not in missing else 0, d.size)
+        progress.phase("downloading")
         config_path = self.store.ingest(manifest.config.digest, manifest.config.size,
                                         self._filler(ref, manifest.config, None))  # fmt: skip
         config = ImageConfig.from_json(config_path.read_bytes())
@@ -152,10 +156,6 @@ class Puller:
             raise ImageError(f"its manifest lists {len(manifest.layers)} layers but its config "
                              f"{len(config.diff_ids)} (rootfs.diff_ids): the image is corrupt; "
                              "push it again", reference=name)  # fmt: skip
-        progress.phase("downloading")
-        missing = [d for d in manifest.layers if not self.store.has_blob(d.digest)]
-        for d in manifest.layers:
-            progress.layer(d.digest, d.size if d not in missing else 0, d.size)
         if missing:
             with ThreadPoolExecutor(min(_PARALLEL, len(missing)), "envbox-pull") as pool:
                 jobs = [pool.submit(self.store.ingest, d.digest, d.size, self._filler(ref, d, progress))

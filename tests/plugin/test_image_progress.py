@@ -46,6 +46,7 @@ def test_after():
     pass
 """)
     monkeypatch.setenv("ENVBOX_STORE", str(tmp_path / "store"))  # empty: the pull is real
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[2]))  # a checkout, or installed
     result = pytester.runpytest_subprocess(*PLUGIN_ARGS, "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     out = result.stdout.str()
