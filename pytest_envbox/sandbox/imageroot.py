@@ -1,16 +1,17 @@
 """An image service's root: the image's layers under an overlay, in place of the host's root.
 
 :func:`~pytest_envbox.sandbox.rootfs.build_base` prepares the host-based root at ``/new`` while
-the spare waits: ``/proc``, ``/sys`` and ``/dev`` of the sandbox's own. For an image service,
-:func:`enter_image` mounts the overlay (the layers read-only, the service's writable layer on
-top), moves those three into it, and moves the overlay over ``/new``; from there the root is
+the spare waits: ``/proc``, ``/sys``, ``/dev`` and ``/tmp`` of the sandbox's own. For an image
+service, :func:`enter_image` mounts the overlay (the layers read-only, the service's writable
+layer on top), moves those four into it, and moves the overlay over ``/new``; from there the root is
 finished as for a host program (``/etc/hosts``, ``mounts``), except that every path of the
 overlay is the sandbox's own: a missing mount target is made in the writable layer, never on a
 host directory.
 
-``/tmp``, ``/var/tmp`` and ``/run`` stay the image's, in the writable layer (as under Docker):
-the writable layer is the service's alone already, and a tmpfs there would hide what images put
-in them (a database image's ``/run/postgresql``, owned by its user).
+``/tmp`` is the sandbox's private tmpfs, as for host programs (API.md 6; ``Service.tmpfs`` sizes
+it); ``/var/tmp`` and ``/run`` stay the image's, in the writable layer (as under Docker): the
+writable layer is the service's alone already, and a tmpfs there would hide what images put in
+them (a database image's ``/run/postgresql``, owned by its user).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _NEW = "/new"
 _OLD = "/old"
 _STAGE = "/image"
 #: What the sandbox makes of its own in any root; the rest of the root is the image's.
-IMAGE_MOVED = ("/proc", "/sys", "/dev")
+IMAGE_MOVED = ("/proc", "/sys", "/dev", "/tmp")
 
 # mount(2) takes its options in one page; past that, the new mount API adds layers one by one.
 _PAGE = 4096
@@ -135,8 +136,8 @@ def _move(src: str, dst: str) -> None:
 
 
 def enter_image(image: ImageRoot) -> None:
-    """Make the image's overlay the new root at ``/new``, with the sandbox's ``/proc``, ``/sys``
-    and ``/dev`` moved into it (mount points made in the writable layer where the image has
+    """Make the image's overlay the new root at ``/new``, with the sandbox's ``/proc``, ``/sys``,
+    ``/dev`` and ``/tmp`` moved into it (mount points made in the writable layer where the image has
     none)."""
     os.mkdir(_STAGE)
     mount_overlay(image, _STAGE)
@@ -146,7 +147,7 @@ def enter_image(image: ImageRoot) -> None:
             raise SetupError(f"the image's {path} is not a directory; the sandbox mounts its own "
                              "there")  # fmt: skip
         if not os.path.lexists(dst):
-            os.mkdir(dst, 0o555 if path != "/dev" else 0o755)
+            os.mkdir(dst, {"/dev": 0o755, "/tmp": 0o1777}.get(path, 0o555))
         _move(_NEW + path, dst)
     # Over the host-based root: the pivot detaches both, with everything below them.
     L.mount(_STAGE, _NEW, None, L.MS_MOVE)

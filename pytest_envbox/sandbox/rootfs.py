@@ -372,11 +372,12 @@ def _bind_mounts(b: RootBuilder, plan: SandboxPlan, host: int) -> None:
 def _tmpfs_sizes(b: RootBuilder, sizes: dict[str, int], *, image: bool = False) -> None:
     """``Service.tmpfs``: a private directory resized (a remount, a few microseconds, only where
     the size is not the default), any other path a new empty tmpfs of that size. In an image only
-    ``/dev/shm`` is such a directory (see imageroot.py), and ``~`` is the image user's home."""
+    ``/tmp`` and ``/dev/shm`` are such directories (see imageroot.py), and ``~`` is the image
+    user's home."""
     for path, size in sizes.items():
         if image and path == HOME:
             path = b.home
-        if path in TMPFS_SIZES and (not image or path == "/dev/shm"):
+        if path in TMPFS_SIZES and (not image or path in ("/tmp", "/dev/shm")):
             own = _NEW + (b.home if path == HOME else path)
             if size != TMPFS_SIZES[path] and os.path.ismount(own):  # /var/tmp may be missing
                 L.mount(None, own, None, L.MS_REMOUNT | L.MS_NOSUID | L.MS_NODEV, _sized(size))

@@ -149,6 +149,10 @@ def test_the_service_sees_the_image_not_the_host(tmp_path: Path) -> None:
         # Writes go to the writable layer: root writing to /bin leaves the layer untouched.
         sh(app, "echo new > /bin/x; echo tmp > /tmp/private; echo f > /mnt/host/back")
         assert sh(env["peer"], "test ! -e /tmp/private && test ! -e /bin/x && echo ok") == "ok\n"
+        # /tmp is the sandbox's private tmpfs, as for host programs (API.md 6), not the layer
+        tmp_mounts = [ln.split() for ln in sh(app, "cat /proc/self/mountinfo").splitlines()]
+        assert [m[m.index("-") + 1] for m in tmp_mounts if m[4] == "/tmp"] == ["tmpfs"]
+        assert not [p for p in (tmp_path / "rw").rglob("private")]
         assert not (tmp_path / "img/layer1/bin/x").exists()
         rw = [p for p in (tmp_path / "rw").glob("*/*") if p.is_dir()]
         assert len(rw) == 2
