@@ -237,7 +237,10 @@ def fork_with(flags: int, *, python_fixups: bool = True, cgroup_fd: int | None =
     if cgroup_fd is not None:
         # clone3 with CLONE_INTO_CGROUP: the child starts in that cgroup (v2), with no move
         # and none of the grace-period wait a move costs (see cgroups.CgroupTree.new).
-        args = _CloneArgs(flags=flags | CLONE_INTO_CGROUP, exit_signal=17, cgroup=cgroup_fd)
+        # clone3 refuses an exit signal with CLONE_PARENT (EINVAL): the child then signals its
+        # new parent as the caller would (SIGCHLD here), as legacy clone does when it ignores it.
+        exit_signal = 0 if flags & CLONE_PARENT else 17
+        args = _CloneArgs(flags=flags | CLONE_INTO_CGROUP, exit_signal=exit_signal, cgroup=cgroup_fd)
     if python_fixups:
         api.PyOS_BeforeFork()
     if args is not None:

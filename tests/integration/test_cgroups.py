@@ -561,3 +561,42 @@ def test_v2_rootless_services_get_their_limits_in_a_subtree_delegated_to_the_use
                                    if os.path.isdir(os.path.join(d, n))), reverse=True):  # fmt: skip
                     os.rmdir(sub)
                 os.rmdir(d)
+
+
+_CLONE_INTO = """
+import os, sys
+from pytest_envbox.kernel import linux as L
+fd = os.open(sys.argv[1], os.O_PATH | os.O_DIRECTORY)
+helper = os.fork()
+if helper == 0:  # clones a child of ours straight into the cgroup, as the zygote clones spares
+    try:
+        if L.fork_with(L.CLONE_PARENT | L.CLONE_NEWPID, python_fixups=False, cgroup_fd=fd) == 0:
+            os._exit(7)
+    except OSError as e:
+        print(e, flush=True)
+    os._exit(0)
+os.waitpid(helper, 0)
+pid, status = os.wait()  # the spare-like child is ours (CLONE_PARENT)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def _v2_root() -> str | None:
+    for line in open("/proc/self/mountinfo"):
+        if " - cgroup2 " in line:
+            return line.split()[4]
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="clones into the cgroup v2 root: needs root")
+def test_clone_parent_into_a_v2_cgroup() -> None:
+    """clone3(CLONE_PARENT | CLONE_INTO_CGROUP), as the zygote makes each spare on cgroup v2:
+    clone3 refuses an exit signal with CLONE_PARENT, which once made every spare on v2 fail."""
+    root = _v2_root()
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy is mounted")
+    own = [ln.split("::", 1)[1].strip() for ln in open("/proc/self/cgroup") if ln.startswith("0::")]
+    target = root + (own[0] if own else "/")
+    done = subprocess.run([sys.executable, "-c", _CLONE_INTO, target], capture_output=True, text=True,
+                          timeout=30, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))  # fmt: skip
+    assert done.stdout.strip() == "child 7", done.stdout + done.stderr
