@@ -105,6 +105,27 @@ def _mount_new_api(image: ImageRoot, target: str) -> None:
         os.close(mnt)
 
 
+def _mount_relative(image: ImageRoot, target: str) -> bool:
+    """The overlay with its lower layers as paths relative to their common directory, which
+    the mount resolves from the working directory; False when that does not fit in a page either."""
+    common = os.path.commonpath(image.lower)
+    if common in image.lower:
+        common = os.path.dirname(common)
+    lower = ":".join(_escape(os.path.relpath(p, common)) for p in image.lower)
+    rest = overlay_options(image).split(",", 1)[1]
+    opts = f"lowerdir={lower},{rest}"
+    if len(opts) >= _PAGE:
+        return False
+    here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(_OLD + common)
+        L.mount("overlay", target, "overlay", L.MS_NOSUID | L.MS_NODEV, opts)
+    finally:
+        os.fchdir(here)
+        os.close(here)
+    return True
+
+
 def mount_overlay(image: ImageRoot, target: str) -> None:
     """The image's overlay at ``target`` (nosuid, nodev).
 
@@ -117,8 +138,14 @@ def mount_overlay(image: ImageRoot, target: str) -> None:
     try:
         if len(opts) < _PAGE:
             L.mount("overlay", target, "overlay", L.MS_NOSUID | L.MS_NODEV, opts)
-        else:
+            return
+        try:
             _mount_new_api(image, target)
+        except SetupError:
+            # Before Linux 6.8: the layers named relative to the directory they share (the
+            # store's layers/sha256/: 65 bytes a layer, about 60 in a page), if that fits.
+            if not _mount_relative(image, target):
+                raise
     except OSError as e:
         raise SetupError(f"the image's overlay could not be mounted ({e.strerror}); its layers "
                          f"{image.lower[0]}... and writable layer {image.rw}") from e  # fmt: skip

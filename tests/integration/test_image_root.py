@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_envbox import ConfigError, Environment, Service, probe
+from pytest_envbox import ConfigError, Environment, Service, ServiceFailed, probe
 from pytest_envbox.engine.client import rootless
 from pytest_envbox.engine.imageplan import PreparedImage
 from pytest_envbox.images.imageconfig import ImageConfig
@@ -284,17 +285,39 @@ def test_nothing_remains_after_sigkill(tmp_path: Path, kill_supervisor: bool) ->
             child.wait()
 
 
-def test_a_stack_whose_options_exceed_a_page(tmp_path: Path) -> None:
-    """mount(2) takes one page of options; past it, the layers go one by one (fsconfig)."""
+def _stack(tmp_path: Path, names: list[str]) -> PreparedImage:
+    """The test image with one more layer per name (each adds ``/etc/layerN``), on top."""
     img = image(tmp_path)
     extra = []
-    for i in range(40):
-        d = tmp_path / "img" / (f"{i:02d}" + "x" * 120)
+    for i, name in enumerate(names):
+        d = tmp_path / "img" / name
         (d / "etc").mkdir(parents=True)
         (d / "etc" / f"layer{i}").write_text(f"{i}\n")
         extra.append(d)
     layers = (*img.layers, *extra)
     assert len(":".join(str(p) for p in layers)) > 4096
-    big = PreparedImage(REF, img.config, layers, img.rw_root, img.userxattr)
+    return PreparedImage(REF, img.config, layers, img.rw_root, img.userxattr)
+
+
+def test_a_stack_whose_options_exceed_a_page(tmp_path: Path) -> None:
+    """mount(2) takes one page of options; past it, the layers go one by one (fsconfig,
+    Linux 6.8), or before 6.8 by names relative to the store's layer directory."""
+    names = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(56)]  # as the store names them
+    big = _stack(tmp_path, names)
     with Environment([Service("big", image=REF)], images={"big": big}, rootdir=tmp_path) as env:
-        assert sh(env["big"], "cat /etc/layer0 /etc/layer39 /etc/marker") == "0\n39\nfrom the image\n"
+        assert sh(env["big"], "cat /etc/layer0 /etc/layer55 /etc/marker") == "0\n55\nfrom the image\n"
+
+
+def test_a_stack_past_a_page_even_relative(tmp_path: Path) -> None:
+    """Past a page even by relative names: mounted with lowerdir+ where the kernel has it
+    (6.8), else a clear error naming the layer count and the fix."""
+    big = _stack(tmp_path, [f"{i:02d}" + "x" * 120 for i in range(40)])
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())  # type: ignore[union-attr]
+    if (major, minor) >= (6, 8):
+        with Environment([Service("big", image=REF)], images={"big": big}, rootdir=tmp_path) as env:
+            assert sh(env["big"], "cat /etc/layer0 /etc/layer39") == "0\n39\n"
+    else:
+        with pytest.raises(ServiceFailed, match=r"42 layers, too many for one mount option page.*"
+                                                r"lowerdir\+.*flatten the image"):  # fmt: skip
+            Environment([Service("big", image=REF)], images={"big": big}, rootdir=tmp_path).open()
+    assert not overlays_of(tmp_path)
