@@ -112,6 +112,7 @@ def doctor() -> int:
         _rootless(out, user, blocked=bool(blocked), limits=good)
     _seccomp(out)
     _sandbox(out, root)
+    _images(out, release)
     return 0 if out.ok else 1
 
 
@@ -123,6 +124,22 @@ def _seccomp(out: _Report) -> None:
                  "run without a seccomp filter (their capabilities still limit them)")  # fmt: skip
     else:
         out.line("seccomp", "OK", rules.summary())
+
+
+def _images(out: _Report, release: tuple[int, ...]) -> None:
+    """Image services: overlayfs and the store (a NOTE at worst: host programs need neither)."""
+    try:
+        from pytest_envbox.cli import images
+
+        out.line("images", *images.doctor_line(release))
+    except ImportError as e:  # requests or filelock missing: a broken installation
+        out.line("images", "NOTE", f"image services cannot run: {e}")
+    except (EnvboxError, OSError) as e:
+        from pytest_envbox.images.store import store_root
+
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        out.line("images", "NOTE", f"image services cannot run: the store {store_root()} cannot "
+                 f"be used ({why}); set ENVBOX_STORE to a writable directory")  # fmt: skip
 
 
 def _sandbox(out: _Report, root: bool) -> None:

@@ -4,6 +4,7 @@ root and as an unprivileged user."""
 from __future__ import annotations
 
 import os
+import platform
 import pwd
 import re
 import select
@@ -120,7 +121,8 @@ def test_doctor_as_an_unprivileged_user_says_what_rootless_mode_can_and_cannot_d
                            text=True, timeout=60, cwd="/")  # fmt: skip
         user = pwd.getpwuid(os.geteuid()).pw_name
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "rootless mode" in r.stdout.splitlines()[-1], r.stdout  # the sandbox line
+        assert "rootless mode" in r.stdout.splitlines()[-2], r.stdout  # the sandbox line
+        assert r.stdout.splitlines()[-1].startswith("images             OK      store "), r.stdout
     lines = {ln[:18].strip(): ln[19:] for ln in r.stdout.splitlines()}
     assert r.stderr == "", r.stderr
     assert lines["privileges"].startswith(f"NOTE    not root ({user})"), r.stdout
@@ -146,8 +148,12 @@ def test_doctor_as_root_says_every_piece_works_here_and_which_faults_this_kernel
     assert r.returncode == 0, r.stdout + r.stderr
     lines = {ln[:18].strip(): ln[19:] for ln in r.stdout.splitlines()}
     assert list(lines) == ["linux", "kernel", "privileges", "state directory", "user namespaces",
-                           "cgroups", "network", "addresses", "seccomp", "sandbox"]  # fmt: skip
+                           "cgroups", "network", "addresses", "seccomp", "sandbox", "images"]  # fmt: skip
     assert "MISSING" not in r.stdout
+    # The store, as `envbox images` counts it; a kernel before 6.8 says what it limits.
+    assert re.match(r"(OK|NOTE) +store .*: \d+ images?, ", lines["images"]), lines["images"]
+    release = tuple(int(x) for x in platform.release().split(".")[:2])
+    assert ("kernel before 6.8" in lines["images"]) == (release < (6, 8)), lines["images"]
     # The filter's policy: its kind, its size on this machine, the ENOSYS rule.
     assert lines["seccomp"].startswith("OK      allow-list"), lines["seccomp"]
     assert "refused with EPERM" in lines["seccomp"] and "answer ENOSYS" in lines["seccomp"]
