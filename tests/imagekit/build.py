@@ -7,6 +7,11 @@
 - :func:`redis_layout`: ``mmdebstrap --variant=apt --include=redis-server`` (Debian bookworm,
   from Debian's mirror: the one network access, cached) repacked with umoci; Cmd
   ``redis-server --protected-mode no``, User ``redis``, ExposedPorts ``6379/tcp``.
+- :func:`postgres_layout`: ``mmdebstrap --variant=essential --include=postgresql`` (bookworm:
+  PostgreSQL 15) without documentation, with :data:`POSTGRES_ENTRYPOINT`, which does what the
+  official image's entrypoint does for what tests use of it; its config as the official image's:
+  Entrypoint ``docker-entrypoint.sh``, Cmd ``postgres``, ``PGDATA=/var/lib/postgresql/data``,
+  ExposedPorts ``5432/tcp``, StopSignal ``SIGINT``, and User ``postgres``.
 - :func:`whiteout_layout`: busybox plus a layer that adds ``/data/{a,b}`` and ``/etc/motd``, and
   on top one that deletes ``/etc/motd`` (``.wh.motd``) and makes ``/data`` opaque
   (``.wh..wh..opq``) with a new ``/data/c``.
@@ -41,6 +46,7 @@ __all__ = [
     "busybox_archives",
     "busybox_layout",
     "cache_dir",
+    "postgres_layout",
     "redis_layout",
     "whiteout_layout",
 ]
@@ -164,6 +170,125 @@ def redis_layout() -> Path:
     return _cached("redis", build)
 
 
+POSTGRES_ENTRYPOINT = r"""#!/bin/sh
+# docker-entrypoint.sh: what the official postgres image's entrypoint (docker-library/postgres)
+# does, for what tests use of it. On the first start, with an empty $PGDATA: initdb with
+# POSTGRES_USER (default postgres) and POSTGRES_PASSWORD, listen on every address, password
+# authentication (POSTGRES_HOST_AUTH_METHOD, default scram-sha-256) from the network, the
+# database POSTGRES_DB (default: the user's name). Then exec the server, as the postgres user.
+# Not here: /docker-entrypoint-initdb.d, POSTGRES_INITDB_WALDIR, *_FILE secrets.
+set -eu
+
+# Options alone ("-c fsync=off") are the server's, as with the official image.
+case "${1:-}" in -*) set -- postgres "$@" ;; esac
+
+if [ "$1" = postgres ]; then
+    if [ "$(id -u)" = 0 ]; then
+        # Started as root (user = "root"): own what the server writes, then become postgres.
+        mkdir -p "$PGDATA" /run/postgresql
+        chown postgres:postgres "$PGDATA" /run/postgresql
+        chmod 700 "$PGDATA"
+        exec setpriv --reuid=postgres --regid=postgres --init-groups "$0" "$@"
+    fi
+    if [ ! -s "$PGDATA/PG_VERSION" ]; then
+        if [ -z "${POSTGRES_PASSWORD:-}" ] && [ "${POSTGRES_HOST_AUTH_METHOD:-}" != trust ]; then
+            echo "error: database is uninitialized and superuser password is not specified." >&2
+            echo "  Set POSTGRES_PASSWORD, or POSTGRES_HOST_AUTH_METHOD=trust (no password at all)." >&2
+            exit 1
+        fi
+        user=${POSTGRES_USER:-postgres}
+        db=${POSTGRES_DB:-$user}
+        mkdir -p "$PGDATA"
+        chmod 700 "$PGDATA"
+        if [ -n "${POSTGRES_PASSWORD:-}" ]; then
+            pwfile=$(mktemp)
+            printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile"
+            # shellcheck disable=SC2086  # a list of words, as upstream
+            initdb --username="$user" --pwfile="$pwfile" -D "$PGDATA" ${POSTGRES_INITDB_ARGS:-}
+            rm -f "$pwfile"
+        else
+            # shellcheck disable=SC2086
+            initdb --username="$user" -D "$PGDATA" ${POSTGRES_INITDB_ARGS:-}
+        fi
+        printf "\nlisten_addresses = '*'\n" >> "$PGDATA/postgresql.conf"
+        printf '\nhost all all all %s\n' "${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}" \
+            >> "$PGDATA/pg_hba.conf"
+        if [ "$db" != postgres ]; then
+            # As upstream: a server on the socket only (not yet reachable over TCP), psql, stop.
+            pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start
+            echo 'CREATE DATABASE :"db";' |
+                psql -X -q -v ON_ERROR_STOP=1 -U "$user" -d postgres --set db="$db"
+            pg_ctl -D "$PGDATA" -m fast -w stop
+        fi
+        echo "PostgreSQL init process complete; ready for start up."
+    fi
+fi
+exec "$@"
+"""
+
+
+def _postgres_versions(rootfs_tar: Path) -> tuple[str, str]:
+    """(major, Debian package version) of the PostgreSQL server in a rootfs tarball: the image's
+    ``PG_MAJOR`` and ``PG_VERSION``, as the official image has them."""
+    with tarfile.open(rootfs_tar) as tf:
+        majors = {m.name.split("/")[4] for m in tf if m.name.startswith("./usr/lib/postgresql/")
+                  and m.name.count("/") >= 4}  # fmt: skip
+        status = tf.extractfile("./var/lib/dpkg/status")
+        assert status is not None and len(majors) == 1, majors
+        major = majors.pop()
+        for para in status.read().decode().split("\n\n"):
+            if f"Package: postgresql-{major}\n" in para:
+                return major, next(line[9:] for line in para.splitlines() if line.startswith("Version: "))
+    raise RuntimeError(f"postgresql-{major} is not in the rootfs' dpkg status")
+
+
+def postgres_layout() -> Path:
+    """The Debian PostgreSQL OCI layout (tag ``latest``), as the official image behaves; about a
+    minute to build, once."""
+    for tool in ("mmdebstrap", "umoci"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is missing: apt-get install {tool}")
+
+    def build(work: Path) -> None:
+        rootfs_tar = work / "rootfs.tar"
+        # Essential packages plus the server, as small as Debian allows: no apt (an image is not
+        # upgraded in place); no documentation, man pages or translations (copyrights kept), as
+        # Debian's slim images (PostgreSQL's own man pages stay: update-alternatives needs them);
+        # no cluster made by the package's postinst (the entrypoint makes one in $PGDATA).
+        # libLLVM (JIT, 105 MB) is a hard dependency of postgresql-15: it stays.
+        _run("mmdebstrap", "--quiet", "--variant=essential", "--include=postgresql",
+             *[f"--dpkgopt={o}" for o in (
+                 "path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright",
+                 "path-exclude=/usr/share/man/*", "path-exclude=/usr/share/info/*",
+                 "path-exclude=/usr/share/locale/*")],
+             "--customize-hook=rm -rf \"$1\"/etc/postgresql/* \"$1\"/var/lib/postgresql/*",
+             "--format=tar", "bookworm", str(rootfs_tar), root=False)  # fmt: skip
+        major, version = _postgres_versions(rootfs_tar)
+        entrypoint = work / "docker-entrypoint.sh"  # the name the official image gives it
+        entrypoint.write_text(POSTGRES_ENTRYPOINT)
+
+        def fill(rootfs: Path) -> None:
+            _run("tar", "-xpf", str(rootfs_tar), "--numeric-owner", "--exclude=./dev/*", "-C", str(rootfs))
+            # As the official image: $PGDATA and the socket's directory belong to postgres.
+            _run("sh", "-c", f"set -e; install -m 755 {entrypoint} {rootfs}/usr/local/bin/; "
+                 f"chroot {rootfs} sh -c 'mkdir -p /var/lib/postgresql/data /run/postgresql; "
+                 "chown postgres:postgres /var/lib/postgresql/data /run/postgresql; "
+                 "chmod 1777 /var/lib/postgresql/data; chmod 3777 /run/postgresql'")  # fmt: skip
+
+        config = ["--config.entrypoint", "docker-entrypoint.sh", "--config.cmd", "postgres",
+                  "--config.user", "postgres", "--config.exposedports", "5432/tcp",
+                  "--config.stopsignal", "SIGINT", "--config.volume", "/var/lib/postgresql/data",
+                  "--config.env", f"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:"
+                                  f"/usr/lib/postgresql/{major}/bin",
+                  "--config.env", "LANG=C.UTF-8", "--config.env", f"PG_MAJOR={major}",
+                  "--config.env", f"PG_VERSION={version}",
+                  "--config.env", "PGDATA=/var/lib/postgresql/data"]  # fmt: skip
+        _layout_from_tree(work / "out", work / "bundle", fill, config)
+        rootfs_tar.unlink()
+
+    return _cached("postgres", build)
+
+
 def _layer_tar(path: Path, entries: list[tuple[str, bytes | None]]) -> None:
     """A layer: (name, content) files, None content for a directory."""
     with tarfile.open(path, "w") as tf:
@@ -228,6 +353,11 @@ def busybox_image() -> Path:
 @pytest.fixture(scope="session")
 def redis_image() -> Path:
     return redis_layout()
+
+
+@pytest.fixture(scope="session")
+def postgres_image() -> Path:
+    return postgres_layout()
 
 
 @pytest.fixture(scope="session")
