@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from pytest_envbox.errors import NotReady
+from pytest_envbox.errors import EnvboxError, NotReady
 from pytest_envbox.spec import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe
 from pytest_envbox.wait import FIRST_INTERVAL, Deadline, wait_until
 
@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 TAIL_LINES = 30
+#: How long an exec probe that could not start waits to hear that the service has exited.
+_EXIT_NEWS = 2.0
 
 
 class ReadinessTarget(Protocol):
@@ -153,6 +155,13 @@ def _check_for(target: ReadinessTarget, probe: Probe, deadline: Deadline) -> Cal
                 r = target.exec(list(probe.argv), timeout=max(0.01, left if left is not None else 30.0))
             except subprocess.TimeoutExpired:
                 return False  # a hung check is "not ready yet"; the deadline decides
+            except EnvboxError:
+                # The service exited while the check was being started in its namespaces: the
+                # exit (its code, its log) is the news, not "cannot exec". The supervisor may
+                # tell of the exit a moment after the exec failed: wait for that, bounded.
+                if target.exited.wait(_EXIT_NEWS):
+                    target.raise_if_exited()
+                raise
             return r.returncode == 0
 
         return exec_ok
