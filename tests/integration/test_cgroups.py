@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -582,7 +583,7 @@ print("child", os.waitstatus_to_exitcode(status))
 
 
 def _v2_root() -> str | None:
-    for line in open("/proc/self/mountinfo"):
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
         if " - cgroup2 " in line:
             return line.split()[4]
     return None
@@ -595,8 +596,9 @@ def test_clone_parent_into_a_v2_cgroup() -> None:
     root = _v2_root()
     if root is None:
         pytest.skip("no cgroup v2 hierarchy is mounted")
-    own = [ln.split("::", 1)[1].strip() for ln in open("/proc/self/cgroup") if ln.startswith("0::")]
+    own = [ln[3:] for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::")]
     target = root + (own[0] if own else "/")
+    repo = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", _CLONE_INTO, target], capture_output=True, text=True,
-                          timeout=30, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))  # fmt: skip
+                          timeout=30, cwd=repo)  # fmt: skip
     assert done.stdout.strip() == "child 7", done.stdout + done.stderr

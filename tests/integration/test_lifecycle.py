@@ -431,7 +431,6 @@ def test_a_service_that_exits_while_its_exec_probe_starts_is_reported_as_exited(
     for _ in range(15):
         svc = Service("x", ["sh", "-c", "echo bye; sleep 0.05; exit 3"],
                       ready=probe.exec(["false"], interval="10ms"))  # fmt: skip
-        with pytest.raises(ServiceFailed) as e:
-            with Environment([svc]):
-                pass
+        with pytest.raises(ServiceFailed) as e, Environment([svc]):
+            pass
         assert "return code 3" in str(e.value) and "bye" in str(e.value), str(e.value)
