@@ -118,3 +118,11 @@ def host_links() -> set[str]:
     """The host's network links, without environments' links (``envbox<N>``: other xdist
     workers and parallel runs make and delete theirs at any time)."""
     return {n for n in os.listdir("/sys/class/net") if not n.startswith("envbox")}
+
+
+def our_mounts() -> list[str]:
+    """This mount namespace's mounts that the project could have made: every path it mounts on
+    or from (state dirs, stores, writable layers, run dirs) names envbox. Mount ids aside, and
+    never the host's count: other programs (podman, systemd) mount at any time."""
+    with open("/proc/self/mountinfo") as f:
+        return sorted(ln.split(" - ")[0].split(" ", 4)[4] for ln in f if "envbox" in ln)

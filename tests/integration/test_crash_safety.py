@@ -18,7 +18,7 @@ from pytest_envbox.engine.client import SupervisorClient
 from pytest_envbox.kernel.cgroups import detect
 from pytest_envbox.wait import Deadline, wait_until
 from tests.conftest import PLUGIN_ARGS, cgroups_problem
-from tests.kernel import alive, cgroup_dirs, holders
+from tests.kernel import alive, cgroup_dirs, holders, our_mounts
 
 INNER = """
     import os, threading
@@ -230,9 +230,8 @@ MATRIX_TESTS = """
 KILL_POINTS = ["startup", "running", "teardown"]
 
 
-def _mountinfo() -> int:
-    with open("/proc/self/mountinfo") as f:
-        return len(f.read().splitlines())
+def _mountinfo() -> list[str]:
+    return our_mounts()
 
 
 MATRIX = [(point, victim) for point in KILL_POINTS for victim in ("pytest", "supervisor", "service")

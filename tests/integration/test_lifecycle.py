@@ -15,7 +15,7 @@ import pytest
 from pytest_envbox import Environment, NotReady, Service, ServiceFailed, probe
 from pytest_envbox.engine.client import get_supervisor
 from pytest_envbox.wait import Deadline, wait_until
-from tests.kernel import alive, holders, ns_inode, started_sandboxes
+from tests.kernel import alive, holders, ns_inode, our_mounts, started_sandboxes
 
 PY = sys.executable
 HTTP = [PY, "-m", "http.server", "8000", "--bind", "127.0.0.1"]
@@ -202,12 +202,12 @@ def test_teardown_leaves_no_process_namespace_or_temp_dir() -> None:
         assert len(holders(namespaces[0])) == 4  # init, service and its two children
         workdir = env.workdir
         assert workdir is not None and workdir.exists()
-        mounts_before = Path("/proc/self/mountinfo").read_text()
+        mounts_before = our_mounts()
     for ns in namespaces:
         assert holders(ns) == [], ns
     assert started_sandboxes(sup.pid) <= before
     assert not workdir.exists()
-    assert Path("/proc/self/mountinfo").read_text() == mounts_before
+    assert our_mounts() == mounts_before
 
 
 def test_services_start_in_dependency_order() -> None:

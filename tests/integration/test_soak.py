@@ -14,7 +14,7 @@ from pytest_envbox.supervisor import statedir
 from pytest_envbox.supervisor.protocol import CensusRequest
 from pytest_envbox.wait import Deadline, wait_until
 from tests.conftest import cgroups_problem
-from tests.kernel import children, host_links, rss_kib
+from tests.kernel import children, host_links, our_mounts, rss_kib
 
 CYCLES = int(os.environ.get("ENVBOX_SOAK_CYCLES", "500"))
 
@@ -52,9 +52,8 @@ def run_dirs(sup: int) -> list[str]:
     return found
 
 
-def host_state() -> tuple[list[str], int]:
-    with open("/proc/self/mountinfo") as f:
-        mounts = len(f.read().splitlines())
+def host_state() -> tuple[list[str], list[str]]:
+    mounts = our_mounts()
     # Environments' links aside: other runs make theirs at any time, and ours are those of the
     # hubs kept for the next environment (tests/integration/test_network.py checks them).
     return sorted(host_links()), mounts
