@@ -271,7 +271,7 @@ def postgres_layout() -> Path:
             _run("tar", "-xpf", str(rootfs_tar), "--numeric-owner", "--exclude=./dev/*", "-C", str(rootfs))
             # As the official image: $PGDATA and the socket's directory belong to postgres.
             _run("sh", "-c", f"set -e; install -m 755 {entrypoint} {rootfs}/usr/local/bin/; "
-                 f"chroot {rootfs} sh -c 'mkdir -p /var/lib/postgresql/data /run/postgresql; "
+                 f"/usr/sbin/chroot {rootfs} sh -c 'mkdir -p /var/lib/postgresql/data /run/postgresql; "
                  "chown postgres:postgres /var/lib/postgresql/data /run/postgresql; "
                  "chmod 1777 /var/lib/postgresql/data; chmod 3777 /run/postgresql'")  # fmt: skip
 
