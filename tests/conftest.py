@@ -69,3 +69,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             why = (cgroups_problem() or "").rsplit("; ", 1)[-1]
             item.add_marker(pytest.mark.xfail(raises=HostUnsupported, strict=True,
                                               reason=f"HostUnsupported, as it must be: {why}"))  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _remove_rootless_stores(request: pytest.FixtureRequest) -> object:
+    """Rootless, an image store holds files owned by the user's subordinate ids, which the user
+    cannot remove outside the user namespace: pytest's own clean-up of old temp dirs would fail
+    on a test's store. Each store a test made in its ``tmp_path`` is removed after the test, by
+    the store's own code (as root of the user namespace), as `envbox prune` removes layers."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if os.geteuid() == 0 or tmp is None or not tmp.is_dir():
+        return
+    stores = [p for p in (tmp, *tmp.iterdir()) if p.is_dir() and (p / "layers").is_dir()]
+    if stores:
+        from pytest_envbox.images.store import Store
+
+        for path in stores:
+            Store(path)._in_namespace("remove_trees", {"paths": [str(path)]}, None)
