@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     def images() -> dict[str, Any]:
         import bench_images
 
-        return bench_images.bench_images(n, max(3, reps // 2), 3, 3 if args.quick else 6,
+        return bench_images.bench_images(n, max(3, reps // 2), 3 if args.quick else 4, 3 if args.quick else 6,
                                          args.podman != "no", log)  # fmt: skip
 
     section("images", images)
