@@ -230,7 +230,7 @@ PYTEST_FILES = {
 }
 
 
-def bench_pytest(ref: str, store: Path, tmp: Path, reps: int) -> dict[str, Any]:
+def bench_pytest(ref: str, store: Path, tmp: Path, reps: int, log: Log) -> dict[str, Any]:
     root = tmp / "pytest"
     root.mkdir()
     args = ", ".join(f'"{a}"' for a in REDIS_ARGS)
@@ -245,18 +245,28 @@ def bench_pytest(ref: str, store: Path, tmp: Path, reps: int) -> dict[str, Any]:
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "ENVBOX_STORE": str(store),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     times: dict[str, list[float]] = defaultdict(list)
+    failed: list[dict[str, str]] = []
     names = list(PYTEST_FILES)
     for r in range(reps):
         for name in names[r % 3:] + names[: r % 3]:
-            t0 = time.perf_counter()
-            p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_envbox.plugin",
-                                f"test_{name}.py"], cwd=root, env=env, capture_output=True, text=True)
-            times[name].append(time.perf_counter() - t0)
-            if p.returncode != 0 or "100 passed" not in p.stdout:
-                raise RuntimeError(f"pytest run {name} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+            for attempt in range(3):  # a run with a failed test is not timed: reported, run again
+                t0 = time.perf_counter()
+                p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_envbox.plugin",
+                                    f"test_{name}.py"], cwd=root, env=env, capture_output=True, text=True)
+                took = time.perf_counter() - t0
+                if p.returncode == 0 and "100 passed" in p.stdout:
+                    times[name].append(took)
+                    break
+                lines = p.stdout.splitlines()
+                why = [x for x in lines if x.startswith(("E ", "FAILED", "ERROR"))][:6] + lines[-1:]
+                failed.append({"variant": name, "output": "\n".join(why)})
+                log(f"  pytest run {name} failed ({lines[-1] if lines else p.stderr[-300:]}), "
+                    f"{'again' if attempt < 2 else 'giving up'}")  # fmt: skip
+            else:
+                raise RuntimeError(f"pytest run {name} failed 3 times:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
     s = {k: M.summary(v, 1.0) for k, v in times.items()}
     image, host, none = (s[k]["median"] for k in ("image", "host", "none"))
-    return {"tests": 100, "reps": reps, "seconds": s, "overhead_image_s": image - none,
+    return {"tests": 100, "reps": reps, "seconds": s, "failed_runs": failed, "overhead_image_s": image - none,
             "overhead_host_s": host - none, "ratio": (image - none) / (host - none),
             "per_test_ms": {"image": (image - none) * 10, "host": (host - none) * 10}}  # fmt: skip
 
@@ -436,7 +446,7 @@ def bench_images(n: int, reps: int, pull_reps: int, n_podman: int, podman: bool,
                     out[name]["seconds_taken"] = time.monotonic() - t
 
                 part("start_stop", lambda: bench_start_stop(ref, tmp, n, 3))
-                part("pytest", lambda: bench_pytest(ref, store, tmp, reps))
+                part("pytest", lambda: bench_pytest(ref, store, tmp, reps, log))
                 if podman:
                     part("podman", lambda: bench_podman(ref, tmp, n_podman, log))
                 else:
@@ -483,6 +493,9 @@ def print_images(r: dict[str, Any], row: Callable[..., str], head: str) -> None:
         print(row(label, p["seconds"][k], unit="s"))
     print(f"  overhead: image {p['overhead_image_s']:.2f} s ({p['per_test_ms']['image']:.1f} ms a test), "
           f"host {p['overhead_host_s']:.2f} s ({p['per_test_ms']['host']:.1f} ms a test): {p['ratio']:.2f}x")
+    for f in p.get("failed_runs", []):
+        said = f["output"].replace("\n", " | ")[:300]
+        print(f"  a {f['variant']} run failed (not timed, run again): {said}")
     q = r["pull"]
     print(f"  pull + unpack into an empty directory (n={q['reps']}; the set-up's first pull "
           f"{r['first_pull_s']:.2f} s)")
