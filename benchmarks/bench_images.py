@@ -266,8 +266,9 @@ def bench_pytest(ref: str, store: Path, tmp: Path, reps: int, log: Log) -> dict[
                 raise RuntimeError(f"pytest run {name} failed 3 times:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
     s = {k: M.summary(v, 1.0) for k, v in times.items()}
     image, host, none = (s[k]["median"] for k in ("image", "host", "none"))
-    return {"tests": 100, "reps": reps, "seconds": s, "failed_runs": failed, "overhead_image_s": image - none,
-            "overhead_host_s": host - none, "ratio": (image - none) / (host - none),
+    return {"tests": 100, "reps": reps, "seconds": s, "samples_s": times, "failed_runs": failed,
+            "overhead_image_s": image - none, "overhead_host_s": host - none,
+            "ratio": (image - none) / (host - none),
             "per_test_ms": {"image": (image - none) * 10, "host": (host - none) * 10}}  # fmt: skip
 
 
@@ -337,7 +338,8 @@ def bench_pull(ref: str, tmp: Path, reps: int) -> dict[str, Any]:
         for name in names[i % len(names):] + names[: i % len(names)]:
             times[name].append(variants[name]())
     s = {k: M.summary(v, 1.0) for k, v in [*times.items(), *parts.items()]}
-    return {"reps": reps, "seconds": s, "ratio": s["envbox"]["median"] / s["skopeo_umoci"]["median"],
+    return {"reps": reps, "seconds": s, "samples_s": {**times, **parts}, "order": names,
+            "ratio": s["envbox"]["median"] / s["skopeo_umoci"]["median"],
             "umoci_rootless": bool(rootless)}  # fmt: skip
 
 
