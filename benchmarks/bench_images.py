@@ -440,6 +440,7 @@ def bench_images(n: int, reps: int, pull_reps: int, n_podman: int, podman: bool,
                 t0 = time.perf_counter()
                 envbox_pull(ref)  # into the store the cached parts use
                 out["first_pull_s"] = time.perf_counter() - t0
+                os.sync()  # the push's and the pull's writes on disk now, not during what follows
 
                 def part(name: str, fn: Callable[[], dict[str, Any]]) -> None:
                     log(f"  images: {name} ...")
