@@ -1,6 +1,6 @@
 """pytest-envbox against the alternatives: one command, one table, one JSON file.
 
-    python3 -m tox -e bench                       # as root: installs what it needs, ~3-5 min
+    python3 -m tox -e bench                       # as root: installs what it needs, ~5-6 min
     python3 benchmarks/run.py [--json PATH] [--quick] [--podman auto|no]
 
 Every figure is a median over repeated runs, shown with its min and max; every comparison is a
