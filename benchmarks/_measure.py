@@ -17,13 +17,19 @@ import select
 import socket
 import statistics
 import struct
+import sys
 import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 _PR_SET_CHILD_SUBREAPER = 36
 _CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS = 0x8913, 0x8914
+
+#: One start-to-ready and stop of a variant: (ready, stop) in seconds.
+Cycle = Callable[[], tuple[float, float]]
 
 
 def summary(samples: list[float], scale: float = 1e3) -> dict[str, Any]:
@@ -188,3 +194,39 @@ def pss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def measure(variants: dict[str, Cycle], n: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Interleaved: every iteration runs each variant once, the order rotating. A run that
+    fails is run again (and counted); a baseline that fails three times in a row is dropped
+    (bwrap 0.8 does, when many namespaces come and go), envbox never is."""
+    out: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in variants}
+    names = list(variants)
+    for i in range(warmup + n):
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
+            if "dropped" in out[name]:
+                continue
+            for attempt in range(3):  # a tool that fails now and then: counted, and run again
+                try:
+                    ready, stop = variants[name]()
+                    break
+                except Exception as e:
+                    out[name]["failures"].append(1.0)
+                    again = "again" if attempt < 2 else "giving up"
+                    _log(f"{name}: run failed ({type(e).__name__}: {e}), {again}")
+                    reap_all()
+            else:
+                if name.startswith("envbox"):
+                    raise RuntimeError(f"{name} failed three times in a row")
+                out[name]["dropped"].append(1.0)
+                continue
+            if i >= warmup:
+                out[name]["ready"].append(ready)
+                out[name]["stop"].append(stop)
+                out[name]["total"].append(ready + stop)
+    return out

@@ -276,16 +276,17 @@ def podman_session(log: Any) -> Iterator[tuple[Podman, dict[str, Any]]]:
             log("WARNING: podman left host state behind: " + "; ".join(left))
 
 
-def run_container(pm: Podman, args: list[str], cmd: list[str], port: int) -> tuple[float, float]:
-    """``podman run -d`` of ``cmd`` until its port listens, then ``podman rm -f -t 0``; returns
-    (start-to-ready, stop) in seconds."""
+def run_container(pm: Podman, args: list[str], cmd: list[str], port: int, image: str = IMAGE
+                  ) -> tuple[float, float]:  # fmt: skip
+    """``podman run -d`` of ``cmd`` (``[]``: the image's own) in ``image`` until its port
+    listens, then ``podman rm -f -t 0``; returns (start-to-ready, stop) in seconds."""
     from _measure import wait_accepting
 
     pidfile = pm.tmp / "pid"
     with contextlib.suppress(FileNotFoundError):
         pidfile.unlink()
     t0 = time.perf_counter()
-    cid = pm("run", "-d", "--pidfile", str(pidfile), *args, IMAGE, *cmd).strip()
+    cid = pm("run", "-d", "--pidfile", str(pidfile), *args, image, *cmd).strip()
     pid = int(pidfile.read_text().strip())
     wait_accepting(pid, port)
     t1 = time.perf_counter()

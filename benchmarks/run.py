@@ -1,6 +1,6 @@
 """pytest-envbox against the alternatives: one command, one table, one JSON file.
 
-    python3 -m tox -e bench                       # as root: installs what it needs, ~3-5 min
+    python3 -m tox -e bench                       # as root: installs what it needs, ~5-6 min
     python3 benchmarks/run.py [--json PATH] [--quick] [--podman auto|no]
 
 Every figure is a median over repeated runs, shown with its min and max; every comparison is a
@@ -26,6 +26,12 @@ every iteration) so that drift and background load hit them alike. Sections:
    supervisor's threads and RSS while the 2000 are connected (``bench_burst``).
 5. ``memory``: the supervisor's RSS, idle and with 20 services, and what one more service costs
    (its init's PSS plus the supervisor's growth).
+6. ``images`` (``bench_images.py``): a Debian redis image from a ``docker-registry`` on
+   127.0.0.1: start+stop of the cached image against ``redis-server`` on the host (and a
+   1-layer busybox image against the host's busybox); 100 pytest tests each with a fresh redis
+   from the image, against host redis; pull+unpack into an empty store against ``skopeo copy``
+   + ``umoci unpack``; start-to-ready against ``podman run --rm`` and testcontainers-python of
+   the same image.
 
 Readiness is the same everywhere: ``127.0.0.1:PORT`` accepts a connection inside the server's
 network namespace (envbox's ``tcp`` probe; for the others, see ``_measure.py``).
@@ -80,6 +86,12 @@ TARGETS = {
     "relay: supervisor threads with 2000 connections open": ("<", 20.0),
     "memory: supervisor RSS with 20 services (MiB)": ("<", 40.0),
     "podman: podman bridge with limits / envbox with limits": (">=", 50.0),
+    "images: redis image start+stop / host redis-server": ("<=", 1.2),
+    "images: 1-layer busybox image start+stop / host busybox": ("<=", 1.2),
+    "images: 100 redis image tests, overhead / host redis": ("<=", 1.2),
+    "images: pull+unpack / skopeo copy + umoci unpack": ("<=", 1.0),
+    "images: podman run --rm to ready / envbox": (">=", 20.0),
+    "images: testcontainers to ready / envbox": (">=", 20.0),
 }
 
 
@@ -101,7 +113,8 @@ def httpd(port: int | str) -> list[str]:
 
 # --- 1. one service -------------------------------------------------------------------------------
 
-Cycle = Callable[[], tuple[float, float]]
+Cycle = M.Cycle
+measure = M.measure
 
 
 def bare_cycle(port: int) -> Cycle:
@@ -173,37 +186,6 @@ def envbox_cycle(limits: dict[str, Any] | None) -> Cycle:
         env.close()
         return t1 - t0, time.perf_counter() - t1
     return run
-
-
-def measure(variants: dict[str, Cycle], n: int, warmup: int) -> dict[str, dict[str, list[float]]]:
-    """Interleaved: every iteration runs each variant once, the order rotating. A run that
-    fails is run again (and counted); a baseline that fails three times in a row is dropped
-    (bwrap 0.8 does, when many namespaces come and go), envbox never is."""
-    out: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in variants}
-    names = list(variants)
-    for i in range(warmup + n):
-        for k in range(len(names)):
-            name = names[(i + k) % len(names)]
-            if "dropped" in out[name]:
-                continue
-            for attempt in range(3):  # a tool that fails now and then: counted, and run again
-                try:
-                    ready, stop = variants[name]()
-                    break
-                except Exception as e:
-                    out[name]["failures"].append(1.0)
-                    log(f"{name}: run failed ({type(e).__name__}: {e}), {'again' if attempt < 2 else 'giving up'}")
-                    M.reap_all()
-            else:
-                if name.startswith("envbox"):
-                    raise RuntimeError(f"{name} failed three times in a row")
-                out[name]["dropped"].append(1.0)
-                continue
-            if i >= warmup:
-                out[name]["ready"].append(ready)
-                out[name]["stop"].append(stop)
-                out[name]["total"].append(ready + stop)
-    return out
 
 
 def bench_single(n: int, warmup: int, podman: _podman.Podman | None, docker_host: str | None,
@@ -483,6 +465,11 @@ def report(res: dict[str, Any]) -> dict[str, Any]:
         bench_burst.print_burst(r["burst"])
         figures["relay: burst of 2000 clients / same server on the host"] = r["burst"]["sizes"]["2000"]["ratio"]
         figures["relay: supervisor threads with 2000 connections open"] = r["burst"]["supervisor_threads_at_2000"]
+    if "images" in res and "error" not in res["images"]:
+        import bench_images
+
+        bench_images.print_images(res["images"], row, head)
+        figures.update(bench_images.figures(res["images"]))
     if "memory" in res and "error" not in res["memory"]:
         m = res["memory"]
         print("\n== 5. memory")
@@ -514,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     ap.add_argument("--podman", choices=["auto", "no"], default="auto",
                     help="auto: install podman with apt if missing (as root) and run it; no: skip it")
-    ap.add_argument("--only", nargs="*", choices=["single", "topology", "pytest", "relay", "memory"])
+    ap.add_argument("--only", nargs="*", choices=["single", "topology", "pytest", "relay", "memory", "images"])
     args = ap.parse_args(argv)
     n, reps, n_podman, trials = (5, 2, 3, 2) if args.quick else (20, 7, 10, 5)
     why = _podman.install_if_missing(log, {"busybox": "busybox"})  # the command every variant runs
@@ -522,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the benchmark runs busybox httpd: {why}")
     started = time.monotonic()
     M.set_subreaper()
-    sections = args.only or ["single", "topology", "pytest", "relay", "memory"]
+    sections = args.only or ["single", "topology", "pytest", "relay", "memory", "images"]
     res: dict[str, Any] = {"meta": {"python": sys.version.split()[0], "kernel": platform.release(),
                                     "cpus": os.cpu_count(), "argv": sys.argv[1:],
                                     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}  # fmt: skip
@@ -568,6 +555,14 @@ def main(argv: list[str] | None = None) -> int:
     section("pytest", lambda: bench_pytest(max(3, reps // 2)))
     section("relay", lambda: bench_relay(trials, 0.5 if args.quick else 1.0, 2 if args.quick else 3))
     section("memory", bench_memory)
+
+    def images() -> dict[str, Any]:
+        import bench_images
+
+        return bench_images.bench_images(n, max(3, reps // 2), 3 if args.quick else 4, 3 if args.quick else 6,
+                                         args.podman != "no", log)  # fmt: skip
+
+    section("images", images)
     res["meta"]["wall_seconds"] = time.monotonic() - started
     res["targets"] = report(res)
     print(f"\n(wall time {res['meta']['wall_seconds']:.0f} s)")
