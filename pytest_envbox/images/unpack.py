@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import hashlib
 import os
 import shutil
 import stat
@@ -43,10 +42,12 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
 from pytest_envbox.errors import ImageError
+from pytest_envbox.images.layerstream import LayerStream
 
 __all__ = ["Unpacked", "install_layers", "remove_trees", "unpack_layer"]
 
 _BUF = 1 << 20
+_TAR_BUF = 1 << 16
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -60,41 +61,6 @@ class Unpacked:
     entries: int = 0
     unmapped: int = 0  # entries whose owner the user namespace does not map (owned by 0 instead)
     skipped: list[str] = field(default_factory=list)  # "path: why"
-
-
-class _HashingReader:
-    """The uncompressed tar stream, hashed as tarfile reads it (no second pass over the data)."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(_BUF):
-            pass
-
-
-def _decompressed(f: BinaryIO, where: str) -> BinaryIO:
-    """The layer's tar stream, by its magic bytes (docker archives do not say which they hold)."""
-    head = f.read(4)
-    f.seek(0)
-    if head[:2] == b"\x1f\x8b":
-        return cast(BinaryIO, gzip.GzipFile(fileobj=f, mode="rb"))
-    if head == b"\x28\xb5\x2f\xfd":
-        try:
-            import zstandard  # type: ignore[import-not-found]  # optional
-        except ImportError:
-            raise ImageError(f"{where} is zstd-compressed: install the `zstandard` module "
-                             "(pip install zstandard) to use it") from None  # fmt: skip
-        return cast(BinaryIO, zstandard.ZstdDecompressor().stream_reader(f))
-    return f
 
 
 def _parts(name: str, what: str, where: str) -> list[str]:
@@ -351,13 +317,14 @@ def unpack_layer(f: BinaryIO, dest: str, diff_id: str, *, where: str, userxattr:
     ``ImageError`` when the layer is hostile, truncated or not the ``diff_id`` it should be;
     ``dest`` is then left half-filled for the caller to remove.
     """
-    reader = _HashingReader(_decompressed(f, where))
+    reader = LayerStream(f, where)
     opaque = "user.overlay.opaque" if userxattr else "trusted.overlay.opaque"
     out = Unpacked()
     root = os.open(dest, _DIR_FLAGS)
     tree = _Tree(root, where)
     try:
-        with tarfile.open(fileobj=reader, mode="r|", bufsize=_BUF) as tf:  # type: ignore[call-overload]
+        # A small read-ahead: Python 3.11's stream reader copies what is left of it at every read.
+        with tarfile.open(fileobj=reader, mode="r|", bufsize=_TAR_BUF) as tf:  # type: ignore[call-overload]
             for m in tf:
                 _entry(tf, m, tree, opaque, out)
                 out.entries += 1
@@ -367,6 +334,7 @@ def unpack_layer(f: BinaryIO, dest: str, diff_id: str, *, where: str, userxattr:
         # ValueError: what tarfile raises for some malformed headers (a bad number field).
         raise ImageError(f"{where}: not a readable layer ({e})") from None
     finally:
+        reader.close()
         tree.forget()
         os.close(root)
     got = "sha256:" + reader.sha.hexdigest()
