@@ -273,13 +273,13 @@ def _limits(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> Limits:
     return Limits(memory=size, cpu=cpu, pids=pids if pids and pids > 0 else None, nofile=nofile)
 
 
-def _relocated(exc: ConfigError, fail: Fail) -> ConfigError:
+def _relocated(exc: ConfigError, fail: Fail, prefix: str = "") -> ConfigError:
     """A spec error (``service 'x', key 'k': ...``) again, with the compose file named."""
     message = str(exc)
-    for prefix in (f"service {exc.service!r}, key {exc.key!r}: ", f"key {exc.key!r}: ",
-                   f"service {exc.service!r}: "):  # fmt: skip
-        message = message.removeprefix(prefix)
-    return fail(message, exc.key or "")
+    for said in (f"service {exc.service!r}, key {exc.key!r}: ", f"key {exc.key!r}: ",
+                 f"service {exc.service!r}: "):  # fmt: skip
+        message = message.removeprefix(said)
+    return fail(message, prefix + (exc.key or ""))
 
 
 def _tmpfs_size(options: str, key: str, fail: Fail) -> int:
@@ -300,7 +300,10 @@ def _mounts(body: dict[str, Any], project_dir: Path, extras: ServiceExtras,
         readonly = entry.get("read_only", False) is True
         if kind == "bind":
             source = os.path.expanduser(str(entry.get("source", "")))
-            mounts.append(Mount(str(project_dir / source), target, readonly))
+            try:
+                mounts.append(Mount(str(project_dir / source), target, readonly))
+            except ConfigError as exc:
+                raise _relocated(exc, fail, prefix=f"{key}.") from None
         elif kind == "volume":
             source = entry.get("source")
             extras.volumes.append(VolumeMount(str(source) if source else None, target, readonly))

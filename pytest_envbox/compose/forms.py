@@ -69,9 +69,9 @@ def _scalar(value: object) -> str | None:
     return str(value)
 
 
-def _environment(value: object, fail: Fail) -> dict[str, str | None]:
-    if isinstance(value, dict):
-        return {str(k): _scalar(v) for k, v in value.items()}
+def _environment(value: object, fail: Fail) -> dict[str, Any]:
+    if isinstance(value, dict):  # a !reset entry stays, for the merge to remove
+        return {str(k): v if isinstance(v, Reset) else _scalar(v) for k, v in value.items()}
     if isinstance(value, list):
         out: dict[str, str | None] = {}
         for i, item in enumerate(value):
@@ -90,7 +90,7 @@ def _depends_on(value: object, fail: Fail) -> dict[str, Any]:
                 raise fail(f"{describe(item)} is not a service name", f"depends_on[{i}]")
         return {name: {"condition": "service_started"} for name in value}
     if isinstance(value, dict):
-        return {str(k): (v if isinstance(v, dict) else {}) for k, v in value.items()}
+        return {str(k): (v if isinstance(v, (dict, Reset)) else {}) for k, v in value.items()}
     raise fail(f"{describe(value)} is neither a list of services nor a mapping", "depends_on")
 
 

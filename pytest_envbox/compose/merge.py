@@ -53,8 +53,10 @@ def _merge(old: Any, new: Any, path: tuple[str, ...]) -> Any:
     if isinstance(old, list) and isinstance(new, list):
         unique = _unique_key(path)
         if unique is not None:
-            keys = {unique(item) for item in new}
-            return [item for item in old if unique(item) not in keys] + strip_markers(new)
+            # An entry with the key of an earlier one takes its place; the others are appended.
+            later = {unique(item): item for item in strip_markers(new)}
+            merged_list = [later.pop(unique(item), item) for item in old]
+            return merged_list + list(later.values())
         return old + [item for item in strip_markers(new) if item not in old]
     return strip_markers(new)
 
