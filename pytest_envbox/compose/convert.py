@@ -69,6 +69,15 @@ class ServiceExtras:
 Fail = Callable[[str, str], ConfigError]
 
 
+def _table(value: object, key: str, fail: Fail) -> dict[str, Any]:
+    """A mapping (None: an empty one), or the error saying that ``key`` must be one."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise fail(f"{describe(value)} is not a mapping", key)
+    return value
+
+
 def _argv(value: object, key: str, fail: Fail) -> list[str]:
     if isinstance(value, str):
         try:
@@ -155,7 +164,8 @@ def _ports(body: dict[str, Any], fail: Fail) -> list[int]:
 
 
 def _depends(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> None:
-    for dep, options in (body.get("depends_on") or {}).items():
+    for dep, given in (body.get("depends_on") or {}).items():
+        options = _table(given, f"depends_on.{dep}", fail)
         condition = options.get("condition", "service_started")
         key = f"depends_on.{dep}.condition"
         if condition == "service_completed_successfully":
@@ -227,7 +237,7 @@ def _one(values: dict[str, Any], key: str, fail: Fail) -> Any:
 
 
 def _limits(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> Limits:
-    deploy = body.get("deploy") or {}
+    deploy = _table(body.get("deploy"), "deploy", fail)
     for key in deploy:
         if key in DEPLOY_IGNORED:
             extras.ignored.append(f"deploy.{key}")
@@ -236,9 +246,9 @@ def _limits(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> Limits:
                 raise fail("envbox runs one copy of a service; use replicas: 1", "deploy.replicas")
         elif key != "resources":
             raise fail(f"unknown key {key!r}", f"deploy.{key}")
-    resources = deploy.get("resources") or {}
+    resources = _table(deploy.get("resources"), "deploy.resources", fail)
     extras.ignored.extend(f"deploy.resources.{k}" for k in resources if k != "limits")
-    limits = resources.get("limits") or {}
+    limits = _table(resources.get("limits"), "deploy.resources.limits", fail)
     for key in limits:
         if key not in ("memory", "cpus", "pids"):
             raise fail("cannot be honoured by envbox: only memory, cpus and pids are limited",
@@ -259,7 +269,7 @@ def _limits(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> Limits:
     if pids is not None and not is_int(pids):
         raise fail(f"{describe(pids)} is not a count of processes", "pids_limit")
     nofile = None
-    ulimits = body.get("ulimits") or {}
+    ulimits = _table(body.get("ulimits"), "ulimits", fail)
     for key, value in ulimits.items():
         if key != "nofile":
             extras.ignored.append(f"ulimits.{key}")
@@ -301,14 +311,14 @@ def _mounts(body: dict[str, Any], project_dir: Path, extras: ServiceExtras,
         if kind == "bind":
             source = os.path.expanduser(str(entry.get("source", "")))
             try:
-                mounts.append(Mount(str(project_dir / source), target, readonly))
+                mounts.append(Mount(os.path.normpath(project_dir / source), target, readonly))
             except ConfigError as exc:
                 raise _relocated(exc, fail, prefix=f"{key}.") from None
         elif kind == "volume":
             source = entry.get("source")
             extras.volumes.append(VolumeMount(str(source) if source else None, target, readonly))
         elif kind == "tmpfs":
-            size = (entry.get("tmpfs") or {}).get("size")
+            size = _table(entry.get("tmpfs"), f"{key}.tmpfs", fail).get("size")
             tmpfs[target] = DEFAULT_TMPFS if size is None else compose_bytes(size, f"{key}.tmpfs.size", fail)
         else:
             raise fail(f"a {kind!r} mount cannot be honoured by envbox; use a bind mount, a named "
@@ -321,12 +331,14 @@ def _mounts(body: dict[str, Any], project_dir: Path, extras: ServiceExtras,
     return mounts, tmpfs
 
 
-def _aliases(body: dict[str, Any], name: str, extras: ServiceExtras) -> list[str]:
+def _aliases(body: dict[str, Any], name: str, extras: ServiceExtras, fail: Fail) -> list[str]:
     aliases: list[str] = []
     for network, options in (body.get("networks") or {}).items():
-        for key, value in (options or {}).items():
+        for key, value in _table(options, f"networks.{network}", fail).items():
             if key == "aliases":
-                aliases += [a for a in value or [] if a != name and a not in aliases]
+                if not isinstance(value, list):
+                    raise fail(f"{describe(value)} is not a list of names", f"networks.{network}.aliases")
+                aliases += [str(a) for a in value if a != name and a not in aliases]
             else:
                 extras.ignored.append(f"networks.{network}.{key}")
     return aliases
@@ -374,7 +386,7 @@ def _convert(name: str, body: dict[str, Any], image: str, project_dir: Path,
     kwargs["ready"] = _healthcheck(body, extras, fail)
     kwargs["limits"] = _limits(body, extras, fail)
     kwargs["mounts"], kwargs["tmpfs"] = _mounts(body, project_dir, extras, fail)
-    kwargs["aliases"] = _aliases(body, name, extras)
+    kwargs["aliases"] = _aliases(body, name, extras, fail)
     if body.get("user") is not None:
         kwargs["user"] = str(body["user"])
     if body.get("working_dir") is not None:

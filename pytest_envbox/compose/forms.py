@@ -90,7 +90,7 @@ def _depends_on(value: object, fail: Fail) -> dict[str, Any]:
                 raise fail(f"{describe(item)} is not a service name", f"depends_on[{i}]")
         return {name: {"condition": "service_started"} for name in value}
     if isinstance(value, dict):
-        return {str(k): (v if isinstance(v, (dict, Reset)) else {}) for k, v in value.items()}
+        return {str(k): {} if v is None else v for k, v in value.items()}
     raise fail(f"{describe(value)} is neither a list of services nor a mapping", "depends_on")
 
 

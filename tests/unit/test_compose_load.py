@@ -764,3 +764,31 @@ def test_yaml_is_imported_only_when_a_compose_file_is_read(tmp_path: Path) -> No
             f"c.load_compose([pathlib.Path({str(tmp_path / 'compose.yaml')!r})], environ={{}})\n"
             "assert 'yaml' in sys.modules\n")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.parametrize(("doc", "key"), [
+    ("deploy: 5", "deploy"),
+    ("deploy: {resources: [1]}", "deploy.resources"),
+    ("deploy: {resources: {limits: x}}", "deploy.resources.limits"),
+    ("ulimits: [nofile]", "ulimits"),
+    ("networks: {back: [x]}", "networks.back"),
+    ("networks: {back: {aliases: db}}", "networks.back.aliases"),
+    ("depends_on: {db: yes}", "depends_on.db"),
+    ("volumes: [{type: tmpfs, target: /t, tmpfs: 5}]", "volumes[0].tmpfs"),
+    ("environment: [5]", "environment[0]"),
+    ("command: 5", "command"),
+    ("env_file: [{required: false}]", "env_file[0]"),
+])  # fmt: skip
+def test_values_of_the_wrong_shape_are_errors_naming_the_key(tmp_path: Path, doc: str, key: str) -> None:
+    e = error(tmp_path, f"services:\n  app:\n    image: x\n    {doc}\n  db:\n    image: y\n")
+    assert (e.service, e.key) == ("app", key)
+
+
+def test_command_and_entrypoint_lists_are_replaced_not_appended(tmp_path: Path) -> None:
+    base = "services:\n  a: {image: x, command: [serve, --port, '80'], entrypoint: [tini, --]}\n"
+    override = "services:\n  a: {command: [serve, --port, '81'], entrypoint: [dumb-init]}\n"
+    project = load(tmp_path, base, override)
+    assert project.services["a"].command == ("dumb-init", "serve", "--port", "81")
+    project = load(tmp_path, "services:\n  a: {image: x, command: [serve, --port, '80']}\n",
+                   "services:\n  a: {command: [serve]}\n")  # fmt: skip
+    assert project.services["a"].args == ("serve",)
