@@ -792,3 +792,35 @@ def test_command_and_entrypoint_lists_are_replaced_not_appended(tmp_path: Path) 
     project = load(tmp_path, "services:\n  a: {image: x, command: [serve, --port, '80']}\n",
                    "services:\n  a: {command: [serve]}\n")  # fmt: skip
     assert project.services["a"].args == ("serve",)
+
+
+@pytest.fixture(params=["libyaml", "python"])
+def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both parsers PyYAML may have: libyaml's (when built with it) and its pure-Python one."""
+    import yaml
+
+    from pytest_envbox.compose import yamlfile
+
+    if request.param == "python":
+        monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    elif not getattr(yaml, "__with_libyaml__", False):
+        pytest.skip("PyYAML is built without libyaml here")
+    yamlfile._loader.cache_clear()
+    request.addfinalizer(yamlfile._loader.cache_clear)
+    return str(request.param)
+
+
+def test_both_yaml_parsers_read_compose_files_alike(tmp_path: Path, yaml_parser: str) -> None:
+    project = load(tmp_path, """
+        x-base: &base {image: x, environment: {A: yes}}
+        services:
+          a:
+            <<: *base
+            ports: [22:22]
+            build: !reset null
+            command: !override [run]
+        """)  # fmt: skip
+    a = project.services["a"]
+    assert (a.env, a.ports, a.args) == ({"A": "yes"}, (22,), ("run",))
+    e = error(tmp_path, "services:\n  a:\n    image: [x\n")
+    assert "line 4, column 1" in str(e)
