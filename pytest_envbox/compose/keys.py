@@ -41,6 +41,7 @@ MAPPED: dict[str, str] = {
     "profiles": "the service exists only when one of its profiles is active",
     "pull_policy": "pull (always, never, missing/if_not_present; daily/weekly: missing)",
     "scale": "1 (one copy)",
+    "extends": "a service of the same file, merged in first (a base in another file: refused)",
 }  # fmt: skip
 
 IGNORED: dict[str, str] = {
@@ -97,7 +98,6 @@ REFUSED: dict[str, str] = {
     "secrets": "mount the file with a bind mount in `volumes:` (e.g. ./pw.txt:/run/secrets/pw:ro)",
     "device_cgroup_rules": "services get no host devices",
     "devices": "services get no host devices",
-    "extends": "use YAML anchors and merge keys (`<<: *base`) or several files (-f a -f b)",
     "external_links": "containers outside the environment are not reachable; declare the service "
                       "in the compose file",
     "extra_hosts": "names resolve to the environment's services only; declare the service, or an "

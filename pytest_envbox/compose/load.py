@@ -10,6 +10,7 @@ project directory, the first file's directory, as ``docker compose -f a -f b`` r
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from collections.abc import Mapping, Sequence
@@ -113,7 +114,36 @@ def _read(path: Path, lookup: Any, warnings: list[str]) -> dict[str, Any]:
             return ComposeError(message, file=path, service=name, key=key)
 
         out[str(name)] = normalise_service(body, fail)
+    for name in out:
+        out[name] = _extended(name, out, path, ())
     return out
+
+
+def _extended(name: str, services: dict[str, Any], path: Path, chain: tuple[str, ...]) -> Any:
+    """Service ``name`` with its ``extends: {service: base}`` merged in (the base first, then the
+    service, by the rules of several files); a base in another file is refused."""
+    body = services[name]
+    if isinstance(body, Reset) or body.get("extends") is None:
+        return body
+    given = body["extends"]
+    spec = {"service": given} if isinstance(given, str) else given
+    if not isinstance(spec, dict) or not isinstance(spec.get("service"), str):
+        raise ComposeError("must be {service: NAME} or NAME", file=path, service=name, key="extends")
+    if spec.get("file") is not None:
+        raise ComposeError("a base service in another file cannot be honoured by envbox (its "
+                           "relative paths would start elsewhere); list that file first in "
+                           "`compose` and extend within one file, or use YAML anchors",
+                           file=path, service=name, key="extends.file")  # fmt: skip
+    base = spec["service"]
+    if name in chain:
+        raise ComposeError(f"extends forms a cycle: {' -> '.join([*chain, name])}; remove one",
+                           file=path, service=name, key="extends")  # fmt: skip
+    if base not in services or isinstance(services[base], Reset):
+        raise ComposeError(f"extends {base!r}, which is not a service of this file", file=path,
+                           service=name, key="extends.service")  # fmt: skip
+    parent = _extended(base, services, path, (*chain, name))
+    rest = {k: v for k, v in body.items() if k != "extends"}
+    return merge_service(copy.deepcopy(parent), rest, path, {})
 
 
 def _active(name: str, body: dict[str, Any], profiles: set[str], setters: Mapping[str, Path],

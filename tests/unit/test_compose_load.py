@@ -481,7 +481,6 @@ def test_harmless_keys_are_ignored_and_listed(tmp_path: Path) -> None:
     ("userns_mode", "host", "own namespaces"),
     ("devices", "[/dev/fuse]", "devices"),
     ("cap_add", "[NET_ADMIN]", "capabilities"),
-    ("extends", "{service: base}", "anchors"),
     ("scale", "3", "one copy"),
     ("deploy", "{replicas: 2}", "one copy"),
     ("sysctls", "{net.core.somaxconn: 1024}", "kernel parameters"),
@@ -824,3 +823,41 @@ def test_both_yaml_parsers_read_compose_files_alike(tmp_path: Path, yaml_parser:
     assert (a.env, a.ports, a.args) == ({"A": "yes"}, (22,), ("run",))
     e = error(tmp_path, "services:\n  a:\n    image: [x\n")
     assert "line 4, column 1" in str(e)
+
+
+def test_extends_a_service_of_the_same_file(tmp_path: Path) -> None:
+    project = load(tmp_path, """
+        services:
+          common:
+            image: busybox
+            environment: {TZ: utc, PORT: "80"}
+            command: [serve]
+            ports: ["80"]
+            healthcheck: {test: [CMD, check], interval: 5s}
+          cli:
+            extends: {service: common}
+            environment: [PORT=8080]
+            command: [cli]
+            ports: ["81"]
+            healthcheck: {retries: 1}
+          deeper:
+            extends: cli
+            user: "1000"
+        """)  # fmt: skip
+    cli, deeper = project.services["cli"], project.services["deeper"]
+    assert (cli.image, cli.env, cli.args, cli.ports) == ("busybox", {"TZ": "utc", "PORT": "8080"}, ("cli",),
+                                                         (80, 81))  # fmt: skip
+    assert cli.ready.argv == ("check",) and cli.ready.timeout == 1 * (5 + 30)
+    assert (deeper.args, deeper.user, deeper.env["PORT"]) == (("cli",), "1000", "8080")
+
+
+@pytest.mark.parametrize(("extends", "key", "words"), [
+    ("{service: base, file: other.yaml}", "extends.file", "another file"),
+    ("{service: nope}", "extends.service", "not a service"),
+    ("{file: x}", "extends", "service: NAME"),
+    ("app", "extends", "cycle"),
+])  # fmt: skip
+def test_extends_errors(tmp_path: Path, extends: str, key: str, words: str) -> None:
+    e = error(tmp_path, f"services:\n  base: {{image: x}}\n  app:\n    image: x\n    extends: {extends}\n")
+    assert (e.service, e.key) == ("app", key)
+    assert words in str(e) and "compose.yaml" in str(e)
