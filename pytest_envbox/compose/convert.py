@@ -227,13 +227,28 @@ def _healthcheck(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> Exe
     return ExecProbe(argv, timeout=deadline, interval=interval)
 
 
-def _one(values: dict[str, Any], key: str, fail: Fail) -> Any:
-    """The value given under one or two spellings (``mem_limit`` and deploy's ``memory``): they
-    must agree, as the Compose spec requires."""
-    found = {k: v for k, v in values.items() if v is not None}
-    if len(set(map(str, found.values()))) > 1:
-        raise fail(f"{' and '.join(f'{k}={v!r}' for k, v in found.items())} disagree; give one", key)
+def _one(values: dict[str, Any], read: Callable[[object, str], Any], fail: Fail) -> Any:
+    """The value given under one or two spellings (``mem_limit`` and deploy's ``memory``), each
+    read by ``read(value, key)``: they must agree, as the Compose spec requires."""
+    found = {k: read(v, k) for k, v in values.items() if v is not None}
+    if len(set(found.values())) > 1:
+        said = " and ".join(f"{k}={values[k]!r}" for k in found)
+        raise fail(f"{said} disagree; give one", next(iter(found)))
     return next(iter(found.values()), None)
+
+
+def _cores(value: object, key: str, fail: Fail) -> float | None:
+    try:
+        cores = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise fail(f"{describe(value)} is not a number of cores like 0.5 or '1.5'", key) from None
+    return cores or None  # 0: unlimited, as in Docker
+
+
+def _pids(value: object, key: str, fail: Fail) -> int | None:
+    if not is_int(value):
+        raise fail(f"{describe(value)} is not a count of processes", key)
+    return value if value > 0 else None  # -1 (or 0): unlimited, as in Docker
 
 
 def _limits(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> Limits:
@@ -253,21 +268,13 @@ def _limits(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> Limits:
         if key not in ("memory", "cpus", "pids"):
             raise fail("cannot be honoured by envbox: only memory, cpus and pids are limited",
                        f"deploy.resources.limits.{key}")  # fmt: skip
-    memory = _one({"mem_limit": body.get("mem_limit"), "deploy.resources.limits.memory":
-                   limits.get("memory")}, "mem_limit", fail)  # fmt: skip
-    cpus = _one({"cpus": body.get("cpus"), "deploy.resources.limits.cpus": limits.get("cpus")},
-                "cpus", fail)  # fmt: skip
-    pids = _one({"pids_limit": body.get("pids_limit"), "deploy.resources.limits.pids":
-                 limits.get("pids")}, "pids_limit", fail)  # fmt: skip
-    cpu: float | None = None
-    if cpus is not None:
-        try:
-            cpu = float(cpus)
-        except (TypeError, ValueError):
-            raise fail(f"{describe(cpus)} is not a number of cores like 0.5 or '1.5'", "cpus") from None
-        cpu = cpu or None  # 0: unlimited, as in Docker
-    if pids is not None and not is_int(pids):
-        raise fail(f"{describe(pids)} is not a count of processes", "pids_limit")
+    deployed = "deploy.resources.limits."
+    memory = _one({"mem_limit": body.get("mem_limit"), deployed + "memory": limits.get("memory")},
+                  lambda v, k: compose_bytes(v, k, fail), fail)  # fmt: skip
+    cpu = _one({"cpus": body.get("cpus"), deployed + "cpus": limits.get("cpus")},
+               lambda v, k: _cores(v, k, fail), fail)  # fmt: skip
+    pids = _one({"pids_limit": body.get("pids_limit"), deployed + "pids": limits.get("pids")},
+                lambda v, k: _pids(v, k, fail), fail)  # fmt: skip
     nofile = None
     ulimits = _table(body.get("ulimits"), "ulimits", fail)
     for key, value in ulimits.items():
@@ -279,8 +286,7 @@ def _limits(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> Limits:
             nofile = value["soft"]
         else:
             raise fail(f"{describe(value)} is not a count, nor {{soft: N, hard: N}}", "ulimits.nofile")
-    size = None if memory is None else compose_bytes(memory, "mem_limit", fail)
-    return Limits(memory=size, cpu=cpu, pids=pids if pids and pids > 0 else None, nofile=nofile)
+    return Limits(memory=memory, cpu=cpu, pids=pids, nofile=nofile)
 
 
 def _relocated(exc: ConfigError, fail: Fail, prefix: str = "") -> ConfigError:

@@ -339,6 +339,10 @@ def test_mem_limit_and_deploy_memory_must_agree(tmp_path: Path) -> None:
           a: {image: x, mem_limit: 1g, deploy: {resources: {limits: {memory: 2g}}}}
         """)  # fmt: skip
     assert e.service == "a" and "disagree" in str(e)
+    same = load(tmp_path, "services:\n  a: {image: x, mem_limit: 1g, cpus: '0.5', pids_limit: 10, deploy: "
+                          "{resources: {limits: {memory: 1024m, cpus: 0.5, pids: 10}}}}\n")  # fmt: skip
+    limits = same.services["a"].limits
+    assert (limits.memory, limits.cpu, limits.pids) == (2**30, 0.5, 10)
 
 
 def test_an_unsupported_limit_is_refused(tmp_path: Path) -> None:
