@@ -15,7 +15,8 @@ mapped                    image, command (-> args), entrypoint (-> command: entr
                           .limits, mem_limit, cpus, pids_limit, ulimits.nofile, shm_size, user,
                           working_dir (-> cwd), volumes (bind -> mounts, tmpfs -> tmpfs), tmpfs,
                           networks.*.aliases, stop_grace_period (-> stop_timeout), profiles,
-                          pull_policy, extends (a service of the same file)
+                          pull_policy, extends (a service of the same file), secrets and configs
+                          backed by a file (-> read-only mounts)
 kept beside the Service   named and anonymous volumes, stop_signal, a disabled health check
                           (``ComposeProject.volumes``, ``.stop_signals``,
                           ``.healthcheck_disabled``): the spec has no field for them yet
@@ -32,14 +33,15 @@ ignored, and listed       annotations, attach, blkio_config, cgroup, cgroup_pare
                           networks.* other than aliases; healthcheck timings without a test;
                           privileged: false; network_mode: bridge; pid/ipc/uts/userns_mode
                           private values
-refused (ConfigError)     build, cap_add, configs, secrets, devices, device_cgroup_rules, gpus,
+refused (ConfigError)     build, cap_add, devices, device_cgroup_rules, gpus,
                           extends.file, external_links, extra_hosts, models, post_start, pre_start,
                           pre_stop, provider, runtime, sysctls, use_api_socket, volumes_from,
                           privileged: true, network_mode other than bridge, pid/ipc/uts/
                           userns_mode: host (or another service's), scale or deploy.replicas
                           above 1, ports/expose other than TCP, depends_on condition
                           service_completed_successfully, volumes of type image/npipe/cluster,
-                          pull_policy: build, top-level include, unknown keys
+                          pull_policy: build, secrets/configs not backed by a file (environment,
+                          content, external), top-level include, unknown keys
 ========================  ====================================================================
 """
 

@@ -10,7 +10,7 @@ import difflib
 import os
 import shlex
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,6 +337,33 @@ def _mounts(body: dict[str, Any], project_dir: Path, extras: ServiceExtras,
     return mounts, tmpfs
 
 
+def _grants(body: dict[str, Any], project_dir: Path, defined: Mapping[str, Any], extras: ServiceExtras,
+            fail: Fail) -> list[Mount]:  # fmt: skip
+    """``secrets`` and ``configs`` backed by a ``file:`` as read-only mounts of that file (what
+    Docker Compose does too); a secret from the environment, inline content or an external one
+    cannot be given."""
+    mounts: list[Mount] = []
+    for key in ("secrets", "configs"):
+        for i, entry in enumerate(body.get(key) or []):
+            source = entry["source"]
+            definition = _table(defined.get(key, {}).get(source), f"{key}[{i}]", fail)
+            if not definition:
+                raise fail(f"{source!r} is not declared under the top-level `{key}:`; declare it, "
+                           f"e.g. {key}: {{{source}: {{file: ./{source}.txt}}}}", f"{key}[{i}]")  # fmt: skip
+            if not isinstance(definition.get("file"), str):
+                given = ", ".join(k for k in definition if k != "name") or "nothing"
+                raise fail(f"{source!r} comes from {given}, which envbox cannot provide: only a "
+                           f"`file:` is mounted; write the value to a file and declare `file:`",
+                           f"{key}[{i}]")  # fmt: skip
+            extras.ignored.extend(f"{key}[{i}].{k}" for k in ("uid", "gid", "mode") if k in entry)
+            path = os.path.normpath(project_dir / os.path.expanduser(definition["file"]))
+            try:
+                mounts.append(Mount(path, entry["target"], readonly=True))
+            except ConfigError as exc:
+                raise _relocated(exc, fail, prefix=f"{key}[{i}].") from None
+    return mounts
+
+
 def _aliases(body: dict[str, Any], name: str, extras: ServiceExtras, fail: Fail) -> list[str]:
     aliases: list[str] = []
     for network, options in (body.get("networks") or {}).items():
@@ -365,7 +392,8 @@ _PULL = {"always": "always", "never": "never", "missing": "missing", "if_not_pre
 
 
 def convert_service(
-    name: str, body: dict[str, Any], project_dir: Path, lookup: Callable[[str], str | None], fail: Fail
+    name: str, body: dict[str, Any], project_dir: Path, lookup: Callable[[str], str | None], fail: Fail,
+    defined: Mapping[str, Any] | None = None,
 ) -> tuple[Service, ServiceExtras]:
     """The :class:`Service` of compose service ``name`` (merged, normalised, interpolated)."""
     extras = ServiceExtras()
@@ -375,7 +403,7 @@ def convert_service(
         raise fail(f"{describe(image)} is not an image reference; every service needs `image:` "
                    "(envbox does not build: build the image and reference it)", "image")  # fmt: skip
     try:
-        return _convert(name, body, image, project_dir, lookup, fail, extras)
+        return _convert(name, body, image, project_dir, lookup, fail, extras, defined or {})
     except ComposeError:
         raise
     except ConfigError as exc:  # from the spec classes: the same words, with the file named
@@ -383,15 +411,16 @@ def convert_service(
 
 
 def _convert(name: str, body: dict[str, Any], image: str, project_dir: Path,
-             lookup: Callable[[str], str | None], fail: Fail,
-             extras: ServiceExtras) -> tuple[Service, ServiceExtras]:  # fmt: skip
+             lookup: Callable[[str], str | None], fail: Fail, extras: ServiceExtras,
+             defined: Mapping[str, Any]) -> tuple[Service, ServiceExtras]:  # fmt: skip
     kwargs: dict[str, Any] = _program(body, fail)
     kwargs["env"] = _env(body, project_dir, lookup, fail, name)
     kwargs["ports"] = _ports(body, fail)
     _depends(body, extras, fail)
     kwargs["ready"] = _healthcheck(body, extras, fail)
     kwargs["limits"] = _limits(body, extras, fail)
-    kwargs["mounts"], kwargs["tmpfs"] = _mounts(body, project_dir, extras, fail)
+    mounts, kwargs["tmpfs"] = _mounts(body, project_dir, extras, fail)
+    kwargs["mounts"] = mounts + _grants(body, project_dir, defined, extras, fail)
     kwargs["aliases"] = _aliases(body, name, extras, fail)
     if body.get("user") is not None:
         kwargs["user"] = str(body["user"])

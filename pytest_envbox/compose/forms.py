@@ -9,7 +9,8 @@ Each file's services are normalised before files are merged (see :mod:`.merge`),
 - ``env_file`` -> ``[{path, required, format}]``; ``tmpfs``, ``dns``... -> lists;
 - ``ports`` -> one ``{target, published, host_ip, protocol}`` per container port (ranges expanded);
 - ``expose`` -> one ``{target, protocol}`` per port;
-- ``volumes`` -> ``{type, source, target, read_only, ...}``.
+- ``volumes`` -> ``{type, source, target, read_only, ...}``;
+- ``secrets``/``configs`` -> ``{source, target, ...}``, the target made absolute.
 """
 
 from __future__ import annotations
@@ -187,6 +188,24 @@ def _volume(item: object, key: str, fail: Fail) -> dict[str, Any]:
             "read_only": "ro" in options}  # fmt: skip
 
 
+def _grants(value: object, key: str, fail: Fail) -> list[dict[str, Any]]:
+    """``secrets``/``configs`` entries as ``{source, target, ...}``; the target defaults to
+    ``/run/secrets/SOURCE`` (a relative secret target is under ``/run/secrets``) or ``/SOURCE``."""
+    out = []
+    for i, item in enumerate(_list(value)):
+        entry = {"source": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or not isinstance(entry.get("source"), str):
+            raise fail(f"{describe(item)} is not a {key[:-1]} name nor {{source: NAME, target: PATH}}",
+                       f"{key}[{i}]")  # fmt: skip
+        target = str(entry.get("target") or entry["source"])
+        if key == "secrets" and not target.startswith("/"):
+            target = f"/run/secrets/{target}"
+        elif not target.startswith("/"):
+            target = f"/{target}"
+        out.append({**entry, "target": target})
+    return out
+
+
 def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
@@ -203,6 +222,8 @@ _FORMS: dict[str, Callable[[object, Fail], object]] = {
     "dns": lambda v, f: _list(v),
     "dns_search": lambda v, f: _list(v),
     "profiles": lambda v, f: _list(v),
+    "secrets": lambda v, f: _grants(v, "secrets", f),
+    "configs": lambda v, f: _grants(v, "configs", f),
 }
 
 

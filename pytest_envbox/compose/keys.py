@@ -42,6 +42,8 @@ MAPPED: dict[str, str] = {
     "pull_policy": "pull (always, never, missing/if_not_present; daily/weekly: missing)",
     "scale": "1 (one copy)",
     "extends": "a service of the same file, merged in first (a base in another file: refused)",
+    "secrets": "mounts: a top-level secret's `file`, read-only at /run/secrets/NAME (or its target)",
+    "configs": "mounts: a top-level config's `file`, read-only at /NAME (or its target)",
 }  # fmt: skip
 
 IGNORED: dict[str, str] = {
@@ -94,8 +96,6 @@ REFUSED: dict[str, str] = {
              "or save it and use `image: oci-archive:FILE`; an override file can drop it with "
              "`build: !reset null` when `image:` names the built image",
     "cap_add": "envbox gives services no capabilities on the host; run the program without them",
-    "configs": "mount the file with a bind mount in `volumes:` (e.g. ./app.conf:/app.conf:ro)",
-    "secrets": "mount the file with a bind mount in `volumes:` (e.g. ./pw.txt:/run/secrets/pw:ro)",
     "device_cgroup_rules": "services get no host devices",
     "devices": "services get no host devices",
     "external_links": "containers outside the environment are not reachable; declare the service "

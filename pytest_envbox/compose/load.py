@@ -77,7 +77,9 @@ def _fail_for(name: str, setters: Mapping[str, Path], default: Path) -> Any:
     return fail
 
 
-def _read(path: Path, lookup: Any, warnings: list[str]) -> dict[str, Any]:
+def _read(path: Path, lookup: Any, warnings: list[str], defined: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The services of one file, interpolated, normalised, ``extends`` resolved; its top-level
+    ``secrets`` and ``configs`` definitions are added to ``defined``."""
     doc = read_yaml(path)
     if doc is None:
         return {}
@@ -97,6 +99,12 @@ def _read(path: Path, lookup: Any, warnings: list[str]) -> dict[str, Any]:
                                file=path, service=None, key=str(key))  # fmt: skip
     tree = interpolate_tree(doc, lookup, path, warnings)
     assert isinstance(tree, dict)
+    for section in ("secrets", "configs"):
+        table = tree.get(section) or {}
+        if not isinstance(table, dict):
+            raise ComposeError("must be a mapping of names to definitions", file=path, service=None,
+                               key=section)  # fmt: skip
+        defined[section].update(table)
     services = tree.get("services") or {}
     if not isinstance(services, dict):
         raise ComposeError("must be a mapping of service names to services", file=path, service=None,
@@ -199,8 +207,9 @@ def load_compose(files: Sequence[Path], *, environ: Mapping[str, str],
 
     merged: dict[str, dict[str, Any]] = {}
     setters: dict[str, dict[str, Path]] = {}
+    defined: dict[str, dict[str, Any]] = {"secrets": {}, "configs": {}}
     for path in paths:
-        for name, body in _read(path, lookup, warnings).items():
+        for name, body in _read(path, lookup, warnings, defined).items():
             if isinstance(body, Reset):
                 merged.pop(name, None)
                 setters.pop(name, None)
@@ -224,7 +233,7 @@ def load_compose(files: Sequence[Path], *, environ: Mapping[str, str],
             check_name(name, what="service")
         except ConfigError as exc:
             raise ComposeError(str(exc), file=first, service=None, key=f"services.{name}") from None
-        services[name], extras[name] = convert_service(name, body, project_dir, lookup, fail)
+        services[name], extras[name] = convert_service(name, body, project_dir, lookup, fail, defined)
         origins[name] = f"{first.name} services.{name}"
 
     deps: dict[str, list[str]] = {}

@@ -489,7 +489,6 @@ def test_harmless_keys_are_ignored_and_listed(tmp_path: Path) -> None:
     ("deploy", "{replicas: 2}", "one copy"),
     ("sysctls", "{net.core.somaxconn: 1024}", "kernel parameters"),
     ("volumes_from", "[db]", "host paths"),
-    ("secrets", "[pw]", "bind mount"),
     ("extra_hosts", '["host.docker.internal:host-gateway"]', "alias"),
     ("pull_policy", "build", "build the image"),
     ("post_start", "[{command: x}]", "hooks"),
@@ -865,3 +864,45 @@ def test_extends_errors(tmp_path: Path, extends: str, key: str, words: str) -> N
     e = error(tmp_path, f"services:\n  base: {{image: x}}\n  app:\n    image: x\n    extends: {extends}\n")
     assert (e.service, e.key) == ("app", key)
     assert words in str(e) and "compose.yaml" in str(e)
+
+
+def test_secrets_and_configs_backed_by_files_are_read_only_mounts(tmp_path: Path) -> None:
+    project = load(tmp_path, """
+        services:
+          db:
+            image: x
+            secrets: [db_password, {source: cert, target: server.crt, mode: 0440}]
+            configs: [app_conf, {source: cert, target: /etc/ssl/cert.pem}]
+        secrets:
+          db_password: {file: ./secrets/pw.txt}
+          cert: {file: /etc/ssl/certs/ca.pem}
+        configs:
+          app_conf: {file: conf/app.conf}
+          cert: {file: /etc/ssl/certs/ca.pem}
+        """)  # fmt: skip
+    assert project.services["db"].mounts == (
+        Mount(str(tmp_path / "secrets/pw.txt"), "/run/secrets/db_password"),
+        Mount("/etc/ssl/certs/ca.pem", "/run/secrets/server.crt"),
+        Mount(str(tmp_path / "conf/app.conf"), "/app_conf"),
+        Mount("/etc/ssl/certs/ca.pem", "/etc/ssl/cert.pem"),
+    )
+    assert Ignored(tmp_path / "compose.yaml", "db", "secrets[1].mode") in project.ignored
+
+
+@pytest.mark.parametrize(("definitions", "words"), [
+    ("", "not declared"),
+    ("secrets: {pw: {environment: DB_PASSWORD}}", "environment"),
+    ("secrets: {pw: {external: true}}", "external"),
+    ("secrets: {pw: {content: hunter2}}", "content"),
+])  # fmt: skip
+def test_secrets_that_are_no_file_are_refused(tmp_path: Path, definitions: str, words: str) -> None:
+    e = error(tmp_path, f"services:\n  db:\n    image: x\n    secrets: [pw]\n{definitions}\n")
+    assert (e.service, e.key) == ("db", "secrets[0]") and words in str(e)
+
+
+def test_secret_entries_merge_by_target(tmp_path: Path) -> None:
+    defs = "secrets: {a: {file: a.txt}, b: {file: b.txt}}\n"
+    project = load(tmp_path, "services:\n  s: {image: x, secrets: [a, b]}\n" + defs,
+                   "services:\n  s: {secrets: [{source: b, target: a}]}\n")  # fmt: skip
+    assert project.services["s"].mounts == (Mount(str(tmp_path / "b.txt"), "/run/secrets/a"),
+                                            Mount(str(tmp_path / "b.txt"), "/run/secrets/b"))  # fmt: skip
