@@ -32,12 +32,15 @@ from pytest_envbox.errors import ConfigError
 from pytest_envbox.spec import Service
 from pytest_envbox.validate import check_name
 
-__all__ = ["TOP_LEVEL", "ComposeProject", "Ignored", "load_compose"]
+__all__ = ["TOP_LEVEL", "TOP_LEVEL_IGNORED", "ComposeProject", "Ignored", "load_compose"]
 
 #: Top-level keys: ``services`` is read; ``include`` is refused; the others are definitions
 #: (networks, volumes...) that services refer to, or metadata.
 TOP_LEVEL = ("version", "name", "services", "networks", "volumes", "configs", "secrets", "models",
              "include")  # fmt: skip
+#: Top-level keys read and ignored: the project name, the obsolete version, and the definitions of
+#: networks (an environment is one private network) and volumes (private to the environment).
+TOP_LEVEL_IGNORED = ("version", "name", "networks", "volumes", "models")
 _PROFILE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 
 
@@ -77,9 +80,11 @@ def _fail_for(name: str, setters: Mapping[str, Path], default: Path) -> Any:
     return fail
 
 
-def _read(path: Path, lookup: Any, warnings: list[str], defined: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _read(path: Path, lookup: Any, warnings: list[str], defined: dict[str, dict[str, Any]],
+          ignored: list[Ignored]) -> dict[str, Any]:  # fmt: skip
     """The services of one file, interpolated, normalised, ``extends`` resolved; its top-level
-    ``secrets`` and ``configs`` definitions are added to ``defined``."""
+    ``secrets`` and ``configs`` definitions are added to ``defined``, the top-level keys that do
+    not matter to ``ignored``."""
     doc = read_yaml(path)
     if doc is None:
         return {}
@@ -92,6 +97,8 @@ def _read(path: Path, lookup: Any, warnings: list[str], defined: dict[str, dict[
             raise ComposeError("cannot be honoured by envbox yet: list the included files in "
                                "`compose` instead (they are merged in order)", file=path,
                                service=None, key="include")  # fmt: skip
+        if key in TOP_LEVEL_IGNORED:
+            ignored.append(Ignored(path, None, str(key)))
         if key not in TOP_LEVEL:
             close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
@@ -208,8 +215,9 @@ def load_compose(files: Sequence[Path], *, environ: Mapping[str, str],
     merged: dict[str, dict[str, Any]] = {}
     setters: dict[str, dict[str, Path]] = {}
     defined: dict[str, dict[str, Any]] = {"secrets": {}, "configs": {}}
+    top_ignored: list[Ignored] = []
     for path in paths:
-        for name, body in _read(path, lookup, warnings, defined).items():
+        for name, body in _read(path, lookup, warnings, defined, top_ignored).items():
             if isinstance(body, Reset):
                 merged.pop(name, None)
                 setters.pop(name, None)
@@ -259,8 +267,8 @@ def load_compose(files: Sequence[Path], *, environ: Mapping[str, str],
         deps[name] = kept
     _check_cycles(deps, origins)
 
-    ignored = [Ignored(setters[name].get(key.split(".")[0], paths[0]), name, key)
-               for name, ex in extras.items() for key in ex.ignored]
+    ignored = top_ignored + [Ignored(setters[name].get(re.split(r"[.\[]", key)[0], paths[0]), name, key)
+                             for name, ex in extras.items() for key in ex.ignored]  # fmt: skip
     return ComposeProject(
         files=paths,
         services=services,

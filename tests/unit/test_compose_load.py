@@ -906,3 +906,16 @@ def test_secret_entries_merge_by_target(tmp_path: Path) -> None:
                    "services:\n  s: {secrets: [{source: b, target: a}]}\n")  # fmt: skip
     assert project.services["s"].mounts == (Mount(str(tmp_path / "b.txt"), "/run/secrets/a"),
                                             Mount(str(tmp_path / "b.txt"), "/run/secrets/b"))  # fmt: skip
+
+
+def test_top_level_definitions_are_ignored_and_listed(tmp_path: Path) -> None:
+    project = load(tmp_path, """
+        version: "3.8"
+        name: shop
+        services: {a: {image: x}}
+        networks: {back: {driver: bridge}}
+        volumes: {data: {driver: local}}
+        x-anything: {}
+        """)  # fmt: skip
+    assert [(i.service, i.key) for i in project.ignored] == [(None, "version"), (None, "name"),
+                                                             (None, "networks"), (None, "volumes")]  # fmt: skip

@@ -31,7 +31,7 @@ def test_gitea_postgres() -> None:
     assert db.env == {"POSTGRES_USER": "gitea", "POSTGRES_PASSWORD": "gitea", "POSTGRES_DB": "gitea"}
     assert project.volumes == {"gitea": (VolumeMount("git_data", "/data"),),
                                "db": (VolumeMount("db_data", "/var/lib/postgresql/data"),)}  # fmt: skip
-    assert ignored(project) == {("gitea", "restart"), ("db", "restart")}
+    assert ignored(project) == {("gitea", "restart"), ("db", "restart"), (None, "volumes")}
     assert gitea.depends_on == () and db.ready is None
 
 
@@ -43,7 +43,8 @@ def test_nextcloud_redis_mariadb() -> None:
     assert db.args == ("--transaction-isolation=READ-COMMITTED", "--binlog-format=ROW")
     assert nc.aliases == () and db.command == ()
     assert set(project.volumes) == {"nc", "db"}
-    assert ignored(project) == {("nc", "restart"), ("redis", "restart"), ("db", "restart")}
+    assert ignored(project) == {("nc", "restart"), ("redis", "restart"), ("db", "restart"),
+                                (None, "volumes"), (None, "networks")}  # fmt: skip
 
 
 def test_prometheus_grafana_bind_mounts_start_at_the_compose_files_directory() -> None:
@@ -57,7 +58,7 @@ def test_prometheus_grafana_bind_mounts_start_at_the_compose_files_directory() -
                                     readonly=False),)  # fmt: skip
     assert (prometheus.ports, grafana.ports) == ((9090,), (3000,))
     services, keys = ("prometheus", "grafana"), ("container_name", "restart")
-    assert ignored(project) == {(s, k) for s in services for k in keys}
+    assert ignored(project) == {(s, k) for s in services for k in keys} | {(None, "volumes")}
 
 
 def test_elasticsearch_logstash_kibana_refuses_the_udp_port() -> None:
@@ -84,7 +85,8 @@ def test_elasticsearch_logstash_kibana_with_an_override(tmp_path: Path) -> None:
     assert logstash.depends_on == ("elasticsearch",) and kibana.depends_on == ("elasticsearch",)
     assert [m.target for m in logstash.mounts] == ["/usr/share/logstash/pipeline/logstash-nginx.config",
                                                    "/home/nginx.log"]  # fmt: skip
-    assert ignored(project) == {(s, "container_name") for s in ("elasticsearch", "logstash", "kibana")}
+    assert ignored(project) == {(s, "container_name") for s in ("elasticsearch", "logstash", "kibana")} | {
+        (None, "networks")}
     assert {i.file for i in project.ignored} == {compose}
 
 
@@ -146,7 +148,7 @@ def test_airflow_with_an_override_that_drops_the_init_job(airflow: Path) -> None
     postgres = project.services["postgres"]
     assert postgres.ready.timeout == 5 + 5 * (10 + 30)
     assert project.volumes == {"postgres": (VolumeMount("postgres-db-volume", "/var/lib/postgresql/data"),)}
-    assert ignored(project) == {(s, "restart") for s in project.services}
+    assert ignored(project) == {(s, "restart") for s in project.services} | {(None, "volumes")}
     assert project.warnings == ()
 
 
