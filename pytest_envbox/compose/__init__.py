@@ -32,7 +32,9 @@ ignored, and listed       annotations, attach, blkio_config, cgroup, cgroup_pare
                           endpoint_mode, resources.reservations; ulimits other than nofile;
                           networks.* other than aliases; healthcheck timings without a test;
                           privileged: false; network_mode: bridge; pid/ipc/uts/userns_mode
-                          private values
+                          private values; uid, gid, mode of secrets and configs; top-level
+                          version, name, networks, volumes, models (definitions); x- fields
+                          (silently)
 refused (ConfigError)     build, cap_add, devices, device_cgroup_rules, gpus,
                           extends.file, external_links, extra_hosts, models, post_start, pre_start,
                           pre_stop, provider, runtime, sysctls, use_api_socket, volumes_from,
