@@ -1,0 +1,103 @@
+"""Reading one compose file: PyYAML's safe loader, imported only when a compose file is read.
+
+PyYAML costs 15 to 18 ms to import (``python -X importtime -c "import yaml"``, PyYAML 6.0.3 with
+libyaml), which a project without compose files should never pay, so nothing imports it at module
+level. The loader is PyYAML's safe loader, libyaml's ``CSafeLoader`` when PyYAML was built with it
+(reading Airflow's 13 kB compose file then takes 5 ms instead of 19), else ``SafeLoader``: no
+Python objects, no arbitrary tags; it is extended only with the two tags the
+Compose Specification defines for override files, ``!reset`` and ``!override`` (see
+:mod:`pytest_envbox.compose.merge`); any other tag is an error, as with ``yaml.safe_load``.
+Anchors, aliases and merge keys (``<<: *base``) are YAML's own and resolved by the loader.
+Plain scalars are typed as YAML 1.2 does (Compose's Go parser): see :func:`_loader`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_envbox.errors import ConfigError
+
+__all__ = ["Override", "Reset", "read_yaml"]
+
+
+class Reset:
+    """``!reset``: the attribute is removed from what earlier files declared."""
+
+    def __repr__(self) -> str:
+        return "!reset"
+
+
+@dataclass(frozen=True)
+class Override:
+    """``!override VALUE``: the attribute replaces the earlier one instead of merging with it."""
+
+    value: object
+
+
+_BOOL, _INT, _FLOAT = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
+                       "tag:yaml.org,2002:float")  # fmt: skip
+
+
+@functools.cache
+def _loader() -> type[Any]:
+    import yaml
+
+    # libyaml's parser when PyYAML was built with it (several times faster), else the Python one;
+    # either way the safe constructor: plain data only.
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    class ComposeLoader(base):  # type: ignore[valid-type,misc]
+        """SafeLoader plus ``!reset`` and ``!override``; nothing else is constructed."""
+
+    def reset(loader: yaml.SafeLoader, node: yaml.Node) -> Reset:
+        return Reset()
+
+    def override(loader: yaml.SafeLoader, node: yaml.Node) -> Override:
+        if isinstance(node, yaml.MappingNode):
+            return Override(loader.construct_mapping(node, deep=True))
+        if isinstance(node, yaml.SequenceNode):
+            return Override(loader.construct_sequence(node, deep=True))
+        return Override(loader.construct_scalar(node))  # type: ignore[arg-type]
+
+    # YAML 1.2's core schema, as Compose's Go parser reads files: `yes`/`on` stay strings,
+    # "22:22" is no base-60 int (1342), "0755" no octal; only true/false are booleans.
+    ComposeLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in rules if tag not in (_BOOL, _INT, _FLOAT)]
+        for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    ComposeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                        list("tTfF"))  # fmt: skip
+    ComposeLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+)$"),
+                                        list("-+0123456789"))  # fmt: skip
+    ComposeLoader.add_implicit_resolver(_FLOAT, re.compile(
+        r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))  # fmt: skip
+    ComposeLoader.add_constructor("!reset", reset)
+    ComposeLoader.add_constructor("!override", override)
+    return ComposeLoader
+
+
+def read_yaml(path: Path) -> object:
+    """The document in ``path``; malformed YAML is a :class:`ConfigError` with line and column."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read compose file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"compose file {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
+    try:
+        # A SafeLoader subclass: yaml.load with it is exactly yaml.safe_load plus two inert tags.
+        return yaml.load(text, Loader=_loader())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise ConfigError(f"{where}: not valid YAML: {what}; fix its syntax") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}; fix its syntax") from None
