@@ -917,5 +917,5 @@ def test_top_level_definitions_are_ignored_and_listed(tmp_path: Path) -> None:
         volumes: {data: {driver: local}}
         x-anything: {}
         """)  # fmt: skip
-    assert [(i.service, i.key) for i in project.ignored] == [(None, "version"), (None, "name"),
-                                                             (None, "networks"), (None, "volumes")]  # fmt: skip
+    top = [(None, "version"), (None, "name"), (None, "networks"), (None, "volumes")]
+    assert [(i.service, i.key) for i in project.ignored] == top
