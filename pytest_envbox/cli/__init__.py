@@ -9,6 +9,7 @@ does; ``ps`` and ``clean`` read the records of live runs (:mod:`pytest_envbox.su
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import signal
@@ -127,19 +128,35 @@ def _seccomp(out: _Report) -> None:
 
 
 def _images(out: _Report, release: tuple[int, ...]) -> None:
-    """Image services: overlayfs and the store (a NOTE at worst: host programs need neither)."""
-    try:
-        from pytest_envbox.cli import images
+    """Image services: overlayfs and the store (a NOTE at worst: host programs need neither).
+    Only looks: the store's records are read as `envbox images` reads them, nothing is made,
+    and the pull machinery (requests) is not imported."""
+    import json
 
-        out.line("images", *images.doctor_line(release))
-    except ImportError as e:  # requests or filelock missing: a broken installation
-        out.line("images", "NOTE", f"image services cannot run: {e}")
-    except (EnvboxError, OSError) as e:
-        from pytest_envbox.images.store import store_root
+    from pytest_envbox.images.progress import human_bytes
+    from pytest_envbox.images.store import store_root
 
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        out.line("images", "NOTE", f"image services cannot run: the store {store_root()} cannot "
-                 f"be used ({why}); set ENVBOX_STORE to a writable directory")  # fmt: skip
+    root = store_root()
+    sizes = []
+    with contextlib.suppress(OSError):
+        for rec in (root / "images").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                sizes.append(int(json.loads(rec.read_text()).get("size", 0)))
+    if root.exists() and not os.access(root, os.W_OK | os.X_OK):
+        out.line("images", "NOTE", f"image services cannot run: the store {root} is not writable "
+                 "by you; set ENVBOX_STORE to a writable directory")  # fmt: skip
+        return
+    text = (f"store {root}: {len(sizes)} image{'s' if len(sizes) != 1 else ''}, "
+            f"{human_bytes(sum(sizes))}")  # fmt: skip
+    with contextlib.suppress(OSError):
+        if "overlay" not in Path("/proc/filesystems").read_text().split():
+            # A module the first mount loads (every distribution builds it).
+            text = f"overlayfs not loaded yet (the first image service loads it); {text}"
+    if release < (6, 8):
+        out.line("images", "NOTE", f"{text}; kernel before 6.8: an image of more than about 60 "
+                 "layers cannot be mounted (overlayfs' lowerdir+), flatten such an image")  # fmt: skip
+    else:
+        out.line("images", "OK", text)
 
 
 def _sandbox(out: _Report, root: bool) -> None:

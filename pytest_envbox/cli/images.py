@@ -16,7 +16,7 @@ from pytest_envbox.images.progress import Show, human_bytes, set_default_show
 from pytest_envbox.images.pull import Puller, reference_of
 from pytest_envbox.validate import parse_duration
 
-__all__ = ["doctor_line", "images", "line_printer", "prune", "pull"]
+__all__ = ["images", "line_printer", "prune", "pull"]
 
 
 def line_printer(stream: TextIO) -> Show:
@@ -107,22 +107,3 @@ def prune(older_than: str | None) -> int:
           f"{human_bytes(freed)} freed")  # fmt: skip
     return 0
 
-
-def doctor_line(release: tuple[int, ...]) -> tuple[str, str]:
-    """``envbox doctor``'s images line: overlayfs, the store, and what this kernel limits."""
-    try:
-        known = Path("/proc/filesystems").read_text().split()
-    except OSError:
-        known = []
-    store = open_store()
-    found = store.images()
-    where = (f"store {store.root}: {len(found)} image{'s' if len(found) != 1 else ''}, "
-             f"{human_bytes(sum(r.size for r in found))}")  # fmt: skip
-    if "overlay" not in known:
-        # Not in the list yet: a module the first mount loads (every distribution builds it).
-        where = "overlayfs is a module not loaded yet (the first image service loads it; " \
-                f"else `modprobe overlay`); {where}"
-    if release < (6, 8):
-        return "NOTE", (f"{where}; kernel before 6.8: an image of more than about 60 layers "
-                        "cannot be mounted (overlayfs' lowerdir+), flatten such an image")
-    return "OK", where
