@@ -133,9 +133,12 @@ def _images(out: _Report, release: tuple[int, ...]) -> None:
     and the pull machinery (requests) is not imported."""
     import json
 
-    from pytest_envbox.images.progress import human_bytes
-    from pytest_envbox.images.store import store_root
-
+    try:
+        from pytest_envbox.images.progress import human_bytes
+        from pytest_envbox.images.store import store_root
+    except ImportError as e:  # filelock missing: a broken installation
+        out.line("images", "NOTE", f"image services cannot run: {e}")
+        return
     root = store_root()
     sizes = []
     with contextlib.suppress(OSError):
