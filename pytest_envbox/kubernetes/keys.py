@@ -16,6 +16,7 @@ __all__ = [
     "IGNORED_KINDS",
     "METADATA",
     "POD",
+    "POD_SECURITY",
     "PROBE",
     "SECURITY",
     "SERVICE",
@@ -73,6 +74,9 @@ SECURITY = Keys(
              "windowsOptions", "procMount", "seLinuxChangePolicy"),
     refused={},
 )  # fmt: skip
+
+#: A pod's securityContext: runAsUser and runAsGroup are every container's defaults.
+POD_SECURITY = Keys(("runAsUser", "runAsGroup"), tuple(k for k in SECURITY.ignored if k != "procMount"), {})
 
 PROBE = Keys(
     mapped=("httpGet", "tcpSocket", "exec", "initialDelaySeconds", "periodSeconds",

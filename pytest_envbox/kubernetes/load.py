@@ -20,7 +20,7 @@ from pytest_envbox.compose.yamlfile import read_yaml_documents
 from pytest_envbox.errors import ConfigError
 from pytest_envbox.kubernetes.container import Pod, convert_container
 from pytest_envbox.kubernetes.document import Doc
-from pytest_envbox.kubernetes.keys import METADATA, POD, SERVICE, WORKLOAD
+from pytest_envbox.kubernetes.keys import METADATA, POD, POD_SECURITY, SERVICE, WORKLOAD
 from pytest_envbox.kubernetes.model import (
     Backend,
     Container,
@@ -170,6 +170,7 @@ def _workload(
                 f"{path}.{key}",
             )
     security = doc.mapping(pod_spec.get("securityContext"), f"{path}.securityContext")
+    doc.check(security, POD_SECURITY, f"{path}.securityContext")
     volumes = _volumes(doc, pod_spec, path)
     inits = doc.seq(pod_spec.get("initContainers"), f"{path}.initContainers")
     mains = doc.seq(pod_spec.get("containers"), f"{path}.containers")
