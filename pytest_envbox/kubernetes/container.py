@@ -398,10 +398,13 @@ def _mounts(
                 projected = [ProjectedFile("", chosen[0].content, chosen[0].mode)]
             files.append(FileMount(name, source, target, tuple(projected)))
         elif "emptyDir" in vol:
-            spec = vol["emptyDir"] or {}
+            spec = doc.mapping(vol["emptyDir"], f"{vpath}.emptyDir")
             medium = spec.get("medium") or ""
             size = spec.get("sizeLimit")
-            size_bytes = None if size is None else parse_memory(size)
+            try:
+                size_bytes = None if size is None else parse_memory(size)
+            except ConfigError as exc:
+                raise doc.fail(str(exc), f"{vpath}.emptyDir.sizeLimit") from None
             if medium == "Memory" and name not in pod.shared and sub is None:
                 tmpfs[target] = size_bytes or DEFAULT_TMPFS
             else:

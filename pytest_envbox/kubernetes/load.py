@@ -89,7 +89,9 @@ def _secret_bytes(doc: Doc, body: dict[str, Any]) -> dict[str, bytes]:
     text_key = "stringData" if body["kind"] == "Secret" else "data"
     for key, value in doc.mapping(body.get(binary_key), binary_key).items():
         try:
-            out[str(key)] = base64.b64decode(doc.text(value, f"{binary_key}.{key}"), validate=True)
+            if not isinstance(value, str):
+                raise doc.fail(f"{value!r} is not a base64 string; quote it", f"{binary_key}.{key}")
+            out[str(key)] = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise doc.fail(
                 f"is not base64; encode the value (base64 -w0), or put it under {text_key} as text",
@@ -364,6 +366,13 @@ def load_manifests(files: Sequence[Path], *, environ: Mapping[str, str] = os.env
                 ignored.append(Ignored(path, f"{kind}/{name}" if name else f"{kind} ({where})", None))
                 continue
             doc, namespace, meta = _open(body, path, where, ignored)
+            if kind not in _DATA:
+                for key in body:
+                    if key == "status":
+                        doc.ignore(key)
+                    elif key not in ("apiVersion", "kind", "metadata", "spec"):
+                        raise doc.fail(f"unknown field {key!r}; a {kind} has apiVersion, kind, "
+                                       "metadata and spec", str(key))  # fmt: skip
             group = "workload" if kind in _WORKLOADS else kind
             ident = f"{group}/{doc.name.split('/', 1)[1]}"
             if ident in seen:

@@ -153,6 +153,11 @@ CASES = {
         [pod("{containers: [{name: b, image: a}, {name: c, image: a}]}", name="a"),
          pod("{containers: [{name: c, image: a}]}", name="a-b")],
         "Pod/a-b", "metadata.name", "'a-b', which Pod/a makes too"),
+    "unknown top-level field": (
+        [pod("{containers: [{name: c, image: a}]}") + "spec2: {}\n"], "Pod/app", "spec2", "unknown field 'spec2'"),  # noqa: E501
+    "emptyDir size": (
+        [one("{name: c, image: a, volumeMounts: [{name: v, mountPath: /v}]}", "[{name: v, emptyDir: {sizeLimit: huge}}]")],  # noqa: E501
+        "Pod/app", "spec.volumes[0].emptyDir.sizeLimit", "'huge'"),
     "an object declared twice": (
         [CM, CM], "ConfigMap/settings", "metadata.name", "declared twice"),
     "an object without a name": (
