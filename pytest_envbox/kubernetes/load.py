@@ -270,8 +270,8 @@ def _service(body: dict[str, Any], doc: Doc, workloads: Mapping[str, Workload]) 
         )
     if kind not in ("ClusterIP", "NodePort", "LoadBalancer"):
         raise doc.fail(f"{kind!r} is not a Service type", "spec.type")
-    headless = spec.get("clusterIP") in ("None", None) and "clusterIP" in spec
-    if "clusterIP" in spec and not headless:
+    headless = spec.get("clusterIP") == "None"
+    if spec.get("clusterIP") not in (None, "None", ""):
         doc.ignore("spec.clusterIP")
     selector = doc.labels(spec.get("selector"), "spec.selector")
     if not selector:

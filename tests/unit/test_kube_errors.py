@@ -200,3 +200,9 @@ def test_optional_references_are_no_error(tmp_path: Path) -> None:
                         "[{name: v, secret: {secretName: gone, optional: true}}]"))  # fmt: skip
     (c,) = load_manifests([path]).workloads["app"].containers
     assert c.service.env == {} and c.files[0].files == ()
+    volumes = ("[{name: v, configMap: {name: settings, optional: true, "
+               "items: [{key: NOPE, path: x}, {key: LEVEL, path: level}]}}]")  # fmt: skip
+    mounts = "{name: c, image: a, volumeMounts: [{name: v, mountPath: /etc/x}]}"
+    path.write_text(one(mounts, volumes) + "---\n" + CM)
+    (c,) = load_manifests([path]).workloads["app"].containers
+    assert [f.path for f in c.files[0].files] == ["level"]

@@ -284,17 +284,22 @@ def test_empty_dirs(tmp_path: Path) -> None:
           volumeMounts: [{name: shared, mountPath: /shared}, {name: ram, mountPath: /cache}]
         - name: b
           image: b
-          volumeMounts: [{name: shared, mountPath: /in, readOnly: true}, {name: disk, mountPath: /d}]
+          volumeMounts: [{name: shared, mountPath: /in, readOnly: true}, {name: disk, mountPath: /d},
+                         {name: shm, mountPath: /dev/shm}]
+        - {name: c, image: c, volumeMounts: [{name: shm, mountPath: /dev/shm}]}
     """, extra="""
         volumes:
         - {name: shared, emptyDir: {}}
         - {name: ram, emptyDir: {medium: Memory, sizeLimit: 64Mi}}
         - {name: disk, emptyDir: {}}
+        - {name: shm, emptyDir: {medium: Memory}}
     """))
-    a, b = project.workloads["app"].containers
+    a, b, c = project.workloads["app"].containers
     assert a.service.tmpfs == {"/cache": 64 * 2**20}
     assert a.dirs == (DirMount("shared", "/shared", "", None),)
-    assert b.dirs == (DirMount("shared", "/in", "", None, readonly=True), DirMount("disk", "/d", "", None))
+    assert b.dirs == (DirMount("shared", "/in", "", None, readonly=True), DirMount("disk", "/d", "", None),
+                      DirMount("shm", "/dev/shm", "Memory", None))  # shared by b and c: one per pod
+    assert c.dirs == (DirMount("shm", "/dev/shm", "Memory", None),) and b.service.tmpfs == {}
 
 
 # --- workloads, names, replicas ------------------------------------------------------------------
