@@ -444,8 +444,10 @@ def convert_container(
         "pull": _PULL[policy],
         "cwd": doc.text(cwd, f"{path}.workingDir") if cwd is not None else None,
     }
-    if body.get("args") is not None and not command:
-        kwargs["args"] = args  # the image's Entrypoint with these arguments
+    if args and not command:
+        # The image's Entrypoint with these arguments; an empty list is no list, as the
+        # container runtime reads it (the image's Cmd stays).
+        kwargs["args"] = args
     try:
         # k8s command replaces the Entrypoint and drops the Cmd: the whole argv, args after it.
         service = Service(service_name, [*command, *args] if command else (), **kwargs)

@@ -202,6 +202,7 @@ class KubeProject:
     ignored: tuple[Ignored, ...]
 
     def envbox_services(self) -> dict[str, Service]:
-        """Every container of every workload's first pod, by envbox service name (replica 0)."""
-        return {c.service.name: c.service for w in self.workloads.values()
+        """Every container of every workload's first pod, by envbox service name (replica 0);
+        a workload scaled to 0 replicas has none."""
+        return {c.service.name: c.service for w in self.workloads.values() if w.pods
                 for c in (*w.init_containers, *w.containers)}  # fmt: skip

@@ -91,6 +91,16 @@ def test_args_alone_keep_the_entrypoint(tmp_path: Path) -> None:
 def test_neither_keeps_entrypoint_and_cmd(tmp_path: Path) -> None:
     s = container(tmp_path, "- {name: c, image: redis:7}").service
     assert (s.command, s.args) == ((), None)
+    s = container(tmp_path, "- {name: c, image: redis:7, command: [], args: []}").service
+    assert (s.command, s.args) == ((), None)  # empty lists are no lists, as the runtime reads them
+    s = container(tmp_path, "- {name: c, image: redis:7, command: [redis-server], args: []}").service
+    assert (s.command, s.args) == (("redis-server",), None)
+
+
+def test_zero_replicas_run_no_pod(tmp_path: Path) -> None:
+    project = load(tmp_path, DEPLOYMENT.replace("replicas: 3", "replicas: 0"))
+    assert project.workloads["web"].pods == () and project.workloads["web"].service_names() == ()
+    assert project.envbox_services() == {}
 
 
 def test_command_and_args_expand_the_containers_env(tmp_path: Path) -> None:
