@@ -321,8 +321,10 @@ def _user(body: dict[str, Any], pod: Pod, path: str) -> str | None:
     return f"{uid}:{gid}" if gid is not None else str(uid)
 
 
-def _files(vol: dict[str, Any], kind: str, pod: Pod, vpath: str) -> tuple[str, list[ProjectedFile]]:
+def _files(value: object, kind: str, pod: Pod, vpath: str) -> tuple[str, list[ProjectedFile]]:
+    """The files of a configMap or secret volume (``vpath`` is its path), by their paths."""
     doc = pod.doc
+    vol = doc.mapping(value, vpath, required=True)
     ref = {"name": vol.get("name" if kind == "ConfigMap" else "secretName"), "optional": vol.get("optional")}
     found = _data(pod, kind, ref, vpath)
     default = vol.get("defaultMode", 0o644)

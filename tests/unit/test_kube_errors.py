@@ -104,6 +104,9 @@ CASES = {
     "projected volume": (
         [one("{name: c, image: a}", "[{name: v, projected: {sources: []}}]")],
         "Pod/app", "spec.volumes[0].projected", "use configMap, secret or emptyDir"),
+    "configMap volume without its mapping": (
+        [one("{name: c, image: a, volumeMounts: [{name: v, mountPath: /etc/x}]}", "[{name: v, configMap: }]")],  # noqa: E501
+        "Pod/app", "spec.volumes[0].configMap", "None (a NoneType) is not a mapping"),
     "mount of an undeclared volume": (
         [one("{name: c, image: a, volumeMounts: [{name: v, mountPath: /data}]}")],
         "Pod/app", "spec.containers[0].volumeMounts[0].name", "no volume 'v' in the pod"),
