@@ -432,7 +432,7 @@ def convert_container(
     ready, timing = _probe(body, doc, path, port_names)
     files, dirs, tmpfs = _mounts(body, pod, path)
     policy = body.get("imagePullPolicy", "IfNotPresent")
-    if policy not in _PULL:
+    if not isinstance(policy, str) or policy not in _PULL:
         raise doc.fail(f"{policy!r} is not Always, IfNotPresent or Never", f"{path}.imagePullPolicy")
     cwd = body.get("workingDir")
     kwargs: dict[str, Any] = {

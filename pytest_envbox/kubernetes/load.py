@@ -155,12 +155,9 @@ def _workload(
             "spec.template.spec",
         )
         for i, claim in enumerate(doc.seq(spec.get("volumeClaimTemplates"), "spec.volumeClaimTemplates")):
-            claims.add(
-                doc.text(
-                    doc.mapping(claim, "spec.volumeClaimTemplates").get("metadata", {}).get("name"),
-                    f"spec.volumeClaimTemplates[{i}].metadata.name",
-                )
-            )
+            where = f"spec.volumeClaimTemplates[{i}]"
+            claim_meta = doc.mapping(doc.mapping(claim, where).get("metadata"), f"{where}.metadata")
+            claims.add(doc.text(claim_meta.get("name"), f"{where}.metadata.name"))
         if claims:
             doc.ignore("spec.volumeClaimTemplates")
     doc.check(pod_spec, POD, path)
