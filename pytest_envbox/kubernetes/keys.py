@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 __all__ = [
     "CONTAINER",
-    "IGNORED_KINDS",
     "METADATA",
     "POD",
     "POD_SECURITY",
@@ -117,17 +116,4 @@ SERVICE = Keys(
              "externalIPs"),
     refused={"externalName": "an ExternalName Service points outside the environment, which is "
                              "unreachable; declare a workload that serves the name instead"},
-)  # fmt: skip
-
-#: Kinds read and ignored whole: cluster plumbing that does not change what a test reaches.
-IGNORED_KINDS = (
-    "Namespace", "Ingress", "IngressClass", "NetworkPolicy", "ServiceAccount", "Role",
-    "RoleBinding", "ClusterRole", "ClusterRoleBinding", "PersistentVolumeClaim",
-    "PersistentVolume", "StorageClass", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-    "LimitRange", "ResourceQuota", "PriorityClass", "VerticalPodAutoscaler", "ServiceMonitor",
-    "PodMonitor", "PrometheusRule", "CustomResourceDefinition", "MutatingWebhookConfiguration",
-    "ValidatingWebhookConfiguration", "Certificate", "Issuer", "VirtualService",
-    "DestinationRule", "Gateway", "ServiceEntry", "Sidecar", "AuthorizationPolicy",
-    "PeerAuthentication", "HTTPRoute", "GRPCRoute", "EndpointSlice", "Endpoints", "DaemonSet",
-    "ReplicaSet", "CronJob", "ReplicationController",
 )  # fmt: skip
