@@ -21,7 +21,7 @@ from typing import Any
 
 from pytest_envbox.errors import ConfigError
 
-__all__ = ["Override", "Reset", "read_yaml"]
+__all__ = ["Override", "Reset", "read_yaml", "read_yaml_documents"]
 
 
 class Reset:
@@ -81,23 +81,50 @@ def _loader() -> type[Any]:
     return ComposeLoader
 
 
+def _text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
+
+
+def _syntax_error(path: Path, exc: Exception) -> ConfigError:
+    import yaml
+
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        return ConfigError(f"{where}: not valid YAML: {what}; fix its syntax")
+    return ConfigError(f"{path}: not valid YAML: {exc}; fix its syntax")
+
+
 def read_yaml(path: Path) -> object:
     """The document in ``path``; malformed YAML is a :class:`ConfigError` with line and column."""
     import yaml
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read compose file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"compose file {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
+    text = _text(path, "compose file")
     try:
         # A SafeLoader subclass: yaml.load with it is exactly yaml.safe_load plus two inert tags.
         return yaml.load(text, Loader=_loader())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-        what = " ".join(p for p in (exc.context, exc.problem) if p)
-        raise ConfigError(f"{where}: not valid YAML: {what}; fix its syntax") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}; fix its syntax") from None
+        raise _syntax_error(path, exc) from None
+
+
+def read_yaml_documents(path: Path, *, what: str) -> list[object]:
+    """Every document of a multi-document file (``---`` between them), empty ones included as None.
+
+    PyYAML's own safe loader (libyaml's when built with it), without the Compose tags and with
+    YAML 1.1 typing: Kubernetes reads manifests with go-yaml v2, which is YAML 1.1 too
+    (``defaultMode: 0644`` is octal 420, ``yes`` a boolean). ``what`` names the file in errors
+    ("Kubernetes manifest"); malformed YAML is a :class:`ConfigError` with line and column.
+    """
+    import yaml
+
+    text = _text(path, what)
+    try:
+        return list(yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+    except yaml.YAMLError as exc:
+        raise _syntax_error(path, exc) from None
