@@ -459,8 +459,8 @@ def _user(value: object, service: str) -> str | None:
         return value
     shown = repr(value) if isinstance(value, str) else describe(value)
     fail(
-        f'{shown} is not a user; use a user name like "postgres", a uid like "1000" '
-        'or "uid:gid" like "1000:1000"',
+        f'{shown} is not a user; use a user name like "postgres", a uid like "1000", '
+        'either with a group: "postgres:postgres", "1000:1000"',
         service,
         "user",
     )

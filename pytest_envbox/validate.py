@@ -53,7 +53,9 @@ __all__ = [
 #: Anchored with ``\A``/``\Z`` so ``match``, ``search`` and ``fullmatch`` all check the whole name.
 DNS_LABEL = re.compile(r"\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 
-USER = re.compile(r"\A(?:[a-z_][a-z0-9_.-]*\$?|\d+|\d+:\d+)\Z")
+_ID = r"(?:[a-z_][a-z0-9_.-]*\$?|\d+)"
+#: A user as Docker and Compose write it: a name or uid, optionally ``:group`` (name or gid).
+USER = re.compile(rf"\A{_ID}(?::{_ID})?\Z")
 
 # Binary and decimal suffixes as Kubernetes spells them; "K" is accepted beside Kubernetes' "k"
 # because people write it.

@@ -6,6 +6,7 @@ become addresses. Bad input is a ``ConfigError`` with nothing to clean up.
 from __future__ import annotations
 
 import fnmatch
+import grp
 import os
 import pwd
 import shutil
@@ -55,28 +56,43 @@ _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _resolve_user(spec: Service) -> tuple[int, int, list[int]]:
-    """(uid, gid, supplementary groups) for the service's ``user`` (default: the caller's)."""
+    """(uid, gid, supplementary groups) for the service's ``user`` (default: the caller's):
+    ``name`` or ``uid``, optionally ``:group`` or ``:gid``, as Docker reads ``--user``. Without a
+    group, the user's passwd group and the groups that list it; with one, that group alone."""
     user = spec.user
     if user is None:
         return os.getuid(), os.getgid(), sorted(set(os.getgroups()) | {os.getgid()})
-    if ":" in user:
-        uid_s, gid_s = user.split(":", 1)
-        return int(uid_s), int(gid_s), [int(gid_s)]
-    if user.isdigit():
-        uid = int(user)
+    name, _, group = user.partition(":")
+    if name.isdigit():
+        uid = int(name)
         try:
-            pw = pwd.getpwuid(uid)
+            pw: pwd.struct_passwd | None = pwd.getpwuid(uid)
         except KeyError:
-            return uid, uid, [uid]  # no passwd entry: its own group, nothing else
-        return uid, pw.pw_gid, sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise ConfigError(
-            f"there is no user {user!r} on this host; use a name from /etc/passwd, "
-            "a numeric uid, or 'uid:gid'", service=spec.name, key="user",
-        ) from None
-    return pw.pw_uid, pw.pw_gid, sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
+            pw = None  # no passwd entry: its own group, nothing else
+    else:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise ConfigError(
+                f"there is no user {name!r} on this host; use a name from /etc/passwd, "
+                "a numeric uid, or 'uid:gid'", service=spec.name, key="user",
+            ) from None
+        uid = pw.pw_uid
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise ConfigError(
+                    f"there is no group {group!r} on this host; use a name from /etc/group or "
+                    "a numeric gid", service=spec.name, key="user",
+                ) from None
+        return uid, gid, [gid]
+    if pw is None:
+        return uid, uid, [uid]
+    return uid, pw.pw_gid, sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
 
 
 def _rootless_ids(uid: int, gid: int, groups: list[int]) -> tuple[int, int, list[int]]:

@@ -160,7 +160,7 @@ def apply_image_defaults(spec: Service, config: ImageConfig) -> Service:
     under ``env`` (the declaration wins), ``ExposedPorts`` as ``ports``, ``Healthcheck`` as
     ``ready``, ``WorkingDir`` as ``cwd``, ``User`` as ``user``.
 
-    A ``User`` the declaration grammar does not take (``"name:group"``) stays out of the spec;
+    A ``User`` the declaration grammar does not take stays out of the spec;
     :func:`pytest_envbox.engine.imageplan.plan_for_image` resolves it from the config.
     """
     changes: dict[str, Any] = {}

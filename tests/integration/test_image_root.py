@@ -189,6 +189,15 @@ def test_user_from_the_image_passwd(tmp_path: Path) -> None:
         assert sh(env["r"], "id -u") == "0\n"
 
 
+def test_a_user_with_a_group_by_name_as_docker_writes_it(tmp_path: Path) -> None:
+    img = image(tmp_path)
+    with Environment([Service("g", image=REF, user="app:staff")], images={"g": img},
+                     rootdir=tmp_path) as env:  # fmt: skip
+        assert sh(env["g"], "id") == "uid=1000(app) gid=50(staff) groups=50(staff)\n"
+    with pytest.raises(ConfigError, match="no group 'wheel' in the image's /etc/group"):
+        Environment([Service("g", image=REF, user="app:wheel")], images={"g": img}, rootdir=tmp_path)
+
+
 def test_unknown_user_or_program_fails_before_anything_starts(tmp_path: Path) -> None:
     img = image(tmp_path)
     with pytest.raises(ConfigError, match=r"'nobody2'.*image's /etc/passwd"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_envbox import Environment, Service, probe
+from pytest_envbox import ConfigError, Environment, Service, probe
 
 HERE = Path(__file__).parent
 CAP_SYS_ADMIN = 21
@@ -155,3 +155,20 @@ def test_user_switching_with_groups(views: dict[str, dict]) -> None:  # type: ig
 
 def test_service_runs_in_a_new_session(views: dict[str, dict]) -> None:  # type: ignore[type-arg]
     assert views["inspect"]["session_leader"] is True
+
+
+def test_a_host_program_runs_as_user_and_group_by_name() -> None:
+    """``user = "nobody:nogroup"``, as Docker writes ``--user``: that group alone."""
+    import grp
+    import pwd
+
+    try:
+        gid = grp.getgrnam("nogroup").gr_gid
+    except KeyError:
+        pytest.skip("no nogroup group on this host")
+    svc = Service("n", ["sh", "-c", "echo $(id -u) $(id -g) $(id -G); exec sleep 1000"],
+                  user="nobody:nogroup", ready=probe.log(r"^\d"))  # fmt: skip
+    with Environment([svc]) as env:
+        assert env["n"].logs().split() == [str(pwd.getpwnam("nobody").pw_uid), str(gid), str(gid)]
+    with pytest.raises(ConfigError, match="no group 'no-such-group' on this host"):
+        Environment([Service("n", ["true"], user="nobody:no-such-group")]).open()

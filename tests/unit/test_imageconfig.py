@@ -100,10 +100,10 @@ def test_healthcheck_kinds(test: list[str], argv: tuple[str, ...] | None) -> Non
         assert s.ready is not None and s.ready.timeout == 3 * 60  # Docker's defaults: 3 x (30 + 30)
 
 
-def test_a_user_with_a_group_name_stays_for_the_plan() -> None:
-    """The declaration grammar takes no "name:group"; the plan resolves it from the config."""
+def test_a_user_with_a_group_name_is_the_services_user() -> None:
+    """ "name:group", as Docker writes it, is the service's user (resolved in the image's files)."""
     s = apply_image_defaults(Service("db", image="postgres"), cfg({"config": {"User": "app:staff"}}))
-    assert s.user is None
+    assert s.user == "app:staff"
 
 
 def test_image_argv() -> None:

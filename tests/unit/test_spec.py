@@ -335,9 +335,16 @@ def test_limits_given_as_mapping_name_the_service() -> None:
         Service("api", ["x"], limits={"memory": "lots"})
 
 
-@pytest.mark.parametrize("user", ["postgres", "_apt", "www-data", "nobody$", "0", "1000:1000"])
-def test_user_syntax_accepts_names_uids_and_uid_gid(user: str) -> None:
+@pytest.mark.parametrize("user", ["postgres", "_apt", "www-data", "nobody$", "0", "1000:1000",
+                                  "postgres:postgres", "nobody:1000", "1000:staff"])  # fmt: skip
+def test_user_syntax_accepts_names_uids_and_a_group(user: str) -> None:
     assert Service("db", ["x"], user=user).user == user
+
+
+@pytest.mark.parametrize("user", ["1000:", ":1000", "a:b:c", "Postgres", "pg admin", ""])
+def test_user_syntax_refuses_what_is_not_a_user(user: str) -> None:
+    with pytest.raises(ConfigError, match="is not a user"):
+        Service("db", ["x"], user=user)
 
 
 def test_service_from_mapping_reads_the_api_example() -> None:
@@ -429,8 +436,8 @@ BAD_DECLARATIONS: list[tuple[str, str, dict[str, Any], str, str]] = [
      "tmpfs['/home/envbox']", "once"),
     ("tmpfs-under-mount", "api", {"mounts": [_mount(target="/data")], "tmpfs": {"/data/c": "1Mi"}},
      "tmpfs['/data/c']", "hidden by the mount at '/data'"),
-    ("user-root-x", "api", {"user": "root:x"}, "user", "uid:gid"),
-    ("user-space", "api", {"user": "bad user"}, "user", "uid:gid"),
+    ("user-root-colon", "api", {"user": "root:"}, "user", "with a group"),
+    ("user-space", "api", {"user": "bad user"}, "user", "with a group"),
     ("user-negative", "api", {"user": -1}, "user", "uid"),
     ("unknown-key-suggests", "api", {"port": [80]}, "port", "did you mean 'ports'?"),
     ("unknown-key-lists", "api", {"zzz": 1}, "zzz", "accepted keys: command, env"),
