@@ -178,7 +178,7 @@ def test_a_restarted_service_gets_a_fresh_cgroup() -> None:
         # A command run in the service counts in its cgroup: one second of busy loop.
         h.exec(["timeout", "1", "sh", "-c", "while :; do :; done"])
         used = h.stats().cpu_seconds
-        assert used >= 0.5
+        assert used >= 0.1  # of the second's core: less when another process shares it
         h.restart()
         assert h.stats().cpu_seconds < used / 2  # the new run's figures, not the old run's
 
