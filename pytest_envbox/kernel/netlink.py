@@ -155,9 +155,11 @@ def getlink_request(name: str, *, seq: int) -> bytes:
                   seq=seq)  # fmt: skip
 
 
-def new_bridge_request(name: str, *, seq: int) -> bytes:
-    """RTM_NEWLINK making bridge ``name`` (EEXIST if it exists)."""
+def new_bridge_request(name: str, *, seq: int, address: bytes | None = None) -> bytes:
+    """RTM_NEWLINK making bridge ``name`` (EEXIST if it exists), with MAC ``address`` if given
+    (else the kernel's: its ports' lowest, which changes as ports come and go)."""
     body = (_IFINFO.pack(0, 0, 0, 0, 0) + attr(IFLA_IFNAME, cstring(name))
+            + (attr(IFLA_ADDRESS, address) if address is not None else b"")
             + nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"bridge\0")))  # fmt: skip
     return encode(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL, seq=seq)
 
@@ -327,8 +329,9 @@ class Netlink:
             raise OSError(errno.ENODEV, f"link {name}: no such device")
         return int(_IFINFO.unpack_from(replies[0], 0)[2])
 
-    def add_bridge(self, name: str) -> None:
-        self.request(new_bridge_request(name, seq=self.next_seq()), f"create bridge {name}")
+    def add_bridge(self, name: str, address: bytes | None = None) -> None:
+        self.request(new_bridge_request(name, seq=self.next_seq(), address=address),
+                     f"create bridge {name}")  # fmt: skip
 
     def add_veth(self, name: str, peer: str, peer_netns: int, master: int | None = None) -> None:
         """A veth pair: ``name`` here (on bridge ``master``), ``peer`` in namespace ``peer_netns``."""
@@ -449,7 +452,12 @@ def make_hub() -> tuple[int, Netlink, int]:
     try:
         nl = open_in(fd)
         try:
-            nl.add_bridge("br0")
+            # An address of its own: without one, a bridge takes its ports' lowest and changes
+            # it as ports come and go. A released service's veth leaves when the kernel frees
+            # its namespace, at a moment of the kernel's choosing: a service that had just learnt
+            # the old address (from the ARP request before a relay's connect) sent its answers
+            # to an address no port had any more, lost until the hub spoke again (seconds).
+            nl.add_bridge("br0", address=bytes([os.urandom(1)[0] & 0xFC | 0x02]) + os.urandom(5))
             bridge = nl.index("br0")
             nl.set_up(bridge)
         except BaseException:
