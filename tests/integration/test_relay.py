@@ -388,6 +388,7 @@ def _hub(env: Environment) -> str:
     return f"/proc/{sup.pid}/fd/{fd}"
 
 
+@pytest.mark.needs_root("adds a veth to the hub's bridge from outside, with nsenter")
 def test_an_answer_sent_after_a_port_left_the_hub_s_bridge_reaches_the_client() -> None:
     """A released service's veth leaves its hub's bridge when the kernel frees its namespace, at
     a moment of the kernel's choosing (later, under load). A bridge without an address of its own
