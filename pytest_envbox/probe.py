@@ -297,3 +297,32 @@ def exec(
     ('pg_isready', '-U', 'postgres')
     """
     return ExecProbe(argv, timeout=timeout, interval=interval)
+
+
+#: Docker's health check defaults (interval and timeout in seconds, retries) where an image's
+#: config or a compose file leaves them out (or gives 0).
+HEALTHCHECK_DEFAULTS = (30.0, 30.0, 3)
+
+
+def docker_healthcheck(test: Sequence[str], *, interval: float | None = None,
+                       timeout: float | None = None, retries: int | None = None,
+                       start_period: float | None = None, poll: float | None = None,
+                       ) -> ExecProbe | None:  # fmt: skip
+    """A Docker health check (an image's ``Healthcheck``, a compose file's ``healthcheck``) as a
+    readiness probe: ``CMD`` an argv, ``CMD-SHELL`` through ``/bin/sh -c``; anything else None.
+
+    Readiness waits as long as Docker takes to call the container unhealthy (start period, then
+    ``retries`` checks of ``interval`` + ``timeout``), but polls every ``poll`` (None: the
+    engine's own cadence): the check's interval (30 s by default) is a steady-state period, and
+    a test would wait it out. Internal (not in ``__all__``): images and compose files share it.
+    """
+    kind, rest = (test[0], list(test[1:])) if test else ("", [])
+    if kind == "CMD" and rest:
+        argv_ = rest
+    elif kind == "CMD-SHELL" and rest:
+        argv_ = ["/bin/sh", "-c", " ".join(rest)]
+    else:
+        return None
+    every, wait, tries = HEALTHCHECK_DEFAULTS
+    deadline = (start_period or 0.0) + (retries or tries) * ((interval or every) + (timeout or wait))
+    return ExecProbe(argv_, timeout=deadline, interval=poll)

@@ -26,7 +26,7 @@ from pytest_envbox.compose.keys import (
     refused_value,
 )
 from pytest_envbox.errors import ConfigError
-from pytest_envbox.probe import ExecProbe
+from pytest_envbox.probe import ExecProbe, docker_healthcheck
 from pytest_envbox.spec import Limits, Mount, Service
 from pytest_envbox.validate import describe, is_int
 
@@ -36,7 +36,6 @@ __all__ = ["DEFAULT_TMPFS", "ServiceExtras", "VolumeMount", "convert_service"]
 #: tmpfs, and this is the size of its own /tmp).
 DEFAULT_TMPFS = 512 * 2**20
 #: Docker's health check defaults (seconds, and a count), as in ``images/imageconfig.py``.
-_HC_INTERVAL, _HC_TIMEOUT, _HC_RETRIES = 30.0, 30.0, 3
 _CONDITIONS = ("service_started", "service_healthy")
 
 
@@ -178,8 +177,8 @@ def _depends(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> None:
 
 
 def _healthcheck(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> ExecProbe | None:
-    """The readiness probe, computed as ``images/imageconfig.py`` maps an image's Healthcheck
-    (mirrored here: that module is in the images layer, above this one)."""
+    """The readiness probe, by :func:`pytest_envbox.probe.docker_healthcheck`, as an image's
+    Healthcheck is mapped; ``NONE`` or ``disable`` marks the image's own check off."""
     hc = body.get("healthcheck")
     if hc is None:
         return None
@@ -200,15 +199,10 @@ def _healthcheck(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> Exe
     if not isinstance(test, list) or not test or not all(isinstance(t, str) for t in test):
         raise fail(f"{describe(test)} is not a health check; write [CMD, prog, arg...], "
                    "[CMD-SHELL, 'command'] or a string", "healthcheck.test")  # fmt: skip
-    kind, rest = test[0], test[1:]
-    if kind == "NONE":
+    if test[0] == "NONE":
         extras.healthcheck_disabled = True
         return None
-    if kind == "CMD" and rest:
-        argv = rest
-    elif kind == "CMD-SHELL" and rest:
-        argv = ["/bin/sh", "-c", " ".join(rest)]
-    else:
+    if test[0] not in ("CMD", "CMD-SHELL") or len(test) < 2:
         raise fail(f"{test!r} is not a health check; its first item is CMD, CMD-SHELL or NONE, "
                    "followed by the command", "healthcheck.test")  # fmt: skip
 
@@ -218,13 +212,12 @@ def _healthcheck(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> Exe
             return default
         return compose_duration(value, f"healthcheck.{key}", fail) or default  # 0: the default
 
-    retries = hc.get("retries", _HC_RETRIES)
+    retries = hc.get("retries", 0)
     if not is_int(retries) or retries < 0:
         raise fail(f"{describe(retries)} is not a count of retries", "healthcheck.retries")
-    deadline = seconds("start_period", 0.0) + (retries or _HC_RETRIES) * (
-        seconds("interval", _HC_INTERVAL) + seconds("timeout", _HC_TIMEOUT))
-    interval = seconds("start_interval", 0.0) or None
-    return ExecProbe(argv, timeout=deadline, interval=interval)
+    return docker_healthcheck(test, interval=seconds("interval", 0.0), timeout=seconds("timeout", 0.0),
+                              retries=retries, start_period=seconds("start_period", 0.0),
+                              poll=seconds("start_interval", 0.0) or None)  # fmt: skip
 
 
 def _one(values: dict[str, Any], read: Callable[[object, str], Any], fail: Fail) -> Any:

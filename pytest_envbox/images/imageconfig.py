@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_envbox.errors import ConfigError, ImageError
-from pytest_envbox.probe import ExecProbe
+from pytest_envbox.probe import ExecProbe, docker_healthcheck
 from pytest_envbox.spec import Service
 from pytest_envbox.validate import USER
 
 __all__ = ["Healthcheck", "ImageConfig", "apply_image_defaults", "image_argv", "parse_signal"]
 
 #: Docker's defaults for a health check that leaves them out (seconds, and a count).
-_HC_INTERVAL, _HC_TIMEOUT, _HC_RETRIES = 30.0, 30.0, 3
 
 
 @dataclass(frozen=True)
@@ -134,25 +133,12 @@ def parse_signal(text: str) -> int | None:
 
 
 def _probe(hc: Healthcheck | None) -> ExecProbe | None:
-    """The health check as a readiness probe: ``CMD`` an argv, ``CMD-SHELL`` through ``/bin/sh
-    -c``, ``NONE`` (or anything else) none.
-
-    Readiness waits as long as Docker takes to call the container unhealthy (start period, then
-    ``retries`` checks of ``interval`` + ``timeout``), but polls at the engine's own cadence: the
-    image's interval (30 s by default) is a steady-state period, and a test would wait it out.
-    """
+    """The health check as a readiness probe (``NONE``, or anything but ``CMD`` and
+    ``CMD-SHELL``: none); see :func:`pytest_envbox.probe.docker_healthcheck`."""
     if hc is None or not hc.test:
         return None
-    kind, rest = hc.test[0], list(hc.test[1:])
-    if kind == "CMD" and rest:
-        argv = rest
-    elif kind == "CMD-SHELL" and rest:
-        argv = ["/bin/sh", "-c", " ".join(rest)]
-    else:
-        return None
-    deadline = (hc.start_period or 0.0) + (hc.retries or _HC_RETRIES) * (
-        (hc.interval or _HC_INTERVAL) + (hc.timeout or _HC_TIMEOUT))
-    return ExecProbe(argv, timeout=deadline)
+    return docker_healthcheck(hc.test, interval=hc.interval, timeout=hc.timeout, retries=hc.retries,
+                              start_period=hc.start_period)  # fmt: skip
 
 
 def apply_image_defaults(spec: Service, config: ImageConfig) -> Service:
