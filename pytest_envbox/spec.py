@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pytest_envbox.mounts import HOME, Mount, Volume, tmpfs_sizes
 from pytest_envbox.ports import HostRange, parse_host_ports, parse_ports
 from pytest_envbox.probe import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe, probe_from_mapping
 from pytest_envbox.validate import (
@@ -31,7 +31,6 @@ from pytest_envbox.validate import (
     as_list,
     as_mapping,
     check_keys,
-    check_mount_source,
     check_name,
     describe,
     fail,
@@ -46,6 +45,7 @@ from pytest_envbox.validate import (
 __all__ = [
     "DNS_LABEL",
     "HOME",
+    "POD_IP",
     "ExecProbe",
     "HttpProbe",
     "Limits",
@@ -54,6 +54,7 @@ __all__ = [
     "Probe",
     "Service",
     "TcpProbe",
+    "Volume",
     "check_name",
     "parse_cpu",
     "parse_duration",
@@ -123,82 +124,12 @@ class Limits:
         return cls(draft.memory, draft.cpu, draft.pids, draft.nofile)
 
 
-#: Where each service finds its private, writable home directory (``~`` in ``tmpfs``).
-HOME = "/home/envbox"
-
-_FORBIDDEN_TARGETS = ("/proc", "/sys", "/dev")
-
-
-def _mount_target(value: object, service: str | None, key: str, allow: tuple[str, ...] = ()) -> str:
-    target = text(value, service, key, "mount target")
-    normal = posixpath.normpath(target)
-    if not target.startswith("/") or target.startswith("//"):
-        fail(f"{target!r} is not an absolute path; use e.g. '/data'", service, key)
-    if normal != target.rstrip("/") and target != "/":
-        fail(f"{target!r} is not a normalised path; use {normal!r}", service, key)
-    if normal == "/":
-        fail("cannot mount over '/'; mount under a directory such as '/data'", service, key)
-    for forbidden in _FORBIDDEN_TARGETS:
-        if normal in allow:
-            break
-        if normal == forbidden or normal.startswith(forbidden + "/"):
-            fail(
-                f"{target!r} is under {forbidden}, which the sandbox owns; pick another target",
-                service,
-                key,
-            )
-    return normal
-
-
-@dataclass(frozen=True)
-class Mount:
-    """A host file or directory made visible at ``target`` inside the service (read-only default).
-
-    ``source`` may be relative: it is resolved against the rootdir when the service starts.
-    """
-
-    source: str
-    target: str
-    readonly: bool = True
-
-    KEYS: ClassVar[tuple[str, ...]] = ("source", "target", "readonly")
-
-    if TYPE_CHECKING:
-
-        def __init__(
-            self, source: str | os.PathLike[str], target: str, readonly: bool = True
-        ) -> None: ...
-
-    def __post_init__(self) -> None:
-        self._normalise(service=None, prefix="")
-
-    def _normalise(self, service: str | None, prefix: str) -> None:
-        object.__setattr__(self, "source", text(self.source, service, f"{prefix}source", "path"))
-        object.__setattr__(self, "target", _mount_target(self.target, service, f"{prefix}target"))
-        if not isinstance(self.readonly, bool):
-            fail(f"{describe(self.readonly)} is not true or false", service, f"{prefix}readonly")
-        check_mount_source(self.source, service, f"{prefix}source")
-
-    @classmethod
-    def from_value(cls, value: object, *, service: str | None, index: int) -> Mount:
-        """A :class:`Mount` from itself or a ``{ source, target, readonly }`` mapping."""
-        if isinstance(value, Mount):
-            return value
-        prefix = f"mounts[{index}]."
-        example = '{ source = "./fixtures", target = "/data" }'
-        table = as_mapping(value, service, f"mounts[{index}]", example)
-        check_keys(table, cls.KEYS, service, prefix)
-        for required in ("source", "target"):
-            if required not in table:
-                fail(f"is missing; write the mount as {example}", service, prefix + required)
-        draft = object.__new__(cls)
-        for name in cls.KEYS:
-            object.__setattr__(draft, name, table.get(name, True))
-        draft._normalise(service, prefix)
-        return cls(draft.source, draft.target, draft.readonly)
-
-
 # --- readiness probes ----------------------------------------------------------------------------
+
+
+#: Stands for the service's own address in its ``env`` values and argv (Kubernetes' ``fieldRef:
+#: status.podIP``): the engine replaces it once the address is known, at the start.
+POD_IP = "@envbox:pod-ip@"
 
 
 @dataclass(frozen=True, eq=True, unsafe_hash=False)
@@ -239,11 +170,24 @@ class Service:
     args: tuple[str, ...] | None = None
     #: with an image: ``"missing"``, ``"always"`` or ``"never"``
     pull: str = "missing"
+    #: with an image and no ``ready``: its Healthcheck is the readiness probe (False: none)
+    healthcheck: bool = True
+    #: the signal that stops it (``"SIGQUIT"``); None: the image's StopSignal, else SIGTERM
+    stop_signal: str | None = None
+    #: directories of the environment's own, shared by the services naming the same volume
+    volumes: tuple[Volume, ...] = ()
+    #: the service whose network namespace this one joins (the containers of a Kubernetes pod,
+    #: Compose's ``network_mode: service:NAME``): same address, ``localhost`` between them
+    network_of: str | None = None
+    #: it runs to completion: ready when it exits with code 0, a failure with any other code
+    #: (Kubernetes' init containers and Jobs, Compose's ``service_completed_successfully``)
+    oneshot: bool = False
 
     #: The keys of a ``[tool.envbox.services.NAME]`` table.
     KEYS: ClassVar[tuple[str, ...]] = (
         "command", "env", "pass_env", "cwd", "ports", "depends_on", "ready", "limits", "mounts",
-        "tmpfs", "aliases", "user", "stop_timeout", "image", "args", "pull",
+        "tmpfs", "aliases", "user", "stop_timeout", "image", "args", "pull", "healthcheck",
+        "stop_signal", "volumes", "network_of", "oneshot",
     )  # fmt: skip
     #: The values of ``pull``, as Kubernetes' IfNotPresent, Always and Never.
     PULL_POLICIES: ClassVar[tuple[str, ...]] = ("missing", "always", "never")
@@ -271,6 +215,11 @@ class Service:
             image: str | None = None,
             args: Sequence[str] | str | None = None,
             pull: str = "missing",
+            healthcheck: bool = True,
+            stop_signal: str | int | None = None,
+            volumes: Sequence[Volume | Mapping[str, object]] = (),
+            network_of: str | None = None,
+            oneshot: bool = False,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -294,7 +243,9 @@ class Service:
         mounts = tuple(Mount.from_value(m, service=name, index=i) for i, m in enumerate(entries))
         _unique([m.target for m in mounts], name, "mounts", suffix=".target")
         put("mounts", mounts)
-        put("tmpfs", _tmpfs(self.tmpfs, name, mounts))
+        put("tmpfs", tmpfs_sizes(self.tmpfs, name, mounts))
+        put("volumes", _volumes(self.volumes, name, mounts))
+        self._run_keys(name)
         put("aliases", self._names("aliases", '["shop-api"]', "alias"))
         if name in self.aliases:
             i = self.aliases.index(name)
@@ -333,6 +284,23 @@ class Service:
         if self.pull not in self.PULL_POLICIES:
             fail(f"{describe(self.pull)} is not a pull policy; use one of "
                  f"{', '.join(map(repr, self.PULL_POLICIES))}", name, "pull")  # fmt: skip
+
+    def _run_keys(self, name: str) -> None:
+        """``stop_signal``, ``network_of``, ``oneshot`` and ``healthcheck``."""
+        if self.stop_signal is not None:
+            self._put("stop_signal", parse_signal(self.stop_signal, name, "stop_signal"))
+        if self.network_of is not None:
+            other = check_name(self.network_of, what="service", service=name, key="network_of")
+            if other == name:
+                fail("a service cannot join its own network; remove it", name, "network_of")
+            if other not in self.depends_on:  # its namespace must exist first
+                self._put("depends_on", (*self.depends_on, other))
+        for key in ("oneshot", "healthcheck"):
+            if not isinstance(getattr(self, key), bool):
+                fail(f"{describe(getattr(self, key))} is not true or false", name, key)
+        if self.oneshot and self.ready is not None:
+            fail("is for long-running services; a oneshot service is ready when it exits with "
+                 "code 0: remove `ready` or `oneshot`", name, "ready")  # fmt: skip
 
     def _put(self, attr: str, value: object) -> None:
         object.__setattr__(self, attr, value)
@@ -405,28 +373,33 @@ def _env(value: object, service: str) -> dict[str, str]:
     return env
 
 
-#: The sandbox's own writable directories, each a tmpfs that ``tmpfs`` may resize.
-_PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/run", "/dev/shm", HOME)
+def _volumes(value: object, service: str, mounts: tuple[Mount, ...]) -> tuple[Volume, ...]:
+    example = '[{ volume = "pgdata", target = "/var/lib/postgresql/data" }]'
+    items = as_list(value, service, "volumes", example)
+    volumes = tuple(Volume.from_value(v, service=service, index=i) for i, v in enumerate(items))
+    taken = {m.target for m in mounts}
+    for i, v in enumerate(volumes):
+        if v.target in taken:
+            fail(f"{v.target!r} is mounted already; mount one thing there", service,
+                 f"volumes[{i}].target")  # fmt: skip
+        taken.add(v.target)
+    return volumes
 
 
-def _tmpfs(value: object, service: str, mounts: tuple[Mount, ...]) -> dict[str, int]:
-    """``tmpfs``: path -> size. A private directory (``/tmp``, ``~``...) is resized; any other
-    absolute path gets a new empty tmpfs. Mounted before ``mounts``, so a mount may go inside a
-    tmpfs, never a tmpfs inside (or on) a mount."""
-    example = '{ "/tmp" = "2Gi", "/cache" = "256Mi" }'
-    table = as_mapping(value if value is not None else {}, service, "tmpfs", example)
-    sizes: dict[str, int] = {}
-    for path, size in table.items():
-        key = f"tmpfs[{path!r}]"
-        target = HOME if path == "~" else _mount_target(path, service, key, allow=_PRIVATE_TMPFS)
-        if target in sizes:
-            fail(f"{path!r} names {target}, listed already; list it once", service, key)
-        for m in mounts:
-            if target == m.target or target.startswith(m.target.rstrip("/") + "/"):
-                fail(f"{path!r} would be hidden by the mount at {m.target!r}; put the tmpfs "
-                     "elsewhere, or the mount inside it", service, key)  # fmt: skip
-        sizes[target] = parse_memory(size, service=service, key=key)  # type: ignore[arg-type]
-    return sizes
+def parse_signal(value: object, service: str | None, key: str) -> str:
+    """A signal by name (``"SIGQUIT"``, ``"QUIT"``) or number, as its name: ``"SIGQUIT"``."""
+    import signal
+
+    try:
+        if is_int(value):
+            return signal.Signals(value).name
+        if isinstance(value, str):
+            name = value.upper()
+            return signal.Signals[name if name.startswith("SIG") else "SIG" + name].name
+    except (KeyError, ValueError):
+        pass
+    fail(f"{describe(value) if not isinstance(value, str) else repr(value)} is not a signal; use a "
+         'name like "SIGQUIT" or "SIGINT"', service, key)  # fmt: skip
 
 
 def _glob(value: object, service: str, key: str) -> str:

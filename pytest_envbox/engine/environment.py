@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,9 +32,10 @@ from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_le
 from pytest_envbox.engine.hostports import reserve_host_ports
 from pytest_envbox.engine.imageplan import PreparedImage, prepare_image_service
 from pytest_envbox.engine.planning import Subnet, check_cgroups, check_ids, plan_for
+from pytest_envbox.engine.volumes import make_volumes
 from pytest_envbox.errors import EnvboxError, HostUnsupported
 from pytest_envbox.sandbox.plan import SandboxPlan
-from pytest_envbox.spec import Service
+from pytest_envbox.spec import POD_IP, Service, Volume
 from pytest_envbox.supervisor.protocol import KeepRequest, OwnDirRequest
 
 __all__ = ["Environment"]
@@ -96,6 +98,7 @@ class Environment:
         self._handles: dict[str, ServiceHandle] = {}
         self._order: list[str] = []  # start order, for teardown in reverse
         self._listed: set[str] = set()  # services in the environment's /etc/hosts
+        self._volumes: dict[str, Volume] = {}  # the volumes made, by name (engine/volumes.py)
         self.network = Network(self.id, wanted, lambda: self._handles.keys(), lambda: self._sup)
         self._sup: SupervisorClient | None = None
         self._closed = False
@@ -222,14 +225,16 @@ class Environment:
         plans = self._plans if plans is None else plans
         if spec.image is None:
             plans[spec.name] = plan_for(spec, self.rootdir)
-            return spec
-        image = self._images.get(spec.name)
-        if image is None:
-            from pytest_envbox.engine.imageref import check_reference  # no requests import here
+        else:
+            image = self._images.get(spec.name)
+            if image is None:
+                from pytest_envbox.engine.imageref import check_reference  # no requests here
 
-            check_reference(spec, self.rootdir)
-            return spec
-        spec, plans[spec.name] = prepare_image_service(spec, image, self.rootdir, self.id)
+                check_reference(spec, self.rootdir)
+                return spec
+            spec, plans[spec.name] = prepare_image_service(spec, image, self.rootdir, self.id)
+        if spec.stop_signal is not None:  # the declaration's, over the image's
+            plans[spec.name].stop_signal = int(signal.Signals[spec.stop_signal])
         return spec
 
     def _pull_images(self, specs: Iterable[Service], plans: dict[str, SandboxPlan]) -> list[Service]:
@@ -257,11 +262,21 @@ class Environment:
             lines.append("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
         for spec in specs:
             if spec.name not in self._listed:
-                address = self._subnet().address(spec.name)  # may fail (subnet full): before listing
+                address = self._address(spec.name)  # may fail (subnet full): before listing
                 self._listed.add(spec.name)
                 lines.append(f"{address}\t{' '.join([spec.name, *spec.aliases])}\n")
         with open(self.workdir / "hosts", "w" if fresh else "a") as f:
             f.write("".join(lines))  # one write: a reader sees the old file or the new one
+
+    def _address(self, name: str) -> str:
+        """A service's address: its own, or the one of the service whose network it joins."""
+        return self._subnet().address(self._net_owner(name))
+
+    def _net_owner(self, name: str) -> str:
+        """The service whose network namespace ``name`` is in (``network_of``, followed)."""
+        while (owner := self._specs[name].network_of) is not None and owner in self._specs:
+            name = owner
+        return name
 
     def _subnet(self) -> Subnet:
         """The environment's subnet, given by the supervisor on first need (unique on this host
@@ -278,11 +293,16 @@ class Environment:
         # Every fixed host port first, all or none: a taken one fails before anything starts.
         reserve_host_ports(self._sup, self.id, [spec for level in levels for spec in level])
         for level in levels:
+            make_volumes(self.workdir, level, self._plans, self._volumes, rootless=rootless())
             handles = []
             for spec in level:
-                h = ServiceHandle(spec, self._plans[spec.name], self._sup, env_id=self.id,
-                                  wire=self._subnet().wire(spec.name), workdir=self.workdir,
-                                  on_ready=self._service_ready)  # fmt: skip
+                address = self._address(spec.name)
+                plan = self._plans[spec.name]
+                plan.env = {k: v.replace(POD_IP, address) for k, v in plan.env.items()}
+                plan.argv = [a.replace(POD_IP, address) for a in plan.argv]
+                wire = self._subnet().wire(self._net_owner(spec.name))
+                h = ServiceHandle(spec, plan, self._sup, env_id=self.id, wire=wire,
+                                  workdir=self.workdir, on_ready=self._service_ready)  # fmt: skip
                 self._handles[spec.name] = h
                 self._order.append(spec.name)
                 handles.append(h)
@@ -349,7 +369,10 @@ class Environment:
                 self.on_close(self)
             return
         owned = self._given_workdir is None and self.workdir is not None
-        stop_all(self._sup, handles, str(self.workdir) if owned else None)
+        # Volumes may hold files of the services' users, which only the supervisor (root in its
+        # user namespace, rootless) can remove: it removes the whole directory then.
+        stop_all(self._sup, handles, str(self.workdir) if owned else None,
+                 remove=owned and bool(self._volumes))
         self.network.release()
         if owned and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -66,7 +66,8 @@ class ServiceHandle:
                  wire: NetWiring, workdir: Path,
                  on_ready: Callable[[ServiceHandle], None] | None = None) -> None:  # fmt: skip
         """Made by :class:`~pytest_envbox.Environment` (never by a user): ``wire`` is the
-        service's address on the environment's network, ``on_ready`` its readiness callback."""
+        service's address on the environment's network (for a service with ``network_of``, the
+        one it shares), ``on_ready`` its readiness callback."""
         self.spec = spec
         self.name = spec.name
         self._plan = plan
@@ -354,10 +355,11 @@ class ServiceHandle:
         try:
             # The first start also creates the service's network namespace and publishes its
             # ports; both outlive restarts, so a restarted service keeps its host ports.
-            lim = self.spec.limits
+            lim, owner = self.spec.limits, self.spec.network_of
+            join = None if owner is None else f"{self._slot.rsplit('/', 1)[0]}/{owner}"
             r = self._sup.call(StartRequest(
                 self._slot, self._plan, str(self.log_path), ports, self._generation,
-                CgroupLimits(lim.memory, lim.cpu, lim.pids), self._net))  # fmt: skip
+                CgroupLimits(lim.memory, lim.cpu, lim.pids), self._net, join))  # fmt: skip
         except HostUnsupported:
             self._exited.set()
             raise
@@ -369,7 +371,10 @@ class ServiceHandle:
         self._ports = r.ports
 
     def _wait_ready(self) -> None:
-        readiness.wait_ready(_ReadinessView(self), self.spec.ready)
+        if self.spec.oneshot:
+            readiness.wait_completed(_ReadinessView(self))
+        else:
+            readiness.wait_ready(_ReadinessView(self), self.spec.ready)
         with self._lock:  # the exit event may be recording the end of this run meanwhile
             if self._runs:
                 self._runs[-1] = replace(self._runs[-1], ready=time.time())
@@ -468,9 +473,11 @@ def start_level(sup: SupervisorClient, handles: Sequence[ServiceHandle]) -> None
                 raise error
 
 
-def stop_all(sup: SupervisorClient, handles: Sequence[ServiceHandle], disown: str | None) -> None:
+def stop_all(sup: SupervisorClient, handles: Sequence[ServiceHandle], disown: str | None, *,
+             remove: bool = False) -> None:  # fmt: skip
     """Stop the services and release their sandboxes; forget ``disown`` (a directory the
-    supervisor was to delete if the test process died first). Never raises.
+    supervisor was to delete if the test process died first), or with ``remove`` have the
+    supervisor delete it now. Never raises.
 
     SIGTERM to all at once, then wait for each: teardown takes the slowest service's time, not
     the sum.
@@ -483,6 +490,6 @@ def stop_all(sup: SupervisorClient, handles: Sequence[ServiceHandle], disown: st
         with contextlib.suppress(EnvboxError, OSError):
             h._await_exit(h.spec.stop_timeout)
     with contextlib.suppress(EnvboxError, OSError):
-        sup.call(ReleaseRequest([h._slot for h in handles], disown))
+        sup.call(ReleaseRequest([h._slot for h in handles], disown, remove))
     for h in handles:
         h._forget()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from pytest_envbox.errors import EnvboxError, NotReady
+from pytest_envbox.errors import EnvboxError, NotReady, ServiceFailed
 from pytest_envbox.spec import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe
 from pytest_envbox.wait import FIRST_INTERVAL, Deadline, wait_until
 
@@ -189,6 +189,22 @@ def wait_ready(target: ReadinessTarget, probe: Probe | None) -> None:
     if wait_until(step, deadline, wake=target.exited, interval=probe.interval, first=first) is None:
         target.raise_if_exited()
         raise NotReady(target.name, probe.describe(), probe.timeout, log_tail(target.log_path))
+
+
+#: How long a ``oneshot`` service (an init container, a Job, a migration) may take to complete.
+ONESHOT_TIMEOUT = 600.0
+
+
+def wait_completed(target: ReadinessTarget, timeout: float = ONESHOT_TIMEOUT) -> None:
+    """Return when a ``oneshot`` service has exited with code 0; ``ServiceFailed`` (its code and
+    log) for any other code, ``NotReady`` if it is still running after ``timeout`` seconds."""
+    if not target.exited.wait(timeout):
+        raise NotReady(target.name, "completion (a oneshot service: exit code 0)", timeout,
+                       log_tail(target.log_path))  # fmt: skip
+    if target.returncode != 0:
+        raise ServiceFailed(target.name, target.returncode, log_tail(target.log_path),
+                            reason=f"exited with return code {target.returncode}; a oneshot "
+                            "service must complete with 0")  # fmt: skip
 
 
 def wait_for_log(target: ReadinessTarget, pattern: str, timeout: float) -> re.Match[str]:

@@ -144,7 +144,8 @@ def _probe(hc: Healthcheck | None) -> ExecProbe | None:
 def apply_image_defaults(spec: Service, config: ImageConfig) -> Service:
     """The service with what its image's config supplies where the declaration is silent: ``Env``
     under ``env`` (the declaration wins), ``ExposedPorts`` as ``ports``, ``Healthcheck`` as
-    ``ready``, ``WorkingDir`` as ``cwd``, ``User`` as ``user``.
+    ``ready`` (unless ``healthcheck`` is false, or the service is ``oneshot``), ``WorkingDir`` as
+    ``cwd``, ``User`` as ``user``.
 
     A ``User`` the declaration grammar does not take stays out of the spec;
     :func:`pytest_envbox.engine.imageplan.plan_for_image` resolves it from the config.
@@ -154,7 +155,7 @@ def apply_image_defaults(spec: Service, config: ImageConfig) -> Service:
         changes["env"] = {**dict(config.env), **spec.env}
     if not spec.ports and config.exposed_ports:
         changes["ports"] = list(config.exposed_ports)
-    if spec.ready is None:
+    if spec.ready is None and spec.healthcheck and not spec.oneshot:
         probe = _probe(config.healthcheck)
         if probe is not None:
             changes["ready"] = probe

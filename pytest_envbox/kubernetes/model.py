@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from pytest_envbox import spec
 from pytest_envbox.errors import ConfigError
 from pytest_envbox.spec import Service
 
@@ -35,7 +36,7 @@ __all__ = [
 
 #: Stands for the pod's IP address (``fieldRef: status.podIP``) in env values, command and args:
 #: the engine replaces every occurrence with the address the pod's network namespace gets.
-POD_IP = "@envbox:pod-ip@"
+POD_IP = spec.POD_IP
 #: Stands for the pod's name (``fieldRef: metadata.name``), replaced by the engine per replica
 #: with that replica's pod name (:attr:`Workload.pods`).
 POD_NAME = "@envbox:pod-name@"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_envbox.spec import HOME
+from pytest_envbox.mounts import HOME
 
 __all__ = ["HOME", "NOFILE", "ImageRoot", "SandboxPlan", "SetupError"]
 

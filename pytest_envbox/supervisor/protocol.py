@@ -164,7 +164,8 @@ class StartReply(Reply):
 class StartRequest(Request[StartReply]):
     """Start a service in ``slot`` (``<environment id>/<service>``), its output appended to
     ``log_path``. ``generation`` numbers the slot's starts (its exit event carries it); ``net``
-    is None for a service without a network."""
+    is None for a service without a network; ``join`` names the slot whose network namespace a
+    new slot shares (a pod's containers), instead of being wired itself."""
 
     TAG: ClassVar[str] = "start"
     slot: str
@@ -174,6 +175,7 @@ class StartRequest(Request[StartReply]):
     generation: int
     limits: CgroupLimits
     net: NetWiring | None
+    join: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,11 +282,12 @@ class ExecOutput(Message):
 @dataclass(frozen=True, slots=True)
 class ReleaseRequest(Request[Done]):
     """Free the slots (killing what still runs there); forget ``disown``, a directory the
-    supervisor was to delete if the test process died."""
+    supervisor was to delete if the test process died, or (``remove``) delete it now."""
 
     TAG: ClassVar[str] = "release"
     slots: list[str]
     disown: str | None = None
+    remove: bool = False
 
 
 @dataclass(frozen=True, slots=True)

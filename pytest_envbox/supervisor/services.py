@@ -34,6 +34,7 @@ from pytest_envbox.supervisor.relay import Relay
 from pytest_envbox.supervisor.rwlayers import make_rw, remove_rw, reuse_rw
 from pytest_envbox.supervisor.slotkernel import SlotKernel
 from pytest_envbox.supervisor.spares import SpareFailed, SpareUnsupported
+from pytest_envbox.supervisor.statedir import remove_temp_dir
 from pytest_envbox.supervisor.sync import Pending, close_sync, receive
 
 __all__ = ["Services", "Slot", "SlotHost"]
@@ -142,12 +143,22 @@ class Services:
                     k.give_cgroup(slot, spare, pid, req.limits)
                     new = old is None and slot not in self.slots
                     wired = None
-                    if new and net:
+                    if new and req.join is not None:  # a pod's container: into its namespace
+                        owner = self.slots.get(req.join)
+                        if owner is None:
+                            raise ValueError(f"{req.join} has no network namespace to join yet")
+                        joined = os.dup(owner.netns_fd)
+                        os.close(netns)
+                        netns = joined
+                        fds = [log_fd, netns]
+                    elif new and net:
                         try:
                             wired = k.wire(slot, netns, net)
                         except OSError as e:  # not the spare's fault: no retry with another
                             raise network_error(e) from None
-                    fds = [log_fd] if new else [log_fd, self.slots[slot].netns_fd]
+                        fds = [log_fd]
+                    else:
+                        fds = [log_fd] if new else [log_fd, self.slots[slot].netns_fd]
                     k.send_plan(spare, req.plan, fds)
                 except (OSError, SpareFailed, ValueError, Unsupported) as e:
                     k.discard_spare(spare)  # the spare, if alive, exits on its end-of-file
@@ -163,7 +174,9 @@ class Services:
                     continue
                 if new:
                     self.slots[slot] = Slot(netns_fd=netns)
-                    if wired is not None and net is not None:
+                    if req.join is not None:  # the pod's address: relays reach it the same way
+                        self.slots[slot].ip = self.slots[req.join].ip
+                    elif wired is not None and net is not None:
                         s_new = self.slots[slot]
                         s_new.ip = net.ip
                         s_new.veth, s_new.veth_index = wired
@@ -313,6 +326,8 @@ class Services:
         self.release_slots(req.slots)
         if req.disown is not None:
             self.host.disown(req.disown)
+            if req.remove:  # it holds files of the services' users (volumes): ours to remove
+                remove_temp_dir(req.disown)
         return Done()
 
     def release_slots(self, slots: list[str]) -> None:

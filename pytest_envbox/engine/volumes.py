@@ -1,0 +1,75 @@
+"""The environment's own volumes (``Service.volumes``): directories made in its work directory,
+shared by the services that name the same volume, gone with the environment.
+
+Compose's named volumes and Kubernetes' emptyDir, ConfigMap and Secret volumes become these (see
+:class:`~pytest_envbox.mounts.Volume`). A volume is made once per environment, when the first
+service naming it starts; its ``files`` (a ConfigMap's keys) are written then. A new, empty
+directory belongs to the user of the first service that mounts it, as a volume Docker creates for
+a container is writable by it (Docker copies the image's directory, owner included; envbox does
+not copy: the volume starts empty).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from pytest_envbox.errors import ConfigError
+from pytest_envbox.sandbox.plan import SandboxPlan
+from pytest_envbox.spec import Service, Volume
+
+__all__ = ["VOLUMES", "make_volumes"]
+
+#: Where, in the environment's work directory, its volumes are.
+VOLUMES = "volumes"
+
+
+def make_volumes(workdir: Path, specs: Iterable[Service], plans: dict[str, SandboxPlan],
+                 made: dict[str, Volume], *, rootless: bool) -> None:  # fmt: skip
+    """Make the volumes of ``specs`` not made yet (``made``: this environment's, by name) and add
+    their mounts to the services' plans."""
+    base = workdir / VOLUMES
+    for spec in specs:
+        plan = plans[spec.name]
+        for volume in spec.volumes:
+            path = base / volume.name
+            earlier = made.get(volume.name)
+            if earlier is None:
+                base.mkdir(mode=0o755, exist_ok=True)
+                _make(path, volume, plan, rootless=rootless)
+                made[volume.name] = volume
+            elif earlier.files != volume.files or earlier.single_file != volume.single_file:
+                raise ConfigError(f"volume {volume.name!r} is declared with other files by "
+                                  "another service; give one of them another name",
+                                  service=spec.name, key="volumes")  # fmt: skip
+            if (str(path), volume.target, volume.readonly) not in plan.mounts:
+                plan.mounts.append((str(path), volume.target, volume.readonly))
+
+
+def _make(path: Path, volume: Volume, plan: SandboxPlan, *, rootless: bool) -> None:
+    if volume.single_file:
+        _write(path, volume.files[0][1], volume.files[0][2])
+        return
+    path.mkdir(mode=0o755)
+    for name, content, mode in volume.files:
+        target = path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write(target, content, mode)
+    if volume.files:
+        return
+    if rootless:
+        # Ids inside map to subordinate ids this process cannot chown to; the work directory
+        # (mode 0700) keeps other users of the host out.
+        path.chmod(0o777)
+    elif plan.uid != 0 or plan.gid != 0:
+        os.chown(path, plan.uid, plan.gid)
+
+
+def _write(path: Path, content: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, content)  # ConfigMaps are at most 1 MiB: one write
+        os.fchmod(fd, mode & 0o777 | 0o444)  # readable by whichever user the service runs as
+    finally:
+        os.close(fd)
