@@ -10,19 +10,22 @@ start in parallel. All of this is pure and fast, so every mistake surfaces as a
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import os
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pytest_envbox.errors import ConfigError
+from pytest_envbox.errors import ConfigError, located
 from pytest_envbox.ports import check_environment_host_ports
+from pytest_envbox.sources import VirtualService, import_sources, override
 from pytest_envbox.spec import Service, check_name, parse_subnet, service_from_mapping
 
 __all__ = ["TOP_LEVEL_KEYS", "Catalog", "load_project_config", "merge_services", "select", "start_levels"]
 
-TOP_LEVEL_KEYS = ("services", "topologies", "subnet", "insecure_registries")
+TOP_LEVEL_KEYS = ("services", "topologies", "subnet", "insecure_registries", "compose", "kubernetes")
 
 
 @dataclass(frozen=True)
@@ -40,17 +43,16 @@ class Catalog:
     subnet: str | None = None
     #: registries (``host[:port]``) reached over plain HTTP; loopback ones always may be
     insecure_registries: tuple[str, ...] = ()
+    #: Kubernetes Services of the ``kubernetes`` manifests, by name (see sources.py)
+    virtual: Mapping[str, VirtualService] = field(default_factory=dict)
+    #: keys of the ``compose``/``kubernetes`` files read and ignored (``envbox doctor --config``)
+    ignored: tuple[str, ...] = ()
+    #: what reading them had to say (an unset variable substituted by "")
+    warnings: tuple[str, ...] = ()
 
     def names(self) -> list[str]:
         """The service names, sorted: the list shown when a name is unknown."""
         return sorted(self.services)
-
-
-def _located(error: ConfigError, where: str) -> ConfigError:
-    """The same error with the declaration's place appended, keeping ``service`` and ``key``."""
-    located = ConfigError(f"{error} (in {where})")
-    located.service, located.key = error.service, error.key
-    return located
 
 
 def _read_toml(path: Path) -> dict[str, object]:
@@ -74,12 +76,15 @@ def _known(names: Iterable[str], what: str = "services") -> str:
     return f"known {what}: {', '.join(listed)}" if listed else f"no {what} are declared"
 
 
-def load_project_config(rootdir: Path) -> Catalog:
+def load_project_config(rootdir: Path, environ: Mapping[str, str] | None = None) -> Catalog:
     """The services and topologies declared at ``rootdir``.
 
     ``envbox.toml`` wins when it exists (its keys are those of ``[tool.envbox]``, without the
     prefix) and ``pyproject.toml`` is then not read at all; otherwise ``[tool.envbox]`` of
-    ``pyproject.toml``; otherwise nothing is declared and the catalog is empty.
+    ``pyproject.toml``; otherwise nothing is declared and the catalog is empty. The services of
+    the ``compose`` and ``kubernetes`` files come first; a ``services`` table of the same name
+    overrides the keys it sets (see sources.py). ``environ`` (default: ``os.environ``) is what
+    compose files interpolate.
     """
     envbox_toml = rootdir / "envbox.toml"
     pyproject = rootdir / "pyproject.toml"
@@ -96,14 +101,14 @@ def load_project_config(rootdir: Path) -> Catalog:
         return Catalog()
     where = f"{file} [{prefix.rstrip('.')}]" if prefix else file
     if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table with 'services', 'topologies', 'subnet' and "
-                          "'insecure_registries'")  # fmt: skip
+        raise ConfigError(f"{where} must be a table with keys among {', '.join(TOP_LEVEL_KEYS)}")
     for key in table:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"{_unknown(key, TOP_LEVEL_KEYS)} (in {where})", key=prefix + key)
 
-    services: dict[str, Service] = {}
-    origins: dict[str, str] = {}
+    imported = import_sources(rootdir, table, prefix, where, os.environ if environ is None else environ)
+    services: dict[str, Service] = dict(imported.services)
+    origins: dict[str, str] = dict(imported.origins)
     declared = table.get("services", {})
     if not isinstance(declared, dict):
         raise ConfigError(
@@ -112,21 +117,31 @@ def load_project_config(rootdir: Path) -> Catalog:
         )
     for name, body in declared.items():
         origin = f"{file} [{prefix}services.{name}]"
+        if name in imported.services:
+            services[name] = override(imported.services[name], body, f"{origin}, over {origins[name]}")
+            origins[name] = f"{origins[name]}, with {origin}"
+            continue
+        if name in imported.virtual:
+            raise ConfigError(f"is the name of a Kubernetes Service ({imported.virtual[name].origin}) "
+                              f"that selects other pods; rename it (in {origin})", service=name)  # fmt: skip
         try:
             services[name] = service_from_mapping(name, body)
         except ConfigError as exc:
-            raise _located(exc, origin) from None
+            raise located(exc, origin) from None
         origins[name] = origin
 
     topologies = _load_topologies(table.get("topologies", {}), services, file, prefix)
+    for topology, members in imported.topologies.items():
+        topologies.setdefault(topology, members)
     subnet = None
     if "subnet" in table:
         try:
             subnet = parse_subnet(table["subnet"], key=f"{prefix}subnet")
         except ConfigError as exc:
-            raise _located(exc, where) from None
+            raise located(exc, where) from None
     insecure = _registries(table.get("insecure_registries", []), f"{prefix}insecure_registries", where)
-    return Catalog(services, topologies, origins, subnet, insecure)
+    return Catalog(services, topologies, origins, subnet, insecure, imported.virtual,
+                   imported.ignored, imported.warnings)  # fmt: skip
 
 
 def _registries(value: object, key: str, where: str) -> tuple[str, ...]:
@@ -154,7 +169,7 @@ def _load_topologies(
         try:
             check_name(name, what="topology", key=f"{key}.{name}")
         except ConfigError as exc:
-            raise _located(exc, where) from None
+            raise located(exc, where) from None
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise ConfigError(
                 f'{members!r} is not a list of service names; write {name} = ["api", "cache"] '
@@ -198,8 +213,7 @@ def merge_services(catalog: Catalog, extra: Iterable[tuple[Service, str]]) -> Ca
             )
         services[service.name] = service
         origins[service.name] = origin
-    return Catalog(services, dict(catalog.topologies), origins, catalog.subnet,
-                   catalog.insecure_registries)  # fmt: skip
+    return dataclasses.replace(catalog, services=services, origins=origins)
 
 
 def _dependency_order(

@@ -33,6 +33,13 @@ class ConfigError(EnvboxError):
         self.key = key
 
 
+def located(error: ConfigError, where: str) -> ConfigError:
+    """The same error with the declaration's place appended, keeping ``service`` and ``key``."""
+    out = ConfigError(f"{error} (in {where})")
+    out.service, out.key = error.service, error.key
+    return out
+
+
 class ServiceFailed(EnvboxError):
     """A service exited before it was ready (or could not be started at all)."""
 

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from pytest_envbox.config import Catalog, select, start_levels
+from pytest_envbox.engine import virtual_services
 from pytest_envbox.engine.client import SupervisorClient, get_supervisor, rootless
 from pytest_envbox.engine.faults import Network
 from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_level, stop_all
@@ -99,6 +100,8 @@ class Environment:
         self._order: list[str] = []  # start order, for teardown in reverse
         self._listed: set[str] = set()  # services in the environment's /etc/hosts
         self._volumes: dict[str, Volume] = {}  # the volumes made, by name (engine/volumes.py)
+        #: Kubernetes Services' addresses -> their ports' backends, as the hub has them
+        self._virtual: dict[str, dict[int, list[tuple[str, int]]]] = {}
         self.network = Network(self.id, wanted, lambda: self._handles.keys(), lambda: self._sup)
         self._sup: SupervisorClient | None = None
         self._closed = False
@@ -260,13 +263,36 @@ class Environment:
         lines = []
         if fresh:
             lines.append("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+        virtual = self.catalog.virtual
+        claimed = virtual_services.claimed_names(virtual, self._specs) if virtual else set()
         for spec in specs:
             if spec.name not in self._listed:
                 address = self._address(spec.name)  # may fail (subnet full): before listing
                 self._listed.add(spec.name)
-                lines.append(f"{address}\t{' '.join([spec.name, *spec.aliases])}\n")
+                names = [n for n in (spec.name, *spec.aliases) if n not in claimed]
+                if names:
+                    lines.append(f"{address}\t{' '.join(names)}\n")
+        if virtual:
+            lines += virtual_services.host_lines(virtual, self._specs, self._address_of, self._listed)
         with open(self.workdir / "hosts", "w" if fresh else "a") as f:
             f.write("".join(lines))  # one write: a reader sees the old file or the new one
+        if virtual:
+            self._route_virtual()
+
+    def _address_of(self, name: str) -> str:
+        """A service's address, or a Kubernetes Service's (``virtual_services.key(name)``)."""
+        return self._address(name) if name in self._specs else self._subnet().address(name)
+
+    def _route_virtual(self) -> None:
+        """The hub's rules for the Kubernetes Services of this environment, where they changed."""
+        from pytest_envbox.engine.virtual import set_virtual_address
+
+        assert self._sup is not None
+        wanted = virtual_services.rules(self.catalog.virtual, self._specs, self._address_of)
+        for address, ports in wanted.items():
+            if self._virtual.get(address) != ports:
+                set_virtual_address(self._sup, self.id, address, ports)
+                self._virtual[address] = ports
 
     def _address(self, name: str) -> str:
         """A service's address: its own, or the one of the service whose network it joins."""

@@ -64,7 +64,7 @@ def test_oneshot_services_complete_before_their_dependents_start(tmp_path: Path)
     init = Service("init", ["sh", "-c", "echo migrated > /out/done"], oneshot=True,
                    mounts=[{"source": str(marker), "target": "/out", "readonly": False}])
     app = Service("app", ["sh", "-c", "cat /out/done && exec sleep 1000"], depends_on=["init"],
-                  mounts=[{"source": str(marker), "target": "/out"}])
+                  mounts=[{"source": str(marker), "target": "/out"}], ready=probe.log("migrated"))
     with Environment([app, init]) as env:
         assert env["init"].returncode == 0 and not env["init"].running
         assert env["app"].running

@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pytest_envbox"
 
 #: Bottom to top. A module may import from its own layer and those below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("errors", "validate", "wait", "probe", "ports", "mounts", "spec", "config", "compose",
-              "kubernetes")),
+    ("base", ("errors", "validate", "wait", "probe", "ports", "mounts", "spec", "sources", "config",
+              "compose", "kubernetes")),
     ("kernel", ("kernel",)),
     ("sandbox", ("sandbox",)),
     ("supervisor", ("supervisor",)),

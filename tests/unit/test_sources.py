@@ -1,0 +1,246 @@
+"""``compose = [...]`` and ``kubernetes = [...]`` in ``[tool.envbox]``: imported services, overrides
+by name, Kubernetes pods and Services as the engine runs them, and bad input named by place."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pytest_envbox.config import load_project_config, select, start_levels
+from pytest_envbox.errors import ConfigError
+from pytest_envbox.mounts import Volume
+from pytest_envbox.spec import Limits
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def project(tmp_path: Path, toml: str, **files: str) -> Path:
+    (tmp_path / "pyproject.toml").write_text(textwrap.dedent(toml))
+    for name, text in files.items():
+        path = tmp_path / name.replace("__", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+COMPOSE = """\
+    services:
+      web:
+        image: example/web:1
+        command: ["serve", "--port", "8000"]
+        environment: {LOG: info, DB: "postgres://db:5432/app"}
+        ports: ["8080:8000"]
+        depends_on: {db: {condition: service_healthy}}
+        restart: always
+        deploy: {resources: {limits: {memory: 256M, cpus: "0.5"}}}
+        working_dir: /srv
+        user: app
+      db:
+        image: postgres:16
+        stop_signal: SIGINT
+        volumes: [pgdata:/var/lib/postgresql/data]
+        healthcheck: {test: ["CMD", "pg_isready"], interval: 1s}
+    volumes:
+      pgdata: {}
+"""
+
+
+def test_compose_services_join_the_catalog_with_a_topology_and_ignored_keys(tmp_path: Path) -> None:
+    root = project(tmp_path, '[tool.envbox]\ncompose = ["compose.yaml"]\n', **{"compose.yaml": COMPOSE})
+    catalog = load_project_config(root, environ={})
+    assert set(catalog.services) == {"web", "db"}
+    web, db = catalog.services["web"], catalog.services["db"]
+    assert web.image == "example/web:1" and web.args == ("serve", "--port", "8000")
+    assert web.ports == (8000,) and not web.host_ports  # 8080 on the host is not bound
+    assert web.limits == Limits(memory=256 * 2**20, cpu=0.5)
+    assert web.depends_on == ("db",)
+    assert db.stop_signal == "SIGINT"
+    assert db.volumes == (Volume("pgdata", "/var/lib/postgresql/data"),)
+    assert catalog.topologies["compose"] == ("web", "db")
+    assert catalog.origins["web"] == "compose.yaml services.web"
+    assert "compose.yaml: services.web.restart" in catalog.ignored
+    assert [s.name for s in select(catalog, ["web"])] == ["db", "web"]
+
+
+def test_an_override_changes_only_the_keys_it_sets(tmp_path: Path) -> None:
+    root = project(tmp_path, """\
+        [tool.envbox]
+        compose = ["compose.yaml"]
+        [tool.envbox.services.web]
+        limits = { memory = "512Mi" }
+        env = { LOG = "debug" }
+        ports = [9000]
+    """, **{"compose.yaml": COMPOSE})
+    web = load_project_config(root, environ={}).services["web"]
+    assert web.limits == Limits(memory=512 * 2**20, cpu=0.5)  # cpu kept
+    assert web.env == {"LOG": "debug", "DB": "postgres://db:5432/app"}
+    assert web.ports == (9000,)
+    assert web.image == "example/web:1" and web.args == ("serve", "--port", "8000")
+    assert web.cwd == "/srv" and web.user == "app" and web.depends_on == ("db",)
+
+
+def test_image_false_runs_a_host_program_instead_of_the_image(tmp_path: Path) -> None:
+    root = project(tmp_path, """\
+        [tool.envbox]
+        compose = ["compose.yaml"]
+        [tool.envbox.services.web]
+        image = false
+        command = ["python3", "-m", "http.server", "8000"]
+    """, **{"compose.yaml": COMPOSE})
+    catalog = load_project_config(root, environ={})
+    web = catalog.services["web"]
+    assert web.image is None and web.args is None
+    assert web.command == ("python3", "-m", "http.server", "8000")
+    assert web.cwd is None and web.user is None  # paths and users of the image, dropped
+    assert web.env["DB"] == "postgres://db:5432/app" and web.ports == (8000,)
+    assert "pyproject.toml [tool.envbox.services.web]" in catalog.origins["web"]
+
+
+def test_image_false_without_a_command_says_what_to_give(tmp_path: Path) -> None:
+    root = project(tmp_path, '[tool.envbox]\ncompose = ["compose.yaml"]\n'
+                   '[tool.envbox.services.web]\nimage = false\n', **{"compose.yaml": COMPOSE})
+    with pytest.raises(ConfigError) as info:
+        load_project_config(root, environ={})
+    assert info.value.service == "web" and info.value.key == "command"
+    assert "host program" in str(info.value) and "pyproject.toml" in str(info.value)
+
+
+def test_an_override_with_an_unknown_key_names_it(tmp_path: Path) -> None:
+    root = project(tmp_path, '[tool.envbox]\ncompose = ["compose.yaml"]\n'
+                   '[tool.envbox.services.db]\nlimit = { memory = "1Gi" }\n', **{"compose.yaml": COMPOSE})
+    with pytest.raises(ConfigError, match="did you mean 'limits'") as info:
+        load_project_config(root, environ={})
+    assert info.value.service == "db"
+
+
+def test_a_missing_file_and_a_glob_matching_nothing_are_named(tmp_path: Path) -> None:
+    root = project(tmp_path, '[tool.envbox]\ncompose = ["compose.yml"]\n')
+    with pytest.raises(ConfigError, match=r"'compose\.yml': there is no such file") as info:
+        load_project_config(root, environ={})
+    assert info.value.key == "tool.envbox.compose[0]"
+    root = project(tmp_path, '[tool.envbox]\nkubernetes = ["deploy/*.yaml"]\n')
+    with pytest.raises(ConfigError, match="matches no file"):
+        load_project_config(root, environ={})
+
+
+def test_guestbook_replicas_and_services_become_services_and_virtual_addresses(tmp_path: Path) -> None:
+    shutil.copytree(DATA / "kubernetes" / "guestbook", tmp_path / "deploy")
+    root = project(tmp_path, '[tool.envbox]\nkubernetes = ["deploy/*.yaml"]\n')
+    catalog = load_project_config(root)
+    assert set(catalog.services) == {"frontend-0", "frontend-1", "frontend-2", "redis-master",
+                                     "redis-replica-0", "redis-replica-1"}
+    replica = catalog.virtual["redis-replica"]
+    assert replica.backends == (("redis-replica-0", 6379, 6379), ("redis-replica-1", 6379, 6379))
+    assert "redis-replica.default.svc.cluster.local" in replica.hostnames
+    assert catalog.virtual["frontend"].backends[0] == ("frontend-0", 80, 80)
+    assert set(catalog.topologies["kubernetes"]) == set(catalog.services)
+    assert catalog.origins["frontend-1"] == ("deploy/frontend-deployment.yaml Deployment/frontend "
+                                             "container php-redis (pod frontend-1)")
+    # requests stand in for limits where no limit is given (docs/kubernetes.md)
+    assert catalog.services["redis-master"].limits == Limits(memory=100 * 2**20, cpu=0.1)
+
+
+POD = """\
+    apiVersion: v1
+    kind: ConfigMap
+    metadata: {name: app-config}
+    data: {app.conf: "level=debug\\n"}
+    ---
+    apiVersion: apps/v1
+    kind: Deployment
+    metadata: {name: api}
+    spec:
+      replicas: 2
+      selector: {matchLabels: {app: api}}
+      template:
+        metadata: {labels: {app: api}}
+        spec:
+          initContainers:
+          - {name: migrate, image: "app:1", command: ["migrate"]}
+          - {name: seed, image: "app:1", command: ["seed"]}
+          containers:
+          - name: app
+            image: "app:1"
+            ports: [{containerPort: 8000, name: http}]
+            env:
+            - {name: POD, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+            volumeMounts:
+            - {name: config, mountPath: /etc/app}
+            - {name: scratch, mountPath: /scratch}
+          - name: proxy
+            image: "proxy:1"
+            volumeMounts: [{name: scratch, mountPath: /data}]
+          volumes:
+          - {name: config, configMap: {name: app-config}}
+          - {name: scratch, emptyDir: {}}
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {name: api}
+    spec:
+      selector: {app: api}
+      ports: [{port: 80, targetPort: http}]
+"""
+
+
+def test_a_pods_init_containers_run_in_order_and_its_containers_share_its_network(tmp_path: Path) -> None:
+    root = project(tmp_path, '[tool.envbox]\nkubernetes = ["app.yaml"]\n', **{"app.yaml": POD})
+    catalog = load_project_config(root)
+    s = catalog.services
+    assert s["api-0-migrate"].oneshot and s["api-0-seed"].oneshot and not s["api-0-app"].oneshot
+    assert s["api-0-seed"].depends_on == ("api-0-migrate",)
+    assert s["api-0-seed"].network_of == "api-0-migrate"
+    assert set(s["api-0-app"].depends_on) == {"api-0-seed", "api-0-migrate"}
+    assert s["api-1-proxy"].network_of == "api-1-migrate"
+    assert s["api-1-app"].env["POD"] == "api-1"
+    conf = next(v for v in s["api-0-app"].volumes if v.target == "/etc/app")
+    assert conf.readonly and conf.files == (("app.conf", b"level=debug\n", 0o644),)
+    scratch = {v.name for n in ("api-0-app", "api-0-proxy") for v in s[n].volumes if v.target != "/etc/app"}
+    assert scratch == {"api-0.scratch"}  # one directory per pod, shared by its containers
+    assert catalog.virtual["api"].backends == (("api-0-migrate", 80, 8000), ("api-1-migrate", 80, 8000))
+    levels = [[x.name for x in lvl] for lvl in start_levels(select(catalog, ["api-0-app", "api-0-proxy"]))]
+    assert levels == [["api-0-migrate"], ["api-0-seed"], ["api-0-app", "api-0-proxy"]]
+
+
+def test_a_name_in_both_compose_and_kubernetes_is_refused(tmp_path: Path) -> None:
+    manifest = "apiVersion: v1\nkind: Pod\nmetadata: {name: db}\nspec: {containers: [{name: db, image: x}]}\n"
+    root = project(tmp_path, '[tool.envbox]\ncompose = ["compose.yaml"]\nkubernetes = ["k.yaml"]\n',
+                   **{"compose.yaml": COMPOSE, "k.yaml": manifest})
+    with pytest.raises(ConfigError, match=r"defined twice: in compose.yaml services.db and in k.yaml Pod/db"):
+        load_project_config(root, environ={})
+
+
+def test_a_toml_service_named_as_a_kubernetes_service_is_refused(tmp_path: Path) -> None:
+    shutil.copytree(DATA / "kubernetes" / "guestbook", tmp_path / "deploy")
+    root = project(tmp_path, '[tool.envbox]\nkubernetes = ["deploy/*.yaml"]\n'
+                   '[tool.envbox.services.frontend]\ncommand = ["true"]\n')
+    with pytest.raises(ConfigError, match="name of a Kubernetes Service"):
+        load_project_config(root)
+
+
+@pytest.mark.parametrize(("files", "place"), [
+    ({"compose.yaml": "services:\n  web:\n    image: [x\n"}, "compose.yaml, line 4, column 1"),
+    ({"compose.yaml": "services:\n  web:\n    image: ${TAG?set TAG to the tag to test}\n"},
+     "set TAG to the tag to test"),
+    ({"compose.yaml": "services:\n  a: {image: x, depends_on: [b]}\n  b: {image: x, depends_on: [a]}\n"},
+     "a -> b -> a"),
+    ({"k.yaml": "kind: Service\napiVersion: v1\nmetadata: {name: s}\nspec: {selector: {app: none}, "
+                "ports: [{port: 80}]}\n"}, "selects no pod"),
+    ({"k.yaml": "kind: Pod\napiVersion: v1\nmetadata: {name: p, labels: {app: p}}\nspec: {containers: "
+                "[{name: c, image: x}]}\n---\nkind: Service\napiVersion: v1\nmetadata: {name: s}\nspec: "
+                "{selector: {app: p}, ports: [{port: 80, targetPort: web}]}\n"}, "web"),
+    ({"k.yaml": "kind: Pod\napiVersion: v1\nmetadata: {name: p}\nspec: {containers: [{name: c, image: x, "
+                "env: [{name: A, valueFrom: {configMapKeyRef: {name: cm, key: nope}}}]}]}\n---\n"
+                "kind: ConfigMap\napiVersion: v1\nmetadata: {name: cm}\ndata: {a: b}\n"}, "nope"),
+])  # fmt: skip
+def test_bad_files_are_a_config_error_naming_the_file_and_the_place(
+        tmp_path: Path, files: dict[str, str], place: str) -> None:  # fmt: skip
+    key = "compose" if "compose.yaml" in files else "kubernetes"
+    root = project(tmp_path, f'[tool.envbox]\n{key} = ["{next(iter(files))}"]\n', **files)
+    with pytest.raises(ConfigError) as info:
+        load_project_config(root, environ={})
+    assert place in str(info.value)
+    assert next(iter(files)) in str(info.value) or "a -> b" in place
