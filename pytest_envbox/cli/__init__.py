@@ -386,7 +386,12 @@ def ps() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="envbox", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("doctor", help="check what this host supports")
+    p_doctor = sub.add_parser("doctor", help="check what this host supports")
+    p_doctor.add_argument("--config", action="store_true",
+                          help="instead: show the project's services, where each comes from, and "
+                          "the keys of its compose files and manifests that are ignored")
+    p_doctor.add_argument("--rootdir", type=Path, default=Path.cwd(),
+                          help="the project (where pyproject.toml or envbox.toml is)")
     sub.add_parser("clean", help="remove what killed runs left behind (cgroups, records)")
     sub.add_parser("ps", help="list the runs alive on this host and their services")
     p_up = sub.add_parser("up", help="start services in the foreground")
@@ -404,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          help='also remove images not used for DURATION ("7d", "12h", "0" for all)')
     args = parser.parse_args(argv)
     try:
+        if args.command == "doctor" and args.config:
+            from pytest_envbox.cli.configreport import config_report
+
+            return config_report(args.rootdir.resolve())
         if args.command == "doctor":
             return doctor()
         if args.command == "clean":
