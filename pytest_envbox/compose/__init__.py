@@ -14,12 +14,15 @@ mapped                    image, command (-> args), entrypoint (-> command: entr
                           service_healthy), healthcheck (-> an exec probe), deploy.resources
                           .limits, mem_limit, cpus, pids_limit, ulimits.nofile, shm_size, user,
                           working_dir (-> cwd), volumes (bind -> mounts, tmpfs -> tmpfs), tmpfs,
+                          network_mode: service:NAME (-> network_of), depends_on condition
+                          service_completed_successfully (-> the dependency is oneshot),
                           networks.*.aliases, stop_grace_period (-> stop_timeout), profiles,
                           pull_policy, extends (a service of the same file), secrets and configs
                           backed by a file (-> read-only mounts)
 kept beside the Service   named and anonymous volumes, stop_signal, a disabled health check
                           (``ComposeProject.volumes``, ``.stop_signals``,
-                          ``.healthcheck_disabled``): the spec has no field for them yet
+                          ``.healthcheck_disabled``): :mod:`pytest_envbox.sources` makes them
+                          the Service's ``volumes``, ``stop_signal`` and ``healthcheck``
 ignored, and listed       annotations, attach, blkio_config, cgroup, cgroup_parent,
                           container_name, cpu_count, cpu_percent, cpu_period, cpu_quota,
                           cpu_rt_period, cpu_rt_runtime, cpu_shares, cpuset, cap_drop,
@@ -38,11 +41,10 @@ ignored, and listed       annotations, attach, blkio_config, cgroup, cgroup_pare
 refused (ConfigError)     build, cap_add, devices, device_cgroup_rules, gpus,
                           extends.file, external_links, extra_hosts, models, post_start, pre_start,
                           pre_stop, provider, runtime, sysctls, use_api_socket, volumes_from,
-                          privileged: true, network_mode other than bridge, pid/ipc/uts/
-                          userns_mode: host (or another service's), scale or deploy.replicas
-                          above 1, ports/expose other than TCP, depends_on condition
-                          service_completed_successfully, volumes of type image/npipe/cluster,
-                          pull_policy: build, secrets/configs not backed by a file (environment,
+                          privileged: true, network_mode other than bridge and service:NAME,
+                          pid/ipc/uts/userns_mode: host (or another service's), scale or
+                          deploy.replicas above 1, ports/expose other than TCP, volumes of type
+                          image/npipe/cluster, pull_policy: build, secrets/configs not backed by a file (environment,
                           content, external), top-level include, unknown keys
 ========================  ====================================================================
 """

@@ -62,6 +62,8 @@ class ServiceExtras:
     healthcheck_disabled: bool = False
     #: dependency -> required (``required: false`` drops it when that service is not loaded)
     depends_on: dict[str, bool] = field(default_factory=dict)
+    #: dependencies with the condition service_completed_successfully
+    completed: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
 
@@ -99,6 +101,8 @@ def _check_keys(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> None
         instead = refused_value(key, value)
         if instead is not None:
             raise fail(f"{key}: {value} cannot be honoured by envbox: {instead}", key)
+        if key == "network_mode" and str(value).startswith("service:"):
+            continue  # mapped: network_of (load.py)
         if key in IGNORED or (key not in MAPPED and key in known):
             extras.ignored.append(key)
         elif key not in known:
@@ -168,11 +172,10 @@ def _depends(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> None:
         condition = options.get("condition", "service_started")
         key = f"depends_on.{dep}.condition"
         if condition == "service_completed_successfully":
-            raise fail("service_completed_successfully is not supported yet: envbox services are "
-                       "long-running; run that step in this service's entrypoint or command, or "
-                       "in the test's setup", key)  # fmt: skip
-        if condition not in _CONDITIONS:
-            raise fail(f"{condition!r} is not a condition; use service_started or service_healthy", key)
+            extras.completed.append(dep)  # that service runs to completion: oneshot (load.py)
+        elif condition not in _CONDITIONS:
+            raise fail(f"{condition!r} is not a condition; use service_started, service_healthy or "
+                       "service_completed_successfully", key)  # fmt: skip
         extras.depends_on[dep] = options.get("required", True) is not False
 
 

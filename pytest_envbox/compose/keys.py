@@ -127,8 +127,8 @@ def refused_value(key: str, value: object) -> str | None:
     if key == "privileged":
         return "services never get the host's privileges; remove it" if value is True else None
     if key == "network_mode":
-        if text in ("", "bridge", "default"):
-            return None
+        if text in ("", "bridge", "default") or text.startswith("service:"):
+            return None  # service:NAME: network_of (convert.py)
         if text == "none":
             return ("every service is on its environment's private network; remove network_mode "
                     "(the environment has no route outside anyway)")  # fmt: skip

@@ -262,10 +262,22 @@ def load_compose(files: Sequence[Path], *, environ: Mapping[str, str],
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise fail(f"depends on {dep!r}, which is not a service{hint}; services: "
                            f"{', '.join(services)}", f"depends_on.{dep}")  # fmt: skip
+        mode = str(merged[name].get("network_mode") or "")
+        if mode.startswith("service:"):
+            owner = mode.partition(":")[2]
+            if owner not in services:
+                raise fail(f"network_mode: {mode} names no service of these files; services: "
+                           f"{', '.join(services)}", "network_mode")  # fmt: skip
+            kept = list(dict.fromkeys([*kept, owner]))
+            services[name] = services[name].with_changes(network_of=owner)
         if kept:
             services[name] = services[name].with_changes(depends_on=kept)
         deps[name] = kept
     _check_cycles(deps, origins)
+    for name, ex in extras.items():  # a service others wait to complete runs to completion
+        for dep in ex.completed:
+            if dep in services and not services[dep].oneshot:
+                services[dep] = services[dep].with_changes(oneshot=True, ready=None)
 
     ignored = top_ignored + [Ignored(setters[name].get(re.split(r"[.\[]", key)[0], paths[0]), name, key)
                              for name, ex in extras.items() for key in ex.ignored]  # fmt: skip

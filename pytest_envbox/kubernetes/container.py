@@ -247,11 +247,18 @@ def _probe(
     timing = ProbeTiming(float(initial), float(period), float(attempt), threshold)
     timeout = probe_timeout(initial, period, attempt, threshold)
     interval = min(float(period), _MAX_INTERVAL)
-    kinds = [k for k in ("httpGet", "tcpSocket", "exec") if k in spec]
+    kinds = [k for k in ("httpGet", "tcpSocket", "exec", "grpc") if k in spec]
     if len(kinds) != 1:
-        raise doc.fail("must hold exactly one of httpGet, tcpSocket or exec", where)
+        raise doc.fail("must hold exactly one of httpGet, tcpSocket, exec or grpc", where)
     kind = kinds[0]
     action = doc.mapping(spec[kind], f"{where}.{kind}", required=True)
+    if kind == "grpc":  # no gRPC health client here: the port accepting a connection instead
+        port = doc.number(action.get("port"), f"{where}.grpc.port", low=1, high=65535)
+        for key in action:
+            if key not in ("port", "service"):
+                raise doc.fail(f"unknown field {key!r}", f"{where}.grpc.{key}")
+        doc.ignore(f"{where}.grpc (checked as tcpSocket on port {port}: envbox has no gRPC health client)")
+        return TcpProbe(port, timeout=timeout, interval=interval), timing
     if kind == "exec":
         command = doc.strings(action.get("command"), f"{where}.exec.command")
         if not command:

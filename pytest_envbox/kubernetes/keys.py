@@ -77,12 +77,13 @@ SECURITY = Keys(
 #: A pod's securityContext: runAsUser and runAsGroup are every container's defaults.
 POD_SECURITY = Keys(("runAsUser", "runAsGroup"), tuple(k for k in SECURITY.ignored if k != "procMount"), {})
 
+#: ``grpc`` is checked as ``tcpSocket`` on its port (envbox has no gRPC health client), and that
+#: substitution is listed with the ignored keys.
 PROBE = Keys(
-    mapped=("httpGet", "tcpSocket", "exec", "initialDelaySeconds", "periodSeconds",
+    mapped=("httpGet", "tcpSocket", "exec", "grpc", "initialDelaySeconds", "periodSeconds",
             "timeoutSeconds", "failureThreshold"),
     ignored=("successThreshold", "terminationGracePeriodSeconds"),
-    refused={"grpc": "envbox has no gRPC health probe; use tcpSocket on the same port, or exec "
-                     "a client such as grpc_health_probe"},
+    refused={},
 )  # fmt: skip
 
 VOLUME_MOUNT = Keys(

@@ -191,14 +191,26 @@ def test_depends_on_list_and_map(tmp_path: Path) -> None:
     assert project.services["worker"].depends_on == ("db", "cache")
 
 
-def test_service_completed_successfully_is_not_supported(tmp_path: Path) -> None:
-    e = error(tmp_path, """
+def test_service_completed_successfully_makes_the_dependency_oneshot(tmp_path: Path) -> None:
+    project = load(tmp_path, """
         services:
           app: {image: x, depends_on: {migrate: {condition: service_completed_successfully}}}
-          migrate: {image: x}
+          migrate: {image: x, healthcheck: {test: [CMD, "true"]}}
         """)  # fmt: skip
-    assert (e.service, e.key) == ("app", "depends_on.migrate.condition")
-    assert "not supported yet" in str(e) and "compose.yaml" in str(e)
+    assert project.services["migrate"].oneshot and project.services["migrate"].ready is None
+    assert not project.services["app"].oneshot and project.services["app"].depends_on == ("migrate",)
+
+
+def test_network_mode_service_joins_that_services_network(tmp_path: Path) -> None:
+    project = load(tmp_path, """
+        services:
+          vpn: {image: x}
+          app: {image: x, network_mode: "service:vpn"}
+        """)  # fmt: skip
+    assert project.services["app"].network_of == "vpn" and project.services["app"].depends_on == ("vpn",)
+    assert not [i for i in project.ignored if i.key == "network_mode"]
+    e = error(tmp_path, 'services:\n  app: {image: x, network_mode: "service:nope"}\n')
+    assert (e.service, e.key) == ("app", "network_mode") and "names no service" in str(e)
 
 
 def test_an_unknown_condition_is_an_error(tmp_path: Path) -> None:
@@ -477,7 +489,7 @@ def test_harmless_keys_are_ignored_and_listed(tmp_path: Path) -> None:
     ("build", "{context: ., dockerfile: Dockerfile}", "image:"),
     ("privileged", "true", "privileges"),
     ("network_mode", "host", "private network"),
-    ("network_mode", "service:db", "private network"),
+    ("network_mode", "container:abc", "private network"),
     ("network_mode", "none", "network_mode"),
     ("pid", "host", "own namespaces"),
     ("ipc", "host", "own namespaces"),

@@ -98,11 +98,10 @@ def airflow(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_airflow_refuses_service_completed_successfully(airflow: Path) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_compose([airflow / "docker-compose.yaml"], environ={})
-    assert (info.value.service, info.value.key) == ("airflow-apiserver", "depends_on.airflow-init.condition")
-    assert "not supported yet" in str(info.value)
+def test_airflow_runs_its_init_job_to_completion_first(airflow: Path) -> None:
+    project = load_compose([airflow / "docker-compose.yaml"], environ={})
+    assert project.services["airflow-init"].oneshot
+    assert "airflow-init" in project.services["airflow-apiserver"].depends_on
 
 
 AIRFLOW_OVERRIDE = """

@@ -86,9 +86,9 @@ CASES = {
     "duplicate container name": (
         [pod("{initContainers: [{name: c, image: a}], containers: [{name: c, image: b}]}")],
         "Pod/app", "spec.containers[0].name", "used twice (also at spec.initContainers[0])"),
-    "grpc probe": (
-        [one("{name: c, image: a, readinessProbe: {grpc: {port: 9555}}}")],
-        "Pod/app", "spec.containers[0].readinessProbe.grpc", "use tcpSocket on the same port"),
+    "grpc probe field": (
+        [one("{name: c, image: a, readinessProbe: {grpc: {port: 9555, tls: true}}}")],
+        "Pod/app", "spec.containers[0].readinessProbe.grpc.tls", "unknown field"),
     "https probe": (
         [one("{name: c, image: a, readinessProbe: {httpGet: {port: 443, scheme: HTTPS}}}")],
         "Pod/app", "spec.containers[0].readinessProbe.httpGet.scheme", "plain HTTP"),
