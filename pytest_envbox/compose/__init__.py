@@ -44,8 +44,9 @@ refused (ConfigError)     build, cap_add, devices, device_cgroup_rules, gpus,
                           privileged: true, network_mode other than bridge and service:NAME,
                           pid/ipc/uts/userns_mode: host (or another service's), scale or
                           deploy.replicas above 1, ports/expose other than TCP, volumes of type
-                          image/npipe/cluster, pull_policy: build, secrets/configs not backed by a file (environment,
-                          content, external), top-level include, unknown keys
+                          image/npipe/cluster, pull_policy: build, secrets/configs not backed
+                          by a file (environment, content, external), top-level include,
+                          unknown keys
 ========================  ====================================================================
 """
 

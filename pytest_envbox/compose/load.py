@@ -274,7 +274,7 @@ def load_compose(files: Sequence[Path], *, environ: Mapping[str, str],
             services[name] = services[name].with_changes(depends_on=kept)
         deps[name] = kept
     _check_cycles(deps, origins)
-    for name, ex in extras.items():  # a service others wait to complete runs to completion
+    for ex in extras.values():  # a service others wait to complete runs to completion
         for dep in ex.completed:
             if dep in services and not services[dep].oneshot:
                 services[dep] = services[dep].with_changes(oneshot=True, ready=None)
