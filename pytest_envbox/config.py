@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pytest_envbox.errors import ConfigError, located
 from pytest_envbox.ports import check_environment_host_ports
-from pytest_envbox.sources import VirtualService, import_sources, override
+from pytest_envbox.sources import Imported, VirtualService, import_sources, override
 from pytest_envbox.spec import Service, check_name, parse_subnet, service_from_mapping
 
 __all__ = ["TOP_LEVEL_KEYS", "Catalog", "load_project_config", "merge_services", "select", "start_levels"]
@@ -121,6 +121,9 @@ def load_project_config(rootdir: Path, environ: Mapping[str, str] | None = None)
             services[name] = override(imported.services[name], body, f"{origin}, over {origins[name]}")
             origins[name] = f"{origins[name]}, with {origin}"
             continue
+        if name in imported.workloads and name not in imported.services:
+            _override_workload(name, body, imported, services, origins, origin)
+            continue
         if name in imported.virtual:
             raise ConfigError(f"is the name of a Kubernetes Service ({imported.virtual[name].origin}) "
                               f"that selects other pods; rename it (in {origin})", service=name)  # fmt: skip
@@ -142,6 +145,20 @@ def load_project_config(rootdir: Path, environ: Mapping[str, str] | None = None)
     insecure = _registries(table.get("insecure_registries", []), f"{prefix}insecure_registries", where)
     return Catalog(services, topologies, origins, subnet, insecure, imported.virtual,
                    imported.ignored, imported.warnings)  # fmt: skip
+
+
+def _override_workload(name: str, body: object, imported: Imported, services: dict[str, Service],
+                       origins: dict[str, str], origin: str) -> None:  # fmt: skip
+    """An override named as a Kubernetes workload: the same change to each of its pods' service
+    (``frontend`` for ``frontend-0``, ``frontend-1``...), when its pods have one container."""
+    members = imported.workloads[name]
+    if not members:
+        raise ConfigError(f"names a workload whose pods have several containers; override each "
+                          f"container's service instead (`envbox doctor --config` lists them) "
+                          f"(in {origin})", service=name)  # fmt: skip
+    for member in members:
+        services[member] = override(services[member], body, f"{origin}, over {origins[member]}")  # type: ignore[arg-type]
+        origins[member] = f"{origins[member]}, with {origin}"
 
 
 def _registries(value: object, key: str, where: str) -> tuple[str, ...]:

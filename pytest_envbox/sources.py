@@ -60,6 +60,10 @@ class Imported:
     ignored: tuple[str, ...] = ()
     #: unset variables substituted by "" in compose files (as ``docker compose`` warns)
     warnings: tuple[str, ...] = ()
+    #: a workload whose pods run as services of other names (replicas, several containers) ->
+    #: the service of each of its pods' container: an override by the workload's name applies to
+    #: each (``()`` when its pods have several containers: the override must name one)
+    workloads: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _files(entries: object, key: str, rootdir: Path, where: str) -> list[Path]:
@@ -106,7 +110,8 @@ def import_sources(rootdir: Path, table: Mapping[str, object], prefix: str, wher
                           f"{b.origins.get(name) or b.virtual[name].origin}; rename one of them",
                           service=name)  # fmt: skip
     return Imported({**a.services, **b.services}, {**a.origins, **b.origins}, b.virtual,
-                    {**a.topologies, **b.topologies}, a.ignored + b.ignored, a.warnings)  # fmt: skip
+                    {**a.topologies, **b.topologies}, a.ignored + b.ignored, a.warnings,
+                    b.workloads)  # fmt: skip
 
 
 def _rel(path: Path, rootdir: Path) -> str:
@@ -160,7 +165,12 @@ def _kubernetes(files: Sequence[Path], rootdir: Path) -> Imported:
     services: dict[str, Service] = {}
     origins: dict[str, str] = {}
     owners: dict[str, list[str]] = {}  # workload -> each pod's network owner
+    workloads: dict[str, tuple[str, ...]] = {}
     for w in project.workloads.values():
+        if len(w.containers) > 1:
+            workloads[w.name] = ()  # which container? the override must name its service
+        elif w.pods and w.pods != (w.name,):
+            workloads[w.name] = tuple(w.service_name(p, w.containers[0].name) for p in w.pods)
         origin = f"{_rel(w.file, rootdir)} {w.kind}/{w.name}"
         members = [*w.init_containers, *w.containers]
         inits = [c for c in members if c.init]
@@ -203,7 +213,8 @@ def _kubernetes(files: Sequence[Path], rootdir: Path) -> Imported:
                                           f"{_rel(ks.file, rootdir)} Service/{ks.name}")  # fmt: skip
     ignored = tuple(f"{_rel(i.file, rootdir)}: {i.document} {i.key or '(the whole document)'}"
                     for i in project.ignored)  # fmt: skip
-    return Imported(services, origins, virtual, {KUBERNETES_TOPOLOGY: tuple(services)}, ignored)
+    return Imported(services, origins, virtual, {KUBERNETES_TOPOLOGY: tuple(services)}, ignored,
+                    (), workloads)  # fmt: skip
 
 
 # --- overrides ----------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def host_lines(virtual: Mapping[str, VirtualService], running: Collection[str],
     """``/etc/hosts`` lines for the Services with a pod in ``running`` not listed yet (``listed``
     is updated); ``address(name)`` gives a service's address, ``address(key(name))`` a
     Service's."""
-    lines = []
+    lines: list[str] = []
     for vs in virtual.values():
         backends = _backends(vs, running)
         if not backends or key(vs.name) in listed:

@@ -214,11 +214,12 @@ def test_a_name_in_both_compose_and_kubernetes_is_refused(tmp_path: Path) -> Non
 
 
 def test_a_toml_service_named_as_a_kubernetes_service_is_refused(tmp_path: Path) -> None:
-    shutil.copytree(DATA / "kubernetes" / "guestbook", tmp_path / "deploy")
+    shutil.copytree(DATA / "kubernetes" / "microservices-demo", tmp_path / "deploy")
     root = project(tmp_path, '[tool.envbox]\nkubernetes = ["deploy/*.yaml"]\n'
-                   '[tool.envbox.services.frontend]\ncommand = ["true"]\n')
-    with pytest.raises(ConfigError, match="name of a Kubernetes Service"):
+                   '[tool.envbox.services.frontend-external]\ncommand = ["true"]\n')
+    with pytest.raises(ConfigError, match="name of a Kubernetes Service") as info:
         load_project_config(root)
+    assert info.value.service == "frontend-external"
 
 
 @pytest.mark.parametrize(("files", "place"), [
@@ -244,3 +245,27 @@ def test_bad_files_are_a_config_error_naming_the_file_and_the_place(
         load_project_config(root, environ={})
     assert place in str(info.value)
     assert next(iter(files)) in str(info.value) or "a -> b" in place
+
+
+def test_an_override_named_as_a_workload_changes_each_of_its_replicas(tmp_path: Path) -> None:
+    shutil.copytree(DATA / "kubernetes" / "guestbook", tmp_path / "deploy")
+    root = project(tmp_path, """\
+        [tool.envbox]
+        kubernetes = ["deploy/*.yaml"]
+        [tool.envbox.services.redis-replica]
+        image = "oci:./redis:latest"
+        args = ["redis-server", "--replicaof", "redis-master", "6379"]
+    """)
+    catalog = load_project_config(root)
+    for name in ("redis-replica-0", "redis-replica-1"):
+        assert catalog.services[name].image == "oci:./redis:latest"
+        assert catalog.services[name].args == ("redis-server", "--replicaof", "redis-master", "6379")
+        assert "pyproject.toml [tool.envbox.services.redis-replica]" in catalog.origins[name]
+    assert catalog.services["frontend-0"].image == "gcr.io/google-samples/gb-frontend:v5"
+
+
+def test_an_override_named_as_a_workload_of_several_containers_must_name_one(tmp_path: Path) -> None:
+    root = project(tmp_path, '[tool.envbox]\nkubernetes = ["app.yaml"]\n[tool.envbox.services.api]\n'
+                   'limits = { memory = "1Gi" }\n', **{"app.yaml": POD})
+    with pytest.raises(ConfigError, match="several containers"):
+        load_project_config(root)
