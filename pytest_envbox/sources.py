@@ -96,7 +96,11 @@ def import_sources(rootdir: Path, table: Mapping[str, object], prefix: str, wher
     parts: list[Imported] = []
     if "compose" in table:
         files = _files(table["compose"], f"{prefix}compose", rootdir, where)
-        parts.append(_compose(files, rootdir, environ))
+        declared = table.get("services")
+        replaced = {n: (t["image"] if isinstance(t["image"], str) else None)
+                    for n, t in (declared.items() if isinstance(declared, dict) else ())
+                    if isinstance(t, dict) and "image" in t}  # fmt: skip
+        parts.append(_compose(files, rootdir, environ, replaced))
     if "kubernetes" in table:
         files = _files(table["kubernetes"], f"{prefix}kubernetes", rootdir, where)
         parts.append(_kubernetes(files, rootdir))
@@ -124,10 +128,11 @@ def _rel(path: Path, rootdir: Path) -> str:
 # --- Compose ------------------------------------------------------------------------------------
 
 
-def _compose(files: Sequence[Path], rootdir: Path, environ: Mapping[str, str]) -> Imported:
+def _compose(files: Sequence[Path], rootdir: Path, environ: Mapping[str, str],
+             replaced: Mapping[str, str | None]) -> Imported:  # fmt: skip
     from pytest_envbox.compose import load_compose
 
-    project = load_compose(files, environ=environ)
+    project = load_compose(files, environ=environ, replaced=replaced)
     services: dict[str, Service] = {}
     for name, service in project.services.items():
         changes: dict[str, object] = {}

@@ -387,12 +387,25 @@ _PULL = {"always": "always", "never": "never", "missing": "missing", "if_not_pre
          "daily": "missing", "weekly": "missing"}  # fmt: skip
 
 
+#: The image of a service built by ``build:`` whose override runs a host program instead
+#: (``image = false``); the override removes it.
+REPLACED_IMAGE = "envbox/replaced-by-override"
+
+
 def convert_service(
     name: str, body: dict[str, Any], project_dir: Path, lookup: Callable[[str], str | None], fail: Fail,
-    defined: Mapping[str, Any] | None = None,
+    defined: Mapping[str, Any] | None = None, replaced: Mapping[str, str | None] | None = None,
 ) -> tuple[Service, ServiceExtras]:
-    """The :class:`Service` of compose service ``name`` (merged, normalised, interpolated)."""
+    """The :class:`Service` of compose service ``name`` (merged, normalised, interpolated).
+
+    ``replaced``: services whose image the project's override gives (None: ``image = false``, a
+    host program); their ``build:`` is then ignored rather than refused."""
     extras = ServiceExtras()
+    if replaced is not None and name in replaced and "build" in body:
+        body = {k: v for k, v in body.items() if k != "build"}
+        extras.ignored.append("build")
+        if not body.get("image"):
+            body["image"] = replaced[name] or REPLACED_IMAGE
     _check_keys(body, extras, fail)
     image = body.get("image")
     if not isinstance(image, str) or not image.strip():

@@ -93,8 +93,9 @@ IGNORED: dict[str, str] = {
 
 REFUSED: dict[str, str] = {
     "build": "build the image first (docker build, buildah, kaniko...) and reference it by `image:`, "
-             "or save it and use `image: oci-archive:FILE`; an override file can drop it with "
-             "`build: !reset null` when `image:` names the built image",
+             "or save it and use `image: oci-archive:FILE`; or run the service from your checkout "
+             "with a [tool.envbox.services.NAME] table giving `image = false` and its `command` "
+             "(or an `image`): the build is then ignored",
     "cap_add": "envbox gives services no capabilities on the host; run the program without them",
     "device_cgroup_rules": "services get no host devices",
     "devices": "services get no host devices",

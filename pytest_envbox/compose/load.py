@@ -193,15 +193,16 @@ def _check_cycles(deps: Mapping[str, Sequence[str]], origins: Mapping[str, str])
         visit(name)
 
 
-def load_compose(files: Sequence[Path], *, environ: Mapping[str, str],
-                 profiles: Sequence[str] = ()) -> ComposeProject:  # fmt: skip
+def load_compose(files: Sequence[Path], *, environ: Mapping[str, str], profiles: Sequence[str] = (),
+                 replaced: Mapping[str, str | None] | None = None) -> ComposeProject:  # fmt: skip
     """The envbox services of compose ``files``, merged in order (``-f a -f b``).
 
     ``environ`` is the process environment (interpolation, and ``environment`` entries without a
     value); ``.env`` beside the first file adds to it, never over it. ``profiles`` are the active
     ones; when empty, ``COMPOSE_PROFILES`` (comma-separated) is read from ``environ``/``.env``.
     Every mistake, and every key that cannot be honoured, is a :class:`ConfigError` naming the
-    file, the service and the key.
+    file, the service and the key. ``replaced``: services whose image the project overrides
+    (None: a host program instead): their ``build:`` is ignored.
     """
     if not files:
         raise ConfigError("no compose file given; list at least one, like compose = [\"compose.yaml\"]")
@@ -241,7 +242,8 @@ def load_compose(files: Sequence[Path], *, environ: Mapping[str, str],
             check_name(name, what="service")
         except ConfigError as exc:
             raise ComposeError(str(exc), file=first, service=None, key=f"services.{name}") from None
-        services[name], extras[name] = convert_service(name, body, project_dir, lookup, fail, defined)
+        services[name], extras[name] = convert_service(name, body, project_dir, lookup, fail, defined,
+                                                       replaced)  # fmt: skip
         origins[name] = f"{first.name} services.{name}"
 
     deps: dict[str, list[str]] = {}

@@ -269,3 +269,17 @@ def test_an_override_named_as_a_workload_of_several_containers_must_name_one(tmp
                    'limits = { memory = "1Gi" }\n', **{"app.yaml": POD})
     with pytest.raises(ConfigError, match="several containers"):
         load_project_config(root)
+
+
+def test_a_service_built_by_compose_runs_from_the_checkout_with_image_false(tmp_path: Path) -> None:
+    compose = "services:\n  api:\n    build: .\n    ports: [8000]\n    environment: {DB: db}\n"
+    root = project(tmp_path, '[tool.envbox]\ncompose = ["compose.yaml"]\n[tool.envbox.services.api]\n'
+                   'image = false\ncommand = ["python3", "-m", "http.server"]\n', **{"compose.yaml": compose})
+    catalog = load_project_config(root, environ={})
+    api = catalog.services["api"]
+    assert api.image is None and api.command == ("python3", "-m", "http.server") and api.env == {"DB": "db"}
+    assert "compose.yaml: services.api.build" in catalog.ignored
+    root = project(tmp_path, '[tool.envbox]\ncompose = ["compose.yaml"]\n', **{"compose.yaml": compose})
+    with pytest.raises(ConfigError, match="image = false") as info:
+        load_project_config(root, environ={})
+    assert (info.value.service, info.value.key) == ("api", "build")
