@@ -210,7 +210,7 @@ def _kubernetes(files: Sequence[Path], rootdir: Path) -> Imported:
                 origins[name] = f"{origin} container {c.name}" + (f" (pod {pod})" if len(w.pods) > 1 else "")
     virtual: dict[str, VirtualService] = {}
     for ks in project.services.values():
-        ns = "default"
+        ns = ks.namespace
         hostnames = (ks.name, f"{ks.name}.{ns}", f"{ks.name}.{ns}.svc", f"{ks.name}.{ns}.svc.cluster.local")
         backends = tuple((owner, b.port, b.target_port) for b in ks.backends
                          for owner in owners.get(b.workload, ()))  # fmt: skip

@@ -2,7 +2,7 @@
 was read from its compose files and manifests but ignored.
 
 Reading the configuration starts nothing, so this runs anywhere (no root, no namespaces): the
-place to see how envbox understood a ``compose.yaml`` before a test runs it.
+place to see how envbox understood a compose file before a test runs it.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -399,7 +400,8 @@ def load_manifests(files: Sequence[Path], *, environ: Mapping[str, str] = os.env
                 owners[svc] = doc.name
             workloads[w.name] = w
     services: dict[str, KubeService] = {}
-    for body, doc, _ns, _meta in objects:
+    for body, doc, namespace, _meta in objects:
         if body["kind"] == "Service":
-            services[doc.name.split("/", 1)[1]] = _service(body, doc, workloads)
+            name = doc.name.split("/", 1)[1]
+            services[name] = dataclasses.replace(_service(body, doc, workloads), namespace=namespace)
     return KubeProject(files=paths, workloads=workloads, services=services, data=data, ignored=tuple(ignored))

@@ -188,6 +188,8 @@ class KubeService:
     #: the workloads whose pod labels match the selector, in file order
     selects: tuple[str, ...]
     backends: tuple[Backend, ...]
+    #: its ``metadata.namespace``: the name also resolves as ``NAME.NAMESPACE[.svc[.cluster.local]]``
+    namespace: str = "default"
 
 
 @dataclass(frozen=True)
