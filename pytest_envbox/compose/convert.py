@@ -363,6 +363,8 @@ def _grants(body: dict[str, Any], project_dir: Path, defined: Mapping[str, Any],
 def _aliases(body: dict[str, Any], name: str, extras: ServiceExtras, fail: Fail) -> list[str]:
     aliases: list[str] = []
     for network, options in (body.get("networks") or {}).items():
+        if network != "default":  # the membership: every service is on the environment's network
+            extras.ignored.append(f"networks.{network}")
         for key, value in _table(options, f"networks.{network}", fail).items():
             if key == "aliases":
                 if not isinstance(value, list):

@@ -44,7 +44,10 @@ def test_nextcloud_redis_mariadb() -> None:
     assert nc.aliases == () and db.command == ()
     assert set(project.volumes) == {"nc", "db"}
     assert ignored(project) == {("nc", "restart"), ("redis", "restart"), ("db", "restart"),
-                                (None, "volumes"), (None, "networks")}  # fmt: skip
+                                (None, "volumes"), (None, "networks"),
+                                # each on the environment's one network: redis reaches db there
+                                ("nc", "networks.redisnet"), ("nc", "networks.dbnet"),
+                                ("redis", "networks.redisnet"), ("db", "networks.dbnet")}  # fmt: skip
 
 
 def test_prometheus_grafana_bind_mounts_start_at_the_compose_files_directory() -> None:
@@ -85,8 +88,8 @@ def test_elasticsearch_logstash_kibana_with_an_override(tmp_path: Path) -> None:
     assert logstash.depends_on == ("elasticsearch",) and kibana.depends_on == ("elasticsearch",)
     assert [m.target for m in logstash.mounts] == ["/usr/share/logstash/pipeline/logstash-nginx.config",
                                                    "/home/nginx.log"]  # fmt: skip
-    assert ignored(project) == {(s, "container_name") for s in ("elasticsearch", "logstash", "kibana")} | {
-        (None, "networks")}
+    assert ignored(project) == {(s, k) for s in ("elasticsearch", "logstash", "kibana")
+                                for k in ("container_name", "networks.elastic")} | {(None, "networks")}
     assert {i.file for i in project.ignored} == {compose}
 
 
