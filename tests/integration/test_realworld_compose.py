@@ -59,7 +59,7 @@ def test_gitea_postgres_runs_its_database_image_with_a_private_named_volume(tmp_
 
         [tool.envbox.services.db]
         image = "oci:{postgres_layout()}:latest"
-        ready = {{ exec = ["pg_isready", "-q", "-h", "127.0.0.1", "-U", "gitea", "-d", "gitea"], timeout = "120s" }}
+        ready = {{ exec = ["pg_isready", "-q", "-h", "127.0.0.1", "-U", "gitea"], timeout = "120s" }}
 
         [tool.envbox.services.gitea]
         image = false
@@ -95,7 +95,7 @@ def test_prometheus_grafana_bind_mounts_are_relative_to_the_compose_file(tmp_pat
 
         [tool.envbox.services.grafana]
         image = false
-        command = ["{PY}", "-m", "http.server", "3000", "--directory", "/etc/grafana/provisioning/datasources"]
+        command = ["{PY}", "-m", "http.server", "3000", "-d", "/etc/grafana/provisioning/datasources"]
         ready = {{ http = 3000 }}
     """)
     (root / "prometheus").mkdir()
@@ -135,5 +135,6 @@ def test_nextcloud_redis_mariadb_runs_the_service_a_test_asks_for(tmp_path: Path
             s.sendall(b"PING\r\n")
             assert s.recv(16) == b"+PONG\r\n"
     report = doctor(root)
-    for key in ("services.nc.networks.redisnet", "services.db.networks.dbnet", "services.redis.restart", "services.db.restart", "networks"):
+    for key in ("services.nc.networks.redisnet", "services.db.networks.dbnet", "services.redis.restart",
+                "services.db.restart", "networks"):
         assert f"compose.yaml: {key}" in report, key
