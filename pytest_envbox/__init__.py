@@ -25,7 +25,7 @@ from pytest_envbox.errors import (
     NotReady,
     ServiceFailed,
 )
-from pytest_envbox.spec import Limits, Mount, Service
+from pytest_envbox.spec import Limits, Mount, Service, Volume
 
 __all__ = [
     "ConfigError",
@@ -40,6 +40,7 @@ __all__ = [
     "ServiceFailed",
     "ServiceHandle",
     "Stats",
+    "Volume",
     "probe",
 ]
 __version__ = "0.1.0"
