@@ -319,7 +319,7 @@ class Environment:
         # Every fixed host port first, all or none: a taken one fails before anything starts.
         reserve_host_ports(self._sup, self.id, [spec for level in levels for spec in level])
         for level in levels:
-            make_volumes(self.workdir, level, self._plans, self._volumes, rootless=rootless())
+            make_volumes(self.workdir, level, self._plans, self._volumes)
             handles = []
             for spec in level:
                 address = self._address(spec.name)

@@ -4,9 +4,9 @@ shared by the services that name the same volume, gone with the environment.
 Compose's named volumes and Kubernetes' emptyDir, ConfigMap and Secret volumes become these (see
 :class:`~pytest_envbox.mounts.Volume`). A volume is made once per environment, when the first
 service naming it starts; its ``files`` (a ConfigMap's keys) are written then. A new, empty
-directory belongs to the user of the first service that mounts it, as a volume Docker creates for
-a container is writable by it (Docker copies the image's directory, owner included; envbox does
-not copy: the volume starts empty).
+directory belongs to the user of the first service that mounts it (the sandbox changes its owner
+as it starts), as a volume Docker creates for a container is writable by it (Docker copies the
+image's directory, owner included; envbox does not copy: the volume starts empty).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ VOLUMES = "volumes"
 
 
 def make_volumes(workdir: Path, specs: Iterable[Service], plans: dict[str, SandboxPlan],
-                 made: dict[str, Volume], *, rootless: bool) -> None:  # fmt: skip
+                 made: dict[str, Volume]) -> None:  # fmt: skip
     """Make the volumes of ``specs`` not made yet (``made``: this environment's, by name) and add
     their mounts to the services' plans."""
     base = workdir / VOLUMES
@@ -37,7 +37,7 @@ def make_volumes(workdir: Path, specs: Iterable[Service], plans: dict[str, Sandb
             earlier = made.get(volume.name)
             if earlier is None:
                 base.mkdir(mode=0o755, exist_ok=True)
-                _make(path, volume, plan, rootless=rootless)
+                _make(path, volume, plan)
                 made[volume.name] = volume
             elif earlier.files != volume.files or earlier.single_file != volume.single_file:
                 raise ConfigError(f"volume {volume.name!r} is declared with other files by "
@@ -47,7 +47,7 @@ def make_volumes(workdir: Path, specs: Iterable[Service], plans: dict[str, Sandb
                 plan.mounts.append((str(path), volume.target, volume.readonly))
 
 
-def _make(path: Path, volume: Volume, plan: SandboxPlan, *, rootless: bool) -> None:
+def _make(path: Path, volume: Volume, plan: SandboxPlan) -> None:
     if volume.single_file:
         _write(path, volume.files[0][1], volume.files[0][2])
         return
@@ -56,14 +56,10 @@ def _make(path: Path, volume: Volume, plan: SandboxPlan, *, rootless: bool) -> N
         target = path / name
         target.parent.mkdir(parents=True, exist_ok=True)
         _write(target, content, mode)
-    if volume.files:
-        return
-    if rootless:
-        # Ids inside map to subordinate ids this process cannot chown to; the work directory
-        # (mode 0700) keeps other users of the host out.
-        path.chmod(0o777)
-    elif plan.uid != 0 or plan.gid != 0:
-        os.chown(path, plan.uid, plan.gid)
+    if not volume.files:
+        # The sandbox gives it to the service's user as it starts (sandbox/rootfs.py): as root of
+        # the user namespace it can, where this process (rootless) cannot.
+        plan.own.append(str(path))
 
 
 def _write(path: Path, content: bytes, mode: int) -> None:

@@ -312,6 +312,14 @@ def open_nofollow(dirfd: int, path: str) -> int:
     return _check(res, f"openat2({path})")
 
 
+def fchown_fd(fd: int, uid: int, gid: int) -> None:
+    """``chown`` the file an ``O_PATH`` descriptor refers to (``fchownat`` with
+    ``AT_EMPTY_PATH``; ``fchown`` refuses such descriptors): the file that was opened, never what a
+    path names now."""
+    _check(_libc.fchownat(ctypes.c_int(fd), ctypes.c_char_p(b""), ctypes.c_uint(uid),
+                          ctypes.c_uint(gid), ctypes.c_int(0x1000)), "fchownat")  # fmt: skip
+
+
 def bind_fd(fd: int, target: str, attrs: int = 0) -> None:
     """Bind what ``fd`` refers to (and every mount below it) at ``target``, with mount ``attrs``.
 

@@ -62,6 +62,8 @@ class SandboxPlan:
     image: ImageRoot | None = None
     #: the signal that stops it (an image's ``StopSignal``); None: SIGTERM
     stop_signal: int | None = None
+    #: mount sources (the environment's new volumes) to give to ``uid``/``gid`` if still ours
+    own: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow: dataclasses.asdict deep-copies every list and dict, on the start path.

@@ -361,7 +361,13 @@ def _bind_mounts(b: RootBuilder, plan: SandboxPlan, host: int) -> None:
     for source, target, readonly in sorted(plan.mounts, key=lambda m: m[1].count("/")):
         fd = open_host(host, source, "mount source")
         try:
-            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            st = os.fstat(fd)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if source in plan.own and is_dir and st.st_uid == os.getuid() != plan.uid:
+                # A new volume of the environment: its first service's user gets it, as Docker
+                # gives a container the volume it creates (here too as root of a user namespace,
+                # which the engine outside is not).
+                L.fchown_fd(fd, plan.uid, plan.gid)
             b.bind_host(fd, _NEW + b.ensure(target, is_dir=is_dir), readonly=readonly)
         except OSError as e:
             raise SetupError(f"mount {source} -> {target}: {e.strerror}") from e
