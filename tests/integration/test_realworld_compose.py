@@ -74,7 +74,13 @@ def test_gitea_postgres_runs_its_database_image_with_a_private_named_volume(tmp_
         assert (answer.status_code, answer.text.strip()) == (200, "gitea@gitea")
         assert env.workdir is not None
         volume = env.workdir / "volumes" / "db_data"
-        assert (volume / "PG_VERSION").is_file()  # the cluster initdb made, in the named volume
+        # The cluster initdb made is in the named volume (mounted there, the environment's own;
+        # rootless, its files belong to subordinate ids this test cannot read: look inside).
+        inside = env["db"].exec(["sh", "-c", "cat $PGDATA/PG_VERSION && grep -c ' /var/lib/postgresql/data ' "
+                                 "/proc/self/mountinfo"])  # fmt: skip
+        assert inside.returncode == 0 and inside.stdout.split()[1] == "1", inside
+        assert volume.is_dir() and volume.stat().st_ino == int(env["db"].exec(
+            ["stat", "-c", "%i", "/var/lib/postgresql/data"]).stdout)
         assert {p.name for p in (env.workdir / "volumes").iterdir()} == {"db_data", "git_data"}
     assert not volume.exists()
     report = doctor(root)
