@@ -276,8 +276,9 @@ def _probe(service: Service, ready: Probe, notes: list[Note]) -> dict[str, Any]:
     initial, period, attempt, threshold = probe_numbers(ready.timeout, ready.interval)
     total = initial + threshold * (period + attempt)
     if total != ready.timeout:
-        notes.append(Note(service.name, "ready.timeout", f"{ready.timeout:g} s cannot be made of "
-                          f"whole-second probe periods: the probe gives up after {total} s"))
+        notes.append(Note(service.name, "ready.timeout", f"{ready.timeout:g} s is not whole seconds "
+                          f"(at least 2), which probes count in: exported as {total} s (initialDelay"
+                          "Seconds + failureThreshold x (periodSeconds + timeoutSeconds))"))
     if ready.interval is not None and period != ready.interval:
         notes.append(Note(service.name, "ready.interval", f"{ready.interval:g} s is exported as "
                           f"periodSeconds: {period} (whole seconds, and one attempt must fit in the "
