@@ -55,7 +55,8 @@ IMAGES = st.sampled_from(["redis:7", "postgres:16.4", "localhost:5000/shop/api:1
 # any other character but NUL; short, or long enough for the dumper to fold it.
 CHARS = st.one_of(st.sampled_from(list("$()AZ_ \\\"'#:-\n\t\x85\u2028")),
                   st.characters(exclude_characters="\0", exclude_categories=("Cs",)))  # fmt: skip
-TEXT = st.text(CHARS, max_size=12) | st.text(CHARS, min_size=90, max_size=160)
+SHORT = st.text(CHARS, max_size=12)
+TEXT = SHORT | st.tuples(SHORT, SHORT).map(lambda t: (t[0] + " and more words ") * 8 + t[1])
 ARGS = st.lists(TEXT, max_size=4)
 ENV_NAMES = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,8}\Z")
 PATHS = st.from_regex(r"\A/(srv|data|cache|var/lib|tmp|home/x)(/[a-z0-9._-]{1,6}){0,2}\Z").filter(
