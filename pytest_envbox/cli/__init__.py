@@ -1,5 +1,5 @@
-"""The ``envbox`` command: the engine without pytest (``doctor``, ``up``, ``ps``, ``clean``, and
-``pull``, ``images``, ``prune`` for the image store).
+"""The ``envbox`` command: the engine without pytest (``doctor``, ``up``, ``ps``, ``clean``;
+``pull``, ``images``, ``prune`` for the image store; ``export`` for Kubernetes manifests).
 
 It imports nothing from pytest: ``up`` reads the project's declarations with
 :mod:`pytest_envbox.config` and runs them with :class:`~pytest_envbox.Environment`, as the plugin
@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from pytest_envbox.cli import export as exporting
 from pytest_envbox.engine.report import enter_command
 from pytest_envbox.errors import EnvboxError
 from pytest_envbox.kernel import cgroups, hostcheck, seccomp
@@ -407,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "images unused since --older-than")  # fmt: skip
     p_prune.add_argument("--older-than", default=None, metavar="DURATION",
                          help='also remove images not used for DURATION ("7d", "12h", "0" for all)')
+    exporting.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "doctor" and args.config:
@@ -419,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return clean()
         if args.command == "ps":
             return ps()
+        if args.command == "export":
+            return exporting.export(args)
         if args.command in ("pull", "images", "prune"):
             from pytest_envbox.cli import images  # requests and the store: only when asked
 
