@@ -100,6 +100,7 @@ class Environment:
         self._order: list[str] = []  # start order, for teardown in reverse
         self._listed: set[str] = set()  # services in the environment's /etc/hosts
         self._volumes: dict[str, Volume] = {}  # the volumes made, by name (engine/volumes.py)
+        self._volume_dir: Path | None = None  # where they are, made with the first
         #: Kubernetes Services' addresses -> their ports' backends, as the hub has them
         self._virtual: dict[str, dict[int, list[tuple[str, int]]]] = {}
         self.network = Network(self.id, wanted, lambda: self._handles.keys(), lambda: self._sup)
@@ -294,6 +295,24 @@ class Environment:
                 set_virtual_address(self._sup, self.id, address, ports)
                 self._virtual[address] = ports
 
+    def volume(self, name: str) -> Path:
+        """The host directory of the environment's volume ``name`` (or its file, for a volume of
+        one file), to look at from a test. Rootless, the files a service wrote there belong to
+        subordinate ids: read them from inside (``exec``) instead."""
+        if name not in self._volumes or self._volume_dir is None:
+            known = ", ".join(sorted(self._volumes)) or "none"
+            raise KeyError(f"no volume {name!r} in this environment; it has: {known}")
+        return self._volume_dir / name
+
+    def _volume_base(self) -> Path:
+        """The environment's directory of volumes: apart from its work directory, which may be
+        kept (logs); owned by the supervisor until it removes it, so a killed run leaves none."""
+        if self._volume_dir is None:
+            assert self._sup is not None
+            self._volume_dir = Path(tempfile.mkdtemp(prefix="envbox-"))  # 0700: bound, not reached
+            self._sup.send(OwnDirRequest(str(self._volume_dir), own=True))
+        return self._volume_dir
+
     def _address(self, name: str) -> str:
         """A service's address: its own, or the one of the service whose network it joins."""
         return self._subnet().address(self._net_owner(name))
@@ -319,7 +338,8 @@ class Environment:
         # Every fixed host port first, all or none: a taken one fails before anything starts.
         reserve_host_ports(self._sup, self.id, [spec for level in levels for spec in level])
         for level in levels:
-            make_volumes(self.workdir, level, self._plans, self._volumes)
+            if any(spec.volumes for spec in level):
+                make_volumes(self._volume_base(), level, self._plans, self._volumes)
             handles = []
             for spec in level:
                 address = self._address(spec.name)
@@ -396,9 +416,9 @@ class Environment:
             return
         owned = self._given_workdir is None and self.workdir is not None
         # Volumes may hold files of the services' users, which only the supervisor (root in its
-        # user namespace, rootless) can remove: it removes the whole directory then.
+        # user namespace, rootless) can remove: it removes their directory.
         stop_all(self._sup, handles, str(self.workdir) if owned else None,
-                 remove=owned and bool(self._volumes))
+                 remove=None if self._volume_dir is None else str(self._volume_dir))
         self.network.release()
         if owned and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -474,10 +474,10 @@ def start_level(sup: SupervisorClient, handles: Sequence[ServiceHandle]) -> None
 
 
 def stop_all(sup: SupervisorClient, handles: Sequence[ServiceHandle], disown: str | None, *,
-             remove: bool = False) -> None:  # fmt: skip
+             remove: str | None = None) -> None:  # fmt: skip
     """Stop the services and release their sandboxes; forget ``disown`` (a directory the
-    supervisor was to delete if the test process died first), or with ``remove`` have the
-    supervisor delete it now. Never raises.
+    supervisor was to delete if the test process died first); have the supervisor delete
+    ``remove`` now. Never raises.
 
     SIGTERM to all at once, then wait for each: teardown takes the slowest service's time, not
     the sum.

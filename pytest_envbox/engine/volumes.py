@@ -1,5 +1,8 @@
-"""The environment's own volumes (``Service.volumes``): directories made in its work directory,
-shared by the services that name the same volume, gone with the environment.
+"""The environment's own volumes (``Service.volumes``): directories made in a temporary directory
+of the environment's own, shared by the services that name the same volume, gone with the
+environment (removed by the supervisor, which can remove what the services' users wrote there,
+also rootless; and by the janitor if the test process is killed), even when its work directory
+(logs) is kept.
 
 Compose's named volumes and Kubernetes' emptyDir, ConfigMap and Secret volumes become these (see
 :class:`~pytest_envbox.mounts.Volume`). A volume is made once per environment, when the first
@@ -19,24 +22,19 @@ from pytest_envbox.errors import ConfigError
 from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.spec import Service, Volume
 
-__all__ = ["VOLUMES", "make_volumes"]
-
-#: Where, in the environment's work directory, its volumes are.
-VOLUMES = "volumes"
+__all__ = ["make_volumes"]
 
 
-def make_volumes(workdir: Path, specs: Iterable[Service], plans: dict[str, SandboxPlan],
+def make_volumes(base: Path, specs: Iterable[Service], plans: dict[str, SandboxPlan],
                  made: dict[str, Volume]) -> None:  # fmt: skip
-    """Make the volumes of ``specs`` not made yet (``made``: this environment's, by name) and add
-    their mounts to the services' plans."""
-    base = workdir / VOLUMES
+    """Make the volumes of ``specs`` not made yet (``made``: this environment's, by name) in
+    ``base`` and add their mounts to the services' plans."""
     for spec in specs:
         plan = plans[spec.name]
         for volume in spec.volumes:
             path = base / volume.name
             earlier = made.get(volume.name)
             if earlier is None:
-                base.mkdir(mode=0o755, exist_ok=True)
                 _make(path, volume, plan)
                 made[volume.name] = volume
             elif earlier.files != volume.files or earlier.single_file != volume.single_file:

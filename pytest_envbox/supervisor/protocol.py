@@ -282,12 +282,12 @@ class ExecOutput(Message):
 @dataclass(frozen=True, slots=True)
 class ReleaseRequest(Request[Done]):
     """Free the slots (killing what still runs there); forget ``disown``, a directory the
-    supervisor was to delete if the test process died, or (``remove``) delete it now."""
+    supervisor was to delete if the test process died; delete ``remove``, another, now."""
 
     TAG: ClassVar[str] = "release"
     slots: list[str]
     disown: str | None = None
-    remove: bool = False
+    remove: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

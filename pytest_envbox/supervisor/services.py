@@ -326,8 +326,9 @@ class Services:
         self.release_slots(req.slots)
         if req.disown is not None:
             self.host.disown(req.disown)
-            if req.remove:  # it holds files of the services' users (volumes): ours to remove
-                remove_temp_dir(req.disown)
+        if req.remove is not None:  # the environment's volumes: files of the services' users,
+            self.host.disown(req.remove)  # which only we can remove (rootless: subordinate ids)
+            remove_temp_dir(req.remove)
         return Done()
 
     def release_slots(self, slots: list[str]) -> None:

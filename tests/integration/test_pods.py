@@ -97,10 +97,21 @@ def test_volumes_are_shared_by_name_hold_their_files_and_go_with_the_environment
         assert r.exec(["cat", "/etc/one.conf"]).stdout == "single\n"
         denied = r.exec(["sh", "-c", "echo no > /mnt/in/g"])
         assert denied.returncode != 0 and "Read-only" in denied.stderr
-        assert env.workdir is not None
-        volumes = env.workdir / "volumes"
+        volumes = env.volume("shared").parent
         assert sorted(p.name for p in volumes.iterdir()) == ["conf", "one", "shared"]
+        assert env.volume("one").read_bytes() == b"single\n"
+        assert volumes.parent != env.workdir  # apart from the logs, which a run may keep
     assert not volumes.exists()
+
+
+def test_volumes_go_with_the_environment_even_when_its_workdir_is_kept(tmp_path: Path) -> None:
+    svc = Service("s", ["sh", "-c", "echo x > /v/f && exec sleep 1000"], volumes=[Volume("v", "/v")],
+                  user="nobody")
+    with Environment([svc], workdir=tmp_path / "work") as env:
+        volume = env.volume("v")
+        assert env["s"].exec(["cat", "/v/f"]).stdout == "x\n"
+    assert (tmp_path / "work" / "s.log").exists()  # the logs stay
+    assert not volume.exists() and not volume.parent.exists()
 
 
 def test_stop_signal_is_the_signal_a_stop_sends() -> None:

@@ -72,8 +72,7 @@ def test_gitea_postgres_runs_its_database_image_with_a_private_named_volume(tmp_
     with Environment(topology="compose", catalog=catalog, rootdir=root) as env:
         answer = env["gitea"].http.get("/", timeout=30)
         assert (answer.status_code, answer.text.strip()) == (200, "gitea@gitea")
-        assert env.workdir is not None
-        volume = env.workdir / "volumes" / "db_data"
+        volume = env.volume("db_data")
         # The cluster initdb made is in the named volume (mounted there, the environment's own;
         # rootless, its files belong to subordinate ids this test cannot read: look inside).
         inside = env["db"].exec(["sh", "-c", "cat $PGDATA/PG_VERSION && grep -c ' /var/lib/postgresql/data ' "
@@ -81,7 +80,7 @@ def test_gitea_postgres_runs_its_database_image_with_a_private_named_volume(tmp_
         assert inside.returncode == 0 and inside.stdout.split()[1] == "1", inside
         assert volume.is_dir() and volume.stat().st_ino == int(env["db"].exec(
             ["stat", "-c", "%i", "/var/lib/postgresql/data"]).stdout)
-        assert {p.name for p in (env.workdir / "volumes").iterdir()} == {"db_data", "git_data"}
+        assert {p.name for p in volume.parent.iterdir()} == {"db_data", "git_data"}
     assert not volume.exists()
     report = doctor(root)
     assert "compose.yaml: services.gitea.restart" in report

@@ -26,14 +26,13 @@ import os, socket
 def redis(addr, *args):
     host, port = addr.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(("*%d\\r\\n" % len(args) + "".join("$%d\\r\\n%s\\r\\n" % (len(a), a) for a in args)).encode())
-        data = b""
-        while not data.endswith(b"\\r\\n") or (data[:1] == b"$" and data.count(b"\\r\\n") < 2 and not data.startswith(b"$-1")):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return data.decode()
+        command = "*%d\\r\\n" % len(args) + "".join("$%d\\r\\n%s\\r\\n" % (len(a), a) for a in args)
+        s.sendall(command.encode())
+        f = s.makefile("rb")
+        head = f.readline()  # +OK, -ERR, :1, or $<length> and a bulk string ($-1: none)
+        if head.startswith(b"$") and int(head[1:]) >= 0:
+            head += f.read(int(head[1:]) + 2)
+    return head.decode()
 """
 
 # The guestbook's PHP frontend, as a stand-in: writes go to the redis-master Service, reads to the
@@ -48,7 +47,8 @@ class H(http.server.BaseHTTPRequestHandler):
         elif url.path == "/get":
             out = redis("redis-replica:6379", "GET", q["key"])
         else:  # which replica answered: its run_id
-            out = [l for l in redis("redis-replica:6379", "INFO", "server").split() if l.startswith("run_id:")][0]
+            info = redis("redis-replica:6379", "INFO", "server").split()
+            out = [line for line in info if line.startswith("run_id:")][0]
         self.send_response(200); self.end_headers(); self.wfile.write(out.encode())
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("0.0.0.0", 80), H).serve_forever()
@@ -94,7 +94,8 @@ def test_guestbook_writes_to_the_master_and_reads_from_replicas_behind_one_servi
         assert env["frontend-0"].http.get("/set?key=greeting&value=hello", timeout=10).text == "+OK\r\n"
 
         def replicated() -> bool | None:  # through the replicas' Service, from another frontend
-            return True if "hello" in env["frontend-2"].http.get("/get?key=greeting", timeout=10).text else None
+            got = env["frontend-2"].http.get("/get?key=greeting", timeout=10).text
+            return True if "hello" in got else None
 
         assert wait_until(replicated, Deadline(30)), env["redis-replica-0"].logs()
         # Both replicas answer behind the one address: each connection goes to one at random.

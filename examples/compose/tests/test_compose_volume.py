@@ -19,10 +19,9 @@ def test_the_named_volume_survives_a_restart_of_db(envbox: Environment) -> None:
     created = api.http.post("/notes", json={"title": "kept", "body": "in db-data"}, timeout=10)
     assert created.status_code == 201, created.text
     note = created.json()
-    # The cluster is in the volume, a directory of the environment's work directory, mounted at
-    # the image's PGDATA.
-    assert envbox.workdir is not None
-    volume = envbox.workdir / "volumes" / "db-data"
+    # The cluster is in the volume, a directory of the environment's own (envbox.volume() says
+    # where), mounted at the image's PGDATA.
+    volume = envbox.volume("db-data")
     assert run(db, "sh", "-c", 'cat "$PGDATA/PG_VERSION"') == (volume / "PG_VERSION").read_text().strip()
     first_pid = db.pid
 
@@ -45,9 +44,7 @@ def test_each_environment_has_its_own_volume_gone_with_it(pytestconfig: pytest.C
     volumes: list[Path] = []
     with Environment(["db"], catalog=catalog, rootdir=root) as one, \
             Environment(["db"], catalog=catalog, rootdir=root) as two:  # fmt: skip
-        for env in (one, two):
-            assert env.workdir is not None
-            volumes.append(env.workdir / "volumes" / "db-data")
+        volumes += [one.volume("db-data"), two.volume("db-data")]
         assert volumes[0] != volumes[1]
         assert all((v / "PG_VERSION").is_file() for v in volumes)  # two clusters, one per volume
         psql(one["db"], "CREATE TABLE only_in_one (id int)")
