@@ -149,10 +149,18 @@ def _compose(files: Sequence[Path], rootdir: Path, environ: Mapping[str, str],
         except ConfigError as exc:
             raise located(exc, project.origins[name]) from None
     ignored = tuple(f"{_rel(i.file, rootdir)}: {'services.' + i.service + '.' if i.service else ''}{i.key}"
+                    + ("" if i.service else _TOP_LEVEL_NOTES.get(i.key, ""))
                     for i in project.ignored)  # fmt: skip
     origins = {n: _relative_origin(o, rootdir) for n, o in project.origins.items()}
     return Imported(services, origins, {}, {COMPOSE_TOPOLOGY: tuple(services)}, ignored,
                     tuple(project.warnings))  # fmt: skip
+
+
+#: Why a top-level key of a compose file is ignored, where its name alone would mislead.
+_TOP_LEVEL_NOTES = {
+    "volumes": " (the definitions; each named volume is the environment's own)",
+    "networks": " (the definitions; each environment is one private network)",
+}
 
 
 def _relative_origin(origin: str, rootdir: Path) -> str:

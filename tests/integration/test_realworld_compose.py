@@ -85,7 +85,7 @@ def test_gitea_postgres_runs_its_database_image_with_a_private_named_volume(tmp_
     report = doctor(root)
     assert "compose.yaml: services.gitea.restart" in report
     assert "compose.yaml: services.db.restart" in report
-    assert "compose.yaml: volumes" in report
+    assert "compose.yaml: volumes (the definitions; each named volume is the environment's own)" in report
 
 
 def test_prometheus_grafana_bind_mounts_are_relative_to_the_compose_file(tmp_path: Path) -> None:
