@@ -29,7 +29,7 @@ __all__ = [
     "OwnDirRequest", "PartitionRequest", "PrepareRequest", "ReleaseRequest", "Reply", "ReplyT",
     "Request", "ReserveReply", "ReserveRequest", "ShutdownReply", "ShutdownRequest",
     "SignalRequest", "StartReply", "StartRequest", "StatsReply", "StatsRequest", "SupervisorDied",
-    "TcpCheckReply", "TcpCheckRequest", "Unsupported",
+    "TcpCheckReply", "TcpCheckRequest", "Unsupported", "VirtualAddressRequest",
 ]  # fmt: skip
 
 #: The most bytes of a command's input or output that one exec part (or its reply) carries.
@@ -353,6 +353,17 @@ class HealRequest(Request[Done]):
 
 
 @dataclass(frozen=True, slots=True)
+class VirtualAddressRequest(Request[Done]):
+    """Virtual ``address`` of ``env``'s subnet: TCP/UDP to each ``(port, backends)`` goes to one
+    of its backends ``(address, port)`` per connection; replaces, or none: removes (vips.py)."""
+
+    TAG: ClassVar[str] = "virtual_address"
+    env: str
+    address: str
+    ports: list[tuple[int, list[tuple[str, int]]]]
+
+
+@dataclass(frozen=True, slots=True)
 class StatsReply(Reply):
     """The current run's figures, from its cgroup."""
 
@@ -480,10 +491,9 @@ Handlers = dict[type[Message], Callable[[int, Any], Reply | None]]
 
 #: Every message type, each with its own ``TAG``.
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    Done, ErrorReply, HelloReply, HelloRequest, StartReply, StartRequest, ReserveReply,
-    ReserveRequest, SignalRequest,
-    TcpCheckReply, TcpCheckRequest, ExecReply, ExecRequest, ExecInput, ExecOutput, ReleaseRequest,
-    LinkRequest, PartitionRequest, HealRequest, StatsReply, StatsRequest, FreezeRequest,
-    PrepareRequest, CensusReply, CensusRequest, OwnDirRequest, ShutdownReply, ShutdownRequest,
-    KeepRequest, ExitedEvent, SupervisorDied, NetworkReply, NetworkRequest, LendRequest,
+    Done, ErrorReply, HelloReply, HelloRequest, StartReply, StartRequest, ReserveReply, ReserveRequest,
+    SignalRequest, TcpCheckReply, TcpCheckRequest, ExecReply, ExecRequest, ExecInput, ExecOutput,
+    ReleaseRequest, LinkRequest, PartitionRequest, HealRequest, StatsReply, StatsRequest, FreezeRequest,
+    PrepareRequest, CensusReply, CensusRequest, OwnDirRequest, ShutdownReply, ShutdownRequest, KeepRequest,
+    ExitedEvent, SupervisorDied, NetworkReply, NetworkRequest, LendRequest, VirtualAddressRequest,
 )  # fmt: skip
