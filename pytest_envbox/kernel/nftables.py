@@ -347,13 +347,16 @@ def _send(b: Batch) -> None:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        NETLINK_NETFILTER) as sock:  # fmt: skip
         # One ack per message: hundreds of rules (a partition of many services) overflow the
-        # default receive buffer (ENOBUFS, after the kernel applied the batch).
-        for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root), else what is allowed
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, 16 << 20)
-                break
-            except OSError:
-                continue
+        # default receive buffer (ENOBUFS, after the kernel applied the batch). The batch is one
+        # datagram, which must fit the send buffer (EMSGSIZE): 400 pairs cut off are 220 kB.
+        # SO_RCVBUFFORCE/SO_SNDBUFFORCE (root), else what is allowed (rmem_max/wmem_max).
+        for options in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
+            for opt in options:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, max(16 << 20, 2 * len(b.encode())))
+                    break
+                except OSError:
+                    continue
         sock.bind((0, 0))
         b.send(sock)
 
