@@ -181,7 +181,7 @@ def test_a_partition_down_link_or_lossy_link_keeps_that_backend_out() -> None:
 def test_bad_requests_are_refused_with_the_reason() -> None:
     with Environment([backend("web-0"), client()]) as env:
         vip, web = vip_of(env), env["web-0"].ip
-        cases = [
+        cases: list[tuple[str, dict[int, list[tuple[str, int]]], str]] = [
             (env["client"].ip, {80: [(web, 8080)]}, "is a service's address"),
             ("192.0.2.1", {80: [(web, 8080)]}, "is not a host address of the subnet"),
             (env._subnet().gateway, {80: [(web, 8080)]}, "the hub's or the host's address"),
@@ -251,7 +251,7 @@ def _has_table(name: str) -> bool:
         data = s.recv(65536)
     if struct.unpack_from("=H", data, 4)[0] != 2:  # not NLMSG_ERROR: the table itself
         return True
-    code = -struct.unpack_from("=i", data, 16)[0]
+    code: int = -struct.unpack_from("=i", data, 16)[0]
     assert code in (0, 2), os.strerror(code)  # ENOENT: none
     return code == 0
 
