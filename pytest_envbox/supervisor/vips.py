@@ -63,7 +63,7 @@ class Virtual:
 
 
 class Vips:
-    """The virtual addresses of every environment (kept on each one's hub: ``Hub.vips``)."""
+    """The virtual addresses of every environment (each kept on its hub, as a :class:`Virtual`)."""
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
