@@ -127,12 +127,20 @@ def _forward(net: ipaddress.IPv4Network, address: str, port: int,
 
 def apply(hub: Hub, want: dict[str, list[nftables.Forward]]) -> None:
     """Make the hub's virtual addresses ``want``: its table first (one atomic batch: on failure
-    nothing changed), then the addresses on the bridge and the sysctls."""
+    nothing changed), then the addresses on the bridge and the sysctls.
+
+    The table exists exactly while ``hub.vips`` does (set as soon as the table is made, so that
+    :func:`clear` removes it whatever fails after): without, it is only made, not replaced (the
+    delete of a replacement waits for the kernel's RCU grace period, 15 ms here).
+    """
+    if hub.vips is None and not want:
+        return  # nothing there
     vips = hub.vips or Virtual()
     source = hub.gateway[0] if hub.gateway is not None else "0.0.0.0"  # (no forwards then)
     forwards = [f for fs in want.values() for f in fs]
+    fresh = hub.vips is None
     try:
-        netlink.call_in(hub.netns, lambda: nftables.replace_nat_table(TABLE, forwards, source))
+        netlink.call_in(hub.netns, lambda: nftables.replace_nat_table(TABLE, forwards, source, fresh=fresh))
     except OSError as e:
         if e.errno in (errno.EPROTONOSUPPORT, errno.ENOENT, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
             raise Unsupported(
@@ -142,21 +150,24 @@ def apply(hub: Hub, want: dict[str, list[nftables.Forward]]) -> None:
                 f"said: {e.strerror}): load them with `modprobe nft_nat nft_ct nft_numgen`, or "
                 "use a kernel that has them (every major distribution's does)") from None
         raise
-    if want and not vips.sysctls:
-        vips.sysctls = netlink.call_in(hub.netns, lambda: _sysctls(_SYSCTLS))
-    for address in want.keys() - vips.forwards.keys():
+    if want:
+        hub.vips = vips
+        if not vips.sysctls:
+            vips.sysctls = netlink.call_in(hub.netns, lambda: _sysctls(_SYSCTLS))
+    for address in sorted(want.keys() - vips.forwards.keys()):
         hub.nl.add_address(hub.bridge, address, 32)
-    for address in vips.forwards.keys() - want.keys():
+        vips.forwards[address] = []  # there: removed by the next apply, whatever happens now
+    for address in sorted(vips.forwards.keys() - want.keys()):
         hub.nl.del_address(hub.bridge, address, 32)
+        del vips.forwards[address]
     vips.forwards = dict(want)
     if not want:
-        if vips.sysctls:
-            netlink.call_in(hub.netns, lambda: _sysctls(vips.sysctls))
+        hub.vips = None
+        netlink.call_in(hub.netns, lambda: _sysctls(vips.sysctls))
         # Connections made through it keep their translation in the hub's connection table:
         # a later one with the same addresses and ports (the next environment's) would reuse it.
         with contextlib.suppress(OSError):
             netlink.call_in(hub.netns, nftables.flush_conntrack)
-    hub.vips = vips if want else None
 
 
 def clear(hub: Hub) -> None:
