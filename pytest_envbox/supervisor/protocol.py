@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pytest_envbox.sandbox.plan import SandboxPlan
+from pytest_envbox.supervisor.unsupported import Unsupported  # what a handler raises
 
 __all__ = [
     "EXEC_CHUNK", "EXEC_STREAM_CAP", "MESSAGE_TYPES", "CensusReply", "CensusRequest", "CgroupLimits",
@@ -38,14 +39,6 @@ EXEC_CHUNK = 1 << 20
 #: the command is killed and the call fails (its whole output is held in the test process's
 #: memory, as ``subprocess.run`` holds it).
 EXEC_STREAM_CAP = 256 << 20
-
-
-class Unsupported(Exception):
-    """This host cannot do what was asked; the message says why and how to enable it.
-
-    Raised in the supervisor; crosses the socket as ``ErrorReply(kind="unsupported")`` and is
-    raised in the test process as :class:`~pytest_envbox.errors.HostUnsupported`.
-    """
 
 
 # --- the kinds of message --------------------------------------------------------------------
