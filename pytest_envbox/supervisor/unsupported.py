@@ -10,6 +10,6 @@ __all__ = ["Unsupported"]
 class Unsupported(Exception):
     """This host cannot do what was asked; the message says why and how to enable it.
 
-    Raised in the supervisor; crosses the socket as ``ErrorReply(kind="unsupported")`` and is
+    Raised in the supervisor; crosses the socket as ``protocol.ErrorReply(kind="unsupported")`` and is
     raised in the test process as :class:`~pytest_envbox.errors.HostUnsupported`.
     """
