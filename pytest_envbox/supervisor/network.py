@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pytest_envbox.kernel import netlink, nftables
-from pytest_envbox.supervisor import subnets
+from pytest_envbox.supervisor import subnets, vips
 from pytest_envbox.supervisor.protocol import (
     Done,
     Handlers,
@@ -68,6 +68,7 @@ class Hub:
     #: faults made of drop rules (nftables.py): veth -> percent lost; partitions between groups
     loss: dict[str, int] = field(default_factory=dict)
     partitions: list[tuple[list[str], list[str]]] = field(default_factory=list)
+    vips: vips.Virtual | None = None  # its virtual addresses (Kubernetes Services, see vips.py)
 
     def guard(self) -> nftables.Guard | None:
         """What keeps services from reaching the host through its link (see nftables.Guard)."""
@@ -206,6 +207,7 @@ class Network:
             return
         if self.sup.running and not self.sup.detached and len(self.free) < MAX_FREE_HUBS:
             try:
+                vips.clear(hub)
                 if hub.loss or hub.partitions:
                     netlink.call_in(hub.netns, lambda: nftables.replace_table("envbox", [], hub.guard()))
                 if hub.link is not None and self.host is not None:

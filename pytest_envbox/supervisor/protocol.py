@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pytest_envbox.sandbox.plan import SandboxPlan
+from pytest_envbox.supervisor.unsupported import Unsupported  # what a handler raises
 
 __all__ = [
     "EXEC_CHUNK", "EXEC_STREAM_CAP", "MESSAGE_TYPES", "CensusReply", "CensusRequest", "CgroupLimits",
@@ -29,7 +30,7 @@ __all__ = [
     "OwnDirRequest", "PartitionRequest", "PrepareRequest", "ReleaseRequest", "Reply", "ReplyT",
     "Request", "ReserveReply", "ReserveRequest", "ShutdownReply", "ShutdownRequest",
     "SignalRequest", "StartReply", "StartRequest", "StatsReply", "StatsRequest", "SupervisorDied",
-    "TcpCheckReply", "TcpCheckRequest", "Unsupported",
+    "TcpCheckReply", "TcpCheckRequest", "Unsupported", "VirtualAddressRequest",
 ]  # fmt: skip
 
 #: The most bytes of a command's input or output that one exec part (or its reply) carries.
@@ -38,14 +39,6 @@ EXEC_CHUNK = 1 << 20
 #: the command is killed and the call fails (its whole output is held in the test process's
 #: memory, as ``subprocess.run`` holds it).
 EXEC_STREAM_CAP = 256 << 20
-
-
-class Unsupported(Exception):
-    """This host cannot do what was asked; the message says why and how to enable it.
-
-    Raised in the supervisor; crosses the socket as ``ErrorReply(kind="unsupported")`` and is
-    raised in the test process as :class:`~pytest_envbox.errors.HostUnsupported`.
-    """
 
 
 # --- the kinds of message --------------------------------------------------------------------
@@ -356,6 +349,17 @@ class HealRequest(Request[Done]):
 
 
 @dataclass(frozen=True, slots=True)
+class VirtualAddressRequest(Request[Done]):
+    """Virtual ``address`` of ``env``'s subnet: TCP/UDP to each ``(port, backends)`` goes to one
+    of its backends ``(address, port)`` per connection; replaces, or none: removes (vips.py)."""
+
+    TAG: ClassVar[str] = "virtual_address"
+    env: str
+    address: str
+    ports: list[tuple[int, list[tuple[str, int]]]]
+
+
+@dataclass(frozen=True, slots=True)
 class StatsReply(Reply):
     """The current run's figures, from its cgroup."""
 
@@ -483,10 +487,9 @@ Handlers = dict[type[Message], Callable[[int, Any], Reply | None]]
 
 #: Every message type, each with its own ``TAG``.
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    Done, ErrorReply, HelloReply, HelloRequest, StartReply, StartRequest, ReserveReply,
-    ReserveRequest, SignalRequest,
-    TcpCheckReply, TcpCheckRequest, ExecReply, ExecRequest, ExecInput, ExecOutput, ReleaseRequest,
-    LinkRequest, PartitionRequest, HealRequest, StatsReply, StatsRequest, FreezeRequest,
-    PrepareRequest, CensusReply, CensusRequest, OwnDirRequest, ShutdownReply, ShutdownRequest,
-    KeepRequest, ExitedEvent, SupervisorDied, NetworkReply, NetworkRequest, LendRequest,
+    Done, ErrorReply, HelloReply, HelloRequest, StartReply, StartRequest, ReserveReply, ReserveRequest,
+    SignalRequest, TcpCheckReply, TcpCheckRequest, ExecReply, ExecRequest, ExecInput, ExecOutput,
+    ReleaseRequest, LinkRequest, PartitionRequest, HealRequest, StatsReply, StatsRequest, FreezeRequest,
+    PrepareRequest, CensusReply, CensusRequest, OwnDirRequest, ShutdownReply, ShutdownRequest, KeepRequest,
+    ExitedEvent, SupervisorDied, NetworkReply, NetworkRequest, LendRequest, VirtualAddressRequest,
 )  # fmt: skip

@@ -64,6 +64,7 @@ from pytest_envbox.supervisor.slotkernel import LinuxSlotKernel
 from pytest_envbox.supervisor.spares import Spares
 from pytest_envbox.supervisor.sync import Pending
 from pytest_envbox.supervisor.userns import enter_user_namespace, id_map, no_user_namespace
+from pytest_envbox.supervisor.vips import Vips
 from pytest_envbox.supervisor.wire import BadFrame, FrameReader, ProtocolError, encode
 
 __all__ = ["Supervisor", "handler_table", "main"]
@@ -127,6 +128,7 @@ class Supervisor:
         self.execs = Execs(self)
         self.services = Services(self, LinuxSlotKernel(self))
         self.host_ports = HostPorts(self)
+        self.vips = Vips(self)
         self.handlers = handler_table(self)
         self.spares.start_zygote()
 
@@ -350,7 +352,7 @@ def handler_table(sup: Supervisor) -> Handlers:
         {HelloRequest: sup.hello, CensusRequest: sup.census, ShutdownRequest: sup.shutdown},
         sup.services.handlers(), sup.spares.handlers(), sup.network.handlers(),
         sup.service_cgroups.handlers(), sup.execs.handlers(), sup.record.handlers(),
-        sup.host_ports.handlers(),
+        sup.host_ports.handlers(), sup.vips.handlers(),
     ]  # fmt: skip
     table: Handlers = {}
     for t in tables:

@@ -44,6 +44,7 @@ from pytest_envbox.supervisor.protocol import (
     ReserveRequest,
     StartReply,
     StartRequest,
+    VirtualAddressRequest,
 )
 
 __all__ = ["HEADER_SIZE", "MAX_FRAME", "BadFrame", "FrameReader", "Frames", "ProtocolError", "decode",
@@ -98,6 +99,7 @@ _DECODE: dict[type[Message], dict[str, Callable[[Any], Any]]] = {
     StartReply: {"ports": lambda d: {int(k): v for k, v in d.items()}},
     ReserveRequest: {"ports": lambda v: [tuple(e) for e in v]},
     ReserveReply: {"refused": lambda v: None if v is None else tuple(v)},
+    VirtualAddressRequest: {"ports": lambda v: [(p, [(a, t) for a, t in b]) for p, b in v]},
     ExecRequest: {"plan": _plan, "input": _bytes},
     ExecReply: {"stdout": _bytes, "stderr": _bytes},
     ExecInput: {"data": _bytes},

@@ -346,12 +346,13 @@ def test_every_request_type_has_exactly_one_handler_in_the_supervisors_table() -
     from pytest_envbox.supervisor.records import RunRecord
     from pytest_envbox.supervisor.server import handler_table
     from pytest_envbox.supervisor.spares import Spares
+    from pytest_envbox.supervisor.vips import Vips
 
     sup = SimpleNamespace(hello=print, census=print, shutdown=print,
                           services=Services(FakeHost(), FakeKernel()))  # type: ignore[arg-type]  # fmt: skip
     for name, concern in (("spares", Spares), ("network", Network), ("execs", Execs),
                           ("service_cgroups", ServiceCgroups), ("record", RunRecord),
-                          ("host_ports", HostPorts)):  # fmt: skip
+                          ("host_ports", HostPorts), ("vips", Vips)):  # fmt: skip
         setattr(sup, name, concern(sup))  # type: ignore[arg-type]
     table = handler_table(sup)  # type: ignore[arg-type]
     requests = {t for t in protocol.MESSAGE_TYPES if issubclass(t, protocol.Request)}
