@@ -147,6 +147,9 @@ def test_online_boutique_frontend_reaches_cart_and_email_through_their_services(
 
         [tool.envbox.services.redis-cart]
         image = "oci:{redis_layout()}:latest"
+        # Docker Hub's redis works in /data (its WorkingDir), where the manifest mounts an
+        # emptyDir; Debian's redis-server in /var/lib/redis, which user 1000 may not read.
+        args = ["redis-server", "--protected-mode", "no", "--dir", "/data"]
 
         [tool.envbox.services.cartservice]
         image = false
