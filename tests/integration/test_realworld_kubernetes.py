@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from pytest_envbox import Environment
 from pytest_envbox.config import load_project_config
 from pytest_envbox.wait import Deadline, wait_until
@@ -66,6 +68,7 @@ def doctor(root: Path) -> str:
     return r.stdout
 
 
+@pytest.mark.needs_cgroups  # the manifests' resources are limits
 def test_guestbook_writes_to_the_master_and_reads_from_replicas_behind_one_service(tmp_path: Path) -> None:
     shutil.copytree(DATA / "guestbook", tmp_path / "deploy")
     redis = f"oci:{redis_layout()}:latest"
@@ -139,6 +142,7 @@ http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_f
 """
 
 
+@pytest.mark.needs_cgroups
 def test_online_boutique_frontend_reaches_cart_and_email_through_their_services(tmp_path: Path) -> None:
     shutil.copytree(DATA / "microservices-demo", tmp_path / "deploy")
     (tmp_path / "pyproject.toml").write_text(textwrap.dedent(f"""
