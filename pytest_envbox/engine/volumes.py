@@ -64,6 +64,7 @@ def _write(path: Path, content: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, content)  # ConfigMaps are at most 1 MiB: one write
-        os.fchmod(fd, mode & 0o777 | 0o444)  # readable by whichever user the service runs as
+        # The mode as given (a Secret's 0400 is root's alone, as in a pod without fsGroup).
+        os.fchmod(fd, mode & 0o7777)
     finally:
         os.close(fd)
