@@ -5,7 +5,6 @@ replica's named target port, a Job completes before its dependents are asked for
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
