@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 
 def ns_inode(pid: int, kind: str) -> str:
@@ -114,10 +115,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+_OUR_VETH = re.compile(r"v\d+")
+
+
 def host_links() -> set[str]:
-    """The host's network links, without environments' links (``envbox<N>``: other xdist
-    workers and parallel runs make and delete theirs at any time)."""
-    return {n for n in os.listdir("/sys/class/net") if not n.startswith("envbox")}
+    """The links in the host's network namespace that the project could have made and should
+    not have: a service's veth (``v<N>``, made in its hub) that ended up here. Environments'
+    own host links (``envbox<N>``) aside: other xdist workers and parallel runs make and delete
+    theirs at any time. Never the host's other links: other programs (podman, VPNs, Docker) add
+    and remove theirs at any time."""
+    return {n for n in os.listdir("/sys/class/net") if _OUR_VETH.fullmatch(n)}
 
 
 def our_mounts() -> list[str]:
