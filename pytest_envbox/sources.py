@@ -212,7 +212,10 @@ def _kubernetes(files: Sequence[Path], rootdir: Path) -> Imported:
                         args=None if s.args is None else tuple(a.replace(POD_NAME, pod) for a in s.args),
                         depends_on=depends, volumes=[*s.volumes, *volumes],
                         network_of=owner if name != owner else None,
-                        oneshot=c.init or w.kind == "Job")  # fmt: skip
+                        oneshot=c.init or w.kind == "Job",
+                        # retried as the cluster would: a Job up to its backoffLimit, an init
+                        # container (retried without end there) as often as a Job by default
+                        retries=w.backoff_limit if c.init or w.kind == "Job" else 0)  # fmt: skip
                 except ConfigError as exc:
                     raise located(exc, origin) from None
                 origins[name] = f"{origin} container {c.name}" + (f" (pod {pod})" if len(w.pods) > 1 else "")

@@ -182,12 +182,15 @@ class Service:
     #: it runs to completion: ready when it exits with code 0, a failure with any other code
     #: (Kubernetes' init containers and Jobs, Compose's ``service_completed_successfully``)
     oneshot: bool = False
+    #: a oneshot service that exits with another code is started again, up to this many times
+    #: (Kubernetes' Job ``backoffLimit``; an init container is retried too)
+    retries: int = 0
 
     #: The keys of a ``[tool.envbox.services.NAME]`` table.
     KEYS: ClassVar[tuple[str, ...]] = (
         "command", "env", "pass_env", "cwd", "ports", "depends_on", "ready", "limits", "mounts",
         "tmpfs", "aliases", "user", "stop_timeout", "image", "args", "pull", "healthcheck",
-        "stop_signal", "volumes", "network_of", "oneshot",
+        "stop_signal", "volumes", "network_of", "oneshot", "retries",
     )  # fmt: skip
     #: The values of ``pull``, as Kubernetes' IfNotPresent, Always and Never.
     PULL_POLICIES: ClassVar[tuple[str, ...]] = ("missing", "always", "never")
@@ -220,6 +223,7 @@ class Service:
             volumes: Sequence[Volume | Mapping[str, object]] = (),
             network_of: str | None = None,
             oneshot: bool = False,
+            retries: int = 0,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -298,6 +302,12 @@ class Service:
         for key in ("oneshot", "healthcheck"):
             if not isinstance(getattr(self, key), bool):
                 fail(f"{describe(getattr(self, key))} is not true or false", name, key)
+        if not is_int(self.retries) or not 0 <= self.retries <= 100:
+            fail(f"{describe(self.retries)} is not a count of retries; use an int from 0 to 100",
+                 name, "retries")  # fmt: skip
+        if self.retries and not self.oneshot:
+            fail("is for oneshot services (retried when they exit with another code than 0); "
+                 "add oneshot = true or remove it", name, "retries")  # fmt: skip
         if self.oneshot and self.ready is not None:
             fail("is for long-running services; a oneshot service is ready when it exits with "
                  "code 0: remove `ready` or `oneshot`", name, "ready")  # fmt: skip

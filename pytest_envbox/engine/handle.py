@@ -372,7 +372,7 @@ class ServiceHandle:
 
     def _wait_ready(self) -> None:
         if self.spec.oneshot:
-            readiness.wait_completed(_ReadinessView(self))
+            readiness.wait_completed(_ReadinessView(self), self.spec.retries, self._spawn)
         else:
             readiness.wait_ready(_ReadinessView(self), self.spec.ready)
         with self._lock:  # the exit event may be recording the end of this run meanwhile

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -195,16 +196,25 @@ def wait_ready(target: ReadinessTarget, probe: Probe | None) -> None:
 ONESHOT_TIMEOUT = 600.0
 
 
-def wait_completed(target: ReadinessTarget, timeout: float = ONESHOT_TIMEOUT) -> None:
-    """Return when a ``oneshot`` service has exited with code 0; ``ServiceFailed`` (its code and
-    log) for any other code, ``NotReady`` if it is still running after ``timeout`` seconds."""
-    if not target.exited.wait(timeout):
-        raise NotReady(target.name, "completion (a oneshot service: exit code 0)", timeout,
-                       log_tail(target.log_path))  # fmt: skip
-    if target.returncode != 0:
-        raise ServiceFailed(target.name, target.returncode, log_tail(target.log_path),
-                            reason=f"exited with return code {target.returncode}; a oneshot "
-                            "service must complete with 0")  # fmt: skip
+def wait_completed(target: ReadinessTarget, retries: int = 0, restart: Callable[[], None] | None = None,
+                   timeout: float = ONESHOT_TIMEOUT) -> None:  # fmt: skip
+    """Return when a ``oneshot`` service has exited with code 0; for another code, ``restart``
+    it, up to ``retries`` times, after 0.5 s, 1 s, 2 s... (at most 10 s: Kubernetes backs off from
+    10 s, which a test would wait out for nothing), then ``ServiceFailed`` (its code and log).
+    ``NotReady`` if a run is still going after ``timeout`` seconds."""
+    for attempt in range(retries + 1):
+        if attempt:
+            assert restart is not None
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 10.0))  # a back-off, not a wait for a condition
+            restart()
+        if not target.exited.wait(timeout):
+            raise NotReady(target.name, "completion (a oneshot service: exit code 0)", timeout,
+                           log_tail(target.log_path))  # fmt: skip
+        if target.returncode == 0:
+            return
+    raise ServiceFailed(target.name, target.returncode, log_tail(target.log_path),
+                        reason=f"exited with return code {target.returncode}; a oneshot service "
+                        "must complete with 0" + (f" (started {retries + 1} times)" if retries else ""))
 
 
 def wait_for_log(target: ReadinessTarget, pattern: str, timeout: float) -> re.Match[str]:

@@ -63,7 +63,7 @@ probe httpHeaders and successThreshold; securityContext other than runAsUser/run
 privileged and capabilities.add (runAsNonRoot, readOnlyRootFilesystem, fsGroup, seccomp...), and
 runAsGroup without runAsUser; Deployment strategy, minReadySeconds...; StatefulSet
 updateStrategy, podManagementPolicy, volumeClaimTemplates (private directories); Job
-completions, backoffLimit...; Service sessionAffinity, externalTrafficPolicy, nodePort, a fixed
+completions, activeDeadlineSeconds...; Service sessionAffinity, externalTrafficPolicy, nodePort, a fixed
 clusterIP; resources' ephemeral-storage; ConfigMap/Secret ``immutable`` and ``type``. The full
 tables are :mod:`.keys`.
 

@@ -32,6 +32,8 @@ ready            readinessProbe: tcp -> tcpSocket, http -> httpGet (path), exec 
                  reads back (exact for whole seconds >= 2; else rounded up, with a note)
 user             securityContext.runAsUser[/runAsGroup] for ``uid[:gid]``
 tmpfs            an emptyDir volume ``tmpfs-<i>`` (medium Memory, sizeLimit) mounted at the path
+volumes          an emptyDir volume ``volume-<i>`` per volume without files (readOnly kept)
+oneshot, retries a Job (restartPolicy Never, backoffLimit = retries) instead of a Deployment
 stop_timeout     terminationGracePeriodSeconds (whole seconds, rounded up)
 ===============  ===================================================================================
 
@@ -45,7 +47,9 @@ machine) is a :class:`ConfigError` naming it and the fix (give it an ``image``),
 these is left out of the manifests with one :class:`Note` per service and key: ``mounts`` (host
 paths), ``ready`` a log probe, ``ready.status`` (Kubernetes takes any 200-399), ``limits.pids``
 and ``limits.nofile`` (node settings, not pod fields), a ``user`` given by name, ``pass_env``,
-``host_ports``, ``depends_on`` (pods start together), ``args = []``; and notes for values
+``host_ports``, ``depends_on`` (pods start together), ``args = []``, ``stop_signal`` (the
+image's STOPSIGNAL rules), volumes holding files, a volume shared between services (an emptyDir is
+one pod's), ``network_of`` (a pod of its own); and notes for values
 changed on the way (rounded timeouts, intervals, cpu, stop_timeout) and for local images
 (``oci:``, ``oci-archive:``, ``docker-archive:``), which a cluster cannot pull. A name or alias
 that is no DNS-1035 label (a Service name starts with a letter) is a :class:`ConfigError`.
@@ -131,6 +135,13 @@ def export_kubernetes(services: Sequence[Service], *, skip_host_programs: bool =
                                   "holds one Service of a name: rename one", service=service.name, key=key)
             owners[name] = service.name
         notes += _notes(service)
+        for v in service.volumes:
+            sharing = [o.name for o in services if o is not service and o.image is not None
+                       and any(w.name == v.name for w in o.volumes)]  # fmt: skip
+            if sharing and not v.files:
+                notes.append(Note(service.name, "volumes", f"{v.name!r} is shared with "
+                                  f"{', '.join(sharing)}; an emptyDir is one pod's own: use a "
+                                  "PersistentVolumeClaim (ReadWriteMany) to share it"))
         documents.append(_deployment(service, notes))
         documents += [_service(service, name) for name in (service.name, *service.aliases)]
     return Export(tuple(documents), tuple(notes), tuple(hosted))
@@ -167,9 +178,17 @@ def _deployment(service: Service, notes: list[Note]) -> dict[str, Any]:
         "terminationGracePeriodSeconds": grace,
         "containers": [_container(service, notes)],
     }
-    if service.tmpfs:
+    plain = [v for v in service.volumes if not v.files]
+    if service.tmpfs or plain:
         pod["volumes"] = [{"name": f"tmpfs-{i}", "emptyDir": {"medium": "Memory", "sizeLimit": _memory(size)}}
                           for i, size in enumerate(service.tmpfs.values())]  # fmt: skip
+        pod["volumes"] += [{"name": f"volume-{i}", "emptyDir": {}} for i in range(len(plain))]
+    if service.oneshot:  # runs to completion: a Job, retried as often as the service is
+        pod["restartPolicy"] = "Never"
+        return {"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": service.name, "labels": _labels(service)},
+                "spec": {"backoffLimit": service.retries,
+                         "template": {"metadata": {"labels": _labels(service)}, "spec": pod}}}  # fmt: skip
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -231,9 +250,12 @@ def _container(service: Service, notes: list[Note]) -> dict[str, Any]:
         body["securityContext"] = {"runAsUser": int(user[1])}
         if user[2] is not None:
             body["securityContext"]["runAsGroup"] = int(user[2])
-    if service.tmpfs:
-        body["volumeMounts"] = [{"name": f"tmpfs-{i}", "mountPath": path}
-                                for i, path in enumerate(service.tmpfs)]  # fmt: skip
+    mounts: list[dict[str, Any]] = [{"name": f"tmpfs-{i}", "mountPath": path}
+                                    for i, path in enumerate(service.tmpfs)]  # fmt: skip
+    mounts += [{"name": f"volume-{i}", "mountPath": v.target, **({"readOnly": True} if v.readonly else {})}
+               for i, v in enumerate(v for v in service.volumes if not v.files)]  # fmt: skip
+    if mounts:
+        body["volumeMounts"] = mounts
     return body
 
 
@@ -338,6 +360,18 @@ def _notes(service: Service) -> list[Note]:
         out.append(Note(name, "depends_on", f"{', '.join(service.depends_on)}: Kubernetes starts "
                         "every pod at once, with no order: the service must retry until they are "
                         "ready (or wait in an initContainer)"))
+    if service.stop_signal is not None:
+        out.append(Note(name, "stop_signal", f"{service.stop_signal}: a container is stopped with "
+                        "its image's STOPSIGNAL (SIGTERM by default): left out; set it in the image"))
+    for v in service.volumes:
+        if v.files:
+            out.append(Note(name, "volumes", f"{v.name!r} holds files written at the start: left "
+                            f"out; put them in a ConfigMap (or Secret) mounted at {v.target}"))
+    if service.network_of is not None:
+        out.append(Note(name, "network_of", f"joins {service.network_of!r}'s network, as a "
+                        "container of its pod would: exported as a pod of its own, which reaches "
+                        f"{service.network_of!r} by its Service name, not localhost; to keep "
+                        "localhost, put both containers in one pod"))
     if HOME in service.tmpfs:
         out.append(Note(name, "tmpfs", f"'~' is envbox's {HOME}; the tmpfs is mounted there, "
                         "while the pod's HOME is the image's"))

@@ -220,6 +220,8 @@ def _workload(
         init_containers=tuple(c for c in converted if c.init),
         containers=tuple(c for c in converted if not c.init),
         pods=pods,
+        backoff_limit=doc.number(spec.get("backoffLimit", 6), "spec.backoffLimit", high=100)
+        if kind == "Job" else 6,
     )
 
 

@@ -142,6 +142,8 @@ class Workload:
     containers: tuple[Container, ...]
     #: the pods' names, one per replica (``frontend``; ``frontend-0``...; ``db-0`` for a StatefulSet)
     pods: tuple[str, ...]
+    #: a Job's ``backoffLimit`` (default 6): how many times its failed containers are retried
+    backoff_limit: int = 6
 
     def service_name(self, pod: str, container: str) -> str:
         """The envbox service of ``container`` in ``pod``: the pod's name when the pod has one

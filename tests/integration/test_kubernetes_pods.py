@@ -71,6 +71,7 @@ apiVersion: batch/v1
 kind: Job
 metadata: {{name: check}}
 spec:
+  backoffLimit: 1
   template:
     spec:
       restartPolicy: Never
@@ -116,6 +117,8 @@ def test_a_deployments_pods_run_as_in_the_cluster(tmp_path: Path) -> None:
 
 def test_a_job_that_fails_fails_the_environment(tmp_path: Path) -> None:
     catalog = load_project_config(project(tmp_path, code=4))
+    assert catalog.services["check"].retries == 1  # its backoffLimit
     env = Environment(["check"], catalog=catalog, rootdir=tmp_path)
     with pytest.raises(ServiceFailed, match="return code 4"):
         env.open()
+    assert len(env.report()["services"]["check"]["runs"]) == 2  # tried, and retried once

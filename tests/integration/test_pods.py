@@ -135,3 +135,14 @@ def test_the_address_placeholder_becomes_the_services_own_address() -> None:
         ip = env["s"].ip
         assert f"ip={ip} {ip}" in env["s"].logs()
         assert f"side {ip}" in env["side"].logs()
+
+
+def test_a_oneshot_service_is_retried_until_it_completes(tmp_path: Path) -> None:
+    marker = tmp_path / "tries"
+    marker.mkdir()
+    # Fails twice (its dependency "not up yet"), then completes: as a Job retried by the cluster.
+    flaky = Service("job", ["sh", "-c", "echo x >> /t/n; [ $(wc -l < /t/n) -ge 3 ]"], oneshot=True,
+                    retries=3, mounts=[{"source": str(marker), "target": "/t", "readonly": False}])
+    with Environment([flaky, Service("app", ["sleep", "1000"], depends_on=["job"])]) as env:
+        assert env["job"].returncode == 0 and [r.returncode for r in env["job"].runs] == [1, 1, 0]
+        assert env["app"].running

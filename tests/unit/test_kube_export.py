@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_envbox import ConfigError, Service, probe
+from pytest_envbox.config import load_project_config
 from pytest_envbox.kubernetes import load_manifests
 from pytest_envbox.kubernetes.container import probe_timeout
 from pytest_envbox.kubernetes.export import NAME_LABEL, Export, export_kubernetes, probe_numbers, to_yaml
@@ -262,3 +263,27 @@ def test_an_alias_that_names_another_service_is_an_error() -> None:
     with pytest.raises(ConfigError, match="also names service 'cache'"):
         export_kubernetes([Service("cache", image="redis:7"),
                            Service("db", image="redis:7", aliases=["cache"])])
+
+
+def test_oneshot_volumes_and_the_keys_a_cluster_does_it_its_own_way(tmp_path: Path) -> None:
+    from pytest_envbox import Volume
+
+    services = [
+        Service("migrate", image="app:1", command=["migrate"], oneshot=True, retries=3,
+                volumes=[Volume("data", "/data")]),
+        Service("api", image="app:1", ports=[8000], stop_signal="QUIT", network_of="migrate",
+                volumes=[Volume("data", "/srv/data", readonly=True),
+                         Volume("conf", "/etc/app", files=(("a.conf", b"x", 0o644),))]),
+    ]
+    out = export_kubernetes(services)
+    job = out.documents[0]
+    assert (job["kind"], job["spec"]["backoffLimit"]) == ("Job", 3)
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    validate(out.documents)
+    keys = {(n.service, n.key) for n in out.notes}
+    assert {("api", "stop_signal"), ("api", "network_of"), ("api", "volumes"), ("migrate", "volumes")} <= keys
+    (tmp_path / "k.yaml").write_text(to_yaml(out.documents))
+    (tmp_path / "pyproject.toml").write_text('[tool.envbox]\nkubernetes = ["k.yaml"]\n')
+    back = load_project_config(tmp_path).services
+    assert back["migrate"].oneshot and back["migrate"].retries == 3  # the Job, read back
+    assert {(v.target, v.readonly) for v in back["api"].volumes} == {("/srv/data", True)}
