@@ -291,6 +291,8 @@ def select(
             _check_inline(item, inline, catalog)
             inline[item.name] = item
             requested.append(item.name)
+        elif isinstance(item, str) and item not in catalog.services and item in catalog.virtual:
+            requested.extend(_pods_of(catalog, item))  # a Kubernetes Service: the pods it selects
         elif isinstance(item, str):
             requested.append(item)
         else:
@@ -314,6 +316,14 @@ def select(
     _check_hostnames(selected)
     check_environment_host_ports(selected)
     return selected
+
+
+def _pods_of(catalog: Catalog, name: str) -> list[str]:
+    """The services of the pods a Kubernetes Service selects: each pod's network owner and the
+    services that join its network (its other containers)."""
+    owners = list(dict.fromkeys(owner for owner, _, _ in catalog.virtual[name].backends))
+    return [s.name for s in catalog.services.values()
+            if s.name in owners or s.network_of in owners]  # fmt: skip
 
 
 def _suggest(name: str, known: Iterable[str]) -> str:

@@ -128,6 +128,9 @@ class Environment:
             return self._handles[name]
         except KeyError:
             known = ", ".join(sorted(self._handles)) or "none"
+            if name in self.catalog.virtual:
+                raise KeyError(f"{name!r} is a Kubernetes Service, not a service: its pods' "
+                               f"services are handles; this environment has: {known}") from None
             raise KeyError(f"no service {name!r} in this environment; it has: {known}") from None
 
     def __contains__(self, name: object) -> bool:

@@ -283,3 +283,10 @@ def test_a_service_built_by_compose_runs_from_the_checkout_with_image_false(tmp_
     with pytest.raises(ConfigError, match="image = false") as info:
         load_project_config(root, environ={})
     assert (info.value.service, info.value.key) == ("api", "build")
+
+
+def test_asking_for_a_kubernetes_service_starts_the_pods_it_selects(tmp_path: Path) -> None:
+    root = project(tmp_path, '[tool.envbox]\nkubernetes = ["app.yaml"]\n', **{"app.yaml": POD})
+    catalog = load_project_config(root)
+    names = [s.name for s in select(catalog, ["api"])]  # the Service api: both pods, all containers
+    assert set(names) == {f"api-{i}-{c}" for i in (0, 1) for c in ("migrate", "seed", "app", "proxy")}
