@@ -165,7 +165,8 @@ class RunRecord:
         envs: dict[str, dict[str, Any]] = {}
         for slot, s in sup.services.slots.items():
             env, _, name = slot.partition("/")
-            envs.setdefault(env, {})[name] = {"pid": s.main_pid, "init": s.init_pid, "ip": s.ip}
+            envs.setdefault(env, {})[name] = {"pid": s.main_pid, "init": s.init_pid, "ip": s.ip,
+                                              "log": s.log_path}  # fmt: skip
         tests = [sup.test_pid, *(p for p in sup.watched if p != sup.test_pid)]
         record = {"supervisor": os.getpid(), "owner": outer_uid(), "tests": tests,
                   "cwd": os.getcwd(), "environments": envs, "kept": sup.kept,

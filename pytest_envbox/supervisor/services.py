@@ -59,6 +59,8 @@ class Slot:
     veth_index: int = 0
     #: this run's output (see LogSink); None once it has ended
     log: LogSink | None = None
+    #: the file its output goes to (the run's record lists it, for `envbox logs`)
+    log_path: str | None = None
     #: the signal that stops it (an image's StopSignal), instead of SIGTERM
     stop_signal: int | None = None
 
@@ -194,6 +196,7 @@ class Services:
             drain(s.log)
             self._end_log(s)
         s.log = sink
+        s.log_path = req.log_path
         self.logs.watch(sink)
         try:
             for port in req.ports:
