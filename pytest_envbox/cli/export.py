@@ -22,17 +22,22 @@ __all__ = ["add_parser", "export"]
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``export`` subcommand and its options."""
-    p = sub.add_parser("export", help="write the declared services as Kubernetes manifests")
+    p = sub.add_parser("export", help="write the declared services as Kubernetes manifests",
+                       description="Write the declared services as Kubernetes manifests (multi-"
+                       "document YAML), to stdout or a file; what they leave out is noted on "
+                       "stderr and in the file's header.")  # fmt: skip
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--kubernetes", action="store_true",
                       help="Deployments and Services (the only format so far)")  # fmt: skip
-    p.add_argument("--topology", default=None, help="only this topology's services and their dependencies")
+    p.add_argument("--topology", default=None, metavar="NAME",
+                   help="only this topology's services and their dependencies")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
                    help="write the manifests to FILE instead of stdout")  # fmt: skip
     p.add_argument("--skip-host-programs", action="store_true",
                    help="leave out services without an image (a note each) instead of failing")
-    p.add_argument("--rootdir", type=Path, default=Path.cwd(),
-                   help="where envbox.toml or pyproject.toml is read (default: here)")  # fmt: skip
+    p.add_argument("--rootdir", type=Path, default=Path.cwd(), metavar="DIR",
+                   help="where envbox.toml or pyproject.toml is read (default: the current "
+                   "directory)")  # fmt: skip
 
 
 def export(args: argparse.Namespace) -> int:

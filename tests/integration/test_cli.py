@@ -78,11 +78,18 @@ def test_envbox_up_brings_up_the_example_and_ctrl_c_leaves_nothing() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    # Nothing is left: processes, supervisor, namespaces, cgroups, the directory of the logs.
+    # Nothing is left but the logs, kept in the directory printed: processes, supervisor,
+    # namespaces, cgroups are gone.
     assert not any(alive(p) for p in [*pids.values(), *supervisor])
     assert all(holders(ns) == [] for ns in netns)
     assert not any(os.path.exists(d) for d in cgroups), cgroups
-    assert not any(os.path.exists(Path(log).parent) for log in logs)
+    try:
+        assert all(Path(log).is_file() for log in logs), logs
+        cache_log = next(Path(x) for x in logs if x.endswith("cache.log"))
+        assert "ready to accept connections" in cache_log.read_text()
+    finally:
+        for d in {Path(log).parent for log in logs}:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -522,7 +522,8 @@ def test_keep_leaves_a_failed_tests_environment_until_envbox_clean(project: pyte
         assert "kept (test_keep_leaves" in ps and f"web  pid {pid}" in ps, ps
         sup = int(re.findall(r"supervisor (\d+)", ps.split(f"web  pid {pid}")[0])[-1])
     finally:
-        cleaned = subprocess.run([sys.executable, "-m", "pytest_envbox.cli", "clean"],
+        kept = re.findall(r"^environment (\S+) kept", out, re.M)  # by id: only this test's
+        cleaned = subprocess.run([sys.executable, "-m", "pytest_envbox.cli", "clean", *kept],
                                  capture_output=True, text=True, timeout=60)  # fmt: skip
     assert cleaned.returncode == 0 and "stopped kept environment" in cleaned.stdout, cleaned
     # `envbox clean` waits for the teardown: nothing of it is left when it returns.
