@@ -2,13 +2,14 @@
 by environment id, with its question before stopping kept environments.
 
 Kept environments are made for real, by a script of their own that calls ``env.keep()`` and
-exits: its supervisor lives on for them, as after ``pytest --envbox-keep``. ``envbox clean``
-without ids and with a "yes" stops every kept environment of this user: only the test of the
-"yes" itself does that.
+exits: its supervisor lives on for them, as after ``pytest --envbox-keep``. The tests stop
+environments by id only: ``envbox clean`` without ids and with a "yes" stops every kept
+environment of the user, so its test runs with a state directory of its own (``alone``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -252,11 +253,49 @@ def test_clean_never_stops_an_environment_a_test_is_using() -> None:
         assert wait_until(lambda: f"environment {env.id}: busy" in envbox("ps").stdout or None, Deadline(10))
         r = envbox("clean", env.id, check=False)
         assert r.returncode == 1, r
-        assert f"{env.id} is not kept: a test process ({os.getpid()}) is using it" in r.stderr
+        # (the test processes the supervisor watches: this one, and xdist's controller under -n)
+        said = rf"{env.id} is not kept: a test process \((\d+, )*{os.getpid()}(, \d+)*\) is using it"
+        assert re.search(said, r.stderr) and "nothing was stopped" in r.stderr, r.stderr
         assert alive(pid)
 
 
 # --- envbox clean without ids: ask first ----------------------------------------------------------
+
+#: The scenario of ``envbox clean`` without ids, run in a state directory of its own (see
+#: ``alone``), where the only kept environment is its own: a "yes" there stops nothing of another
+#: test's (an xdist worker's next door, or another run on this host). Prints what it saw, as JSON.
+ASKED = textwrap.dedent("""
+    import json, os, pty, subprocess, sys
+    from pytest_envbox.wait import Deadline, wait_until
+    from tests.integration.test_cli_runs import KEEPER, envbox, clean_on_a_terminal
+    from tests.kernel import alive
+
+    keeper = subprocess.run([sys.executable, "-c", KEEPER, "asked"], capture_output=True,
+                            text=True, timeout=120, check=True)
+    ((env, _, pid),) = json.loads(keeper.stdout)
+    kept = f"environment {env}: kept"
+    assert wait_until(lambda: kept in envbox("ps").stdout or None, Deadline(20)), envbox("ps")
+    seen = {"env": env, "pid": pid, "ps": envbox("ps").stdout}
+    seen["script"] = envbox("clean", stdin=subprocess.DEVNULL).stderr
+    seen["alive after script"] = alive(pid)
+    seen["n"] = clean_on_a_terminal("n")
+    seen["alive after n"] = alive(pid)
+    seen["y"] = clean_on_a_terminal("y")
+    seen["alive after y"] = alive(pid)
+    seen["ps after y"] = envbox("ps").stdout
+    print(json.dumps(seen))
+""")
+
+
+def alone(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """A command prefix and environment that give a process tree a state directory of its own:
+    as root, a tmpfs over /run/envbox in a new mount namespace; otherwise XDG_RUNTIME_DIR."""
+    if os.geteuid() == 0:
+        mount = 'mount -t tmpfs -o mode=0700 tmpfs /run/envbox && exec "$0" "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", mount], ENV
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    return [], {**ENV, "XDG_RUNTIME_DIR": str(runtime)}
 
 
 def clean_on_a_terminal(answer: str) -> str:
@@ -280,21 +319,29 @@ def clean_on_a_terminal(answer: str) -> str:
         os.close(terminal)
 
 
-def test_clean_asks_before_stopping_kept_environments(kept_factory: list[Kept]) -> None:
-    k = keep(kept_factory, "asked")
-    env_id, _, pid = k.envs[0]
-    # No terminal to ask, no --yes: left running, and told how to stop it.
-    r = envbox("clean", stdin=subprocess.DEVNULL)
-    assert alive(pid), r
-    said = re.escape(f"{env_id} (asked; kept by test_cli_runs)")
-    assert re.search(r"kept environments? left running, as there is no terminal to ask: .*" + said,
-                     r.stderr), r.stderr  # fmt: skip
-    assert "`envbox clean --yes`" in r.stderr and "stale run record" in r.stdout, r
-    # On a terminal: listed, then asked; "n" stops nothing.
-    out = clean_on_a_terminal("n")
-    assert f"  {env_id} (asked; kept by test_cli_runs), run envbox-{k.supervisor}-" in out, out
-    assert "the kept environments are left running" in out and alive(pid), out
-    # "y" stops them (every kept environment of this user: this is the one test that says yes).
-    out = clean_on_a_terminal("y")
-    assert f"stopped kept environment {env_id} (asked; kept by test_cli_runs)" in out, out
-    assert not alive(pid) and not alive(k.supervisor)
+def test_clean_asks_before_stopping_kept_environments(tmp_path: Path) -> None:
+    prefix, env = alone(tmp_path)
+    r = subprocess.run([*prefix, PY, "-c", ASKED], capture_output=True, text=True, timeout=300,
+                       env=env)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    seen = json.loads(r.stdout)
+    env_id, pid = seen["env"], seen["pid"]
+    supervisor = int(re.findall(r"supervisor (\d+)", seen["ps"])[0])
+    try:
+        # No terminal to ask, no --yes: left running, and told how to stop it.
+        assert seen["alive after script"]
+        assert seen["script"] == (f"envbox: 1 kept environment left running, as there is no "
+                                  f"terminal to ask: {env_id} (asked; kept by test_cli_runs). Stop "
+                                  f"it with `envbox clean {env_id}`, or every kept one with "
+                                  "`envbox clean --yes`\n")  # fmt: skip
+        # On a terminal: listed, then asked; "n" stops nothing.
+        assert f"  {env_id} (asked; kept by test_cli_runs), run envbox-{supervisor}-" in seen["n"]
+        assert "the kept environments are left running" in seen["n"] and seen["alive after n"]
+        # "y" stops it, and waits until it is gone.
+        assert f"stopped kept environment {env_id} (asked; kept by test_cli_runs)" in seen["y"]
+        assert not seen["alive after y"] and not alive(supervisor)
+        assert "envbox: no run alive on this host" in seen["ps after y"]
+    finally:
+        if alive(pid):  # a failure above: this state directory's supervisor, by its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor, signal.SIGTERM)
