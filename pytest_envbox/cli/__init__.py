@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import platform
+import shutil
 import signal
 import sys
 import threading
@@ -318,15 +319,25 @@ def up(names: Sequence[str], topology: str | None, rootdir: Path, logdir: Path |
         return 1
     if not names and topology is None:
         names = catalog.names()
+    made = logdir is None
     if logdir is None:
         logdir = Path(tempfile.mkdtemp(prefix="envbox-up-"))
-    env = Environment(list(names), topology=topology, catalog=catalog, rootdir=rootdir,
-                      workdir=logdir)  # fmt: skip
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"envbox: starting {', '.join(names) if names else f'topology {topology}'}; "
           f"logs in {logdir}", flush=True)  # fmt: skip
+    try:
+        env = Environment(list(names), topology=topology, catalog=catalog, rootdir=rootdir,
+                          workdir=logdir)  # fmt: skip
+        env.open()
+    except BaseException:
+        # A start that failed: its logs say why, unless nothing was started (then no litter).
+        if made and not any(logdir.glob("*.log")):
+            shutil.rmtree(logdir, ignore_errors=True)
+        else:
+            print(f"envbox: not started; the logs stay in {logdir}", file=sys.stderr, flush=True)
+        raise
     with env:
         for name, h in env.services.items():
             ports = ", ".join(f"{p} -> 127.0.0.1:{h.port(p)}" for p in h.spec.ports) or "no ports"

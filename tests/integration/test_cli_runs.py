@@ -193,6 +193,32 @@ def test_up_writes_its_logs_where_logs_says(ticker: Path, tmp_path: Path) -> Non
     assert (where / "ticker.log").read_text().startswith("hello from ticker\n")
 
 
+def test_up_that_fails_to_start_keeps_the_logs_that_say_why_and_no_empty_directory(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "envbox.toml").write_text(textwrap.dedent("""
+        [services.broken]
+        command = ["sh", "-c", "echo cannot read my configuration; exit 3"]
+        ready = { log = "listening", timeout = "10s" }
+    """))
+    r = envbox("up", check=False, cwd=tmp_path)
+    assert r.returncode == 1, r
+    m = re.search(r"^envbox: starting broken; logs in (\S+)$", r.stdout, re.M)
+    assert m is not None, r.stdout
+    logdir = Path(m[1])
+    try:
+        assert f"envbox: not started; the logs stay in {logdir}\n" in r.stderr, r.stderr
+        assert (logdir / "broken.log").read_text() == "cannot read my configuration\n"
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+    # Nothing started (a service no one declared): no directory left behind.
+    r = envbox("up", "nosuch", check=False, cwd=tmp_path)
+    assert r.returncode == 1 and "nosuch" in r.stderr, r
+    m = re.search(r"logs in (\S+)$", r.stdout, re.M)
+    assert m is not None and not Path(m[1]).exists(), r.stdout
+    assert "the logs stay" not in r.stderr
+
+
 # --- envbox logs, envbox clean ID ----------------------------------------------------------------
 
 
