@@ -325,11 +325,11 @@ def up(names: Sequence[str], topology: str | None, rootdir: Path, logdir: Path |
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"envbox: starting {', '.join(names) if names else f'topology {topology}'}; "
-          f"logs in {logdir}", flush=True)  # fmt: skip
     try:
         env = Environment(list(names), topology=topology, catalog=catalog, rootdir=rootdir,
                           workdir=logdir)  # fmt: skip
+        what = ", ".join(names) if names else f"topology {topology}"
+        print(f"envbox: starting {what}; logs in {logdir}", flush=True)
         env.open()
     except BaseException:
         # A start that failed: its logs say why, unless nothing was started (then no litter).
