@@ -34,4 +34,8 @@ def by_environment(items: Iterable[pytest.Item]) -> dict[str, list[str]]:
 def reports(envs: Sequence[Environment], items: Iterable[pytest.Item]) -> list[dict[str, Any]]:
     """Each environment's :meth:`~pytest_envbox.Environment.report`, with ``"tests"``."""
     tests = by_environment(items)
-    return [{**env.report(), "tests": tests.get(env.id, [])} for env in envs]
+    out = []
+    for env in envs:
+        r = env.report()
+        out.append({"id": r["id"], "tests": tests.get(env.id, []), **r})  # after the id, for readers
+    return out
