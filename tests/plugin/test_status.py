@@ -160,3 +160,101 @@ def test_the_report_lists_the_tests_of_every_xdist_worker(project: pytest.Pytest
     envs = json.loads(report.read_text())["environments"]
     assert sorted(t for e in envs for t in e["tests"]) == [f"test_used.py::test_it[{i}]" for i in range(4)]
     assert all(len(e["tests"]) == 1 for e in envs)
+
+
+class Screen:
+    """Just enough of a terminal to see what pytest's output looks like once drawn: carriage
+    return, newline, erase to end of line, cursor up and to a column; colours ignored."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = [[]]
+        self.row = self.col = 0
+
+    def feed(self, text: str) -> None:
+        for m in re.finditer(r"\x1b\[([0-9;]*)([A-Za-z])|([^\x1b])", text):
+            if m[3] is not None:
+                self._char(m[3])
+                continue
+            n = int(m[1].split(";")[0] or 1) if m[1] else 1
+            if m[2] == "K":
+                del self.rows[self.row][self.col:]
+            elif m[2] == "A":
+                self.row = max(0, self.row - n)
+            elif m[2] == "G":
+                self.col = n - 1
+
+    def _char(self, c: str) -> None:
+        if c == "\r":
+            self.col = 0
+        elif c == "\n":
+            self.row += 1
+            self.col = 0
+            while len(self.rows) <= self.row:
+                self.rows.append([])
+        else:
+            line = self.rows[self.row]
+            line.extend(" " * (self.col - len(line)))
+            line[self.col:self.col + 1] = [c]
+            self.col += 1
+
+    def lines(self) -> list[str]:
+        return ["".join(r).rstrip() for r in self.rows]
+
+
+def run_on_a_terminal(p: pytest.Pytester, *args: str, columns: int = 100) -> str:
+    """Run pytest in ``p.path`` with a pseudo-terminal as its output, as a user sees it; return
+    everything it wrote."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+    from pathlib import Path
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {**os.environ, "COLUMNS": str(columns), "PYTHONPATH": str(Path(__file__).parents[2]),
+           "TERM": "xterm"}  # fmt: skip
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *PLUGIN_ARGS, "-p", "no:cacheprovider",
+                             *args], cwd=p.path, stdin=slave, stdout=slave, stderr=slave,
+                            env=env, close_fds=True)  # fmt: skip
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 120)
+            assert ready, "pytest wrote nothing for 2 minutes"
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: pytest has exited and closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        proc.wait(60)
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("verbosity", ["", "-v"])
+def test_on_a_terminal_the_status_is_drawn_in_place_and_cleared(
+        project: pytest.Pytester, verbosity: str) -> None:  # fmt: skip
+    project.makepyfile(test_status=TESTS)
+    raw = run_on_a_terminal(project, "-p", "no:xdist", *[verbosity] if verbosity else [])
+    assert STATUS.search(raw), raw  # it was drawn...
+    screen = Screen()
+    screen.feed(raw)
+    lines = screen.lines()
+    shown = "\n".join(lines)
+    assert "envbox: waiting" not in shown and "envbox: slow ready" not in shown, shown  # ...and cleared
+    assert any(re.fullmatch(r"=+ 3 passed in [\d.]+s =+", ln) for ln in lines), shown
+    if verbosity == "":  # pytest's line goes on where it was
+        assert any(re.fullmatch(r"test_status\.py \.\.\.\s+\[100%\]", ln) for ln in lines), shown
+    else:
+        for name in ("test_slow", "test_quick", "test_plain"):
+            assert any(re.fullmatch(rf"test_status\.py::{name} PASSED\s+\[\s*\d+%\]", ln)
+                       for ln in lines), shown  # fmt: skip
