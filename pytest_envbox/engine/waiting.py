@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from pytest_envbox.images.progress import Show
 
 __all__ = ["BOARD", "Wait", "WaitBoard", "set_default_show", "status_text"]
+
+_log = logging.getLogger(__name__)
 
 #: How long a wait runs before it is shown, and how often the status is drawn again after that.
 DELAY = 1.0
@@ -69,9 +72,9 @@ def status_text(waits: list[Wait], now: float) -> str:
 class WaitBoard:
     """The waits in progress in this process, and the thread that shows them once they are slow.
 
-    ``show`` is a callable giving the current ``Show`` (or None), asked at each wait, so that
-    the front end may set it after the board is made. Thread-safe: services of one level wait
-    side by side, each in its own thread.
+    ``show`` draws its status; without one, the process's default (:func:`set_default_show`),
+    looked up as each wait begins, so that the front end may set it after the board is made.
+    Thread-safe: services of one level wait side by side, each in its own thread.
     """
 
     def __init__(self, show: Show | None = None, *, delay: float = DELAY, every: float = EVERY) -> None:
@@ -124,17 +127,18 @@ class WaitBoard:
         if key is None:
             return
         now = time.monotonic()
-        with self._draw_lock, self._cond:
-            self._waits.pop(key, None)
-            if not self._shown:
-                return
-            self._ended.append(f"{w.service} {outcome} after {w.elapsed(now):.1f}s")
-            if self._waits:
-                return
-            text = "envbox: " + ", ".join(self._ended)
-            show, self._shown, self._ended = self._show, False, []
+        with self._draw_lock:
+            with self._cond:
+                self._waits.pop(key, None)
+                if not self._shown:
+                    return
+                self._ended.append(f"{w.service} {outcome} after {w.elapsed(now):.1f}s")
+                if self._waits:
+                    return
+                text = "envbox: " + ", ".join(self._ended)
+                show, self._shown, self._ended = self._show, False, []
             if show is not None:
-                show(text, True)
+                _call(show, text, True)
 
     def _run(self) -> None:
         """The status thread: sleeps until the oldest wait is ``delay`` old, then draws every
@@ -142,13 +146,14 @@ class WaitBoard:
         while True:
             with self._cond:
                 while True:
-                    now = time.monotonic()
                     if not self._waits:
                         self._cond.wait()
                         continue
-                    oldest = min(w.since for w in self._waits.values())
-                    due = oldest + self.delay if not self._shown else now + self.every
-                    if self._shown or due <= now:
+                    if self._shown:
+                        break
+                    due = min(w.since for w in self._waits.values()) + self.delay
+                    now = time.monotonic()
+                    if due <= now:
                         break
                     self._cond.wait(due - now)
             self._draw()
@@ -169,8 +174,16 @@ class WaitBoard:
                 self._shown = True
                 show = self._show
             if show is not None:
-                show(text, False)
+                _call(show, text, False)
 
+
+def _call(show: Show, text: str, final: bool) -> None:
+    """Draw; a front end that fails (its terminal gone) must not fail a start nor stop the
+    status thread."""
+    try:
+        show(text, final)
+    except Exception:
+        _log.debug("drawing the wait status failed", exc_info=True)
 
 #: What starts draw with when not told otherwise: the front end in charge sets it (the pytest
 #: plugin at configure time, ``envbox up`` before it starts anything).

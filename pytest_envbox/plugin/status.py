@@ -58,7 +58,7 @@ def terminal_status(config: pytest.Config) -> Show | None:
     """A ``show(text, final)`` for the engine's waits, drawing on pytest's terminal reporter
     (looked up when drawing: it may register after this plugin); None when nothing is to be
     drawn (``-qq``, an xdist worker)."""
-    if hasattr(config, "workerinput") or config.get_verbosity() <= -2:
+    if hasattr(config, "workerinput") or int(config.getoption("verbose", 0) or 0) <= -2:
         return None
     line = _StatusLine(config)
     return line.show

@@ -110,3 +110,20 @@ def test_the_default_front_end_is_put_back() -> None:
         assert waiting.set_default_show(before) is shown
     finally:
         waiting.set_default_show(before)
+
+
+def test_a_front_end_that_fails_fails_no_start_and_the_status_goes_on() -> None:
+    calls: list[bool] = []
+    drawn = threading.Event()
+
+    def broken(text: str, final: bool) -> None:
+        calls.append(final)
+        drawn.set()
+        raise BrokenPipeError("the terminal is gone")
+
+    board = WaitBoard(broken, delay=0.02, every=0.01)
+    for _ in range(2):  # the second wait is shown too: the status thread survived the first
+        drawn.clear()
+        with board.waiting("web", "tcp port 8000 accepts connections", 30.0):
+            assert drawn.wait(30)
+    assert calls.count(True) == 2 and calls.count(False) >= 2
