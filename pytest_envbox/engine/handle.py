@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pytest_envbox.engine import readiness, waiting
+from pytest_envbox.engine import readiness
 from pytest_envbox.engine.client import SupervisorClient, SupervisorError
 from pytest_envbox.engine.commands import run_command
 from pytest_envbox.engine.faults import Link
@@ -44,8 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ServiceHandle", "published_ports", "start_level", "stop_all"]
 
-#: Each service's start, readiness wait and its result, stop and exit (INFO); details (DEBUG).
-_log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)  # each start (pid, ports), stop and exit; readiness.py: the waits
 
 
 def _make_session(base: str) -> requests.Session:
@@ -211,7 +210,6 @@ class ServiceHandle:
         """
         if not self.running:
             return
-        _log.info("stopping service %r", self.name)
         self._signal(signal.SIGTERM, "main", wait=False, thaw=True)
         self._await_exit(self.spec.stop_timeout if timeout is None else timeout)
 
@@ -307,7 +305,6 @@ class ServiceHandle:
         if isinstance(msg, SupervisorDied):
             self._reason = "was lost: the envbox supervisor process died"
             self._exited.set()
-            _log.info("service %r %s", self.name, self._reason)
             return
         with self._lock:
             if msg.generation != self._generation:
@@ -355,7 +352,6 @@ class ServiceHandle:
             self._reason = ""
             self._exited.clear()
             self._runs.append(Run(started=time.time()))
-        _log.info("starting service %r", self.name)
         ports = list(self.spec.ports)
         ready = self.spec.ready
         if isinstance(ready, HttpProbe) and ready.port not in ports:
@@ -373,42 +369,14 @@ class ServiceHandle:
             raise
         except SupervisorError as e:
             self._exited.set()
-            _log.info("service %r could not be started: %s", self.name, e)
             raise ServiceFailed(self.name, None, readiness.log_tail(self.log_path),
                                 reason=f"could not be started: {e}") from None  # fmt: skip
         self._pid = r.pid
         self._ports = r.ports
-        _log.debug("service %r runs as pid %d, ports %s", self.name, r.pid,
-                   {p: h for p, h in r.ports.items()} or "none")  # fmt: skip
+        _log.info("service %r started: pid %d, host ports %s", self.name, r.pid, r.ports)
 
     def _wait_ready(self) -> None:
-        """Wait until the service is ready (or a oneshot one has completed), on the process's
-        :data:`~pytest_envbox.engine.waiting.BOARD`: a slow wait is shown to the front end."""
-        probe = self.spec.ready
-        if self.spec.oneshot:
-            what, timeout = "completion (a oneshot service: exit code 0)", readiness.ONESHOT_TIMEOUT
-        elif probe is not None:
-            what, timeout = probe.describe(self.name), probe.timeout
-        else:
-            what, timeout = "", None
-        started = time.monotonic()
-        if what:
-            _log.info("service %r: waiting until %s (timeout %gs)", self.name, what, timeout)
-        try:
-            if not what:
-                readiness.wait_ready(_ReadinessView(self), None)
-            else:
-                with waiting.BOARD.waiting(self.name, what, timeout):
-                    if self.spec.oneshot:
-                        readiness.wait_completed(_ReadinessView(self), self.spec.retries, self._spawn)
-                    else:
-                        readiness.wait_ready(_ReadinessView(self), probe)
-        except EnvboxError as e:
-            _log.info("service %r failed to become ready after %.2fs: %s", self.name,
-                      time.monotonic() - started, str(e).split("\n", 1)[0])  # fmt: skip
-            raise
-        _log.info("service %r %s after %.2fs", self.name,
-                  "completed" if self.spec.oneshot else "ready", time.monotonic() - started)  # fmt: skip
+        readiness.wait_service(_ReadinessView(self), self.spec, self._spawn)
         with self._lock:  # the exit event may be recording the end of this run meanwhile
             if self._runs:
                 self._runs[-1] = replace(self._runs[-1], ready=time.time())
@@ -516,9 +484,8 @@ def stop_all(sup: SupervisorClient, handles: Sequence[ServiceHandle], disown: st
     SIGTERM to all at once, then wait for each: teardown takes the slowest service's time, not
     the sum.
     """
-    running = [h.name for h in handles if h.running]
-    if running:
-        _log.info("stopping %s", ", ".join(repr(n) for n in running))
+    if any(h.running for h in handles):
+        _log.info("stopping %s", ", ".join(repr(h.name) for h in handles if h.running))
     for h in handles:
         with contextlib.suppress(EnvboxError, OSError):
             if h.running:  # a paused service is resumed first, to handle it

@@ -15,9 +15,9 @@ The updates come from one daemon thread, started at the first wait that has some
 to; the final call is made by the thread that ends the last wait, before that wait returns, so
 nothing is drawn once the start is over (the test's own output never meets a stale status).
 
-The engine also logs, with :mod:`logging` under ``pytest_envbox.*`` (``pytest_envbox.engine.handle``
-for each service's start, wait, result and stop; ``pytest_envbox.engine.environment`` for whole
-environments): INFO for those events, DEBUG for details. It never prints.
+The engine also logs, with :mod:`logging` under ``pytest_envbox.*`` at INFO: each environment's
+start and end (``pytest_envbox.engine.environment``), each service's start, stop and exit
+(``.handle``), each wait and how it ended (``.readiness``). It never prints.
 """
 
 from __future__ import annotations

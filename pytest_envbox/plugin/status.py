@@ -90,8 +90,12 @@ class _StatusLine:
 
     def _live_log(self) -> bool:
         """Whether pytest shows log records as they come (``--log-cli-level``, ``log_cli``)."""
-        return self.config.getoption("log_cli_level", None) is not None or bool(
-            self.config.getini("log_cli"))  # fmt: skip
+        if self.config.getoption("log_cli_level", None) is not None:
+            return True
+        try:
+            return bool(self.config.getini("log_cli"))
+        except ValueError:  # -p no:logging: no such setting
+            return False
 
     def _raw_possible(self, tr: Any) -> bool:
         if self.active:

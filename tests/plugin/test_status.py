@@ -54,11 +54,12 @@ def run(p: pytest.Pytester, *args: str) -> pytest.RunResult:
     return p.runpytest(*PLUGIN_ARGS, "-p", "no:cacheprovider", *args)
 
 
-@pytest.mark.parametrize("verbosity", ["", "-v", "-q"])
+@pytest.mark.parametrize("args", ["", "-v", "-q", "-p no:logging"])
 def test_a_slow_start_shows_what_it_waits_for_within_a_second_and_a_half(
-        project: pytest.Pytester, verbosity: str) -> None:  # fmt: skip
+        project: pytest.Pytester, args: str) -> None:  # fmt: skip
     project.makepyfile(test_status=TESTS)
-    result = run(project, *[verbosity] if verbosity else [])
+    result = run(project, *args.split())
+    verbosity = args if args.startswith(("-v", "-q")) else ""
     result.assert_outcomes(passed=3)
     out = result.stdout.str()
     lines = out.splitlines()
@@ -102,11 +103,12 @@ def test_the_engine_logs_each_start_wait_result_and_stop(project: pytest.Pyteste
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
         "*INFO*pytest_envbox.engine.environment*environment *: starting 'quick'*",
-        "*INFO*pytest_envbox.engine.handle*starting service 'quick'",
-        "*INFO*pytest_envbox.engine.handle*service 'quick': waiting until tcp port 8001 accepts "
+        "*INFO*pytest_envbox.engine.handle*service 'quick' started: pid *, host ports {8001: *}",
+        "*INFO*pytest_envbox.engine.readiness*service 'quick': waiting until tcp port 8001 accepts "
         "connections (timeout 30s)",
-        "*INFO*pytest_envbox.engine.handle*service 'quick' ready after *s",
+        "*INFO*pytest_envbox.engine.readiness*service 'quick' ready after *s",
         "*INFO*pytest_envbox.engine.handle*stopping 'quick'",
+        "*INFO*pytest_envbox.engine.handle*service 'quick' exited with return code 143",
         "*INFO*pytest_envbox.engine.environment*environment *: closed",
     ])
     assert "envbox: waiting" not in result.stdout.str()
