@@ -253,7 +253,8 @@ def test_on_a_terminal_the_status_is_drawn_in_place_and_cleared(
     lines = screen.lines()
     shown = "\n".join(lines)
     assert "envbox: waiting" not in shown and "envbox: slow ready" not in shown, shown  # ...and cleared
-    assert any(re.fullmatch(r"=+ 3 passed in [\d.]+s =+", ln) for ln in lines), shown
+    # (rootless on cgroup v1, the summary counts a warning: no cgroups there)
+    assert any(re.fullmatch(r"=+ 3 passed(, \d+ warnings?)? in [\d.]+s =+", ln) for ln in lines), shown
     if verbosity == "":  # pytest's line goes on where it was
         assert any(re.fullmatch(r"test_status\.py \.\.\.\s+\[100%\]", ln) for ln in lines), shown
     else:
