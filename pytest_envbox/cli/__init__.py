@@ -310,9 +310,16 @@ def up(names: Sequence[str], topology: str | None, rootdir: Path, logdir: Path |
     """
     import tempfile
 
+    from pytest_envbox.cli.images import line_printer
     from pytest_envbox.config import load_project_config
+    from pytest_envbox.engine import waiting
     from pytest_envbox.engine.environment import Environment
+    from pytest_envbox.images.progress import set_default_show
 
+    # Pulls and slow starts say what they wait for, on standard error (as `envbox pull` does).
+    show = line_printer(sys.stderr)
+    set_default_show(show)
+    waiting.set_default_show(show)
     catalog = load_project_config(rootdir)
     if not catalog.services:
         print(f"envbox: {_nothing_declared(rootdir)}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import shutil
 import signal
@@ -42,6 +43,8 @@ from pytest_envbox.supervisor.protocol import KeepRequest, OwnDirRequest
 __all__ = ["Environment"]
 
 _env_ids = itertools.count(1)
+#: Each environment's start and end (INFO); its services log under ``pytest_envbox.engine.handle``.
+_log = logging.getLogger(__name__)
 
 
 class Environment:
@@ -184,6 +187,9 @@ class Environment:
             # janitor recognises (supervisor/statedir.py) if this process dies before removing it.
             self.workdir = Path(tempfile.mkdtemp(prefix="envbox-"))
             self._sup.send(OwnDirRequest(str(self.workdir), own=True))
+        _log.info("environment %s: starting %s in %d level(s), workdir %s", self.id,
+                  ", ".join(repr(n) for n in self._specs) or "no services", len(self._levels),
+                  self.workdir)  # fmt: skip
         try:
             self._list_hosts(self._specs.values(), fresh=True)
             self._start_levels(self._levels)
@@ -414,6 +420,7 @@ class Environment:
                 self._sup.call(KeepRequest(self.id, self._keep_reason))
                 self._kept = True
         if self._kept:
+            _log.info("environment %s: kept (%s)", self.id, self._keep_reason)
             if self.on_close is not None:
                 self.on_close(self)
             return
@@ -425,5 +432,6 @@ class Environment:
         self.network.release()
         if owned and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        _log.info("environment %s: closed", self.id)
         if self.on_close is not None:
             self.on_close(self)

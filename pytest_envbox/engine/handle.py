@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shlex
 import signal
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 
 __all__ = ["ServiceHandle", "published_ports", "start_level", "stop_all"]
+
+_log = logging.getLogger(__name__)  # each start (pid, ports), stop and exit; readiness.py: the waits
 
 
 def _make_session(base: str) -> requests.Session:
@@ -322,6 +325,7 @@ class ServiceHandle:
                                 f"{self._oom_kills} of its processes were OOM-killed "
                                 f"({memory_limit_text(self.spec)})")  # fmt: skip
         self._exited.set()
+        _log.info("service %r %s", self.name, self.exit_reason)
 
     def _create(self) -> None:
         """Give the service its ``/etc`` files and listen for its events.
@@ -369,12 +373,10 @@ class ServiceHandle:
                                 reason=f"could not be started: {e}") from None  # fmt: skip
         self._pid = r.pid
         self._ports = r.ports
+        _log.info("service %r started: pid %d, host ports %s", self.name, r.pid, r.ports)
 
     def _wait_ready(self) -> None:
-        if self.spec.oneshot:
-            readiness.wait_completed(_ReadinessView(self), self.spec.retries, self._spawn)
-        else:
-            readiness.wait_ready(_ReadinessView(self), self.spec.ready)
+        readiness.wait_service(_ReadinessView(self), self.spec, self._spawn)
         with self._lock:  # the exit event may be recording the end of this run meanwhile
             if self._runs:
                 self._runs[-1] = replace(self._runs[-1], ready=time.time())
@@ -482,6 +484,8 @@ def stop_all(sup: SupervisorClient, handles: Sequence[ServiceHandle], disown: st
     SIGTERM to all at once, then wait for each: teardown takes the slowest service's time, not
     the sum.
     """
+    if any(h.running for h in handles):
+        _log.info("stopping %s", ", ".join(repr(h.name) for h in handles if h.running))
     for h in handles:
         with contextlib.suppress(EnvboxError, OSError):
             if h.running:  # a paused service is resumed first, to handle it

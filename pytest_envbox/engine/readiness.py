@@ -11,6 +11,7 @@ This module sees a service only through :class:`ReadinessTarget`, the few things
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -20,8 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from pytest_envbox.engine.waiting import BOARD
 from pytest_envbox.errors import EnvboxError, NotReady, ServiceFailed
-from pytest_envbox.spec import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe
+from pytest_envbox.spec import ExecProbe, HttpProbe, LogProbe, Probe, Service, TcpProbe
 from pytest_envbox.wait import FIRST_INTERVAL, Deadline, wait_until
 
 __all__ = [
@@ -31,7 +33,11 @@ __all__ = [
     "log_tail",
     "wait_for_log",
     "wait_ready",
+    "wait_service",
 ]
+
+#: Each wait for a service's readiness, and how it ended (INFO).
+_log = logging.getLogger(__name__)
 
 TAIL_LINES = 30
 #: How long an exec probe that could not start waits to hear that the service has exited.
@@ -215,6 +221,35 @@ def wait_completed(target: ReadinessTarget, retries: int = 0, restart: Callable[
     raise ServiceFailed(target.name, target.returncode, log_tail(target.log_path),
                         reason=f"exited with return code {target.returncode}; a oneshot service "
                         "must complete with 0" + (f" (started {retries + 1} times)" if retries else ""))
+
+
+def wait_service(target: ReadinessTarget, spec: Service, restart: Callable[[], None]) -> None:
+    """Wait until the service of ``spec`` is ready (:func:`wait_ready`), or a ``oneshot`` one has
+    completed (:func:`wait_completed`, ``restart`` running it again), on the process's
+    :data:`~pytest_envbox.engine.waiting.BOARD`, which shows a slow wait to the front end; log
+    the wait and its outcome."""
+    probe = spec.ready
+    if spec.oneshot:
+        what, timeout = "completion (a oneshot service: exit code 0)", ONESHOT_TIMEOUT
+    elif probe is not None:
+        what, timeout = probe.describe(spec.name), probe.timeout
+    else:
+        wait_ready(target, None)  # ready once exec'd: nothing to wait for
+        return
+    _log.info("service %r: waiting until %s (timeout %gs)", spec.name, what, timeout)
+    started = time.monotonic()
+    try:
+        with BOARD.waiting(spec.name, what, timeout):
+            if spec.oneshot:
+                wait_completed(target, spec.retries, restart)
+            else:
+                wait_ready(target, probe)
+    except EnvboxError as e:
+        _log.info("service %r failed after %.2fs: %s", spec.name, time.monotonic() - started,
+                  str(e).split("\n", 1)[0])  # fmt: skip
+        raise
+    _log.info("service %r %s after %.2fs", spec.name, "completed" if spec.oneshot else "ready",
+              time.monotonic() - started)  # fmt: skip
 
 
 def wait_for_log(target: ReadinessTarget, pattern: str, timeout: float) -> re.Match[str]:

@@ -15,7 +15,7 @@ import pytest
 
 from pytest_envbox.engine import client, report
 from pytest_envbox.images.progress import set_default_show
-from pytest_envbox.plugin import fixtures, hookspecs, progress
+from pytest_envbox.plugin import fixtures, hookspecs, progress, status, testids
 
 # The fixtures, registered with the plugin (the autouse one is named _envbox_auto in pytest).
 from pytest_envbox.plugin.fixtures import envbox, envbox_autostart  # noqa: F401
@@ -52,6 +52,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     client.set_rootless_mode(config.getoption("envbox_rootless"))
     set_default_show(progress.terminal_show(config))
+    status.install(config)  # what a slow start waits for (engine/waiting.py)
     config.addinivalue_line(
         "markers",
         "envbox(*services, topology=None, scope='function'): start these services (names from "
@@ -114,9 +115,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_XDIST_WORKER] = _is_xdist_worker(session)
 
 
-def _reports(config: pytest.Config) -> list[dict[str, Any]]:
-    """This process's environments, and (on an xdist controller) those its workers sent."""
-    own = [env.report() for env in config.stash.get(fixtures.ENVIRONMENTS, [])]
+def _reports(config: pytest.Config, session: pytest.Session | None = None) -> list[dict[str, Any]]:
+    """This process's environments, and (on an xdist controller) those its workers sent; given
+    the session, each with the node ids of the tests that used it (``"tests"``)."""
+    envs = config.stash.get(fixtures.ENVIRONMENTS, [])
+    own = [env.report() for env in envs] if session is None else testids.reports(envs, session.items)
     return own + config.stash.get(_WORKER_REPORTS, [])
 
 
@@ -133,12 +136,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if config.stash.get(_XDIST_WORKER, False):  # the controller reports for all
         # xdist sends a worker's ``config.workeroutput`` to the controller's testnodedown hook.
         workeroutput: dict[str, Any] = config.workeroutput  # type: ignore[attr-defined]
-        workeroutput["envbox_reports"] = json.dumps(_reports(config))
+        workeroutput["envbox_reports"] = json.dumps(_reports(config, session))
         return
     path = config.getoption("envbox_report")
     if path:
         with open(path, "w") as f:
-            json.dump({"environments": _reports(config)}, f, indent=2)
+            json.dump({"environments": _reports(config, session)}, f, indent=2)
             f.write("\n")
 
 
