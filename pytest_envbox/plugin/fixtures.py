@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -238,6 +239,8 @@ def envbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         yield env
         return
     env = _environment(request, m, catalog, _workdir(tmp_path_factory, request.node.name))
+    if marker is None:
+        env.missing_hint = _without_marker(request.node)
     request.node.stash.setdefault(_USED, []).append(env)
     try:
         if m.services or m.topology:
@@ -245,6 +248,18 @@ def envbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         yield env
     finally:
         env.close()
+
+
+def _without_marker(node: pytest.Item | pytest.Collector) -> str:
+    """Why a test without an envbox marker has none of the project's services, and the marker it
+    may have meant (``envbx``: pytest warns of an unknown marker, but a warning is easily missed)."""
+    text = ("this test has no @pytest.mark.envbox(...) marker, so its environment has only the "
+            "services it started (envbox.start)")  # fmt: skip
+    names = sorted({mark.name for mark in node.iter_markers()})
+    close = difflib.get_close_matches("envbox", names, n=1)
+    if close:
+        text += f"; did you mean @pytest.mark.envbox? this test has @pytest.mark.{close[0]}"
+    return text
 
 
 def _shared_env(request: pytest.FixtureRequest, m: EnvboxMarker, catalog: Catalog,

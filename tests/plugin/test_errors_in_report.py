@@ -200,3 +200,48 @@ def test_a_bug_keeps_its_frames(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*pytest_envbox/plugin/fixtures.py:*", "E * RuntimeError: a bug in a hook"])
 
+
+MARKER_TYPO = """
+    import pytest
+
+    @pytest.mark.envbx("app")
+    def test_typo(envbox):
+        envbox["app"]
+
+    def test_none(envbox):
+        envbox["app"]
+
+    @pytest.mark.envbox("app")
+    def test_marked(envbox):
+        envbox["nope"]
+"""
+
+
+def test_a_misspelt_marker_is_named_when_a_service_is_missing(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", pyproject=f"""
+        [tool.envbox.services.app]
+        command = ["{sys.executable}", "-c", "import time; time.sleep(1000)"]
+    """)
+    pytester.makepyfile(test_marker=MARKER_TYPO)
+    result = run(pytester, "-W", "ignore::pytest.PytestUnknownMarkWarning")
+    result.assert_outcomes(failed=3)
+    no_marker = ("KeyError: \"no service 'app' in this environment (it has: none): this test has no "
+                 "@pytest.mark.envbox(...) marker, so its environment has only the services it "
+                 "started (envbox.start)")  # fmt: skip
+    lines = [line for line in result.outlines if line.startswith("E ")]
+    assert [line.split("E", 1)[1].strip() for line in lines] == [
+        no_marker + "; did you mean @pytest.mark.envbox? this test has @pytest.mark.envbx\"",
+        no_marker + '"',
+        "KeyError: \"no service 'nope' in this environment (it has: app)\"",
+    ], "\n".join(result.outlines)
+
+
+def test_the_marker_is_registered_so_strict_markers_catches_a_typo(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_marker=MARKER_TYPO)
+    result = run(pytester, "--strict-markers", "--collect-only")
+    assert result.ret == pytest.ExitCode.INTERRUPTED  # a collection error
+    result.stdout.fnmatch_lines(["*'envbx' not found in `markers` configuration option*"])
+    assert "'envbox' not found" not in result.stdout.str()
+    # without --strict-markers pytest warns of it
+    warned = run(pytester, "--collect-only")
+    warned.stdout.fnmatch_lines(["*PytestUnknownMarkWarning: Unknown pytest.mark.envbx*"])
