@@ -33,6 +33,9 @@ from _pytest._code.code import ExceptionChainRepr, ReprFileLocation, Traceback
 import pytest_envbox
 from pytest_envbox.errors import ConfigError, EnvboxError
 
+# (from _pytest: pytest has no public names for the classes of ExceptionInfo.traceback and of a
+# report's longrepr; they are stable since pytest 5, and pytest-xdist relies on them too)
+
 __all__ = [
     "pytest_make_collect_report",
     "pytest_runtest_makereport",
