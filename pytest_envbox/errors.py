@@ -7,7 +7,16 @@ service, what went wrong, and what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "EnvboxError", "HostUnsupported", "ImageError", "NotReady", "ServiceFailed"]
+__all__ = ["ConfigError", "EnvboxError", "HostUnsupported", "ImageError", "NotReady", "ServiceFailed",
+           "hide_frames"]
+
+
+def hide_frames(excinfo: object) -> bool:
+    """The ``__tracebackhide__`` of the modules that check declarations: pytest shows none of their
+    frames for an :class:`EnvboxError`, whose message says what to fix (a ``Service(...)`` in a
+    marker fails at import, where the plugin's report hooks do not reach; see plugin/failures.py).
+    Other exceptions, bugs of pytest-envbox, keep their frames; ``--full-trace`` shows all."""
+    return isinstance(getattr(excinfo, "value", None), EnvboxError)
 
 
 class EnvboxError(Exception):

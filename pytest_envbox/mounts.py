@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from pytest_envbox.errors import hide_frames
 from pytest_envbox.validate import (
     as_mapping,
     check_keys,
@@ -19,6 +20,8 @@ from pytest_envbox.validate import (
     parse_memory,
     text,
 )
+
+__tracebackhide__ = hide_frames  # an error in a declaration shows the user's line, not ours
 
 __all__ = ["HOME", "Mount", "Volume", "mount_target", "tmpfs_sizes"]
 

@@ -25,9 +25,11 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from pytest_envbox.errors import ConfigError
+from pytest_envbox.errors import ConfigError, hide_frames
 from pytest_envbox.validate import as_list, as_mapping, check_keys, describe, fail, is_int
 from pytest_envbox.validate import port as check_port
+
+__tracebackhide__ = hide_frames  # an error in a declaration shows the user's line, not ours
 
 __all__ = ["ENTRY_KEYS", "HostRange", "check_environment_host_ports", "host_text", "parse_host_ports",
            "parse_ports"]  # fmt: skip

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+from pytest_envbox.errors import hide_frames
 from pytest_envbox.validate import (
     argv,
     as_mapping,
@@ -27,6 +28,8 @@ from pytest_envbox.validate import (
     port,
     positive_duration,
 )
+
+__tracebackhide__ = hide_frames  # an error in a declaration shows the user's line, not ours
 
 __all__ = [
     "PROBE_KEYS",

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pytest_envbox.errors import hide_frames
 from pytest_envbox.mounts import HOME, Mount, Volume, tmpfs_sizes
 from pytest_envbox.ports import HostRange, parse_host_ports, parse_ports
 from pytest_envbox.probe import ExecProbe, HttpProbe, LogProbe, Probe, TcpProbe, probe_from_mapping
@@ -41,6 +42,8 @@ from pytest_envbox.validate import (
     parse_subnet,
     text,
 )
+
+__tracebackhide__ = hide_frames  # an error in a declaration shows the user's line, not ours
 
 __all__ = [
     "DNS_LABEL",

@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, NoReturn, TypeGuard
 
-from pytest_envbox.errors import ConfigError
+from pytest_envbox.errors import ConfigError, hide_frames
+
+__tracebackhide__ = hide_frames  # an error in a declaration shows the user's line, not ours
 
 __all__ = [
     "CPU_HELP",

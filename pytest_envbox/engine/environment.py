@@ -112,6 +112,9 @@ class Environment:
         #: why the environment is to outlive the process (``--envbox-keep``), see ``keep()``
         self._keep_reason: str | None = None
         self._kept = False
+        #: said when a name is not in the environment: why it may be missing (the pytest plugin
+        #: says that the test has no envbox marker, and which marker it may have meant)
+        self.missing_hint: str | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("open" if self._sup is not None else "not started")
@@ -127,6 +130,7 @@ class Environment:
         return MappingProxyType(self._handles)
 
     def __getitem__(self, name: str) -> ServiceHandle:
+        __tracebackhide__ = True  # pytest: the KeyError's message is the whole story
         try:
             return self._handles[name]
         except KeyError:
@@ -134,7 +138,8 @@ class Environment:
             if name in self.catalog.virtual:
                 raise KeyError(f"{name!r} is a Kubernetes Service, not a service: its pods' "
                                f"services are handles; this environment has: {known}") from None
-            raise KeyError(f"no service {name!r} in this environment; it has: {known}") from None
+            why = f": {self.missing_hint}" if self.missing_hint else ""
+            raise KeyError(f"no service {name!r} in this environment (it has: {known}){why}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._handles

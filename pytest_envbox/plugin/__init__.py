@@ -15,7 +15,7 @@ import pytest
 
 from pytest_envbox.engine import client, report
 from pytest_envbox.images.progress import set_default_show
-from pytest_envbox.plugin import fixtures, hookspecs, progress, status, testids
+from pytest_envbox.plugin import failures, fixtures, hookspecs, progress, status, testids
 
 # The fixtures, registered with the plugin (the autouse one is named _envbox_auto in pytest).
 from pytest_envbox.plugin.fixtures import envbox, envbox_autostart  # noqa: F401
@@ -53,6 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
     client.set_rootless_mode(config.getoption("envbox_rootless"))
     set_default_show(progress.terminal_show(config))
     status.install(config)  # what a slow start waits for (engine/waiting.py)
+    config.pluginmanager.register(failures, "envbox-failures")
     config.addinivalue_line(
         "markers",
         "envbox(*services, topology=None, scope='function'): start these services (names from "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pytest_envbox.engine.environment import Environment
 from pytest_envbox.engine.figures import memory_limit_text
 from pytest_envbox.engine.readiness import log_tail
 from pytest_envbox.errors import ConfigError, EnvboxError
+from pytest_envbox.plugin import failures
 from pytest_envbox.spec import Service
 
 __all__ = [
@@ -45,6 +47,8 @@ SCOPES = ("function", "class", "module", "package", "session")
 BAD_MARKER = pytest.StashKey[str]()
 _USED = pytest.StashKey[list[Environment]]()
 _CATALOG = pytest.StashKey[Catalog]()
+#: the project's configuration error, raised again (not read again) for any later test
+_CATALOG_ERROR = pytest.StashKey[ConfigError]()
 _SHARED = pytest.StashKey[dict[tuple[object, ...], "Environment | BaseException"]]()
 #: every environment of the run, for the summary and --envbox-report
 ENVIRONMENTS = pytest.StashKey[list[Environment]]()
@@ -110,10 +114,27 @@ def _each_plugin(config: pytest.Config, hook: str, *, call_order: bool
 
 
 def project_catalog(config: pytest.Config) -> Catalog:
-    """The project's services: config files plus every ``pytest_envbox_services`` hook result."""
+    """The project's services: config files plus every ``pytest_envbox_services`` hook result.
+
+    Read once, when a test first needs a service (see plugin/failures.py for why not earlier); a
+    ``ConfigError`` is remembered and raised again rather than read again.
+    """
     cached = config.stash.get(_CATALOG, None)
     if cached is not None:
         return cached
+    failed = config.stash.get(_CATALOG_ERROR, None)
+    if failed is not None:
+        raise failed
+    try:
+        catalog = _read_catalog(config)
+    except ConfigError as e:
+        config.stash[_CATALOG_ERROR] = e
+        raise
+    config.stash[_CATALOG] = catalog
+    return catalog
+
+
+def _read_catalog(config: pytest.Config) -> Catalog:
     catalog = load_project_config(Path(config.rootpath))
     extra: list[tuple[Service, str]] = []
     for name, where, call in _each_plugin(config, "pytest_envbox_services", call_order=False):
@@ -131,10 +152,8 @@ def project_catalog(config: pytest.Config) -> Catalog:
                     raise ConfigError(f"{origin} returned {svc!r}; return Service objects")
                 extra.append((svc, origin))
     catalog = merge_services(catalog, extra)
-    catalog = dataclasses.replace(
+    return dataclasses.replace(
         catalog, services={n: modified(config, svc) for n, svc in catalog.services.items()})
-    config.stash[_CATALOG] = catalog
-    return catalog
 
 
 def modified(config: pytest.Config, service: Service) -> Service:
@@ -207,7 +226,11 @@ def envbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     Without a marker it is empty: ``envbox.start(...)`` starts services on demand.
     """
     config = request.config
-    catalog = project_catalog(config)
+    try:
+        catalog = project_catalog(config)
+    except ConfigError as e:
+        failures.stop_for_project_error(request, e)
+        raise
     marker = request.node.get_closest_marker("envbox")
     m = parse_marker(marker) if marker is not None else EnvboxMarker((), None, "function")
     if m.scope != "function":
@@ -216,6 +239,8 @@ def envbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         yield env
         return
     env = _environment(request, m, catalog, _workdir(tmp_path_factory, request.node.name))
+    if marker is None:
+        env.missing_hint = _without_marker(request.node)
     request.node.stash.setdefault(_USED, []).append(env)
     try:
         if m.services or m.topology:
@@ -223,6 +248,18 @@ def envbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         yield env
     finally:
         env.close()
+
+
+def _without_marker(node: pytest.Item | pytest.Collector) -> str:
+    """Why a test without an envbox marker has none of the project's services, and the marker it
+    may have meant (``envbx``: pytest warns of an unknown marker, but a warning is easily missed)."""
+    text = ("this test has no @pytest.mark.envbox(...) marker, so its environment has only the "
+            "services it started (envbox.start)")  # fmt: skip
+    names = sorted({mark.name for mark in node.iter_markers()})
+    close = difflib.get_close_matches("envbox", names, n=1)
+    if close:
+        text += f"; did you mean @pytest.mark.envbox? this test has @pytest.mark.{close[0]}"
+    return text
 
 
 def _shared_env(request: pytest.FixtureRequest, m: EnvboxMarker, catalog: Catalog,
