@@ -107,5 +107,6 @@ def kept(reports: Iterable[Mapping[str, Any]]) -> list[str]:
                          f"{', ' + ports if ports else ''}; log {svc.get('log')}")  # fmt: skip
             lines.append(f"    enter: {enter_command(int(pid), bool(env.get('rootless')))}")
     if lines:
-        lines.append("remove kept environments with: envbox clean")
+        ids = " ".join(str(env["id"]) for env in reports if env.get("kept"))
+        lines.append(f"remove kept environments with: envbox clean {ids}")
     return lines

@@ -500,7 +500,7 @@ def test_keep_leaves_a_failed_tests_environment_until_envbox_clean(project: pyte
         "environment * kept (test_*.py::test_fails failed at call), network 198.1*.0/24:",
         "  web: pid *, 198.1*.2, 8000 -> 127.0.0.1:*; log *web.log",
         "    enter: nsenter --target * --mount --uts --ipc --net --pid --cgroup --root --wd /bin/sh",
-        "remove kept environments with: envbox clean",
+        "remove kept environments with: envbox clean *-*",
     ])  # fmt: skip
     m = re.search(r"web: pid (\d+), [\d.]+, 8000 -> 127\.0\.0\.1:(\d+)", out)
     enter = re.search(r"enter: (nsenter .*)", out)
@@ -523,6 +523,7 @@ def test_keep_leaves_a_failed_tests_environment_until_envbox_clean(project: pyte
         sup = int(re.findall(r"supervisor (\d+)", ps.split(f"web  pid {pid}")[0])[-1])
     finally:
         kept = re.findall(r"^environment (\S+) kept", out, re.M)  # by id: only this test's
+        assert f"remove kept environments with: envbox clean {' '.join(kept)}" in out
         cleaned = subprocess.run([sys.executable, "-m", "pytest_envbox.cli", "clean", *kept],
                                  capture_output=True, text=True, timeout=60)  # fmt: skip
     assert cleaned.returncode == 0 and "stopped kept environment" in cleaned.stdout, cleaned
