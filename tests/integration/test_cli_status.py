@@ -14,10 +14,15 @@ from tests.integration.test_cli import read_until
 REPO = Path(__file__).parents[2]
 
 
+# Python itself as the program (not `sh -c`): its prefix stays visible in the sandbox even when it
+# lives under /tmp (a checkout's tox venv), which the sandbox's private /tmp hides otherwise.
+SLOW = "import http.server, time; time.sleep(2.5); http.server.test(port=8000, bind='127.0.0.1')"
+
+
 def test_envbox_up_says_what_a_slow_start_waits_for(tmp_path: Path) -> None:
     (tmp_path / "envbox.toml").write_text(f"""
 [services.slow]
-command = ["sh", "-c", "sleep 2.5; exec {sys.executable} -m http.server 8000 --bind 127.0.0.1"]
+command = ["{sys.executable}", "-c", "{SLOW}"]
 ports = [8000]
 ready = {{ tcp = 8000 }}
 """)

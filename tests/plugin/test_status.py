@@ -14,9 +14,11 @@ from tests.conftest import PLUGIN_ARGS
 pytest_plugins = ["pytester"]
 
 # ``slow`` needs 2.5 s before it listens (a database's first start, say); ``quick`` listens at once.
+# Python itself is each program (not `sh -c`): its prefix stays visible in the sandbox even when it
+# lives under /tmp (a checkout's tox venv), which the sandbox's private /tmp hides otherwise.
 PYPROJECT = f"""
 [tool.envbox.services.slow]
-command = ["sh", "-c", "sleep 2.5; exec {sys.executable} -m http.server 8000 --bind 127.0.0.1"]
+command = ["{sys.executable}", "-c", "import http.server, time; time.sleep(2.5); http.server.test(port=8000, bind='127.0.0.1')"]
 ports = [8000]
 ready = {{ tcp = 8000 }}
 
