@@ -87,15 +87,29 @@ def test_full_trace_shows_where_the_error_was_raised(pytester: pytest.Pytester) 
     result.stdout.fnmatch_lines(["*pytest_envbox/config.py:*"])
 
 
-def test_with_xdist_each_worker_reports_it_at_most_once(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("ci", [False, True], ids=["terminal", "ci"])
+def test_with_xdist_each_worker_reports_it_at_most_once(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: bool
+) -> None:
+    """Each worker reads the configuration itself, so each may report it once before the
+    controller stops the run; on CI pytest writes the short summary lines in full, so there the
+    message is also in each summary line (and nowhere else)."""
     pytest.importorskip("xdist")
+    monkeypatch.setenv("COLUMNS", "80")
+    if ci:
+        monkeypatch.setenv("CI", "true")
+    else:
+        monkeypatch.delenv("CI", raising=False)
+        monkeypatch.delenv("BUILD_NUMBER", raising=False)
     pytester.makefile(".toml", pyproject=TYPO)
     pytester.makepyfile(test_typo=SIX_TESTS)
     result = run(pytester, "-n", "2")
     text = "\n".join(output(result))
     assert result.ret == pytest.ExitCode.USAGE_ERROR, text
-    assert 1 <= text.count(TYPO_MESSAGE) <= 2, text
-    assert result.parseoutcomes().get("errors", 0) <= 2, text
+    errors = result.parseoutcomes().get("errors", 0)
+    assert 1 <= errors <= 2, text
+    assert text.count(" ERROR at setup of ") == errors, text
+    assert text.count(TYPO_MESSAGE) == errors * (2 if ci else 1), text
 
 
 def test_the_configuration_is_read_only_when_a_test_needs_a_service(pytester: pytest.Pytester) -> None:
