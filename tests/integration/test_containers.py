@@ -1,0 +1,185 @@
+"""Where users run it: inside a container. Real podman containers (runc), running this checkout
+with the host's own Python (tests/podmankit.py): ``--privileged``, envbox works as on the host;
+with podman's defaults (its seccomp profile, its capabilities), it says what was refused and
+how to fix it, as an error on CI and a skip elsewhere.
+
+What podman's defaults refuse, measured (the first test keeps it measured): its seccomp profile
+lets ``unshare``, ``clone``, ``mount`` and ``setns`` through; the kernel refuses them because the
+container has no ``CAP_SYS_ADMIN``. That is why no seccomp profile is shipped: with podman a
+profile changes nothing; with Docker, whose profile allows these calls only with
+``CAP_SYS_ADMIN``, adding that capability opens them already. The capability is what matters,
+and with it (plus ``CAP_NET_ADMIN``, a writable ``/proc/sys`` and writable cgroups, which on
+cgroup v1 only ``--privileged`` gives) the container is privileged in all but name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import podmankit
+
+pytestmark = [pytest.mark.slow]
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def podman() -> Iterator[podmankit.PodmanHost]:
+    reason = podmankit.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    host = podmankit.PodmanHost()
+    t0 = time.monotonic()
+    yield host
+    left = host.close()
+    print(f"container tests: {time.monotonic() - t0:.1f} s in containers")
+    # The leak check: containers, mounts, cgroups (envbox's, inside the container's), network
+    # state, podman's storage: all gone.
+    assert not left, f"the container tests left this on the host: {left}"
+
+
+def _out(r: object) -> str:
+    return f"exit {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n--- stderr\n{r.stderr[-3000:]}"  # type: ignore[attr-defined]
+
+
+#: In the container: what the kernel and podman's seccomp filter answer, as JSON.
+PROBE = r"""
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
+out = {k: status[k].strip() for k in ("Seccomp", "Seccomp_filters", "CapEff", "NoNewPrivs")}
+def child(call):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        rc = call()
+        os.write(w, (errno.errorcode.get(ctypes.get_errno(), "?") if rc else "ok").encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    return os.read(r, 64).decode()
+flags = {"0": 0, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWNS": 0x20000, "CLONE_NEWNET": 0x40000000,
+         "CLONE_NEWPID": 0x20000000, "CLONE_NEWCGROUP": 0x02000000}
+out["unshare"] = {name: child(lambda f=f: libc.unshare(f)) for name, f in flags.items()}
+out["mount tmpfs"] = child(lambda: libc.mount(b"none", b"/mnt", b"tmpfs", 0, None))
+print(json.dumps(out))
+"""
+
+CAP_SYS_ADMIN = 21
+
+
+def _probe(podman: podmankit.PodmanHost, *options: str) -> dict[str, object]:
+    r = podman.run([PY, "-c", PROBE], options=options)
+    assert r.returncode == 0, _out(r)
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def test_podmans_default_seccomp_profile_lets_namespaces_through_and_capabilities_refuse_them(
+        podman: podmankit.PodmanHost) -> None:  # fmt: skip
+    default = _probe(podman)
+    print("podman defaults:", default)
+    assert default["Seccomp"] == "2" and default["Seccomp_filters"] == "1"  # a filter is there
+    assert not int(str(default["CapEff"]), 16) & (1 << CAP_SYS_ADMIN)
+    unshare = default["unshare"]
+    assert isinstance(unshare, dict)
+    # The filter allows unshare: a call the kernel never refuses passes, and so does a user
+    # namespace (which needs no capability) ...
+    assert unshare["0"] == "ok" and unshare["CLONE_NEWUSER"] == "ok"
+    # ... while what needs CAP_SYS_ADMIN is refused by the kernel, as on a host without it.
+    for ns in ("CLONE_NEWNS", "CLONE_NEWNET", "CLONE_NEWPID", "CLONE_NEWCGROUP"):
+        assert unshare[ns] == "EPERM", (ns, default)
+    assert default["mount tmpfs"] == "EPERM"
+
+    # The same seccomp profile, with the capability: everything passes. A profile of ours
+    # would add nothing (see the module's docstring).
+    admin = _probe(podman, "--cap-add", "SYS_ADMIN")
+    print("podman defaults + CAP_SYS_ADMIN:", admin)
+    assert admin["Seccomp"] == "2"
+    assert admin["unshare"] == dict.fromkeys(unshare, "ok") and admin["mount tmpfs"] == "ok"
+
+
+def test_the_example_shop_passes_in_a_privileged_container(podman: podmankit.PodmanHost) -> None:
+    t0 = time.monotonic()
+    r = podman.run([PY, "-m", "pytest", "-p", "no:cacheprovider", "--basetemp=/tmp/envbox-pytest",
+                    "-q", "examples/shop"], options=["--privileged"], env={"CI": "true"},
+                   timeout=240)  # fmt: skip
+    print(f"examples/shop in a privileged container: {time.monotonic() - t0:.1f} s")
+    assert r.returncode == 0, _out(r)
+    summary = r.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"=*\s*\d+ passed in [\d.]+s\s*=*", summary), _out(r)
+    # Limits were enforced there, with cgroups: the cache's test of its memory limit saw an OOM kill.
+    assert re.search(r"^cache\s.*\s[1-9]\d*\s*$", r.stdout, re.M), _out(r)
+
+
+#: A project with one test of one service, as a user would have it.
+PROJECT = {
+    "pyproject.toml": """
+[tool.pytest.ini_options]
+addopts = "-p no:cacheprovider"
+
+[tool.envbox.services.sleeper]
+command = ["sleep", "60"]
+""",
+    "conftest.py": """
+from importlib.metadata import entry_points
+
+if not any(ep.value == "pytest_envbox.plugin" for ep in entry_points(group="pytest11")):
+    pytest_plugins = ["pytest_envbox.plugin"]
+""",
+    "test_one.py": """
+import pytest
+
+
+@pytest.mark.envbox("sleeper")
+def test_the_service_runs(envbox):
+    assert envbox["sleeper"].pid > 0
+""",
+}
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    for name, text in PROJECT.items():
+        (tmp_path / name).write_text(text.lstrip())
+    return tmp_path
+
+
+def _names_the_cause_and_fix(text: str) -> bool:
+    """The refusal says why (podman's defaults: no CAP_SYS_ADMIN; Docker's: its seccomp
+    profile too) and what to do (``--privileged``)."""
+    low = text.lower()
+    return ("seccomp" in low or "cap_sys_admin" in low) and "--privileged" in low
+
+
+def test_doctor_in_a_default_container_names_the_refusal_and_the_fix(podman: podmankit.PodmanHost) -> None:
+    r = podman.run([PY, "-m", "pytest_envbox.cli", "doctor"])
+    assert r.returncode == 1, _out(r)
+    # Not the line on envbox's own filter for services ("seccomp  OK  allow-list ..."): the refusal.
+    text = "\n".join(line for line in r.stdout.splitlines() if not re.match(r"seccomp\s+OK\b", line))
+    assert _names_the_cause_and_fix(text), _out(r)
+
+
+def test_on_ci_a_test_in_a_default_container_errors_with_the_refusal(
+        podman: podmankit.PodmanHost, project: Path) -> None:  # fmt: skip
+    r = podman.run([PY, "-m", "pytest", "--basetemp=/tmp/envbox-pytest", "-rs", "test_one.py"],
+                   env={"CI": "true"}, binds=[str(project)], cwd=str(project))  # fmt: skip
+    assert r.returncode == 1, _out(r)
+    assert "HostUnsupported" in r.stdout and " 1 error" in r.stdout, _out(r)
+    assert _names_the_cause_and_fix(r.stdout), _out(r)
+
+
+def test_elsewhere_a_test_in_a_default_container_is_skipped_with_the_reason(
+        podman: podmankit.PodmanHost, project: Path) -> None:  # fmt: skip
+    r = podman.run([PY, "-m", "pytest", "--basetemp=/tmp/envbox-pytest", "-rs", "test_one.py"],
+                   binds=[str(project)], cwd=str(project))  # fmt: skip
+    assert r.returncode == 0, _out(r)
+    skipped = [line for line in r.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert len(skipped) == 1 and _names_the_cause_and_fix(skipped[0]), _out(r)
+    assert re.search(r"=+ 1 skipped in ", r.stdout), _out(r)
