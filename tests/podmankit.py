@@ -88,6 +88,20 @@ def binds_needed(paths: Sequence[str]) -> list[str]:
     return chosen
 
 
+def _traversable(root: Path, paths: list[str]) -> None:
+    """Every directory above ``paths`` searchable by all (``o+x``), in the overlay at ``root``
+    (the change is copied up into its upper layer, a tmpfs: the host's directories keep their
+    modes). Bound paths are mount points in the container, not in ``root``: only their parents."""
+    for path in paths:
+        parent = Path(os.path.realpath(path)).parent
+        for d in [parent, *parent.parents]:
+            inside = root / str(d).lstrip("/")
+            with contextlib.suppress(OSError):
+                mode = inside.stat().st_mode
+                if not mode & 0o001:
+                    inside.chmod((mode & 0o7777) | 0o001)
+
+
 class PodmanHost:
     """Podman with private storage, and containers whose root is an overlay of the host's ``/``."""
 
@@ -127,10 +141,12 @@ class PodmanHost:
 
     def run(self, cmd: Sequence[str], *, options: Sequence[str] = (), env: dict[str, str] | None = None,
             binds: Sequence[str] = (), cwd: str | None = None, timeout: float = 120,
-            ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+            user: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
         """``cmd`` as root in a new container (``podman run --rm --network none``), with
         ``options`` (``--privileged``...), ``env`` (nothing else of ours is passed), and the
-        checkout plus ``binds`` visible read-only at their own paths."""
+        checkout plus ``binds`` visible read-only at their own paths. With ``user`` (``uid:gid``),
+        as that user: the directories above the interpreter (``/root`` is private) are made
+        traversable in the container's overlay, never on the host."""
         environ = {
             "PATH": f"{os.path.dirname(sys.executable)}:{_PATH}",
             "HOME": "/root",
@@ -149,7 +165,11 @@ class PodmanHost:
         for k, v in environ.items():
             argv += ["--env", f"{k}={v}"]
         argv += ["--workdir", cwd or str(REPO), *options]
+        if user is not None:
+            argv += ["--user", user]
         with self._rootfs() as root:
+            if user is not None:
+                _traversable(root, [sys.executable, sys.base_prefix, *binds_needed([str(REPO), *binds])])
             # --rootfs takes the image's place: the last option.
             return subprocess.run([*argv, "--rootfs", str(root), *cmd], env=self.podman.env,
                                   capture_output=True, text=True, timeout=timeout)  # fmt: skip

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from tests import podmankit
 pytestmark = [pytest.mark.slow]
 
 PY = sys.executable
+REPO = podmankit.REPO
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,12 @@ flags = {"0": 0, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWNS": 0x20000, "CLONE_NEW
          "CLONE_NEWPID": 0x20000000, "CLONE_NEWCGROUP": 0x02000000}
 out["unshare"] = {name: child(lambda f=f: libc.unshare(f)) for name, f in flags.items()}
 out["mount tmpfs"] = child(lambda: libc.mount(b"none", b"/mnt", b"tmpfs", 0, None))
+# In a user and UTS namespace of its own, as envbox's rootless sandbox names itself:
+out["sethostname in a user namespace"] = child(
+    lambda: libc.unshare(0x10000000 | 0x04000000) or libc.sethostname(b"envbox", 6))
+# KEYCTL_GET_KEYRING_ID of the session keyring: the kernel allows it anyone (podman's profile
+# too); Docker's, and envbox's, refuse the call.
+out["keyctl"] = child(lambda: libc.syscall(250, 0, -3, 0) < 0 and -1)
 print(json.dumps(out))
 """
 
@@ -96,6 +105,9 @@ def test_podmans_default_seccomp_profile_lets_namespaces_through_and_capabilitie
     for ns in ("CLONE_NEWNS", "CLONE_NEWNET", "CLONE_NEWPID", "CLONE_NEWCGROUP"):
         assert unshare[ns] == "EPERM", (ns, default)
     assert default["mount tmpfs"] == "EPERM"
+    # One call the profile itself refuses without CAP_SYS_ADMIN, even where the kernel allows it:
+    # a host name in a user namespace's own UTS namespace (envbox's rootless sandboxes).
+    assert default["sethostname in a user namespace"] == "EPERM" and default["keyctl"] == "ok"
 
     # The same seccomp profile, with the capability: everything passes. A profile of ours
     # would add nothing (see the module's docstring).
@@ -103,6 +115,59 @@ def test_podmans_default_seccomp_profile_lets_namespaces_through_and_capabilitie
     print("podman defaults + CAP_SYS_ADMIN:", admin)
     assert admin["Seccomp"] == "2"
     assert admin["unshare"] == dict.fromkeys(unshare, "ok") and admin["mount tmpfs"] == "ok"
+
+
+PROFILE = str(files("pytest_envbox") / "data" / "seccomp-envbox.json")
+#: The rootless recipe: no capability added, a user other than root, the shipped profile, and
+#: /proc and /sys unmasked (a user namespace may mount its own proc only where the container's
+#: is not partly hidden). Docker: --security-opt systempaths=unconfined for unmask=ALL.
+ROOTLESS = ["--security-opt", f"seccomp={PROFILE}", "--security-opt", "unmask=ALL",
+            "--security-opt", "no-new-privileges"]  # fmt: skip
+
+
+def test_the_shipped_profile_grants_no_capability(podman: podmankit.PodmanHost) -> None:
+    """As root in the container, with the profile: what needs CAP_SYS_ADMIN is still refused
+    (by the kernel), a user namespace and a host name in it are allowed, and the profile is the
+    one in force (keyctl, which podman's default lets through, is refused)."""
+    p = _probe(podman, "--security-opt", f"seccomp={PROFILE}")
+    print("shipped profile:", p)
+    assert p["Seccomp"] == "2" and p["keyctl"] == "EPERM"
+    unshare = p["unshare"]
+    assert isinstance(unshare, dict) and unshare["CLONE_NEWUSER"] == "ok"
+    assert {unshare[ns] for ns in ("CLONE_NEWNS", "CLONE_NEWNET", "CLONE_NEWPID")} == {"EPERM"}
+    assert p["mount tmpfs"] == "EPERM" and p["sethostname in a user namespace"] == "ok"
+
+
+#: The shop's tests of cgroup features: rootless on cgroup v1 (or in a container's read-only
+#: cgroup tree) they raise HostUnsupported, as they must.
+CGROUP_TESTS = "not memory_limit and not oom_killed and not paused"
+
+
+def test_the_example_shop_passes_rootless_in_an_unprivileged_container_with_the_profile(
+        podman: podmankit.PodmanHost, tmp_path: Path) -> None:  # fmt: skip
+    shop = tmp_path / "shop"
+    shutil.copytree(REPO / "examples" / "shop", shop, ignore=shutil.ignore_patterns("__pycache__"))
+    shop.chmod(0o755)
+    conf = shop / "pyproject.toml"
+    # Services without limits: limits need cgroups, which this container cannot give a user.
+    text, n = re.subn(r"(?m)^limits = .*\n", "", conf.read_text())
+    assert n >= 2, "examples/shop declares its limits otherwise now: update this test"
+    conf.write_text(text)
+    t0 = time.monotonic()
+    r = podman.run([PY, "-m", "pytest", "-p", "no:cacheprovider", "--basetemp=/tmp/envbox-pytest", "-q",
+                    "-W", "ignore::RuntimeWarning", "-k", CGROUP_TESTS],
+                   options=ROOTLESS, user="65534:65534", env={"HOME": "/tmp", "CI": "true"},
+                   binds=[str(shop)], cwd=str(shop), timeout=240)  # fmt: skip
+    print(f"examples/shop rootless with the profile: {time.monotonic() - t0:.1f} s")
+    assert r.returncode == 0, _out(r)
+    assert re.search(r"(?m)^(\d+) passed, 3 deselected in ", r.stdout), _out(r)
+
+    # The same without the profile (podman's default): the sandbox cannot name itself.
+    r = podman.run([PY, "-m", "pytest", "-p", "no:cacheprovider", "--basetemp=/tmp/envbox-pytest", "-q",
+                    "-W", "ignore::RuntimeWarning", "-x", "-k", "conftest_hook"],
+                   options=ROOTLESS[2:], user="65534:65534", env={"HOME": "/tmp"},
+                   binds=[str(shop)], cwd=str(shop))  # fmt: skip
+    assert r.returncode == 1 and "Operation not permitted" in r.stdout, _out(r)
 
 
 def test_the_example_shop_passes_in_a_privileged_container(podman: podmankit.PodmanHost) -> None:
