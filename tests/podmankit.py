@@ -35,6 +35,8 @@ from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 #: podman's own default PATH, after the interpreter's directory (a venv's bin)
+#: where a user's container sees this interpreter's venv
+VENV = "/opt/envbox-venv"
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -146,7 +148,8 @@ class PodmanHost:
         ``options`` (``--privileged``...), ``env`` (nothing else of ours is passed), and the
         checkout plus ``binds`` visible read-only at their own paths. With ``user`` (``uid:gid``),
         as that user: the directories above the interpreter (``/root`` is private) are made
-        traversable in the container's overlay, never on the host."""
+        traversable in the container's overlay, never on the host; ``sys.executable`` as the
+        command is a venv's interpreter bound at :data:`VENV`."""
         environ = {
             "PATH": f"{os.path.dirname(sys.executable)}:{_PATH}",
             "HOME": "/root",
@@ -167,6 +170,11 @@ class PodmanHost:
         argv += ["--workdir", cwd or str(REPO), *options]
         if user is not None:
             argv += ["--user", user]
+            if cmd and cmd[0] == sys.executable and sys.prefix != sys.base_prefix:
+                # A venv inside a private directory (tox's .tox is 0700): bound at a path of its
+                # own, from where it runs as well (a venv finds itself by its pyvenv.cfg).
+                argv += ["--volume", f"{os.path.realpath(sys.prefix)}:{VENV}:ro"]
+                cmd = [f"{VENV}/bin/{os.path.basename(sys.executable)}", *cmd[1:]]
         with self._rootfs() as root:
             if user is not None:
                 _traversable(root, [sys.executable, sys.base_prefix, *binds_needed([str(REPO), *binds])])
