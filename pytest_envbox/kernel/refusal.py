@@ -140,6 +140,8 @@ def classify(f: Facts) -> Refusal | None:
         return None
     refused = _errno_text(step)
     filtered = f.seccomp == 2
+    if f.rootless and step.name == "user namespace" and step.errno == errno.ENOSPC:
+        return _no_userns(f, step, refused, False)  # max_user_namespaces = 0 answers ENOSPC
     if step.errno not in (errno.EPERM, errno.EACCES):
         return _other(f, step, refused)
     if not f.rootless:
@@ -204,6 +206,8 @@ def _no_userns(f: Facts, step: Step, refused: str, filtered: bool) -> Refusal:
             (f"`sudo sysctl -w {name}={good}` (to keep it: `echo '{name} = {good}' | sudo tee "
              "/etc/sysctl.d/60-envbox-userns.conf`)", f"run the tests as root: `{SUDO}`"),
             "user-namespaces")  # fmt: skip
+    if step.errno == errno.ENOSPC:
+        return _other(f, step, refused)
     if filtered:
         return Refusal(
             "container-seccomp", "a seccomp filter refuses user namespaces", refused,
