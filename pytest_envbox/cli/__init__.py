@@ -260,3 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EnvboxError as e:
         print(f"envbox: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `envbox doctor | head`: the reader has gone; not an error of ours
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (else Python's exit flush fails again)
+        return 141  # as a shell reports a command killed by SIGPIPE
