@@ -21,7 +21,8 @@ SIM = str(Path(hostsim.__file__))
 ROOT = os.geteuid() == 0
 
 
-def under(kind: str, argv: list[str], *, cwd: Path | str = "/", **env: str) -> subprocess.CompletedProcess[str]:
+def under(kind: str, argv: list[str], *, cwd: Path | str = "/",
+          **env: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
     clean = {k: v for k, v in os.environ.items() if k not in ("CI", "ENVBOX_ROOTLESS", "PYTEST_ADDOPTS")}
     return subprocess.run([sys.executable, SIM, kind, *argv], capture_output=True, text=True,
                           timeout=120, cwd=cwd, env={**clean, **env})  # fmt: skip

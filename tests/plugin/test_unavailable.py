@@ -79,8 +79,9 @@ def test_on_another_platform_the_tests_that_need_services_skip(
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
 
 
-def test_in_ci_on_another_platform_they_error_with_the_fix(fake: pytest.Pytester,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_in_ci_on_another_platform_they_error_with_the_fix(
+    fake: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CI", "true")
     result = run(fake, "darwin")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
