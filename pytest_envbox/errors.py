@@ -80,7 +80,17 @@ class NotReady(EnvboxError):
 
 
 class HostUnsupported(EnvboxError):
-    """This host lacks a kernel feature pytest-envbox needs: says which, why, and how to enable it."""
+    """This host lacks a kernel feature pytest-envbox needs: says which, why, and how to enable it.
+
+    ``refusal`` names the situation when the host refuses services altogether (``platform``,
+    ``container-seccomp``, ``userns-capabilities``...: see docs/ci.md): then no test that needs a
+    service can run here, and ``envbox_unavailable`` decides whether such tests skip or error.
+    None for a missing feature that only some services need (netem, cgroups for limits).
+    """
+
+    def __init__(self, message: str, *, refusal: str | None = None) -> None:
+        super().__init__(message)
+        self.refusal = refusal
 
 
 class ImageError(EnvboxError):

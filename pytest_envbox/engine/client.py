@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -46,7 +47,17 @@ def rootless() -> bool:
         return True
     if mode == "no":
         return False
-    return os.geteuid() != 0
+    # Root without CAP_SYS_ADMIN (a container's default set) can make no namespace but a user
+    # namespace: rootless mode is its only way, and works where the container's seccomp profile
+    # lets user namespaces be made (kernel/refusal.py explains it when it does not).
+    return os.geteuid() != 0 or _boxed_root()
+
+
+@functools.cache
+def _boxed_root() -> bool:
+    from pytest_envbox.kernel.refusal import boxed_root
+
+    return boxed_root()
 
 
 class SupervisorClient(Channel):

@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from pytest_envbox.config import Catalog, select, start_levels
-from pytest_envbox.engine import virtual_services
+from pytest_envbox.engine import refused, virtual_services
 from pytest_envbox.engine.client import SupervisorClient, get_supervisor, rootless
 from pytest_envbox.engine.faults import Network
 from pytest_envbox.engine.handle import ServiceHandle, published_ports, start_level, stop_all
@@ -36,6 +36,7 @@ from pytest_envbox.engine.imageplan import PreparedImage, prepare_image_service
 from pytest_envbox.engine.planning import Subnet, check_cgroups, check_ids, plan_for
 from pytest_envbox.engine.volumes import make_volumes
 from pytest_envbox.errors import EnvboxError, HostUnsupported
+from pytest_envbox.kernel import refusal
 from pytest_envbox.sandbox.plan import SandboxPlan
 from pytest_envbox.spec import POD_IP, Service, Volume
 from pytest_envbox.supervisor.protocol import KeepRequest, OwnDirRequest
@@ -167,10 +168,8 @@ class Environment:
         if self._sup is not None:
             return
         if not sys.platform.startswith("linux"):
-            raise HostUnsupported(
-                f"pytest-envbox runs services in Linux namespaces; this is {sys.platform}. "
-                "Run the tests on Linux (a VM or a container will do)."
-            )
+            found = refusal.platform_refusal()
+            raise HostUnsupported(found.block(), refusal=found.kind)
         if os.geteuid() != 0 and not rootless():
             raise HostUnsupported(
                 "rootless mode is off (--envbox-rootless=no, or ENVBOX_ROOTLESS=no) and this "
@@ -179,7 +178,13 @@ class Environment:
             )
         self._specs = {s.name: s for s in self._pull_images(self._specs.values(), self._plans)}
         self._levels = [[self._specs[s.name] for s in level] for level in self._levels]
-        sup = get_supervisor()
+        try:
+            sup = get_supervisor()
+        except Exception as e:
+            better = refused.explain(e)  # a host that says no: what, why, and the fix
+            if better is not None:
+                raise better from None  # (its text ends with the original error)
+            raise
         check_cgroups(sup, self._specs.values())
         if sup.ids:
             check_ids(sup, self._specs.values(), self._plans)
@@ -198,8 +203,11 @@ class Environment:
         try:
             self._list_hosts(self._specs.values(), fresh=True)
             self._start_levels(self._levels)
-        except BaseException:
+        except BaseException as e:
             self.close()
+            better = refused.explain(e)  # a host that says no: what, why, and the fix
+            if better is not None:
+                raise better from None  # (its text ends with the original error)
             raise
 
     def start(self, service: Service | str) -> ServiceHandle:

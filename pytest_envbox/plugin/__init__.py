@@ -15,7 +15,7 @@ import pytest
 
 from pytest_envbox.engine import client, report
 from pytest_envbox.images.progress import set_default_show
-from pytest_envbox.plugin import failures, fixtures, hookspecs, progress, status, testids
+from pytest_envbox.plugin import failures, fixtures, hookspecs, progress, status, testids, unavailable
 
 # The fixtures, registered with the plugin (the autouse one is named _envbox_auto in pytest).
 from pytest_envbox.plugin.fixtures import envbox, envbox_autostart  # noqa: F401
@@ -47,13 +47,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="on failure, keep the environment and print how to enter it")  # fmt: skip
     group.addoption("--envbox-rootless", choices=("auto", "yes", "no"), default="auto",
                     help="run services in a user namespace (default auto: when not root)")  # fmt: skip
+    unavailable.add_options(parser, group)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     client.set_rootless_mode(config.getoption("envbox_rootless"))
     set_default_show(progress.terminal_show(config))
     status.install(config)  # what a slow start waits for (engine/waiting.py)
+    unavailable.check(config)
     config.pluginmanager.register(failures, "envbox-failures")
+    config.pluginmanager.register(unavailable, "envbox-unavailable")
     config.addinivalue_line(
         "markers",
         "envbox(*services, topology=None, scope='function'): start these services (names from "

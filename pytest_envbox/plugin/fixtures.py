@@ -25,7 +25,7 @@ from pytest_envbox.engine.environment import Environment
 from pytest_envbox.engine.figures import memory_limit_text
 from pytest_envbox.engine.readiness import log_tail
 from pytest_envbox.errors import ConfigError, EnvboxError
-from pytest_envbox.plugin import failures
+from pytest_envbox.plugin import failures, unavailable
 from pytest_envbox.spec import Service
 
 __all__ = [
@@ -226,6 +226,7 @@ def envbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     Without a marker it is empty: ``envbox.start(...)`` starts services on demand.
     """
     config = request.config
+    unavailable.before_start(request)  # a host that refused once: skip, or one line
     try:
         catalog = project_catalog(config)
     except ConfigError as e:
