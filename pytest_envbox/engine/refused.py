@@ -21,7 +21,8 @@ __all__ = ["explain", "host_refusal"]
 _lock = threading.Lock()
 _found: dict[bool, refusal.Refusal | None] = {}
 #: what a failure caused by a refusal says somewhere in its message
-_REFUSED = ("Operation not permitted", "Permission denied", "No space left on device", "EPERM", "EACCES")
+_REFUSED = ("Operation not permitted", "Permission denied", "No space left on device", "EPERM", "EACCES",
+            "Read-only file system", "EROFS")  # a container's /proc/sys
 
 
 def host_refusal() -> refusal.Refusal | None:

@@ -31,6 +31,7 @@ import errno
 import json
 import os
 import select
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ DOCS = "docs/ci.md"
 _CAP_SYS_ADMIN = 21
 _NAMESPACES = "CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWUTS|CLONE_NEWIPC|CLONE_NEWNET|CLONE_NEWCGROUP"
 _APPARMOR_SYSCTL = "kernel.apparmor_restrict_unprivileged_userns"
+#: a sysctl every sandbox writes in its new network namespace (init.NET_SYSCTLS)
+_SYSCTL_PROBE = "/proc/sys/net/ipv6/conf/all/accept_ra"
 _SYSCTLS = ("user.max_user_namespaces", "kernel.unprivileged_userns_clone", _APPARMOR_SYSCTL)
 #: how to run the tests as root without losing the user's PATH and virtualenv
 SUDO = "sudo -E env PATH=$PATH python -m pytest"
@@ -51,8 +54,8 @@ SUDO = "sudo -E env PATH=$PATH python -m pytest"
 class Refusal:
     """What was refused, why, and how to fix it on this host; :meth:`block` is what users read."""
 
-    #: ``platform``, ``container-seccomp``, ``container-capabilities``, ``userns-capabilities``,
-    #: ``userns-disabled``, ``userns-refused``, ``refused``
+    #: ``platform``, ``container-seccomp``, ``container-capabilities``, ``container-paths``,
+    #: ``userns-capabilities``, ``userns-disabled``, ``userns-refused``, ``refused``
     kind: str
     headline: str
     refused: str
@@ -140,6 +143,8 @@ def classify(f: Facts) -> Refusal | None:
         return None
     refused = _errno_text(step)
     filtered = f.seccomp == 2
+    if step.name in ("network sysctls", "proc", "host name") and (filtered or step.name != "host name"):
+        return _container_defaults(f, step, refused)
     if f.rootless and step.name == "user namespace" and step.errno == errno.ENOSPC:
         return _no_userns(f, step, refused, False)  # max_user_namespaces = 0 answers ENOSPC
     if step.errno not in (errno.EPERM, errno.EACCES):
@@ -179,6 +184,38 @@ def _root(f: Facts, step: Step, refused: str, filtered: bool) -> Refusal:
             "containers",
         )  # fmt: skip
     return _lsm(f, step, refused)
+
+
+#: the seccomp profile shipped for rootless mode in a container (tools/seccomp_profile.py)
+PROFILE = Path(__file__).resolve().parents[1] / "data" / "seccomp-envbox.json"
+
+
+def _container_defaults(f: Facts, step: Step, refused: str) -> Refusal:
+    """The namespaces were made, then a container's other defaults refused a later step."""
+    if step.name == "host name":
+        kind, headline = "container-seccomp", "a seccomp filter refuses the sandbox's host name"
+        why = ("a seccomp filter on this process (Seccomp: 2 in /proc/self/status) refuses "
+               "sethostname, even in a UTS namespace of its own, as Podman's default profile does "
+               "in a container without CAP_SYS_ADMIN; each service is named after itself")
+    elif step.name == "proc":
+        kind, headline = "container-paths", "the container hides parts of /proc"
+        why = ("the container's runtime masks parts of /proc (/proc/kcore, /proc/keys...), and the "
+               "kernel lets a user namespace mount a /proc of its own only where all of the "
+               "container's /proc is visible")
+    else:
+        kind, headline = "container-paths", "/proc/sys is read-only in this container"
+        why = ("a container runtime mounts /proc/sys read-only by default, and each service's "
+               "network is set up through it (its sysctls)")
+    mode = "rootless mode" if f.rootless else "root mode"
+    return Refusal(
+        kind, headline, refused, f"{why} ({mode})",
+        (*_privileged_fixes()[:1],
+         "without privileges, services without limits (rootless mode, no capability added): "
+         f"`podman run --user 1000 --security-opt seccomp={PROFILE} --security-opt unmask=ALL "
+         "--security-opt no-new-privileges ...` (docker: `--security-opt "
+         "systempaths=unconfined` for unmask=ALL)", *_privileged_fixes()[1:]),
+        "containers",
+    )  # fmt: skip
 
 
 def _lsm(f: Facts, step: Step, refused: str) -> Refusal:
@@ -395,3 +432,41 @@ def _child(uid: int, gid: int, rootless: bool, steps: list[dict[str, object]]) -
         L.mount("tmpfs", "/tmp", "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=0755")
 
     step("mounts", "mount(MS_PRIVATE) and a tmpfs", mounts)
+    # What a container's defaults refuse further on, in the sandbox's order: its network's
+    # sysctls (/proc/sys is read-only in a container), a /proc of its own (refused to a user
+    # namespace where the container hides parts of /proc), its host name (podman's seccomp
+    # profile refuses sethostname without CAP_SYS_ADMIN, even in a UTS namespace of one's own).
+    step("network sysctls", f"writing {_SYSCTL_PROBE}", _write_net_sysctl)
+    step("proc", 'mount("proc") in the new pid namespace', _mount_proc)
+    step("host name", "sethostname() in the new UTS namespace", lambda: socket.sethostname("envbox"))
+
+
+def _write_net_sysctl() -> None:
+    """A sysctl of the child's new network namespace, as each sandbox sets (a kernel without
+    IPv6 has no such file: nothing to learn)."""
+    try:
+        fd = os.open(_SYSCTL_PROBE, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.write(fd, b"0")
+    finally:
+        os.close(fd)
+
+
+def _mount_proc() -> None:
+    """A proc mounted by the first process of the new pid namespace (a grandchild: the child
+    itself stays in its parent's), on the child's private tmpfs; its errno, raised."""
+    from pytest_envbox.kernel import linux as L
+
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            L.mount("proc", "/tmp", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+        except OSError as e:
+            code = e.errno or errno.EPERM
+        os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code:
+        raise OSError(code, os.strerror(code) if code > 0 else "killed")

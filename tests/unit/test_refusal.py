@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -121,3 +122,27 @@ def test_the_block_has_one_line_per_part() -> None:
     assert found is not None
     labels = [line.split(":", 1)[0].strip() for line in found.block().splitlines()[1:]]
     assert labels == ["refused", "why", "fix", "or", "more"]
+
+
+@pytest.mark.parametrize(("name", "code", "kind", "says"), [
+    ("network sysctls", errno.EROFS, "container-paths", "/proc/sys read-only"),
+    ("proc", errno.EPERM, "container-paths", "masks parts of /proc"),
+    ("host name", errno.EPERM, "container-seccomp", "refuses sethostname"),
+])  # fmt: skip
+def test_a_containers_later_refusals_give_privileged_or_the_rootless_recipe(
+        name: str, code: int, kind: str, says: str) -> None:  # fmt: skip
+    """Measured in podman's defaults (tests/integration/test_containers.py): the namespaces are
+    made, then /proc/sys is read-only, a user namespace may not mount its own /proc, and the
+    seccomp profile refuses sethostname."""
+    steps = (*rootless_steps("none"), Step(name, f"{name} call", code, os.strerror(code)))
+    found = classify(Facts(rootless=True, seccomp=2, cap_sys_admin=False, steps=steps))
+    assert found is not None and found.kind == kind and says in found.why
+    block = found.block()
+    assert "--privileged" in block and "seccomp-envbox.json" in block and "unmask=ALL" in block
+    assert block.endswith("docs/ci.md#containers")
+
+
+def test_a_refused_host_name_without_a_filter_is_not_blamed_on_seccomp() -> None:
+    steps = (*rootless_steps("none"), Step("host name", "sethostname()", errno.EPERM, "nope"))
+    found = classify(Facts(rootless=True, steps=steps))
+    assert found is not None and found.kind != "container-seccomp"
