@@ -178,9 +178,18 @@ class PodmanHost:
         with self._rootfs() as root:
             if user is not None:
                 _traversable(root, [sys.executable, sys.base_prefix, *binds_needed([str(REPO), *binds])])
+            cidfile = root.parent / "cid"
             # --rootfs takes the image's place: the last option.
-            return subprocess.run([*argv, "--rootfs", str(root), *cmd], env=self.podman.env,
-                                  capture_output=True, text=True, timeout=timeout)  # fmt: skip
+            try:
+                return subprocess.run([*argv, "--cidfile", str(cidfile), "--rootfs", str(root), *cmd],
+                                      env=self.podman.env, capture_output=True, text=True,
+                                      timeout=timeout)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                # Killing podman's client leaves the container running: remove it, so that its
+                # root can be unmounted, and say so.
+                with contextlib.suppress(OSError):
+                    self.podman("rm", "--force", "--time", "0", cidfile.read_text().strip(), check=False)
+                raise
 
     def close(self) -> list[str]:
         """Every container and mount of ours gone, podman's own leftovers removed; returns
