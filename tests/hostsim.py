@@ -3,8 +3,9 @@
 Two refusals cannot be had on this machine for real, so a test installs a filter in a child
 process that answers the same calls with the same errno:
 
-- ``container``: what Docker's and Podman's default seccomp profiles do to a process without
-  ``CAP_SYS_ADMIN``: ``unshare`` and ``clone`` with any namespace flag, ``setns`` and the mount
+- ``container``: what Docker's default seccomp profile does to a process without
+  ``CAP_SYS_ADMIN`` (Podman's lets these through; a real podman container is in
+  test_containers.py): ``unshare`` and ``clone`` with any namespace flag, ``setns`` and the mount
   calls are ``EPERM``;
 - ``apparmor``: what Ubuntu's ``kernel.apparmor_restrict_unprivileged_userns=1`` does: a new user
   namespace is made, but every call that needs a capability inside it is ``EPERM`` (the filter

@@ -130,7 +130,7 @@ def _seccomp(out: _Report) -> None:
         out.line("seccomp", "NOTE", f"no system call table for {platform.machine()} here: services "
                  "run without a seccomp filter (their capabilities still limit them)")  # fmt: skip
     else:
-        out.line("seccomp", "OK", rules.summary())
+        out.line("seccomp", "OK", f"the filter envbox puts on services: {rules.summary()}")
 
 
 def _images(out: _Report, release: tuple[int, ...]) -> None:

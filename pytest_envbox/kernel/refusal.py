@@ -3,8 +3,10 @@
 The hosts CI pipelines give are not a developer's Linux box, and each says no in its own way:
 
 - **a container** (GitLab's docker executor, Jenkins agents, devcontainers, Codespaces): root
-  without ``CAP_SYS_ADMIN``, and Docker's or Podman's default seccomp profile refuses ``unshare``
-  and ``clone`` with namespace flags and ``mount``;
+  without ``CAP_SYS_ADMIN`` (so the kernel refuses namespaces and mounts), a read-only
+  ``/proc/sys``, a partly hidden ``/proc``, and a seccomp profile: Docker's refuses ``unshare``,
+  ``clone`` with namespace flags and ``mount`` without ``CAP_SYS_ADMIN``; Podman's lets those
+  through (the kernel decides) but refuses ``sethostname`` (docs/containers.md has the figures);
 - **AppArmor's user namespace restriction** (Ubuntu 23.10 and later, GitHub's ``ubuntu-24.04``
   runners): ``kernel.apparmor_restrict_unprivileged_userns=1`` lets an unprivileged program make
   a user namespace, then denies it every capability inside (writing ``uid_map`` already fails);
@@ -36,10 +38,22 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DOCS", "Facts", "Refusal", "boxed_root", "classify", "platform_refusal", "probe", "status"]
+__all__ = [
+    "ANCHORS",
+    "DOCS",
+    "Facts",
+    "Refusal",
+    "boxed_root",
+    "classify",
+    "platform_refusal",
+    "probe",
+    "status",
+]
 
 #: where docs/ci.md is published (its anchors are named in each refusal)
 DOCS = "docs/ci.md"
+#: the sections of docs/ci.md a refusal may point at (tests/unit/test_ci_recipes.py checks them)
+ANCHORS = frozenset({"containers", "apparmor", "user-namespaces", "macos-and-windows"})
 _CAP_SYS_ADMIN = 21
 _NAMESPACES = "CLONE_NEWNS|CLONE_NEWPID|CLONE_NEWUTS|CLONE_NEWIPC|CLONE_NEWNET|CLONE_NEWCGROUP"
 _APPARMOR_SYSCTL = "kernel.apparmor_restrict_unprivileged_userns"
@@ -63,6 +77,9 @@ class Refusal:
     fixes: tuple[str, ...]
     #: the section of docs/ci.md with the recipe
     anchor: str
+
+    def __post_init__(self) -> None:
+        assert self.anchor in ANCHORS, self.anchor
 
     def block(self) -> str:
         """One block: the headline, then what was refused, why, and each fix on its own line."""
@@ -170,15 +187,15 @@ def _root(f: Facts, step: Step, refused: str, filtered: bool) -> Refusal:
                "as in a container's default capability set: making namespaces and mounts needs it")
         if filtered:
             why += ("; a seccomp filter is also on this process (Seccomp: 2 in /proc/self/status), "
-                    "like Docker's and Podman's default profiles, which refuse these calls too")
+                    "like a container runtime's default profile (Docker's refuses these calls too)")
         return Refusal("container-capabilities", "root in a container without CAP_SYS_ADMIN",
                        refused, why, _privileged_fixes(), "containers")  # fmt: skip
     if filtered:
         return Refusal(
             "container-seccomp", "a seccomp filter refuses the namespace calls", refused,
             "this process is root with CAP_SYS_ADMIN, yet the call was refused: a seccomp filter is "
-            "on it (Seccomp: 2 in /proc/self/status), as a container runtime's default profile "
-            "(Docker's, Podman's) refuses unshare, clone with namespace flags and mount",
+            "on it (Seccomp: 2 in /proc/self/status), as Docker's default profile refuses "
+            "unshare, clone with namespace flags and mount",
             (*_privileged_fixes()[:1], "keep the capabilities and drop only the filter: "
              "`--security-opt seccomp=unconfined` (docker, podman)", *_privileged_fixes()[1:]),
             "containers",
@@ -249,8 +266,8 @@ def _no_userns(f: Facts, step: Step, refused: str, filtered: bool) -> Refusal:
         return Refusal(
             "container-seccomp", "a seccomp filter refuses user namespaces", refused,
             "rootless mode runs services in a user namespace, and a seccomp filter on this process "
-            "(Seccomp: 2 in /proc/self/status) refuses to make one, as Docker's and Podman's "
-            "default profiles do in a container without CAP_SYS_ADMIN", _privileged_fixes(),
+            "(Seccomp: 2 in /proc/self/status) refuses to make one, as Docker's default profile "
+            "does in a container without CAP_SYS_ADMIN", _privileged_fixes(),
             "containers")  # fmt: skip
     return Refusal("userns-refused", "user namespaces are refused", refused,
                    "rootless mode runs services in a user namespace and this kernel refused to make "
