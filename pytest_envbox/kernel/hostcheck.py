@@ -16,7 +16,9 @@ import contextlib
 import json
 import os
 import pwd
+import select
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from pytest_envbox.kernel import linux as L
 
 __all__ = [
     "SubIds",
+    "in_child",
     "network_faults",
     "subids",
     "try_user_namespace",
@@ -99,28 +102,19 @@ def subids(uid: int | None = None) -> SubIds:
                   uids[0] if uids else None, gids[0] if gids else None)  # fmt: skip
 
 
-def try_user_namespace(timeout: float = 10.0) -> dict[str, str | None]:
-    """In a forked child: enter a user namespace and the sandbox's other namespaces and try the
-    sandbox's steps. Returns step -> None (it worked) or the error; a step after a failed one is
-    not tried (and not in the result)."""
+def in_child(work: Callable[[], object], timeout: float = 10.0) -> tuple[object, int]:
+    """``work()`` in a forked child (whose namespaces and mounts die with it): its result, sent
+    back as JSON (None when it did not finish within ``timeout``), and the child's pid."""
     r, w = os.pipe2(os.O_CLOEXEC)
-    uid, gid = os.getuid(), os.getgid()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         os.close(r)
-        results: dict[str, str | None] = {}
-        try:
-            _steps(uid, gid, results)
-        except BaseException:  # the failed step is in results already
-            pass
-        with contextlib.suppress(OSError):
-            os.write(w, json.dumps(results).encode())
+        with contextlib.suppress(BaseException):
+            os.write(w, json.dumps(work()).encode())
         os._exit(0)
     os.close(w)
     chunks = []
     try:
-        import select
-
         while select.select([r], [], [], timeout)[0]:
             data = os.read(r, 65536)
             if not data:
@@ -132,10 +126,25 @@ def try_user_namespace(timeout: float = 10.0) -> dict[str, str | None]:
             os.kill(pid, 9)
         os.waitpid(pid, 0)
     try:
-        out: dict[str, str | None] = json.loads(b"".join(chunks) or b"{}")
+        return json.loads(b"".join(chunks) or b"null"), pid
     except ValueError:
-        out = {}
-    return out or {"user namespace": "the check did not finish"}
+        return None, pid
+
+
+def try_user_namespace(timeout: float = 10.0) -> dict[str, str | None]:
+    """In a forked child: enter a user namespace and the sandbox's other namespaces and try the
+    sandbox's steps. Returns step -> None (it worked) or the error; a step after a failed one is
+    not tried (and not in the result)."""
+    uid, gid = os.getuid(), os.getgid()
+
+    def work() -> dict[str, str | None]:
+        results: dict[str, str | None] = {}
+        with contextlib.suppress(BaseException):  # the failed step is in results already
+            _steps(uid, gid, results)
+        return results
+
+    out, _pid = in_child(work, timeout)
+    return out if isinstance(out, dict) and out else {"user namespace": "the check did not finish"}
 
 
 def _steps(uid: int, gid: int, results: dict[str, str | None]) -> None:

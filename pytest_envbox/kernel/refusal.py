@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import select
 import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ANCHORS",
@@ -380,34 +379,18 @@ def probe(rootless: bool, timeout: float = 10.0) -> Facts:
     """Take the sandbox's first steps in a forked child; the facts, with each step's errno."""
     if not sys.platform.startswith("linux"):
         return Facts(platform=sys.platform, rootless=rootless)
-    r, w = os.pipe2(os.O_CLOEXEC)
+    from pytest_envbox.kernel.hostcheck import in_child
+
     uid, gid = os.getuid(), os.getgid()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        os.close(r)
+
+    def work() -> list[dict[str, object]]:
         steps: list[dict[str, object]] = []
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(BaseException):  # the failed step is in steps already
             _child(uid, gid, rootless, steps)
-        with contextlib.suppress(OSError):
-            os.write(w, json.dumps(steps).encode())
-        os._exit(0)
-    os.close(w)
-    chunks = []
-    try:
-        while select.select([r], [], [], timeout)[0]:
-            data = os.read(r, 65536)
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(r)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
-        os.waitpid(pid, 0)
-    try:
-        raw = json.loads(b"".join(chunks) or b"[]")
-    except ValueError:
-        raw = []
+        return steps
+
+    out, pid = in_child(work, timeout)
+    raw: list[dict[str, Any]] = out if isinstance(out, list) else []
     label = next((str(s.get("label", "")) for s in raw if s.get("label")), "")
     steps_ = tuple(Step(str(s["name"]), str(s["call"]), s.get("errno"), str(s.get("message", "")))
                    for s in raw if "call" in s)  # fmt: skip
