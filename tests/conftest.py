@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -87,3 +90,12 @@ def _remove_rootless_stores(request: pytest.FixtureRequest) -> object:
 
         for path in stores:
             Store(path)._in_namespace("remove_trees", {"paths": [str(path)]}, None)
+
+
+def load_by_path(name: str, path: Path) -> ModuleType:
+    """A module from a file outside any package (benchmarks/, tools/)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -21,7 +21,6 @@ running in parallel may own it).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import site
@@ -33,6 +32,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
+from tests.conftest import load_by_path
+
 REPO = Path(__file__).resolve().parents[1]
 #: podman's own default PATH, after the interpreter's directory (a venv's bin)
 #: where a user's container sees this interpreter's venv
@@ -42,11 +43,7 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def _bench_podman() -> ModuleType:
     """``benchmarks/_podman.py``, loaded by path (the benchmarks are not a package)."""
-    spec = importlib.util.spec_from_file_location("_envbox_bench_podman", REPO / "benchmarks" / "_podman.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_by_path("_envbox_bench_podman", REPO / "benchmarks" / "_podman.py")
 
 
 def unavailable() -> str | None:

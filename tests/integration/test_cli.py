@@ -162,7 +162,8 @@ def test_doctor_as_root_says_every_piece_works_here_and_which_faults_this_kernel
     release = tuple(int(x) for x in platform.release().split(".")[:2])
     assert ("kernel before 6.8" in lines["images"]) == (release < (6, 8)), lines["images"]
     # The filter's policy: its kind, its size on this machine, the ENOSYS rule.
-    assert lines["seccomp"].startswith("OK      the filter envbox puts on services: allow-list"), lines["seccomp"]
+    seccomp = lines["seccomp"]
+    assert seccomp.startswith("OK      the filter envbox puts on services: allow-list"), seccomp
     assert "refused with EPERM" in lines["seccomp"] and "answer ENOSYS" in lines["seccomp"]
     # The network line agrees with what link.delay() does here (this kernel may lack netem).
     with Environment([Service("w", ["sleep", "1000"])]) as env:

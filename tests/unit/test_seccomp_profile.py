@@ -4,22 +4,19 @@ the other shows up here. And it never lets through the calls container escapes a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from importlib.resources import files
 from pathlib import Path
 from types import ModuleType
+
+from tests.conftest import load_by_path
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE = files("pytest_envbox") / "data" / "seccomp-envbox.json"
 
 
 def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("seccomp_profile", ROOT / "tools" / "seccomp_profile.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_by_path("seccomp_profile", ROOT / "tools" / "seccomp_profile.py")
 
 
 def test_the_shipped_profile_is_what_the_tool_makes() -> None:
