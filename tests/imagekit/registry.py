@@ -293,7 +293,10 @@ def push_layout(layout: Path, tag: str, registry: RegistryServer, target: str, f
            *(["--format", fmt] if fmt else []),
            *(["--dest-creds", creds] if creds else []), f"oci:{layout}:{tag}", f"docker://{registry.host}/{target}"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          env={**os.environ, "HOME": str(layout.parent)})
+                          # the test's own (absent) credentials file: not the user's, nor
+                          # /run/containers/UID/auth.json, which root's podman may have made unreadable
+                          env={**os.environ, "HOME": str(layout.parent),
+                               "REGISTRY_AUTH_FILE": str(layout.parent / "auth.json")})  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr}")
 
