@@ -60,7 +60,7 @@ _APPARMOR_SYSCTL = "kernel.apparmor_restrict_unprivileged_userns"
 _SYSCTL_PROBE = "/proc/sys/net/ipv6/conf/all/accept_ra"
 _SYSCTLS = ("user.max_user_namespaces", "kernel.unprivileged_userns_clone", _APPARMOR_SYSCTL)
 #: how to run the tests as root without losing the user's PATH and virtualenv
-SUDO = "sudo -E env PATH=$PATH python -m pytest"
+SUDO = 'sudo -E env "PATH=$PATH" python -m pytest'
 
 
 @dataclass(frozen=True)

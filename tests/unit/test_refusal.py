@@ -77,7 +77,7 @@ def test_user_namespaces_switched_off(sysctl: str, value: str, good: str) -> Non
                            steps=rootless_steps("user namespace")))  # fmt: skip
     assert found is not None and found.kind == "userns-disabled"
     assert f"`sudo sysctl -w {sysctl}={good}`" in found.block()
-    assert "/etc/sysctl.d/" in found.block() and "sudo -E env PATH=$PATH" in found.block()
+    assert "/etc/sysctl.d/" in found.block() and 'sudo -E env "PATH=$PATH"' in found.block()
 
 
 def test_rootless_in_a_container_whose_profile_refuses_user_namespaces() -> None:
@@ -97,7 +97,7 @@ def test_apparmor_restriction_user_namespace_made_then_its_capabilities_denied(f
     assert "kernel.apparmor_restrict_unprivileged_userns = 1" in block
     assert "'unprivileged_userns (enforce)'" in block
     assert "`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`" in block
-    assert "`sudo -E env PATH=$PATH python -m pytest`" in block
+    assert '`sudo -E env "PATH=$PATH" python -m pytest`' in block
     assert "userns," in block and block.endswith("docs/ci.md#apparmor")
     assert block.splitlines()[0] == ("pytest-envbox cannot start services here: the user "
                                      "namespace's capabilities are denied")  # fmt: skip
