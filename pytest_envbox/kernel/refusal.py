@@ -202,8 +202,15 @@ def _root(f: Facts, step: Step, refused: str, filtered: bool) -> Refusal:
     return _lsm(f, step, refused)
 
 
-#: the seccomp profile shipped for rootless mode in a container (tools/seccomp_profile.py)
-PROFILE = Path(__file__).resolve().parents[1] / "data" / "seccomp-envbox.json"
+def _profile_fix() -> str:
+    """Rootless in a container with the profile envbox ships (tools/seccomp_profile.py). It is
+    named by its place in the package: this process's path to it, in the container, is not the
+    host's, where the container is started."""
+    return ("without privileges, services without limits (rootless mode, no capability added): "
+            "`podman run --user 1000 --security-opt seccomp=seccomp-envbox.json --security-opt "
+            "unmask=ALL --security-opt no-new-privileges ...` (docker: `--security-opt "
+            "systempaths=unconfined` for unmask=ALL), with seccomp-envbox.json copied from "
+            "pytest_envbox/data/ in the package")
 
 
 def _container_defaults(f: Facts, step: Step, refused: str) -> Refusal:
@@ -225,11 +232,7 @@ def _container_defaults(f: Facts, step: Step, refused: str) -> Refusal:
     mode = "rootless mode" if f.rootless else "root mode"
     return Refusal(
         kind, headline, refused, f"{why} ({mode})",
-        (*_privileged_fixes()[:1],
-         "without privileges, services without limits (rootless mode, no capability added): "
-         f"`podman run --user 1000 --security-opt seccomp={PROFILE} --security-opt unmask=ALL "
-         "--security-opt no-new-privileges ...` (docker: `--security-opt "
-         "systempaths=unconfined` for unmask=ALL)", *_privileged_fixes()[1:]),
+        (*_privileged_fixes()[:1], _profile_fix(), *_privileged_fixes()[1:]),
         "containers",
     )  # fmt: skip
 
@@ -266,7 +269,8 @@ def _no_userns(f: Facts, step: Step, refused: str, filtered: bool) -> Refusal:
             "container-seccomp", "a seccomp filter refuses user namespaces", refused,
             "rootless mode runs services in a user namespace, and a seccomp filter on this process "
             "(Seccomp: 2 in /proc/self/status) refuses to make one, as Docker's default profile "
-            "does in a container without CAP_SYS_ADMIN", _privileged_fixes(),
+            "does in a container without CAP_SYS_ADMIN",
+            (*_privileged_fixes()[:1], _profile_fix(), *_privileged_fixes()[1:]),
             "containers")  # fmt: skip
     return Refusal("userns-refused", "user namespaces are refused", refused,
                    "rootless mode runs services in a user namespace and this kernel refused to make "

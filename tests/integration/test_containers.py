@@ -5,11 +5,12 @@ how to fix it, as an error on CI and a skip elsewhere.
 
 What podman's defaults refuse, measured (the first test keeps it measured): its seccomp profile
 lets ``unshare``, ``clone``, ``mount`` and ``setns`` through; the kernel refuses them because the
-container has no ``CAP_SYS_ADMIN``. That is why no seccomp profile is shipped: with podman a
-profile changes nothing; with Docker, whose profile allows these calls only with
-``CAP_SYS_ADMIN``, adding that capability opens them already. The capability is what matters,
-and with it (plus ``CAP_NET_ADMIN``, a writable ``/proc/sys`` and writable cgroups, which on
-cgroup v1 only ``--privileged`` gives) the container is privileged in all but name.
+container has no ``CAP_SYS_ADMIN``. Adding that capability opens them (with ``CAP_NET_ADMIN``, a
+writable ``/proc/sys`` and writable cgroups, which on cgroup v1 only ``--privileged`` gives, the
+container is privileged in all but name). The profile the package ships
+(pytest_envbox/data/seccomp-envbox.json) is for the other way: rootless mode, no capability added,
+where podman's profile refuses one call envbox needs (``sethostname`` in a user namespace's own
+UTS namespace); with it the example suite passes (its test below).
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def test_podmans_default_seccomp_profile_lets_namespaces_through_and_capabilitie
     # a host name in a user namespace's own UTS namespace (envbox's rootless sandboxes).
     assert default["sethostname in a user namespace"] == "EPERM" and default["keyctl"] == "ok"
 
-    # The same seccomp profile, with the capability: everything passes. A profile of ours
-    # would add nothing (see the module's docstring).
+    # The same seccomp profile, with the capability: everything passes (a privileged container in
+    # all but name; the shipped profile serves rootless mode, without the capability).
     admin = _probe(podman, "--cap-add", "SYS_ADMIN")
     print("podman defaults + CAP_SYS_ADMIN:", admin)
     assert admin["Seccomp"] == "2"
