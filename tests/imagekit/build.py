@@ -143,8 +143,35 @@ def busybox_layout() -> Path:
     return _cached("busybox", build)
 
 
+#: /usr/local/bin/redis-server of the test image, before Debian's in PATH (as in the official one)
+REDIS_SERVER = r"""#!/bin/sh
+# The official redis image builds redis-server with protected mode off by default ("unnecessary
+# in the context of Docker", docker-library/redis), so that a command naming no --protected-mode
+# still serves other containers. Debian's has it on: this gives the official default, last (redis
+# reads --version and a config file first), unless the command line names it.
+case " $* " in
+    *" --protected-mode "*) exec /usr/bin/redis-server "$@" ;;
+esac
+exec /usr/bin/redis-server "$@" --protected-mode no
+"""
+
+#: the image's redis user and group become 999, with what they own
+REDIS_USER_999 = r"""set -eu
+r=$1
+uid=$(awk -F: '$1 == "redis" {print $3}' "$r/etc/passwd")
+gid=$(awk -F: '$1 == "redis" {print $3}' "$r/etc/group")
+if awk -F: '$3 == 999' "$r/etc/passwd" "$r/etc/group" | grep -q .; then echo "999 is taken" >&2; exit 1; fi
+find "$r" -xdev -uid "$uid" -exec chown -h 999 {} +
+find "$r" -xdev -gid "$gid" -exec chgrp -h 999 {} +
+sed -i -E "s/^redis:x:$uid:$gid:/redis:x:999:999:/" "$r/etc/passwd"
+sed -i -E "s/^redis:x:$gid:/redis:x:999:/" "$r/etc/group"
+"""
+
+
 def redis_layout() -> Path:
-    """The Debian redis-server OCI layout (tag ``latest``); about 30 s to build, once."""
+    """The Debian redis-server OCI layout (tag ``latest``), made like the official image where
+    tests and docs rely on it (the redis user is 999:999, protected mode is off unless asked for);
+    about 30 s to build, once."""
     for tool in ("mmdebstrap", "umoci"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is missing: apt-get install {tool}")
@@ -158,6 +185,12 @@ def redis_layout() -> Path:
         def fill(rootfs: Path) -> None:
             # Device nodes left out: a user namespace cannot make them, a sandbox brings its own.
             _run("tar", "-xpf", str(rootfs_tar), "--numeric-owner", "--exclude=./dev/*", "-C", str(rootfs))
+            # As in the official image: the redis user is 999:999 (the docs declare that user),
+            # redis-server defaults to protected mode off. As root (of a user namespace): the
+            # rootfs belongs to it.
+            (work / "redis-server").write_text(REDIS_SERVER)
+            _run("install", "-m", "0755", str(work / "redis-server"), str(rootfs / "usr/local/bin"))
+            _run("sh", "-c", REDIS_USER_999, "sh", str(rootfs))
 
         config = [*[a for c in ("redis-server", "--protected-mode", "no", "--save", "")
                     for a in ("--config.cmd", c)],
@@ -167,7 +200,7 @@ def redis_layout() -> Path:
         _layout_from_tree(work / "out", work / "bundle", fill, config)
         rootfs_tar.unlink()
 
-    return _cached("redis", build)
+    return _cached("redis-3", build)  # -3: made like the official image
 
 
 POSTGRES_ENTRYPOINT = r"""#!/bin/sh

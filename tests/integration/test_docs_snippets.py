@@ -19,6 +19,7 @@ import pytest
 
 from pytest_envbox import Environment, Service
 from pytest_envbox.config import load_project_config
+from pytest_envbox.plugin import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
@@ -86,13 +87,16 @@ def _project(tmp_path: Path, block: str) -> tuple[Path, bool]:
 
 
 def _why_not_here(service: Service) -> str | None:
-    if service.image is not None:
-        return f"image {service.image}: not reachable offline (images run in test_docs_images.py)"
+    if service.image is not None:  # images.md's and kubernetes.md's Redis run in test_docs_images.py
+        return f"image {service.image}: a registry that is not reachable offline"
     argv = " ".join(service.command)
     for program in PROJECT_PROGRAMS:
         if program in argv:
             return f"{program}: the reader's project"
     if shutil.which(service.command[0]) is None:
+        # .ci/run installs every program the docs name: in CI a missing one is this test's failure
+        if unavailable._ci():
+            pytest.fail(f"{service.name}: {service.command[0]} is not installed (add it to .ci/run)")
         return f"{service.command[0]}: not installed here"
     return None
 
