@@ -248,6 +248,22 @@ def test_bad_files_are_a_config_error_naming_the_file_and_the_place(
     assert getattr(info.value, "file", None) == root / next(iter(files))
 
 
+def test_a_cycle_made_by_an_override_names_where_each_service_is_declared(tmp_path: Path) -> None:
+    # A manifest cannot make a cycle (a pod's second container waits for its first, which makes
+    # the pod's network); an override's depends_on can, and the error traces it to both files.
+    manifest = ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+                "spec: {containers: [{name: a, image: x}, {name: b, image: x}]}\n")
+    root = project(tmp_path, '[tool.envbox]\nkubernetes = ["k.yaml"]\n[tool.envbox.services.p-a]\n'
+                   'depends_on = ["p-b"]\n', **{"k.yaml": manifest})
+    catalog = load_project_config(root)
+    with pytest.raises(ConfigError) as info:
+        select(catalog, ["p-a"])
+    assert (info.value.service, info.value.key) == ("p-a", "depends_on")
+    assert "p-a -> p-b -> p-a; remove one of these dependencies (declared in p-a: " in str(info.value)
+    assert "k.yaml Pod/p container a, with pyproject.toml [tool.envbox.services.p-a]" in str(info.value)
+    assert "p-b: " in str(info.value) and "k.yaml Pod/p container b)" in str(info.value)
+
+
 def test_an_override_named_as_a_workload_changes_each_of_its_replicas(tmp_path: Path) -> None:
     shutil.copytree(DATA / "kubernetes" / "guestbook", tmp_path / "deploy")
     root = project(tmp_path, """\
