@@ -12,6 +12,7 @@ import pytest
 from pytest_envbox.config import load_project_config, select, start_levels
 from pytest_envbox.errors import ConfigError
 from pytest_envbox.mounts import Volume
+from pytest_envbox.probe import ExecProbe
 from pytest_envbox.spec import Limits
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -286,6 +287,42 @@ def test_an_override_named_as_a_workload_of_several_containers_must_name_one(tmp
                    'limits = { memory = "1Gi" }\n', **{"app.yaml": POD})
     with pytest.raises(ConfigError, match="several containers"):
         load_project_config(root)
+
+
+def test_image_false_drops_what_names_the_image_and_keeps_the_rest(tmp_path: Path) -> None:
+    # What docs/compose.md's Overrides says, key by key: the compose command (args) goes with
+    # the entrypoint, since the table's command is the whole argv.
+    compose = """\
+        services:
+          api:
+            image: team/api:1
+            pull_policy: always
+            entrypoint: ["/entry.sh"]
+            command: ["serve", "--port", "8000"]
+            working_dir: /srv
+            user: app
+            environment: {A: b}
+            ports: [8000]
+            depends_on: [db]
+            tmpfs: [/tmp]
+            stop_grace_period: 3s
+            stop_signal: SIGINT
+            healthcheck: {test: ["CMD", "true"]}
+            networks: {default: {aliases: [web]}}
+            cpus: 0.5
+          db: {image: x}
+    """
+    root = project(tmp_path, '[tool.envbox]\ncompose = ["compose.yaml"]\n[tool.envbox.services.api]\n'
+                   'image = false\ncommand = ["python3", "-m", "http.server", "8000"]\n',
+                   **{"compose.yaml": compose})
+    api = load_project_config(root, environ={}).services["api"]
+    assert (api.image, api.pull, api.command, api.args) == (
+        None, "missing", ("python3", "-m", "http.server", "8000"), None)
+    assert (api.cwd, api.user) == (None, None)
+    assert (api.env, api.ports, api.depends_on) == ({"A": "b"}, (8000,), ("db",))
+    assert api.tmpfs == {"/tmp": 512 << 20}
+    assert (api.stop_timeout, api.stop_signal, api.aliases, api.limits.cpu) == (3.0, "SIGINT", ("web",), 0.5)
+    assert isinstance(api.ready, ExecProbe) and api.ready.argv == ("true",)
 
 
 def test_a_service_built_by_compose_runs_from_the_checkout_with_image_false(tmp_path: Path) -> None:
