@@ -3,8 +3,9 @@
 The README's compose quick start shows excerpts of ``examples/compose`` (which tox's tests lane
 runs): each of its blocks says, on its first line, which file it is (``(excerpt of PATH)``: it
 may leave keys out but not differ; ``(PATH)``: the whole file, its docstring aside). The tables of
-docs/compose.md are copies of ``pytest_envbox/compose/keys.py``'s, compared here both ways: a key
-added to one and not the other fails.
+docs/compose.md are copies of ``pytest_envbox/compose/keys.py``'s, and docs/kubernetes.md's "Every
+field" of ``pytest_envbox/kubernetes/keys.py``'s, compared here both ways: a key added to one and
+not the other fails.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 
 from pytest_envbox.compose import keys
 from pytest_envbox.compose.load import TOP_LEVEL_IGNORED
+from pytest_envbox.kubernetes import keys as kube
 
 ROOT = Path(__file__).resolve().parents[2]
 CLAIM = re.compile(r"^# \S+ \((?P<excerpt>excerpt of )?(?P<path>examples/\S+)\)$")
@@ -178,3 +180,39 @@ def test_the_top_level_keys_ignored_are_keys_top_level_ignored() -> None:
 ])  # fmt: skip
 def test_table_keys_reads_a_cell_as_the_docs_write_it(cell: str, names: list[str]) -> None:
     assert table_keys(f"| key | why |\n| --- | --- |\n| {cell} | x (`y`) |\n") == names
+
+
+# --- docs/kubernetes.md and kubernetes/keys.py ---------------------------------------------------
+
+#: The rows of docs/kubernetes.md's "Every field", by their first cell: keys.py's table for each.
+KUBE_ROWS = {
+    "`metadata` (every object)": kube.METADATA,
+    "pod spec (a Pod's `spec`, a template's `spec`)": kube.POD,
+    "container (`containers`, `initContainers`)": kube.CONTAINER,
+    "container `securityContext`": kube.SECURITY,
+    "pod `securityContext`": kube.POD_SECURITY,
+    "`readinessProbe`": kube.PROBE,
+    "`volumeMounts`": kube.VOLUME_MOUNT,
+    **{f"{kind} `spec`": table for kind, table in kube.WORKLOAD.items()},
+    "Service `spec`": kube.SERVICE,
+}
+
+
+def test_every_table_of_kubernetes_keys_has_its_row() -> None:
+    tables = {name: value for name, value in vars(kube).items() if isinstance(value, kube.Keys)}
+    rows = list(KUBE_ROWS.values())
+    assert all(any(t is r for r in rows) for t in [*tables.values(), *kube.WORKLOAD.values()])
+
+
+def test_the_kubernetes_fields_table_is_keys_py() -> None:
+    text = section((ROOT / "docs" / "kubernetes.md").read_text(), "## Every field")
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("|")]  # fmt: skip
+    assert rows[0] == ["object", "read", "ignored, and listed", "refused"]
+    documented = {}
+    for label, *columns in rows[2:]:
+        documented[label] = [set(re.findall(r"`([^`]+)`", cell)) for cell in columns]
+    assert set(documented) == set(KUBE_ROWS)
+    for label, table in KUBE_ROWS.items():
+        read, ignored, refused = documented[label]
+        assert (read, ignored, refused) == (set(table.mapped), set(table.ignored), set(table.refused)), label
