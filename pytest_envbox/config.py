@@ -234,12 +234,15 @@ def merge_services(catalog: Catalog, extra: Iterable[tuple[Service, str]]) -> Ca
 
 
 def _dependency_order(
-    roots: Iterable[str], resolve: Callable[[str, str | None], Service]
-) -> list[Service]:
+    roots: Iterable[str], resolve: Callable[[str, str | None], Service],
+    origins: Mapping[str, str] | None = None,
+) -> list[Service]:  # fmt: skip
     """Depth-first, dependencies before dependents, roots in the order given.
 
     ``resolve(name, wanted_by)`` finds a service (``wanted_by`` is None for a root) or raises.
-    A ``depends_on`` cycle raises a :class:`ConfigError` that spells it out: ``a -> b -> a``.
+    A ``depends_on`` cycle raises a :class:`ConfigError` that spells it out: ``a -> b -> a``,
+    with where each service of it is declared (``origins``): a cycle made by an override of an
+    imported service (a pod's second container depends on its first) is then traced to its files.
     """
     order: list[Service] = []
     done: set[str] = set()
@@ -250,8 +253,10 @@ def _dependency_order(
             return
         if name in path:
             cycle = [*path[path.index(name) :], name]
+            where = "; ".join(f"{n}: {origins[n]}" for n in cycle[:-1] if origins and n in origins)
             raise ConfigError(
-                f"depends_on forms a cycle: {' -> '.join(cycle)}; remove one of these dependencies",
+                f"depends_on forms a cycle: {' -> '.join(cycle)}; remove one of these dependencies"
+                + (f" (declared in {where})" if where else ""),
                 service=cycle[0],
                 key="depends_on",
             )
@@ -312,7 +317,7 @@ def select(
             key="depends_on",
         )
 
-    selected = _dependency_order(requested, resolve)
+    selected = _dependency_order(requested, resolve, catalog.origins)
     _check_hostnames(selected)
     check_environment_host_ports(selected)
     return selected

@@ -18,6 +18,7 @@ from typing import Any
 from pytest_envbox.compose.forms import compose_bytes, compose_duration
 from pytest_envbox.compose.interpolate import ComposeError, parse_env_file
 from pytest_envbox.compose.keys import (
+    BY_VALUE,
     DEPLOY_IGNORED,
     HEALTHCHECK_KEYS,
     IGNORED,
@@ -91,8 +92,7 @@ def _argv(value: object, key: str, fail: Fail) -> list[str]:
 
 
 def _check_keys(body: dict[str, Any], extras: ServiceExtras, fail: Fail) -> None:
-    known = (*MAPPED, *IGNORED, *REFUSED, "privileged", "network_mode", "pid", "ipc", "uts",
-             "userns_mode")  # fmt: skip
+    known = tuple(dict.fromkeys((*MAPPED, *IGNORED, *REFUSED, *BY_VALUE)))
     for key, value in body.items():
         if key.startswith("x-"):
             continue

@@ -1,17 +1,18 @@
 """Every service key of the Compose Specification, and what envbox does with it.
 
-Three tables, which ``docs/compose.md`` copies: :data:`MAPPED` keys become the envbox service
-(API.md 7); :data:`IGNORED` keys do not matter to a test run and are listed by
-``envbox doctor --config`` (``ComposeProject.ignored``); :data:`REFUSED` keys cannot be honoured
-and are a :class:`~pytest_envbox.errors.ConfigError` naming the file, the service and the key,
-with what to do instead. A few keys are refused for some values only (:func:`refused_value`):
-``network_mode: host`` is refused, ``network_mode: bridge`` ignored. Any other key is a typo,
-refused with the closest known key. ``x-`` keys are extension fields and skipped silently.
+Three tables, which ``docs/compose.md`` copies (tests/unit/test_import_docs.py compares the two
+both ways): :data:`MAPPED` keys become the envbox service (API.md 7); :data:`IGNORED` keys do not
+matter to a test run and are listed by ``envbox doctor --config`` (``ComposeProject.ignored``);
+:data:`REFUSED` keys cannot be honoured and are a :class:`~pytest_envbox.errors.ConfigError`
+naming the file, the service and the key, with what to do instead. A few keys are refused for
+some values only (:data:`BY_VALUE`, :func:`refused_value`): ``network_mode: host`` is refused,
+``network_mode: bridge`` ignored. Any other key is a typo, refused with the closest known key.
+``x-`` keys are extension fields and skipped silently.
 """
 
 from __future__ import annotations
 
-__all__ = ["DEPLOY_IGNORED", "HEALTHCHECK_KEYS", "IGNORED", "MAPPED", "REFUSED", "refused_value"]
+__all__ = ["BY_VALUE", "DEPLOY_IGNORED", "HEALTHCHECK_KEYS", "IGNORED", "MAPPED", "REFUSED", "refused_value"]
 
 MAPPED: dict[str, str] = {
     "image": "image",
@@ -114,6 +115,11 @@ REFUSED: dict[str, str] = {
     "use_api_socket": "no container engine socket exists",
     "volumes_from": "mount the same host paths in both services",
 }  # fmt: skip
+
+#: Keys refused for some of their values (:func:`refused_value`) and, for the others, ignored
+#: (the default already: ``privileged: false``, ``pid: private``) or mapped (``network_mode:
+#: service:NAME``, ``scale: 1``); ``scale`` is in :data:`MAPPED` as well.
+BY_VALUE = ("privileged", "network_mode", "pid", "ipc", "uts", "userns_mode", "scale")
 
 #: healthcheck keys; ``start_interval`` becomes the probe's interval.
 HEALTHCHECK_KEYS = ("test", "interval", "timeout", "retries", "start_period", "start_interval", "disable")

@@ -170,7 +170,12 @@ def _active(name: str, body: dict[str, Any], profiles: set[str], setters: Mappin
     return not declared or "*" in profiles or bool(profiles & set(declared))
 
 
-def _check_cycles(deps: Mapping[str, Sequence[str]], origins: Mapping[str, str]) -> None:
+def _check_cycles(deps: Mapping[str, Sequence[str]], setters: Mapping[str, Mapping[str, Path]],
+                  joined: Mapping[str, str], default: Path) -> None:  # fmt: skip
+    """A ``depends_on`` cycle is a ComposeError at its first dependency (``a -> b`` of
+    ``a -> b -> a``): the file that set ``a``'s ``depends_on``, the service ``a`` and the key
+    ``depends_on.b`` (``network_mode`` when ``a`` only joins ``b``'s network: ``joined``). The
+    message spells the cycle out, with each service's file when they are not all in one."""
     done: set[str] = set()
     path: list[str] = []
 
@@ -179,10 +184,15 @@ def _check_cycles(deps: Mapping[str, Sequence[str]], origins: Mapping[str, str])
             return
         if name in path:
             cycle = [*path[path.index(name):], name]
-            files = sorted({origins[n].split(" services.")[0] for n in cycle[:-1]})
-            raise ConfigError(f"depends_on forms a cycle: {' -> '.join(cycle)}; remove one of these "
-                              f"dependencies (in {', '.join(files)})", service=cycle[0],
-                              key="depends_on")  # fmt: skip
+            first, dep = cycle[0], cycle[1]
+            top = "network_mode" if joined.get(first) == dep else "depends_on"
+            places = {n: setters[n].get("depends_on", setters[n].get("network_mode", default))
+                      for n in cycle[:-1]}  # fmt: skip
+            where = "" if len(set(places.values())) == 1 else " (" + ", ".join(
+                f"{n} in {places[n].name}" for n in cycle[:-1]) + ")"  # fmt: skip
+            raise ComposeError(f"depends_on forms a cycle: {' -> '.join(cycle)}{where}; remove one of "
+                               "these dependencies", file=setters[first].get(top, default),
+                               service=first, key=top if top == "network_mode" else f"depends_on.{dep}")
         path.append(name)
         for dep in deps[name]:
             visit(dep)
@@ -247,6 +257,7 @@ def load_compose(files: Sequence[Path], *, environ: Mapping[str, str], profiles:
         origins[name] = f"{first.name} services.{name}"
 
     deps: dict[str, list[str]] = {}
+    joined: dict[str, str] = {}  # service -> the service whose network it joins (network_mode)
     for name, ex in extras.items():
         fail = _fail_for(name, setters[name], paths[0])
         kept = []
@@ -270,12 +281,14 @@ def load_compose(files: Sequence[Path], *, environ: Mapping[str, str], profiles:
             if owner not in services:
                 raise fail(f"network_mode: {mode} names no service of these files; services: "
                            f"{', '.join(services)}", "network_mode")  # fmt: skip
+            if owner not in kept:
+                joined[name] = owner
             kept = list(dict.fromkeys([*kept, owner]))
             services[name] = services[name].with_changes(network_of=owner)
         if kept:
             services[name] = services[name].with_changes(depends_on=kept)
         deps[name] = kept
-    _check_cycles(deps, origins)
+    _check_cycles(deps, setters, joined, paths[0])
     for ex in extras.values():  # a service others wait to complete runs to completion
         for dep in ex.completed:
             if dep in services and not services[dep].oneshot:

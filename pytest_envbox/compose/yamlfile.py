@@ -21,7 +21,17 @@ from typing import Any
 
 from pytest_envbox.errors import ConfigError
 
-__all__ = ["Override", "Reset", "read_yaml", "read_yaml_documents"]
+__all__ = ["Override", "Reset", "YamlError", "read_yaml", "read_yaml_documents"]
+
+
+class YamlError(ConfigError):
+    """A file that is not valid YAML, or holds a tag the safe loader does not construct: ``file``,
+    and the ``line`` and ``column`` (from 1) where the parser stopped, when it said so."""
+
+    def __init__(self, message: str, *, file: Path, line: int | None = None,
+                 column: int | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.file, self.line, self.column = file, line, column
 
 
 class Reset:
@@ -96,9 +106,16 @@ def _syntax_error(path: Path, exc: Exception) -> ConfigError:
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         what = " ".join(p for p in (exc.context, exc.problem) if p)
-        return ConfigError(f"{where}: not valid YAML: {what}; fix its syntax")
-    return ConfigError(f"{path}: not valid YAML: {exc}; fix its syntax")
+        if isinstance(exc, yaml.constructor.ConstructorError):
+            # A tag such as !!python/object: the safe loader builds plain data only, never objects.
+            return YamlError(f"{where}: a tag envbox does not read: {what}; YAML is read as plain "
+                             "data (PyYAML safe loading), so remove the tag", file=path, line=line,
+                             column=column)  # fmt: skip
+        return YamlError(f"{where}: not valid YAML: {what}; fix its syntax", file=path, line=line,
+                         column=column)  # fmt: skip
+    return YamlError(f"{path}: not valid YAML: {exc}; fix its syntax", file=path)
 
 
 def read_yaml(path: Path) -> object:

@@ -5,6 +5,7 @@ and Services; ``IGNORED`` keys do not matter to a test run and are recorded in
 ``KubeProject.ignored`` (file, document, key path); ``REFUSED`` keys cannot be honoured and are a
 :class:`~pytest_envbox.kubernetes.model.KubeError` saying what to do instead. Any other key is a
 typo (as ``kubectl apply --validate=strict`` says), refused with the closest known key.
+docs/kubernetes.md's table "Every field" copies these (tests/unit/test_import_docs.py compares).
 """
 
 from __future__ import annotations

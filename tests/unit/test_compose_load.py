@@ -11,6 +11,8 @@ import pytest
 
 from pytest_envbox.compose import DEFAULT_TMPFS, ComposeProject, Ignored, VolumeMount, load_compose
 from pytest_envbox.compose.forms import compose_bytes, compose_duration
+from pytest_envbox.compose.interpolate import ComposeError
+from pytest_envbox.compose.yamlfile import YamlError
 from pytest_envbox.errors import ConfigError
 from pytest_envbox.probe import ExecProbe
 from pytest_envbox.spec import Mount
@@ -231,8 +233,31 @@ def test_a_depends_on_cycle_names_the_cycle_and_the_file(tmp_path: Path) -> None
           b: {image: x, depends_on: [c]}
           c: {image: x, depends_on: [a]}
         """)  # fmt: skip
-    assert "a -> b -> c -> a" in str(e)
-    assert "compose.yaml" in str(e)
+    assert isinstance(e, ComposeError)
+    # The place, as for every other compose error: the file, the service, the dependency's key.
+    assert (e.file, e.service, e.key) == (tmp_path / "compose.yaml", "a", "depends_on.b")
+    assert "depends_on forms a cycle: a -> b -> c -> a;" in str(e)
+    assert str(e).startswith("service 'a', key 'depends_on.b': ")
+    assert str(e).endswith(f"(in {tmp_path / 'compose.yaml'})")
+
+
+def test_a_cycle_across_files_names_the_file_of_each_service(tmp_path: Path) -> None:
+    e = error(tmp_path, "services:\n  a: {image: x, depends_on: [b]}\n  b: {image: x}\n",
+              "services:\n  b: {depends_on: {a: {condition: service_healthy}}}\n")
+    assert isinstance(e, ComposeError)
+    assert (e.file, e.service, e.key) == (tmp_path / "compose.yaml", "a", "depends_on.b")
+    assert "a -> b -> a (a in compose.yaml, b in override1.yaml)" in str(e)
+
+
+def test_a_cycle_through_network_mode_names_that_key(tmp_path: Path) -> None:
+    e = error(tmp_path, """
+        services:
+          app: {image: x, network_mode: "service:vpn"}
+          vpn: {image: x, depends_on: [app]}
+        """)  # fmt: skip
+    assert isinstance(e, ComposeError)
+    assert (e.file, e.service, e.key) == (tmp_path / "compose.yaml", "app", "network_mode")
+    assert "app -> vpn -> app" in str(e)
 
 
 # --- healthcheck ---------------------------------------------------------------------------------
@@ -594,7 +619,9 @@ def test_malformed_documents(tmp_path: Path, doc: str, words: str) -> None:
 
 def test_unknown_tags_are_refused(tmp_path: Path) -> None:
     e = error(tmp_path, "services:\n  a: !!python/object:os.system {image: x}\n")
-    assert "not valid YAML" in str(e)
+    assert isinstance(e, YamlError)
+    assert (e.file, e.line, e.column) == (tmp_path / "compose.yaml", 2, 6)
+    assert "line 2, column 6: a tag envbox does not read" in str(e) and "python/object" in str(e)
 
 
 def test_an_empty_file_declares_nothing(tmp_path: Path) -> None:

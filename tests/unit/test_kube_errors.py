@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_envbox.compose.yamlfile import YamlError
 from pytest_envbox.errors import ConfigError
 from pytest_envbox.kubernetes import KubeError, load_manifests
 
@@ -184,6 +185,27 @@ def test_malformed_yaml_names_line_and_column(tmp_path: Path) -> None:
     path.write_text(CM + "---\napiVersion: v1\nkind: Pod: x\nmetadata: {name: p}\n")
     with pytest.raises(ConfigError, match=r"app\.yaml, line 7, column 10: not valid YAML: .*fix its syntax"):
         load_manifests([path])
+
+
+@pytest.mark.parametrize("tag", [
+    '!!python/object/apply:os.system ["touch PWNED"]',
+    "!!python/name:os.system",
+    '!!python/object:pathlib.Path {}',
+    "!custom x",
+])  # fmt: skip
+def test_an_unsafe_tag_is_refused_not_executed(tmp_path: Path, tag: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # where os.system("touch PWNED") would leave its file
+    path = tmp_path / "app.yaml"
+    path.write_text(CM + f"---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {tag}\n")
+    with pytest.raises(YamlError) as info:
+        load_manifests([path])
+    # Named by file, line and column, as for malformed YAML; the safe loader built nothing, so
+    # the command was never run.
+    assert (info.value.file, info.value.line, info.value.column) == (path, 9, 9)
+    assert "app.yaml, line 9, column 9: a tag envbox does not read: " in str(info.value)
+    assert isinstance(info.value, ConfigError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.yaml"]
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from pytest_envbox.config import load_project_config
 from pytest_envbox.kubernetes import load_manifests
 from pytest_envbox.kubernetes.container import probe_timeout
 from pytest_envbox.kubernetes.export import NAME_LABEL, Export, export_kubernetes, probe_numbers, to_yaml
+from pytest_envbox.mounts import Volume
 from pytest_envbox.spec import HOME, Limits
 
 #: The Kubernetes release whose schemas the manifests are checked against (kubernetes-validate
@@ -39,12 +40,23 @@ def round_trip(export: Export, directory: Path) -> Any:
 
 
 def comparable(service: Service) -> Service:
-    """``service`` as the loader can give it back: every key both sides hold kept. Not held by
-    the loader: ``depends_on`` (pods have no order), ``aliases`` (they are Services: checked
-    apart), ``stop_timeout`` (the loader ignores terminationGracePeriodSeconds, checked apart),
-    the probe's ``interval`` (the loader polls at 1 s whatever periodSeconds says)."""
+    """``service`` as the loader gives its container back: every key both sides hold kept. Not
+    held by the loader: ``depends_on`` (pods have no order), ``aliases`` (they are Services:
+    checked apart), ``stop_timeout`` (the loader ignores terminationGracePeriodSeconds, checked
+    apart), the probe's ``interval`` (the loader polls at 1 s whatever periodSeconds says).
+    ``volumes``, ``oneshot`` and ``retries`` are the pod's and the workload's (an emptyDir, a
+    Job's backoffLimit): the catalog the project makes of the manifests has them, checked apart."""
     ready = None if service.ready is None else dataclasses.replace(service.ready, interval=1.0)
-    return dataclasses.replace(service, depends_on=(), aliases=(), stop_timeout=5.0, ready=ready)
+    return dataclasses.replace(service, depends_on=(), aliases=(), stop_timeout=5.0, ready=ready,
+                               volumes=(), oneshot=False, retries=0)
+
+
+def as_imported(service: Service) -> tuple[tuple[Volume, ...], bool, int]:
+    """What the catalog made of the manifests holds of ``service``'s volumes (each an emptyDir
+    ``volume-<i>`` of its one pod, named after the pod), ``oneshot`` and ``retries``."""
+    volumes = tuple(Volume(f"{service.name}.volume-{i}", v.target, v.readonly)
+                    for i, v in enumerate(service.volumes))  # fmt: skip
+    return volumes, service.oneshot, service.retries
 
 
 # --- generated declarations ------------------------------------------------------------------
@@ -93,6 +105,9 @@ def services(draw: st.DrawFn) -> list[Service]:
             "depends_on": [n for n in names[:i] if draw(st.booleans())],
             "aliases": [spare.pop() for _ in range(draw(st.integers(0, len(spare))))],
         }
+        tmpfs = kwargs["tmpfs"]
+        targets = draw(st.lists(PATHS.filter(lambda t, taken=tmpfs: t not in taken), max_size=2, unique=True))
+        kwargs["volumes"] = [Volume(f"{name}-{j}", t, draw(st.booleans())) for j, t in enumerate(targets)]
         argv = draw(st.sampled_from(["none", "command", "args"]))
         if argv == "command":
             kwargs["command"] = [draw(TEXT.filter(bool)), *draw(ARGS)]
@@ -100,12 +115,15 @@ def services(draw: st.DrawFn) -> list[Service]:
             kwargs["args"] = draw(st.lists(TEXT, min_size=1, max_size=4))
         timing = {"timeout": draw(TIMEOUTS), "interval": draw(INTERVALS)}
         port = draw(st.sampled_from(ports) if ports else st.integers(1, 65535))
-        kwargs["ready"] = draw(st.sampled_from([
-            None,
-            probe.tcp(port, **timing),
-            probe.http(port, draw(st.from_regex(r"\A/[a-z0-9/._-]{0,10}\Z")), **timing),
-            probe.exec([draw(TEXT.filter(bool)), *draw(ARGS)], **timing),
-        ]))  # fmt: skip
+        if draw(st.booleans()):  # runs to completion, retried: a Job (and no readiness probe)
+            kwargs.update(oneshot=True, retries=draw(st.integers(0, 100)))
+        else:
+            kwargs["ready"] = draw(st.sampled_from([
+                None,
+                probe.tcp(port, **timing),
+                probe.http(port, draw(st.from_regex(r"\A/[a-z0-9/._-]{0,10}\Z")), **timing),
+                probe.exec([draw(TEXT.filter(bool)), *draw(ARGS)], **timing),
+            ]))  # fmt: skip
         out.append(Service(name, kwargs.pop("command", ()), **kwargs))
     return out
 
@@ -117,9 +135,15 @@ def test_generated_declarations_validate_and_come_back_the_same(declared: list[S
     validate(exported.documents)
     with tempfile.TemporaryDirectory() as tmp:
         project = round_trip(exported, Path(tmp))
+        (Path(tmp) / "envbox.toml").write_text('kubernetes = ["export.yaml"]\n')
+        catalog = load_project_config(Path(tmp))
     # Every key both sides hold: image, pull, command, args, env, cwd, ports, limits.memory and
-    # limits.cpu, ready (kind, port, path, argv, timeout), user, tmpfs.
+    # limits.cpu, ready (kind, port, path, argv, timeout), user, tmpfs; and in the catalog,
+    # volumes, oneshot and retries.
     assert project.envbox_services() == {s.name: comparable(s) for s in declared}
+    imported = {s.name: catalog.services[s.name] for s in declared}
+    assert {n: (c.volumes, c.oneshot, c.retries) for n, c in imported.items()} == {
+        s.name: as_imported(s) for s in declared}  # fmt: skip
     for s in declared:
         # aliases: Services of those names selecting the service's one pod, on the same ports
         names = sorted(n for n, ks in project.services.items() if ks.selects == (s.name,))
@@ -128,7 +152,7 @@ def test_generated_declarations_validate_and_come_back_the_same(declared: list[S
             backends = project.services[name].backends
             assert [(b.port, b.target_port) for b in backends] == [(p, p) for p in s.ports]
             assert project.services[name].headless == (not s.ports)
-        pod = next(d for d in exported.documents if d["kind"] == "Deployment"
+        pod = next(d for d in exported.documents if d["kind"] in ("Deployment", "Job")
                    and d["metadata"]["name"] == s.name)["spec"]["template"]["spec"]  # fmt: skip
         assert pod["terminationGracePeriodSeconds"] == s.stop_timeout
     assert {n.key for n in exported.notes} <= {"depends_on", "ready.interval"}

@@ -351,6 +351,48 @@ def test_deployment_replicas_names_and_ignored_keys(tmp_path: Path) -> None:
     assert set(project.envbox_services()) == {"web-0-migrate", "web-0-server", "web-0-proxy"}
 
 
+def test_anchors_aliases_and_merge_keys_as_yaml_resolves_them(tmp_path: Path) -> None:
+    project = load(tmp_path, """
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {name: web, labels: &labels {app: web, tier: front}}
+        spec:
+          selector: {matchLabels: *labels}
+          template:
+            metadata: {labels: *labels}
+            spec:
+              containers:
+              - &server
+                name: server
+                image: app:1
+                env: &env [{name: LEVEL, value: debug}, {name: PORT, value: "8080"}]
+                resources: {limits: &small {memory: 64Mi, cpu: 250m}}
+              - <<: *server           # a merge key: the keys of *server, then these over them
+                name: worker
+                args: [work]
+              - <<: [{name: side, image: side:2}, *server]   # several: the first one wins
+                env: [{name: ROLE, value: side}]
+                resources: {limits: {<<: *small, cpu: "1"}}
+        """)  # fmt: skip
+    w = project.workloads["web"]
+    assert dict(w.labels) == {"app": "web", "tier": "front"}
+    server, worker, side = (c.service for c in w.containers)
+    assert (server.name, server.image, server.args) == ("web-server", "app:1", None)
+    assert server.env == {"LEVEL": "debug", "PORT": "8080"} == worker.env
+    assert (worker.name, worker.image, worker.args) == ("web-worker", "app:1", ("work",))
+    assert worker.limits == server.limits == Limits(memory=64 << 20, cpu=0.25)
+    assert (side.name, side.image, side.env) == ("web-side", "side:2", {"ROLE": "side"})
+    assert side.limits == Limits(memory=64 << 20, cpu=1.0)
+
+
+def test_an_anchor_does_not_reach_the_next_document(tmp_path: Path) -> None:
+    # Anchors are per document, as YAML says: an alias to one in an earlier document is an error
+    # at the alias, not a silent copy.
+    first = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, labels: &l {app: a}}\n"
+    with pytest.raises(ConfigError, match=r"m0\.yaml, line 7, column 29: not valid YAML: .*undefined alias"):
+        load(tmp_path, first + "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b, labels: *l}\n")
+
+
 def test_statefulset_pods_are_numbered_and_job_uses_parallelism(tmp_path: Path) -> None:
     sts = ("apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec:\n  serviceName: db\n"
            "  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n"

@@ -12,6 +12,7 @@ import pytest
 from pytest_envbox.config import load_project_config, select, start_levels
 from pytest_envbox.errors import ConfigError
 from pytest_envbox.mounts import Volume
+from pytest_envbox.probe import ExecProbe
 from pytest_envbox.spec import Limits
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -244,7 +245,24 @@ def test_bad_files_are_a_config_error_naming_the_file_and_the_place(
     with pytest.raises(ConfigError) as info:
         load_project_config(root, environ={})
     assert place in str(info.value)
-    assert next(iter(files)) in str(info.value) or "a -> b" in place
+    assert str(root / next(iter(files))) in str(info.value)  # the file, by its path
+    assert getattr(info.value, "file", None) == root / next(iter(files))
+
+
+def test_a_cycle_made_by_an_override_names_where_each_service_is_declared(tmp_path: Path) -> None:
+    # A manifest cannot make a cycle (a pod's second container waits for its first, which makes
+    # the pod's network); an override's depends_on can, and the error traces it to both files.
+    manifest = ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+                "spec: {containers: [{name: a, image: x}, {name: b, image: x}]}\n")
+    root = project(tmp_path, '[tool.envbox]\nkubernetes = ["k.yaml"]\n[tool.envbox.services.p-a]\n'
+                   'depends_on = ["p-b"]\n', **{"k.yaml": manifest})
+    catalog = load_project_config(root)
+    with pytest.raises(ConfigError) as info:
+        select(catalog, ["p-a"])
+    assert (info.value.service, info.value.key) == ("p-a", "depends_on")
+    assert "p-a -> p-b -> p-a; remove one of these dependencies (declared in p-a: " in str(info.value)
+    assert "k.yaml Pod/p container a, with pyproject.toml [tool.envbox.services.p-a]" in str(info.value)
+    assert "p-b: " in str(info.value) and "k.yaml Pod/p container b)" in str(info.value)
 
 
 def test_an_override_named_as_a_workload_changes_each_of_its_replicas(tmp_path: Path) -> None:
@@ -269,6 +287,42 @@ def test_an_override_named_as_a_workload_of_several_containers_must_name_one(tmp
                    'limits = { memory = "1Gi" }\n', **{"app.yaml": POD})
     with pytest.raises(ConfigError, match="several containers"):
         load_project_config(root)
+
+
+def test_image_false_drops_what_names_the_image_and_keeps_the_rest(tmp_path: Path) -> None:
+    # What docs/compose.md's Overrides says, key by key: the compose command (args) goes with
+    # the entrypoint, since the table's command is the whole argv.
+    compose = """\
+        services:
+          api:
+            image: team/api:1
+            pull_policy: always
+            entrypoint: ["/entry.sh"]
+            command: ["serve", "--port", "8000"]
+            working_dir: /srv
+            user: app
+            environment: {A: b}
+            ports: [8000]
+            depends_on: [db]
+            tmpfs: [/tmp]
+            stop_grace_period: 3s
+            stop_signal: SIGINT
+            healthcheck: {test: ["CMD", "true"]}
+            networks: {default: {aliases: [web]}}
+            cpus: 0.5
+          db: {image: x}
+    """
+    root = project(tmp_path, '[tool.envbox]\ncompose = ["compose.yaml"]\n[tool.envbox.services.api]\n'
+                   'image = false\ncommand = ["python3", "-m", "http.server", "8000"]\n',
+                   **{"compose.yaml": compose})
+    api = load_project_config(root, environ={}).services["api"]
+    assert (api.image, api.pull, api.command, api.args) == (
+        None, "missing", ("python3", "-m", "http.server", "8000"), None)
+    assert (api.cwd, api.user) == (None, None)
+    assert (api.env, api.ports, api.depends_on) == ({"A": "b"}, (8000,), ("db",))
+    assert api.tmpfs == {"/tmp": 512 << 20}
+    assert (api.stop_timeout, api.stop_signal, api.aliases, api.limits.cpu) == (3.0, "SIGINT", ("web",), 0.5)
+    assert isinstance(api.ready, ExecProbe) and api.ready.argv == ("true",)
 
 
 def test_a_service_built_by_compose_runs_from_the_checkout_with_image_false(tmp_path: Path) -> None:
