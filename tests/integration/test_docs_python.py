@@ -7,10 +7,13 @@ a fragment (a few lines of a test, using ``envbox``) runs as the body of a marke
 signature is compared with the code's. Which block runs how, in which project, is said by
 ``RUNS``, block by block: nothing is guessed from the page.
 
-What cannot run here is named in ``NOT_HERE``, with why (images from Docker Hub, the reader's own
-project such as an ``api`` serving ``/orders``, manifests a page only names), so a new snippet is
-never skipped by accident: a block neither run nor listed fails the test. Listed blocks are still
-compiled, so a syntax error in one fails too. The TOML snippets run in test_docs_snippets.py.
+Images come from a registry on loopback (tests/imagekit), as in test_docs_images.py. What
+cannot run here is named in ``NOT_HERE``, with why (the reader's own project, such as an ``api``
+serving ``/orders`` or a compose file of its own, manifests a page only names), so a new snippet
+is never skipped by accident: a block neither run nor listed fails the test. Listed blocks are
+still compiled, so a syntax error in one fails too. A block that needs what a host may lack
+(cgroups, rootless on cgroup v1; a client library that is no test dependency) skips saying so.
+The TOML snippets run in test_docs_snippets.py.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pytest_envbox import Environment
 from pytest_envbox.plugin.fixtures import _signature
 from tests.conftest import PLUGIN_ARGS, cgroups_problem
 from tests.imagekit.build import redis_layout
-from tests.imagekit.registry import open_registry, push_layout  # noqa: F401  (a fixture: images.md)
+from tests.imagekit.registry import RegistryServer, open_registry, push_layout  # noqa: F401
 
 pytest_plugins = ["pytester"]
 
@@ -106,18 +109,25 @@ def _image(path: Path) -> None:
     (path / "pyproject.toml").write_text(toml)
 
 
-def _serve_the_image(path: Path, request: pytest.FixtureRequest, tmp_path: Path,
-                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def _serve_the_image(path: Path, registry: RegistryServer) -> None:
     """The image of ``_image``'s project, from a real registry on loopback; the one change to the
-    TOML, as in test_docs_images.py: the registry's port, chosen free at run time, replaces 5000.
-    The image store is in ``tmp_path``, which conftest's clean-up removes (rootless too)."""
-    registry = request.getfixturevalue("open_registry")
-    monkeypatch.setenv("ENVBOX_STORE", str(tmp_path / "store"))
-    monkeypatch.setenv("ENVBOX_TEST_IMAGES", IMAGE_CACHE)
+    TOML, as in test_docs_images.py: the registry's port, chosen free at run time, replaces 5000."""
     toml = (path / "pyproject.toml").read_text()
     for ref in re.findall(r'image = "localhost:5000/([^"]+)"', toml):
         push_layout(redis_layout(), "latest", registry, ref)
     (path / "pyproject.toml").write_text(toml.replace("localhost:5000", registry.host))
+
+
+def _notes(path: Path) -> None:
+    """The README's compose quick start: its pyproject table, with examples/compose's files (the
+    README's compose.yaml is an excerpt of that one), whose conftest serves the images from a
+    registry on loopback instead of Docker Hub."""
+    (path / "pyproject.toml").write_text(_toml("README.md", "# pyproject.toml\n[tool.envbox]"))
+    example = ROOT / "examples" / "compose"
+    for d in ("services", "migrations"):
+        shutil.copytree(example / d, path / d)
+    for f in ("compose.yaml", "conftest.py"):
+        shutil.copy(example / f, path / f)
 
 
 def _empty(path: Path) -> None:
@@ -126,7 +136,7 @@ def _empty(path: Path) -> None:
 
 PROJECTS: dict[str, Callable[[Path], None]] = {
     "shop": _shop, "quick start": _quick_start, "static": _static, "stand-in api": _stand_in_api,
-    "image": _image, "empty": _empty,
+    "image": _image, "notes": _notes, "empty": _empty,
 }  # fmt: skip
 
 
@@ -149,7 +159,8 @@ class Run:
     expect: tuple[str, ...] = ()
     after: str = ""
     of: Callable[..., object] | None = None
-    needs: str = ""  # "cgroups" or a module the block imports that is not a dependency (redis)
+    #: "cgroups", or modules the block (or its services) import that are not dependencies (redis)
+    needs: tuple[str, ...] = ()
     hidden: tuple[str, ...] = ()  # a signature's parameters left out of the docs on purpose
     same_as: str = ""  # the file of the repository the page says the block is
 
@@ -172,6 +183,8 @@ def test_declared_in_python(envbox):
 """
 
 RUNS: dict[str, Run] = {
+    # compose.yaml's api has cgroup limits; the api imports psycopg and redis.
+    "README.md#1": Run("tests", "notes", needs=("cgroups", "psycopg", "redis")),
     "docs/declaring.md#0": Run("script"),  # Service() validates; nothing runs shop.api
     "docs/declaring.md#1": Run("doctest", after="docs/declaring.md#0"),
     "docs/declaring.md#2": Run("conftest", "static", test=SERVICES_TEST),
@@ -179,8 +192,8 @@ RUNS: dict[str, Run] = {
     "docs/images.md#0": Run("tests", "image"),
     "docs/index.md#0": Run("tests", "quick start"),
     "docs/isolation.md#0": Run("tests", "shop"),
-    "docs/limits.md#0": Run("fragment", "stand-in api", marker='"api"', needs="cgroups"),
-    "docs/network.md#1": Run("tests", needs="redis"),
+    "docs/limits.md#0": Run("fragment", "stand-in api", marker='"api"', needs=("cgroups",)),
+    "docs/network.md#1": Run("tests", needs=("redis",)),
     "docs/python-api.md#0": Run("script", expect=("200\nweb\n",)),
     # The plugin's plumbing (its hooks, its pulled images) is no user's business.
     "docs/python-api.md#1": Run("signature", of=Environment,
@@ -190,7 +203,7 @@ RUNS: dict[str, Run] = {
     "docs/python-api.md#3": Run("script", "shop", name="run_shop.py", stdin="\n",
                                 same_as="examples/shop/run_shop.py",
                                 expect=("catalog: port 8000 is 127.0.0.1:", "press Enter")),
-    "docs/python-api.md#4": Run("unittest", "shop"),
+    "docs/python-api.md#4": Run("unittest", "shop", expect=("Ran 1 test", "OK")),
     "docs/testing.md#1": Run("signature", of=_signature),
     "docs/testing.md#2": Run("tests", "shop", passed=3),
     "docs/testing.md#3": Run("tests", "shop", passed=4),
@@ -202,8 +215,6 @@ RUNS: dict[str, Run] = {
 #: Blocks that cannot run here, with why. They are compiled.
 NOT_HERE: dict[str, str] = {
     "README.md#0": "the README's quick start: tests/plugin/test_quickstart.py runs it",
-    "README.md#1": "compose.yaml of postgres:16 and redis:7 from Docker Hub (examples/compose runs "
-                   "the same from a local registry)",
     "docs/compose.md#0": "the page's compose.yaml is the reader's (web, db images)",
     "docs/kubernetes.md#0": "the manifests the page only names (deploy/app.yaml: a frontend image)",
     "docs/network.md#0": "api: the reader's project (CACHE_URL, /orders)",
@@ -269,7 +280,7 @@ def _run_script(path: Path, run: Run, block: str) -> None:
                        timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     for text in run.expect:
-        assert text in r.stdout, r.stdout
+        assert text in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("where", sorted(RUNS))
@@ -278,10 +289,12 @@ def test_a_block_runs_as_written(where: str, pytester: pytest.Pytester, request:
     run, block = RUNS[where], BLOCKS[where]
     if run.same_as:
         assert block in (ROOT / run.same_as).read_text(), f"{where} is no longer {run.same_as}"
-    if run.needs == "cgroups" and cgroups_problem():
+    if "cgroups" in run.needs and cgroups_problem():
         pytest.skip(f"needs cgroups: {cgroups_problem()}")
-    if run.needs and run.needs != "cgroups" and importlib.util.find_spec(run.needs) is None:
-        pytest.skip(f"{run.needs} is not installed (the block imports it; not a test dependency)")
+    for module in set(run.needs) - {"cgroups"}:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (the block or its services import it; not a "
+                        "test dependency)")  # fmt: skip
     if run.how == "signature":
         assert run.of is not None
         assert _params(block) == _code_params(run.of, run.hidden), where
@@ -295,8 +308,12 @@ def test_a_block_runs_as_written(where: str, pytester: pytest.Pytester, request:
         assert runner.failures == 0 and runner.tries > 0, where
         return
     PROJECTS[run.project](pytester.path)
+    # Images: the store in tmp_path, which conftest's clean-up removes (rootless too), and
+    # tests/imagekit's cache where it is, not below the HOME pytester makes.
+    monkeypatch.setenv("ENVBOX_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("ENVBOX_TEST_IMAGES", IMAGE_CACHE)
     if run.project == "image":
-        _serve_the_image(pytester.path, request, tmp_path, monkeypatch)
+        _serve_the_image(pytester.path, request.getfixturevalue("open_registry"))
     if run.how in ("script", "unittest"):
         _run_script(pytester.path, run, block)
     else:
