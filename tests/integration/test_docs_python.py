@@ -5,7 +5,8 @@ block names, and its tests must pass; a conftest block runs as ``conftest.py`` w
 that uses it; a script runs in a subprocess and must exit 0; a ``>>>`` session runs as a doctest;
 a fragment (a few lines of a test, using ``envbox``) runs as the body of a marked test; a
 signature is compared with the code's. Which block runs how, in which project, is said by
-``RUNS``, block by block: nothing is guessed from the page.
+``RUNS``, block by block: nothing is guessed from the page. A block is ``page#n``, the n-th
+```python block of its page: a block added above others shifts them, and the tables follow.
 
 Images come from a registry on loopback (tests/imagekit), as in test_docs_images.py. What
 cannot run here is named in ``NOT_HERE``, with why (the reader's own project, such as an ``api``
@@ -233,6 +234,10 @@ def test_every_python_block_is_run_or_listed() -> None:
     assert not unplaced, f"say how these run (RUNS) or why they cannot (NOT_HERE): {sorted(unplaced)}"
     gone = (set(RUNS) | set(NOT_HERE)) - set(BLOCKS)
     assert not gone, f"no such block any more: {sorted(gone)}"
+
+
+def test_the_block_run_elsewhere_is_the_one_run_there() -> None:
+    assert BLOCKS["README.md#0"].startswith("# tests/test_web.py")  # test_quickstart.py's
 
 
 @pytest.mark.parametrize("where", sorted(NOT_HERE))
