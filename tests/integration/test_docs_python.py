@@ -123,7 +123,8 @@ def _notes(path: Path) -> None:
     """The README's compose quick start: its pyproject table, with examples/compose's files (the
     README's compose.yaml is an excerpt of that one), whose conftest serves the images from a
     registry on loopback instead of Docker Hub."""
-    (path / "pyproject.toml").write_text(_toml("README.md", "# pyproject.toml\n[tool.envbox]"))
+    header = "# pyproject.toml (excerpt of examples/compose/pyproject.toml)\n[tool.envbox]"
+    (path / "pyproject.toml").write_text(_toml("README.md", header))
     example = ROOT / "examples" / "compose"
     for d in ("services", "migrations"):
         shutil.copytree(example / d, path / d)
