@@ -7,7 +7,8 @@ level. The loader is PyYAML's safe loader, libyaml's ``CSafeLoader`` when PyYAML
 Python objects, no arbitrary tags; it is extended only with the two tags the
 Compose Specification defines for override files, ``!reset`` and ``!override`` (see
 :mod:`pytest_envbox.compose.merge`); any other tag is an error, as with ``yaml.safe_load``.
-Anchors, aliases and merge keys (``<<: *base``) are YAML's own and resolved by the loader.
+Anchors, aliases and merge keys (``<<: *base``) are YAML's own and resolved by the loader (merge
+keys by this module, as the YAML type's definition says: see ``flatten_mapping``).
 Plain scalars are typed as YAML 1.2 does (Compose's Go parser): see :func:`_loader`.
 """
 
@@ -52,6 +53,48 @@ _BOOL, _INT, _FLOAT = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
                        "tag:yaml.org,2002:float")  # fmt: skip
 
 
+def _flatten_mapping(self: Any, node: Any) -> None:
+    """Merge keys as YAML defines them (https://yaml.org/type/merge.html): the mapping's
+    own keys win, then of ``<<: [a, b]`` the earlier mapping, as in Compose's Go parser.
+    Written here because PyYAML 6.0.4 changed its own to keep a later mapping's value
+    when the keys are distinct string objects (6.0.3 followed the spec)."""
+    import yaml
+
+    merge: list[tuple[Any, Any]] = []
+    index = 0
+    while index < len(node.value):
+        key_node, value_node = node.value[index]
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            del node.value[index]
+            if isinstance(value_node, yaml.MappingNode):
+                self.flatten_mapping(value_node)
+                merge.extend(value_node.value)
+            elif isinstance(value_node, yaml.SequenceNode):
+                each = []
+                for sub in value_node.value:
+                    if not isinstance(sub, yaml.MappingNode):
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"expected a mapping for merging, but found {sub.id}",
+                            sub.start_mark)  # fmt: skip
+                    self.flatten_mapping(sub)
+                    each.append(sub.value)
+                for pairs in reversed(each):  # later pairs win: the first mapping last
+                    merge.extend(pairs)
+            else:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, "expected a mapping "
+                    f"or list of mappings for merging, but found {value_node.id}",
+                    value_node.start_mark)  # fmt: skip
+        elif key_node.tag == "tag:yaml.org,2002:value":
+            key_node.tag = "tag:yaml.org,2002:str"
+            index += 1
+        else:
+            index += 1
+    if merge:
+        node.value = merge + node.value
+
+
 @functools.cache
 def _loader() -> type[Any]:
     import yaml
@@ -62,6 +105,8 @@ def _loader() -> type[Any]:
 
     class ComposeLoader(base):  # type: ignore[valid-type,misc]
         """SafeLoader plus ``!reset`` and ``!override``; nothing else is constructed."""
+
+        flatten_mapping = _flatten_mapping
 
     def reset(loader: yaml.SafeLoader, node: yaml.Node) -> Reset:
         return Reset()
@@ -130,6 +175,18 @@ def read_yaml(path: Path) -> object:
         raise _syntax_error(path, exc) from None
 
 
+@functools.cache
+def _manifest_loader() -> type[Any]:
+    import yaml
+
+    class ManifestLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+        """PyYAML's safe loader, with merge keys as YAML defines them."""
+
+        flatten_mapping = _flatten_mapping
+
+    return ManifestLoader
+
+
 def read_yaml_documents(path: Path, *, what: str) -> list[object]:
     """Every document of a multi-document file (``---`` between them), empty ones included as None.
 
@@ -142,6 +199,6 @@ def read_yaml_documents(path: Path, *, what: str) -> list[object]:
 
     text = _text(path, what)
     try:
-        return list(yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+        return list(yaml.load_all(text, Loader=_manifest_loader()))
     except yaml.YAMLError as exc:
         raise _syntax_error(path, exc) from None

@@ -594,6 +594,22 @@ def test_anchors_merge_keys_and_extension_fields(tmp_path: Path) -> None:
     assert two.env == {"A": "1", "B": "3"}
 
 
+def test_of_several_merged_mappings_the_first_wins(tmp_path: Path) -> None:
+    # YAML's merge key (yaml.org/type/merge.html) and Compose's Go parser: earlier mappings of
+    # the list override later ones, the mapping's own keys override them all. (PyYAML 6.0.4's
+    # own merge keeps the later one: yamlfile.py merges by itself.)
+    project = load(tmp_path, """
+        x-a: &a {image: a:1, command: from-a, user: "1"}
+        x-b: &b {image: b:1, command: from-b, working_dir: /b}
+        services:
+          s:
+            <<: [*a, *b]
+            user: "2"
+        """)  # fmt: skip
+    s = project.services["s"]
+    assert (s.image, s.args, s.user, s.cwd) == ("a:1", ("from-a",), "2", "/b")
+
+
 def test_yaml_1_2_scalars_as_compose_reads_them(tmp_path: Path) -> None:
     s = one("""
         services:
