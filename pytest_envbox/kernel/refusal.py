@@ -209,8 +209,8 @@ def _profile_fix() -> str:
     return ("without privileges, services without limits (rootless mode, no capability added): "
             "`podman run --user 1000 --security-opt seccomp=seccomp-envbox.json --security-opt "
             "unmask=ALL --security-opt no-new-privileges ...` (docker: `--security-opt "
-            "systempaths=unconfined` for unmask=ALL), with seccomp-envbox.json copied from "
-            "pytest_envbox/data/ in the package")
+            "systempaths=unconfined` for unmask=ALL), with seccomp-envbox.json copied to the host "
+            "from the installed pytest_envbox package (its data directory)")
 
 
 def _container_defaults(f: Facts, step: Step, refused: str) -> Refusal:
