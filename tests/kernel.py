@@ -74,26 +74,31 @@ def cgroup_dirs(pid: int) -> dict[str, str]:
     """The cgroup directories of ``pid`` as the host sees them: controller (or "unified") -> path.
 
     Read straight from ``/proc/PID/cgroup`` and the host's cgroup mounts, independently of the
-    plugin's own detection code.
+    plugin's own detection code. A mount's root (mountinfo's fourth field) is taken off the path:
+    in a privileged container on cgroup v1, the hierarchy mounted at /sys/fs/cgroup/pids starts
+    at the container's own cgroup, which /proc/PID/cgroup names from the host's root.
     """
-    mounts: dict[str, str] = {}
+    mounts: dict[str, tuple[str, str]] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fstype, _src, opts = right.split()[:3]
-            point = left.split()[4]
+            root, point = left.split()[3:5]
             if fstype == "cgroup2":
-                mounts.setdefault("unified", point)
+                mounts.setdefault("unified", (root, point))
             elif fstype == "cgroup":
                 for opt in opts.split(","):
-                    mounts.setdefault(opt, point)
+                    mounts.setdefault(opt, (root, point))
     out: dict[str, str] = {}
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
             _hid, ctrls, path = line.rstrip("\n").split(":", 2)
             for c in ctrls.split(",") if ctrls else ["unified"]:
                 if c in mounts:
-                    out[c] = mounts[c].rstrip("/") + path
+                    root, point = mounts[c]
+                    if root != "/" and (path == root or path.startswith(root + "/")):
+                        path = path[len(root):]
+                    out[c] = point.rstrip("/") + path
     return out
 
 

@@ -186,6 +186,17 @@ def test_the_example_shop_passes_in_a_privileged_container(podman: podmankit.Pod
     assert re.search(r"^cache\s.*\s[1-9]\d*\s*$", r.stdout, re.M), _out(r)
 
 
+def test_the_cgroup_tests_pass_in_a_privileged_container(podman: podmankit.PodmanHost) -> None:
+    """In a privileged container on cgroup v1 the hierarchies are mounted from the container's
+    own cgroup, while /proc/PID/cgroup names paths from the host's root: envbox's limits, and
+    the tests that read them back (tests/kernel.py), must nest there."""
+    r = podman.run([PY, "-m", "pytest", "-p", "no:cacheprovider", "--basetemp=/tmp/envbox-pytest",
+                    "-q", "-rs", "tests/integration/test_cgroups.py"], options=["--privileged"],
+                   env={"CI": "true"}, timeout=240)  # fmt: skip
+    assert r.returncode == 0, _out(r)
+    assert re.search(r"^=*\s*\d+ passed", r.stdout.strip().splitlines()[-1]), _out(r)
+
+
 #: A project with one test of one service, as a user would have it.
 PROJECT = {
     "pyproject.toml": """
