@@ -47,6 +47,33 @@ def cgroups_problem() -> str | None:
 _cgroups_problem: str | None = None
 
 
+def in_ci() -> bool:
+    """``$CI`` set to a true value, as the plugin reads it (pytest_envbox.plugin.unavailable)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def need_program(program: str, package: str) -> str:
+    """The path of ``program`` (a name on PATH, or a glob of absolute paths); when it is missing,
+    the test is skipped naming the Debian package that has it, as on a new machine that has not
+    installed the servers the tests run (README). In CI, where .ci/run installs every one, it
+    fails instead: a skip there would hide a missing install."""
+    import glob
+    import shutil
+
+    found = shutil.which(program) if not program.startswith("/") else next(
+        (p for p in sorted(glob.glob(program)) if os.access(p, os.X_OK)), None)  # fmt: skip
+    if found:
+        return found
+    why = f"{program} is not installed (apt-get install {package})"
+    if in_ci():
+        pytest.fail(f"{why}; .ci/run installs it", pytrace=False)
+    pytest.skip(why)
+
+
+#: Debian's PostgreSQL server, for need_program
+POSTGRES = "/usr/lib/postgresql/*/bin/postgres"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "needs_cgroups: the feature needs cgroups; where a rootless run cannot have "

@@ -53,26 +53,26 @@ _BOOL, _INT, _FLOAT = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
                        "tag:yaml.org,2002:float")  # fmt: skip
 
 
-def _flatten_mapping(self: Any, node: Any) -> None:
-    """Merge keys as YAML defines them (https://yaml.org/type/merge.html): the mapping's
-    own keys win, then of ``<<: [a, b]`` the earlier mapping, as in Compose's Go parser.
-    Written here because PyYAML 6.0.4 changed its own to keep a later mapping's value
-    when the keys are distinct string objects (6.0.3 followed the spec)."""
-    import yaml
-
+def _flatten_mapping(yaml: Any, self: Any, node: Any) -> None:
+    """Merge keys as YAML defines them (https://yaml.org/type/merge.html): the mapping's own keys
+    win, then of ``<<: [a, b]`` the earlier mapping, as in Compose's Go parser. Written here
+    because PyYAML 6.0.4 changed its own to keep a later mapping's value when the keys are
+    distinct string objects (6.0.3 followed the spec). Nodes are told apart by their ``id``, not
+    their class: libyaml's parser makes the node classes of the first ``yaml`` module imported, and
+    a re-imported one (pytester's in-process runs) has others."""
     merge: list[tuple[Any, Any]] = []
     index = 0
     while index < len(node.value):
         key_node, value_node = node.value[index]
         if key_node.tag == "tag:yaml.org,2002:merge":
             del node.value[index]
-            if isinstance(value_node, yaml.MappingNode):
+            if value_node.id == "mapping":
                 self.flatten_mapping(value_node)
                 merge.extend(value_node.value)
-            elif isinstance(value_node, yaml.SequenceNode):
+            elif value_node.id == "sequence":
                 each = []
                 for sub in value_node.value:
-                    if not isinstance(sub, yaml.MappingNode):
+                    if sub.id != "mapping":
                         raise yaml.constructor.ConstructorError(
                             "while constructing a mapping", node.start_mark,
                             f"expected a mapping for merging, but found {sub.id}",
@@ -106,7 +106,8 @@ def _loader() -> type[Any]:
     class ComposeLoader(base):  # type: ignore[valid-type,misc]
         """SafeLoader plus ``!reset`` and ``!override``; nothing else is constructed."""
 
-        flatten_mapping = _flatten_mapping
+        def flatten_mapping(self, node: Any) -> None:
+            _flatten_mapping(yaml, self, node)
 
     def reset(loader: yaml.SafeLoader, node: yaml.Node) -> Reset:
         return Reset()
@@ -180,9 +181,10 @@ def _manifest_loader() -> type[Any]:
     import yaml
 
     class ManifestLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-        """PyYAML's safe loader, with merge keys as YAML defines them."""
+        """PyYAML's safe loader, with merge keys as YAML defines them (see _flatten_mapping)."""
 
-        flatten_mapping = _flatten_mapping
+        def flatten_mapping(self, node: Any) -> None:
+            _flatten_mapping(yaml, self, node)
 
     return ManifestLoader
 

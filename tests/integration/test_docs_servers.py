@@ -11,6 +11,7 @@ import pytest
 from pytest_envbox import Environment, Service, probe
 from pytest_envbox.config import load_project_config
 from pytest_envbox.engine.client import rootless
+from tests.conftest import need_program
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 redis = pytest.importorskip("redis")
@@ -36,6 +37,7 @@ def test_the_docs_declare_redis_somewhere() -> None:
 @pytest.mark.parametrize(("where", "block"), SNIPPETS, ids=[w for w, _ in SNIPPETS])
 def test_a_documented_redis_answers_the_test_and_the_other_services(
         where: str, block: str, tmp_path: Path) -> None:  # fmt: skip
+    need_program("redis-server", "redis-server")
     name = "pyproject.toml" if "[tool.envbox" in block else "envbox.toml"
     (tmp_path / name).write_text(block)
     catalog = load_project_config(tmp_path)

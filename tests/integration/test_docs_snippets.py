@@ -19,7 +19,7 @@ import pytest
 
 from pytest_envbox import Environment, Service
 from pytest_envbox.config import load_project_config
-from pytest_envbox.plugin import unavailable
+from tests.conftest import POSTGRES, in_ci, need_program
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
@@ -95,7 +95,7 @@ def _why_not_here(service: Service) -> str | None:
             return f"{program}: the reader's project"
     if shutil.which(service.command[0]) is None:
         # .ci/run installs every program the docs name: in CI a missing one is this test's failure
-        if unavailable._ci():
+        if in_ci():
             pytest.fail(f"{service.name}: {service.command[0]} is not installed (add it to .ci/run)")
         return f"{service.command[0]}: not installed here"
     return None
@@ -108,6 +108,8 @@ def test_the_docs_have_toml_snippets() -> None:
 @pytest.mark.parametrize(("where", "block"), SNIPPETS, ids=[w for w, _ in SNIPPETS])
 def test_a_toml_snippet_loads_and_its_services_run(where: str, block: str, tmp_path: Path) -> None:
     root, fragment = _project(tmp_path, block)
+    if 'user = "postgres"' in block:  # the user exists only where PostgreSQL is installed
+        need_program(POSTGRES, "postgresql")
     catalog = load_project_config(root, environ={})  # a ConfigError fails the snippet
     if fragment:
         return

@@ -88,7 +88,7 @@ def test_sigterm_reaches_the_service_through_init() -> None:
         # From inside: PID 1 is the init, which has a handler and passes SIGTERM on (without
         # one, the kernel would drop a signal sent to a namespace's PID 1).
         term.start()
-        term.exec(["kill", "-TERM", "1"])
+        term.exec([sys.executable, "-c", "import os, signal; os.kill(1, signal.SIGTERM)"])
         assert eventually(lambda: not term.running) and term.returncode == 7
         assert term.logs().count("got SIGTERM") == 2
 

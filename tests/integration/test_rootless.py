@@ -31,7 +31,8 @@ box = Service("box", ["sleep", "1000"])
 with Environment([web, box]) as env:
     pid = env["web"].pid
     r = env["box"].exec(["sh", "-c", "id -u; hostname; cat /proc/self/uid_map; "
-                                     "wget -qO- http://web:8000/ >/dev/null && echo by-name; "
+                                     f"{sys.executable} -c 'import urllib.request as u; "
+                                     "u.urlopen(\"http://web:8000/\")' && echo by-name; "
                                      "touch /etc/x 2>&1 || true; cat /proc/self/status"])
     r.stdout += r.stderr
     status = dict(line.split(":", 1) for line in r.stdout.splitlines() if ":" in line)
