@@ -13,7 +13,11 @@ import pytest
 from pytest_envbox.errors import ImageError
 from pytest_envbox.images.archive import import_archive
 from pytest_envbox.images.store import Store
-from tests.imagekit.build import busybox_archive_files, busybox_image, whiteout_image  # noqa: F401  (fixtures)
+from tests.imagekit.build import (  # noqa: F401  (fixtures)
+    busybox_archive_files,
+    busybox_image,
+    whiteout_image,
+)
 
 BUSYBOX = Path("/bin/busybox").read_bytes() if Path("/bin/busybox").exists() else b""
 

@@ -120,8 +120,14 @@ def test_doctor_as_an_unprivileged_user_says_what_rootless_mode_can_and_cannot_d
                 f"p.__path__ = [{str(nobody_copy / 'pytest_envbox')!r}]; "
                 "sys.modules['pytest_envbox'] = p; "
                 "from pytest_envbox.cli import main; sys.exit(main(['doctor']))")  # fmt: skip
+        # nobody's state directory inside the copy, removed with it (by default it would be
+        # /tmp/envbox-65534, left behind: nobody's own, which a test must not keep)
+        run = nobody_copy / "run"
+        run.mkdir(mode=0o700)
+        os.chown(run, 65534, 65534)
         r = subprocess.run([python, "-c", code], user=65534, group=65534, extra_groups=[],
-                           capture_output=True, text=True, timeout=60, cwd="/")  # fmt: skip
+                           capture_output=True, text=True, timeout=60, cwd="/",
+                           env={**os.environ, "XDG_RUNTIME_DIR": str(run)})  # fmt: skip
         user = "nobody"
     else:  # the rootless lane: as ourselves, the whole doctor, a real sandbox included
         r = subprocess.run([PY, "-m", "pytest_envbox.cli", "doctor"], capture_output=True,
@@ -133,6 +139,8 @@ def test_doctor_as_an_unprivileged_user_says_what_rootless_mode_can_and_cannot_d
     lines = {ln[:18].strip(): ln[19:] for ln in r.stdout.splitlines()}
     assert r.stderr == "", r.stderr
     assert lines["privileges"].startswith(f"NOTE    not root ({user})"), r.stdout
+    if os.geteuid() == 0:
+        assert lines["state directory"].startswith(f"OK      {nobody_copy}/run/envbox"), r.stdout
     # This machine allows unprivileged user namespaces: every step is tried for real.
     assert lines["user namespaces"].startswith("OK"), r.stdout
     assert lines["rootless sandbox"].startswith("OK      can make a user namespace"), r.stdout

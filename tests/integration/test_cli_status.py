@@ -26,7 +26,9 @@ command = ["{sys.executable}", "-c", "{SLOW}"]
 ports = [8000]
 ready = {{ tcp = 8000 }}
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest_envbox.cli", "up"], cwd=tmp_path,
+    # --logs: the logs a Ctrl-C keeps go to tmp_path, not to a new /tmp/envbox-up-* left behind
+    proc = subprocess.Popen([sys.executable, "-m", "pytest_envbox.cli", "up", "--logs",
+                             str(tmp_path / "logs")], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     try:
