@@ -48,6 +48,7 @@ def test_sigkill_of_pytest_leaves_no_service_alive(tmp_path: Path, workers: list
     env = {**os.environ, "REPORT": str(report), "PYTHONPATH": str(Path(__file__).parents[2])}
     child = subprocess.Popen(
         [sys.executable, "-m", "pytest", *PLUGIN_ARGS, "-q", "-p", "no:cacheprovider",
+         f"--basetemp={tmp_path / 'basetemp'}",  # a killed run's own, removed with ours
          *(workers or ["-p", "no:xdist"]), str(tmp_path / "test_inner.py")],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -142,7 +143,7 @@ def test_after_kill_9_of_a_whole_xdist_run_the_next_run_starts_clean(tmp_path: P
     env = {**os.environ, "REPORT": str(report), "PYTHONPATH": str(Path(__file__).parents[2])}
     child = subprocess.Popen(
         [sys.executable, "-m", "pytest", *PLUGIN_ARGS, "-q", "-p", "no:cacheprovider", "-n", "2",
-         str(killed / "test_inner.py")],
+         f"--basetemp={killed / 'basetemp'}", str(killed / "test_inner.py")],
         cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -170,7 +171,7 @@ def test_after_kill_9_of_a_whole_xdist_run_the_next_run_starts_clean(tmp_path: P
     """))
     r = subprocess.run(
         [sys.executable, "-m", "pytest", *PLUGIN_ARGS, "-q", "-p", "no:cacheprovider", "-n", "2",
-         str(nxt / "test_next.py")],
+         f"--basetemp={nxt / 'basetemp'}", str(nxt / "test_next.py")],
         cwd=nxt, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:]
@@ -254,7 +255,7 @@ def test_sigkill_at_any_point_leaves_nothing_after_envbox_clean(
            "IGNORE_TERM": "1" if point == "teardown" else ""}
     child = subprocess.Popen(
         [sys.executable, "-m", "pytest", *PLUGIN_ARGS, "-q", "-p", "no:cacheprovider",
-         "-p", "no:xdist", f"test_matrix.py::test_{point}"],
+         f"--basetemp={tmp_path / 'basetemp'}", "-p", "no:xdist", f"test_matrix.py::test_{point}"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     first = reports / "first"
