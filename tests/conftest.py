@@ -48,8 +48,10 @@ _cgroups_problem: str | None = None
 
 
 def in_ci() -> bool:
-    """``$CI`` set to a true value, as the plugin reads it (pytest_envbox.plugin.unavailable)."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+    """``$CI`` set to a true value, read as the plugin reads it (one definition: its own)."""
+    from pytest_envbox.plugin.unavailable import _ci
+
+    return _ci()
 
 
 def need_program(program: str, package: str) -> str:

@@ -19,7 +19,7 @@ import pytest
 
 from pytest_envbox import Environment, Service
 from pytest_envbox.config import load_project_config
-from tests.conftest import POSTGRES, in_ci, need_program
+from tests.conftest import POSTGRES, cgroups_problem, in_ci, need_program
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
@@ -122,12 +122,9 @@ def test_a_toml_snippet_loads_and_its_services_run(where: str, block: str, tmp_p
             runnable.append(name)
     if not runnable:
         return  # loaded and checked; nothing this machine can start (said by _why_not_here)
-    if any(catalog.services[n].limits.memory or catalog.services[n].limits.cpu for n in runnable):
-        from tests.conftest import cgroups_problem
-
-        if cgroups_problem():
-            runnable = [n for n in runnable if not (catalog.services[n].limits.memory
-                                                    or catalog.services[n].limits.cpu)]  # fmt: skip
+    limited = [n for n in runnable if catalog.services[n].limits.memory or catalog.services[n].limits.cpu]
+    if limited and cgroups_problem():
+        runnable = [n for n in runnable if n not in limited]
     with Environment(runnable, catalog=catalog, rootdir=root) as env:
         for name in runnable:
             handle = env[name]
